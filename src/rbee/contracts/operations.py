@@ -1,0 +1,331 @@
+"""Operations: what a client asks a server to do.
+
+The wire format is internally tagged: ``{"operation": "<snake_case name>", ...fields}``.
+Every operation is one pydantic model; :data:`Operation` is their discriminated
+union and :func:`parse_operation` is the one place raw input becomes a typed
+value. Validation errors become :class:`~rbee.errors.InvalidOperation` naming
+the field and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from rbee.errors import InvalidOperation
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LIMITS",
+    "Operation",
+    "OperationBase",
+    "Status",
+    "Infer",
+    "QueenCheck",
+    "HiveList",
+    "HiveCheck",
+    "WorkerSpawn",
+    "WorkerList",
+    "WorkerGet",
+    "WorkerStop",
+    "ModelList",
+    "ModelGet",
+    "ModelDownload",
+    "ModelDelete",
+    "HIVE_OPERATIONS",
+    "parse_operation",
+    "validation_problems",
+    "check_model_ref",
+    "check_prompt",
+]
+
+DEFAULT_MODEL = "gemma3-270m"
+
+
+class _Limits:
+    prompt_chars = 100_000
+    max_tokens = 131_072
+    stop_strings = 4
+    stop_chars = 100
+    model_ref_chars = 256
+    timeout_s = 86_400.0
+
+
+LIMITS = _Limits()
+
+_MODEL_REF = re.compile(r"^[A-Za-z0-9._:/-]+$")
+_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
+# Control characters other than tab, newline and carriage return, plus the
+# Unicode bidi overrides that make text display differently from what it is.
+_BAD_PROMPT_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+
+
+def check_model_ref(value: str) -> str:
+    """Model ids and aliases: ``[A-Za-z0-9._:/-]``, no ``..``, not absolute."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > LIMITS.model_ref_chars:
+        raise ValueError(f"must be at most {LIMITS.model_ref_chars} characters")
+    if not _MODEL_REF.match(value):
+        raise ValueError("may contain only letters, digits and . _ : / -")
+    if ".." in value or value.startswith("/"):
+        raise ValueError("must not contain '..' or start with '/'")
+    return value
+
+
+def check_prompt(value: str) -> str:
+    if len(value) > LIMITS.prompt_chars:
+        raise ValueError(f"must be at most {LIMITS.prompt_chars} characters (got {len(value)})")
+    bad = _BAD_PROMPT_CHARS.search(value)
+    if bad:
+        raise ValueError(f"contains a control character (U+{ord(bad.group()):04X} at position {bad.start()})")
+    return value
+
+
+def _check_id(value: str) -> str:
+    if not value or len(value) > 128 or not _ID.match(value):
+        raise ValueError("must be 1-128 characters of letters, digits and . _ : -")
+    return value
+
+
+def _check_device(value: str) -> str:
+    if value == "cpu" or re.fullmatch(r"cuda:\d{1,2}", value):
+        return value
+    raise ValueError("must be 'cpu' or 'cuda:N'")
+
+
+class OperationBase(BaseModel):
+    """Fields and behaviour common to every operation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Operations the queen forwards to the hive named by ``hive_id``.
+    forwarded_to_hive: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self, "operation"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class _HiveOperation(OperationBase):
+    forwarded_to_hive: ClassVar[bool] = True
+
+    hive_id: str = "localhost"
+
+    _v_hive = field_validator("hive_id")(classmethod(lambda cls, v: _check_id(v)))
+
+
+class Status(OperationBase):
+    operation: Literal["status"] = "status"
+
+
+class QueenCheck(OperationBase):
+    operation: Literal["queen_check"] = "queen_check"
+
+
+class HiveList(OperationBase):
+    operation: Literal["hive_list"] = "hive_list"
+
+
+class Infer(OperationBase):
+    operation: Literal["infer"] = "infer"
+    model: str = DEFAULT_MODEL
+    prompt: str
+    max_tokens: int = Field(default=128, ge=1, le=LIMITS.max_tokens)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=LIMITS.stop_strings)
+    hive_id: str | None = None
+    worker_id: str | None = None
+    device: str | None = None
+    timeout_s: float | None = Field(default=None, gt=0, le=LIMITS.timeout_s)
+    #: Accepted for compatibility with the seed's clients; rbee always streams.
+    stream: bool = True
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return check_prompt(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not s or len(s) > LIMITS.stop_chars:
+                raise ValueError(f"each stop string must be 1-{LIMITS.stop_chars} characters")
+        return v
+
+    @field_validator("hive_id", "worker_id")
+    @classmethod
+    def _ids(cls, v: str | None) -> str | None:
+        return None if v is None else _check_id(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return None if v is None else _check_device(v)
+
+
+class HiveCheck(_HiveOperation):
+    operation: Literal["hive_check"] = "hive_check"
+
+
+class WorkerSpawn(_HiveOperation):
+    operation: Literal["worker_spawn"] = "worker_spawn"
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
+class WorkerList(_HiveOperation):
+    operation: Literal["worker_list"] = "worker_list"
+
+
+class WorkerGet(_HiveOperation):
+    operation: Literal["worker_get"] = "worker_get"
+    worker_id: str
+
+    _v_worker = field_validator("worker_id")(classmethod(lambda cls, v: _check_id(v)))
+
+
+class WorkerStop(_HiveOperation):
+    operation: Literal["worker_stop"] = "worker_stop"
+    worker_id: str
+
+    _v_worker = field_validator("worker_id")(classmethod(lambda cls, v: _check_id(v)))
+
+
+class ModelList(_HiveOperation):
+    operation: Literal["model_list"] = "model_list"
+
+
+class ModelGet(_HiveOperation):
+    operation: Literal["model_get"] = "model_get"
+    model: str
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+
+class ModelDownload(_HiveOperation):
+    operation: Literal["model_download"] = "model_download"
+    source: str = Field(min_length=1, max_length=4096)
+    alias: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        return None if v is None else check_model_ref(v)
+
+
+class ModelDelete(_HiveOperation):
+    operation: Literal["model_delete"] = "model_delete"
+    model: str
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+
+Operation = Annotated[
+    Union[
+        Status,
+        Infer,
+        QueenCheck,
+        HiveList,
+        HiveCheck,
+        WorkerSpawn,
+        WorkerList,
+        WorkerGet,
+        WorkerStop,
+        ModelList,
+        ModelGet,
+        ModelDownload,
+        ModelDelete,
+    ],
+    Field(discriminator="operation"),
+]
+
+HIVE_OPERATIONS = frozenset(
+    {
+        "hive_check",
+        "worker_spawn",
+        "worker_list",
+        "worker_get",
+        "worker_stop",
+        "model_list",
+        "model_get",
+        "model_download",
+        "model_delete",
+    }
+)
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Operation)
+
+
+def validation_problems(exc: ValidationError, *, strip_tag: bool = True) -> list[dict[str, str]]:
+    """Turn a pydantic error into ``[{"field", "reason"}]`` a person can act on."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = list(err.get("loc", ()))
+        if strip_tag and loc and isinstance(loc[0], str) and err.get("type") != "union_tag_invalid":
+            loc = loc[1:]  # the union's tag ("infer") is not a field
+        field = ".".join(str(p) for p in loc) or "operation"
+        reason = err.get("msg", "invalid")
+        etype = err.get("type")
+        if etype == "union_tag_invalid":
+            field = "operation"
+            tag = err.get("ctx", {}).get("tag")
+            reason = f"unknown operation {tag!r}; expected one of {err.get('ctx', {}).get('expected_tags')}"
+        elif etype == "union_tag_not_found":
+            field = "operation"
+            reason = "missing the 'operation' field"
+        elif etype == "extra_forbidden":
+            reason = "unknown field"
+        elif reason.startswith("Value error, "):
+            reason = reason[len("Value error, ") :]
+        problems.append({"field": field, "reason": reason})
+    return problems
+
+
+def parse_operation(raw: bytes | str | dict[str, Any]) -> OperationBase:
+    """Parse and validate an operation, or raise :class:`InvalidOperation`."""
+    try:
+        if isinstance(raw, dict):
+            op = _ADAPTER.validate_python(raw)
+        else:
+            op = _ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        problems = validation_problems(exc)
+        if problems and problems[0]["reason"].startswith("Invalid JSON"):
+            problems = [{"field": "body", "reason": problems[0]["reason"]}]
+        first = problems[0] if problems else {"field": "operation", "reason": "invalid"}
+        message = "; ".join(f"{p['field']}: {p['reason']}" for p in problems)
+        raise InvalidOperation(message, field=first["field"], problems=problems) from None
+    assert isinstance(op, OperationBase)
+    return op

@@ -1,0 +1,272 @@
+"""One job: its state machine and its replayable event log.
+
+The log is an append-only list of ``(id, kind, data_json)``; ids start at 1 and
+equal the position in the list plus one, so a reconnecting client resumes with
+``Last-Event-ID`` by slicing. Data is serialised once, when the event is added.
+
+Flow control:
+
+* tokens and results are never dropped. While a stream is attached, a producer
+  more than :data:`TOKEN_WINDOW` events ahead of the slowest reader waits for it
+  (a slow consumer slows the producer), up to :data:`STALL_LIMIT_S`; after that
+  the producer goes on and the reader catches up from the log;
+* narration and progress are best effort: past :data:`NARRATION_CAP` per job, or
+  while readers lag far behind, they are dropped and counted, and the ``end``
+  event says how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from rbee.contracts.events import TERMINAL, JobStatus
+from rbee.contracts.operations import OperationBase
+from rbee.errors import JobConflict
+
+__all__ = ["Job", "TOKEN_WINDOW", "NARRATION_CAP", "STALL_LIMIT_S", "Event"]
+
+TOKEN_WINDOW = 256
+NARRATION_CAP = 2_000
+STALL_LIMIT_S = 30.0
+
+Event = tuple[int, str, str]
+
+_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, *TERMINAL}),
+    JobStatus.RUNNING: TERMINAL,
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+    JobStatus.TIMED_OUT: frozenset(),
+}
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+class _Cursor:
+    __slots__ = ("pos",)
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+
+
+class Job:
+    """A unit of work with a typed outcome and an event log."""
+
+    __slots__ = (
+        "id",
+        "operation",
+        "status",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "timeout_s",
+        "error",
+        "end_fields",
+        "narration_dropped",
+        "tokens",
+        "text",
+        "result",
+        "task",
+        "cancel_reason",
+        "events",
+        "_t0",
+        "_waiters",
+        "_cursors",
+        "_space",
+        "_ended",
+    )
+
+    def __init__(self, job_id: str, operation: OperationBase, *, timeout_s: float | None = None) -> None:
+        self.id = job_id
+        self.operation = operation
+        self.status = JobStatus.QUEUED
+        self.created_at = time.time()
+        self._t0 = time.perf_counter()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.timeout_s = timeout_s
+        self.error: dict[str, Any] | None = None
+        self.end_fields: dict[str, Any] = {}
+        self.narration_dropped = 0
+        self.tokens = 0
+        self.text: list[str] = []
+        self.result: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason: str | None = None
+        self.events: list[Event] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._cursors: list[_Cursor] = []
+        self._space: list[asyncio.Future[None]] = []
+        self._ended = False
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def ended(self) -> bool:
+        """True once the ``end`` event is in the log."""
+        return self._ended
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self._t0) * 1000.0
+
+    def transition(self, new: JobStatus) -> None:
+        if new not in _ALLOWED[self.status]:
+            raise JobConflict(f"job {self.id} cannot go from {self.status.value} to {new.value}")
+        self.status = new
+        now = time.time()
+        if new is JobStatus.RUNNING:
+            self.started_at = now
+        elif new in TERMINAL:
+            self.finished_at = now
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "job_id": self.id,
+            "operation": self.operation.name,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "tokens": self.tokens,
+            "events": len(self.events),
+            "narration_dropped": self.narration_dropped,
+            **({"result": self.result} if self.result is not None else {}),
+            **self.end_fields,
+        }
+
+    # -- producing ---------------------------------------------------------
+
+    def _append(self, kind: str, data: str) -> None:
+        if self._ended:
+            return  # nothing follows the end event
+        self.events.append((len(self.events) + 1, kind, data))
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _lag(self) -> int:
+        if not self._cursors:
+            return 0
+        return len(self.events) - min(c.pos for c in self._cursors)
+
+    def add_narration(self, event: dict[str, Any]) -> None:
+        if len(self.events) >= NARRATION_CAP + self.tokens or self._lag() > 4 * TOKEN_WINDOW:
+            self.narration_dropped += 1
+            return
+        self._append("narration", _dumps(event))
+
+    def add_progress(self, data: dict[str, Any]) -> None:
+        if self._lag() > 4 * TOKEN_WINDOW:
+            self.narration_dropped += 1
+            return
+        self._append("progress", _dumps(data))
+
+    def add_result(self, data: Any) -> None:
+        self.result = data
+        self._append("result", _dumps(data))
+
+    def add_raw(self, kind: str, data: str) -> None:
+        """Append an already-serialised event (relays pass frames through)."""
+        self._append(kind, data)
+
+    async def add_token(self, text: str) -> None:
+        """Append a token; waits while readers are far behind (lossless)."""
+        index = self.tokens
+        if index == 0:
+            self.end_fields["ttft_ms"] = round(self.elapsed_ms(), 3)
+        self.tokens += 1
+        self.text.append(text)
+        self._append("token", _dumps({"t": text, "i": index}))
+        if self._cursors and self._lag() > TOKEN_WINDOW:
+            await self._wait_for_space()
+
+    async def add_token_raw(self, text: str, data: str) -> None:
+        """Append a token whose frame is already serialised (relays)."""
+        if self.tokens == 0:
+            self.end_fields["ttft_ms"] = round(self.elapsed_ms(), 3)
+        self.tokens += 1
+        self.text.append(text)
+        self._append("token", data)
+        if self._cursors and self._lag() > TOKEN_WINDOW:
+            await self._wait_for_space()
+
+    async def _wait_for_space(self) -> None:
+        deadline = time.monotonic() + STALL_LIMIT_S
+        loop = asyncio.get_running_loop()
+        while self._cursors and self._lag() > TOKEN_WINDOW // 2:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return  # the reader catches up from the log
+            fut: asyncio.Future[None] = loop.create_future()
+            self._space.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                return
+
+    def _wake_space(self) -> None:
+        if self._space:
+            space, self._space = self._space, []
+            for fut in space:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def finish(self, status: JobStatus, error: dict[str, Any] | None) -> dict[str, Any]:
+        """Record the outcome and append the one ``end`` event."""
+        if not self.done:
+            self.transition(status)
+        self.error = error
+        end = {
+            "job_id": self.id,
+            "status": self.status.value,
+            "error": error,
+            "duration_ms": round(self.elapsed_ms(), 3),
+            "narration_dropped": self.narration_dropped,
+            **self.end_fields,
+        }
+        self._append("end", _dumps(end))
+        self._ended = True
+        self._wake_space()
+        return end
+
+    # -- consuming ---------------------------------------------------------
+
+    async def stream(self, after: int = 0) -> AsyncIterator[Event]:
+        """Yield every event after id ``after`` until (and including) ``end``."""
+        cursor = _Cursor(max(0, min(after, len(self.events))))
+        self._cursors.append(cursor)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                events = self.events
+                while cursor.pos < len(events):
+                    event = events[cursor.pos]
+                    cursor.pos += 1
+                    if self._space and self._lag() <= TOKEN_WINDOW // 2:
+                        self._wake_space()
+                    yield event
+                if self._ended:
+                    return
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(fut)
+                await fut
+        finally:
+            self._cursors.remove(cursor)
+            self._wake_space()
+
+    def release(self) -> None:
+        """Drop what the job holds once it leaves the registry."""
+        self.events = []
+        self.text = []

@@ -1,0 +1,177 @@
+"""Narration: every step of a job's journey, told to whoever asked.
+
+``narrate(action, human, **fields)`` may be called anywhere. The job context is
+a :mod:`contextvars` value bound once around a job's executor
+(:func:`bound`); asyncio copies it into every task started inside the job, so
+nested calls and spawned tasks all reach the same job's stream. Outside a job,
+narration goes to the process log only.
+
+Sinks:
+
+* the job's event stream (the bound job's ``add_narration``),
+* the process log on stderr, structured (structlog),
+* :func:`capture`, for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import structlog
+
+__all__ = [
+    "JobSink",
+    "narrate",
+    "bound",
+    "capture",
+    "current_job",
+    "current_job_id",
+    "set_process_actor",
+    "configure_logging",
+    "log",
+]
+
+
+class JobSink(Protocol):
+    """What narration needs from a job: its id and a place to put events."""
+
+    id: str
+
+    def add_narration(self, event: dict[str, Any]) -> None: ...
+
+
+_job: ContextVar[JobSink | None] = ContextVar("rbee_job", default=None)
+_actor: ContextVar[str | None] = ContextVar("rbee_actor", default=None)
+_process_actor = "rbee"
+_captures: list[list[dict[str, Any]]] = []
+_log_level = logging.INFO
+_configured = False
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+
+def set_process_actor(actor: str) -> None:
+    """Name the component narrating when no job or binding says otherwise."""
+    global _process_actor
+    _process_actor = actor
+
+
+def configure_logging(level: str | None = None, *, json_logs: bool | None = None) -> None:
+    """Configure the process log sink (stderr). Idempotent.
+
+    ``RBEE_LOG_LEVEL`` (debug, info, warn, error) and ``RBEE_LOG_JSON=1`` are read
+    when the arguments are not given.
+    """
+    global _log_level, _configured
+    level = (level or os.environ.get("RBEE_LOG_LEVEL") or "info").lower()
+    _log_level = _LEVELS.get(level, logging.INFO)
+    if json_logs is None:
+        json_logs = os.environ.get("RBEE_LOG_JSON", "") not in ("", "0", "false")
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_logs
+        else structlog.dev.ConsoleRenderer(colors=False, pad_event=0)
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_log_level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    _configured = True
+
+
+def log() -> Any:
+    """The process log (a structlog logger writing to stderr)."""
+    if not _configured:
+        configure_logging()
+    return structlog.get_logger()
+
+
+def current_job() -> JobSink | None:
+    return _job.get()
+
+
+def current_job_id() -> str | None:
+    job = _job.get()
+    return job.id if job is not None else None
+
+
+@contextlib.contextmanager
+def bound(job: JobSink | None = None, *, actor: str | None = None) -> Iterator[None]:
+    """Bind a job (and optionally an actor) for everything narrated inside."""
+    tokens = []
+    if job is not None:
+        tokens.append((_job, _job.set(job)))
+    if actor is not None:
+        tokens.append((_actor, _actor.set(actor)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def bind_in_context(job: JobSink, actor: str | None = None) -> None:
+    """Bind for the rest of the current context (used inside ``Context.run``)."""
+    _job.set(job)
+    if actor is not None:
+        _actor.set(actor)
+
+
+def narrate(
+    action: str,
+    human: str,
+    *,
+    level: str = "info",
+    target: str | None = None,
+    actor: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Tell the job's audience (and the process log) about one step."""
+    job = _job.get()
+    event: dict[str, Any] = {
+        "actor": actor or _actor.get() or _process_actor,
+        "action": action,
+        "target": target,
+        "human": human,
+        "job_id": job.id if job is not None else None,
+        "level": level,
+        "ts": time.time(),
+    }
+    if fields:
+        event.update(fields)
+    if job is not None:
+        job.add_narration(event)
+    if _LEVELS.get(level, logging.INFO) >= _log_level:
+        _log_event(event)
+    for sink in _captures:
+        sink.append(event)
+    return event
+
+
+def _log_event(event: dict[str, Any]) -> None:
+    logger = log()
+    extra = {k: v for k, v in event.items() if k not in ("human", "level", "ts") and v is not None}
+    method = {"debug": logger.debug, "warn": logger.warning, "error": logger.error}.get(event["level"], logger.info)
+    method(event["human"], **extra)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[dict[str, Any]]]:
+    """Collect every narration event emitted inside the block (for tests)."""
+    events: list[dict[str, Any]] = []
+    _captures.append(events)
+    try:
+        yield events
+    finally:
+        _captures.remove(events)

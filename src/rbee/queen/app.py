@@ -1,0 +1,165 @@
+"""The queen's ASGI app: job server, router, scheduler, telemetry, history."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+
+from rbee import __version__
+from rbee.config import QUEEN_PORT, rbee_home
+from rbee.http import install_edge
+from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
+from rbee.jobs.registry import JobRegistry
+from rbee.narration import narrate
+from rbee.queen.router import QueenRouter
+from rbee.queen.scheduler import Scheduler
+from rbee.queen.store import JobStore
+from rbee.queen.telemetry import Heartbeat, Telemetry
+
+__all__ = ["QueenSettings", "create_queen_app"]
+
+
+@dataclass
+class QueenSettings:
+    host: str = "127.0.0.1"
+    port: int = QUEEN_PORT
+    token: str | None = None
+    home: Path | None = None
+    local_hive: bool = False
+    local_hive_port: int = 0
+    queue_size: int = 64
+    job_ttl_s: float = 600.0
+    ping_interval_s: float = PING_INTERVAL_S
+    heartbeat_interval_s: float = 2.0
+    forget_after_s: float = 60.0
+    hive_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+class QueenState:
+    """Everything the queen's endpoints need, built in the lifespan."""
+
+    def __init__(self, settings: QueenSettings) -> None:
+        self.settings = settings
+        home = settings.home or rbee_home()
+        self.store = JobStore(home / "queen.sqlite")
+        self.interrupted = self.store.mark_interrupted()
+        self.telemetry = Telemetry(
+            interval_s=settings.heartbeat_interval_s, forget_after_s=settings.forget_after_s
+        )
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=None),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+        )
+        self.scheduler = Scheduler(self.telemetry, self.http, token=settings.token, queue_size=settings.queue_size)
+        self.router = QueenRouter(self.telemetry, self.scheduler, self.http, settings.token)
+        self.registry = JobRegistry(
+            actor="queen", ttl_s=settings.job_ttl_s, on_create=self.store.created, on_end=self.store.ended
+        )
+        self.jobs = JobServer(
+            self.registry,
+            self.router,
+            admit=self.router.admit,
+            history=self.store.get,
+            history_list=self.store.list,
+            history_events=self.store.events,
+            ping_interval_s=settings.ping_interval_s,
+        )
+        self.started_at = time.time()
+        self.local_hive: Any = None
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.registry.sweep()
+            for hive_id in self.telemetry.sweep():
+                narrate("hive_forgotten", f"Hive {hive_id} was not heard from for 60 s; forgotten", hive_id=hive_id)
+
+
+def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
+    settings = settings or QueenSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = QueenState(settings)
+        app.state.queen = state
+        if state.interrupted:
+            narrate("queen_restarted", f"Marked {state.interrupted} interrupted job(s) failed (queen_restarted)")
+        sweeper = asyncio.create_task(state.sweep_forever(), name="queen:sweeper")
+        try:
+            if settings.local_hive:
+                from rbee.hive.embedded import EmbeddedHive
+
+                state.local_hive = EmbeddedHive(
+                    queen_url=settings.url,
+                    token=settings.token,
+                    port=settings.local_hive_port,
+                    home=settings.home,
+                    options=settings.hive_options,
+                )
+                await state.local_hive.start()
+            yield
+        finally:
+            await state.registry.aclose()
+            if state.local_hive is not None:
+                await state.local_hive.stop()
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await state.http.aclose()
+            state.store.close()
+
+    app = FastAPI(title="queen-rbee", version=__version__, lifespan=lifespan)
+    install_edge(app, token=settings.token)
+
+    def queen(request: Request) -> QueenState:
+        state: QueenState = request.app.state.queen
+        return state
+
+    app.include_router(job_router(lambda request: queen(request).jobs))
+
+    @app.get("/health", tags=["meta"])
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "component": "queen"}
+
+    @app.get("/v1/info", tags=["meta"])
+    async def info(request: Request) -> dict[str, Any]:
+        state = queen(request)
+        return {
+            "component": "queen",
+            "version": __version__,
+            "base_url": settings.url,
+            "port": settings.port,
+            "pid": os.getpid(),
+            "started_at": state.started_at,
+            "local_hive": settings.local_hive,
+            "auth": settings.token is not None,
+            "jobs_live": state.registry.live,
+            "hives": len(state.telemetry.hives()),
+        }
+
+    @app.post("/v1/hives/heartbeat", tags=["cluster"])
+    async def heartbeat(request: Request, beat: Heartbeat) -> dict[str, Any]:
+        state = queen(request)
+        hive, new = state.telemetry.heartbeat(beat)
+        if new:
+            narrate(
+                "hive_registered",
+                f"Hive {hive.hive_id} is online at {hive.url} with {len(hive.workers)} worker(s)",
+                hive_id=hive.hive_id,
+            )
+        return {"ok": True, "interval_s": settings.heartbeat_interval_s}
+
+    return app

@@ -1,0 +1,91 @@
+"""Relaying another server's job onto the current job's stream.
+
+The queen forwards hive operations to hives and inference to workers, each as
+a job of their own. Their events are relayed as they arrive: tokens and
+results losslessly, narration with the client's job id (the remote job id is
+kept as ``remote_job_id``). The remote ``end`` is not the client's ``end``:
+it is returned to the caller, which decides the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from rbee import errors
+from rbee.contracts.operations import OperationBase
+from rbee.jobs.client import JobClient, StreamBroken, Unreachable
+from rbee.jobs.registry import current_job
+
+__all__ = ["relay_job", "raise_for_end", "RemoteEnd"]
+
+RemoteEnd = dict[str, Any]
+
+
+def raise_for_end(end: RemoteEnd, where: str) -> None:
+    """Turn a remote job's unsuccessful ``end`` into the matching error."""
+    status = end.get("status")
+    if status == "completed":
+        return
+    error = end.get("error") or {}
+    message = str(error.get("message") or f"the job on {where} ended {status}")
+    if status == "timed_out":
+        raise errors.JobTimedOut(message)
+    if status == "cancelled":
+        raise errors.JobCancelled(message)
+    exc = errors.RbeeError(message)
+    exc.kind = str(error.get("kind") or "remote_failed")
+    raise exc
+
+
+async def relay_job(
+    client: JobClient,
+    operation: OperationBase | dict[str, Any],
+    *,
+    where: str,
+    lost: type[errors.RbeeError] = errors.HiveUnreachable,
+) -> RemoteEnd:
+    """Run ``operation`` on the server behind ``client`` and relay its events.
+
+    Returns the remote ``end`` data. A connection that fails before or during
+    the stream raises ``lost``. If the current job is cancelled, the remote
+    job is cancelled too before the cancellation propagates.
+    """
+    job = current_job()
+    try:
+        remote_id = await client.submit(operation)
+    except Unreachable as exc:
+        raise lost(f"{where} did not answer: {exc.message}") from None
+    try:
+        async for event in client.events(remote_id, cancel_on_disconnect=True):
+            kind = event.kind
+            if kind == "token":
+                data = event.data
+                await job.add_token_raw(data.get("t", ""), event.raw)
+            elif kind == "narration":
+                data = event.data
+                data["remote_job_id"] = data.get("job_id")
+                data["job_id"] = job.id
+                job.add_narration(data)
+            elif kind == "end":
+                end: RemoteEnd = event.data
+                return end
+            elif kind == "result":
+                job.add_result(event.data)
+            else:
+                job.add_raw(kind, event.raw)
+    except (StreamBroken, Unreachable) as exc:
+        raise lost(f"{where} went away: {exc.message}") from None
+    except asyncio.CancelledError:
+        await _cancel_remote(client, remote_id)
+        raise
+    raise lost(f"{where} closed the stream without an end")  # pragma: no cover - events() raises first
+
+
+async def _cancel_remote(client: JobClient, remote_id: str) -> None:
+    """Best effort, bounded: the remote stream also cancels on disconnect."""
+    try:
+        await asyncio.shield(asyncio.wait_for(client.cancel(remote_id), 2.0))
+    except (asyncio.CancelledError, TimeoutError, errors.RbeeError, json.JSONDecodeError):
+        pass

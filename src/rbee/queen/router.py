@@ -1,0 +1,118 @@
+"""The queen's executor: one operation in, the right handler run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+
+import httpx
+
+from rbee import __version__, errors
+from rbee.contracts.operations import (
+    HiveList,
+    Infer,
+    OperationBase,
+    QueenCheck,
+    Status,
+)
+from rbee.jobs.client import JobClient
+from rbee.jobs.registry import emit_progress, emit_result
+from rbee.narration import narrate
+from rbee.queen.relay import raise_for_end, relay_job
+from rbee.queen.scheduler import Scheduler
+from rbee.queen.telemetry import Telemetry
+
+__all__ = ["QueenRouter"]
+
+
+class QueenRouter:
+    def __init__(self, telemetry: Telemetry, scheduler: Scheduler, http: httpx.AsyncClient, token: str | None):
+        self.telemetry = telemetry
+        self.scheduler = scheduler
+        self.http = http
+        self.token = token
+
+    def admit(self, op: OperationBase) -> None:
+        """Checks done at POST time, before a job exists."""
+        if isinstance(op, Infer):
+            self.scheduler.admit(op)
+        elif op.forwarded_to_hive:
+            self.telemetry.hive(getattr(op, "hive_id", "localhost"))
+
+    async def __call__(self, op: OperationBase) -> None:
+        narrate("route_job", f"Executing operation: {op.name}", operation=op.name)
+        if isinstance(op, Infer):
+            await self.scheduler.infer(op)
+        elif isinstance(op, Status):
+            self.status()
+        elif isinstance(op, HiveList):
+            self.hive_list()
+        elif isinstance(op, QueenCheck):
+            await queen_check()
+        elif op.forwarded_to_hive:
+            await self.forward(op)
+        else:
+            raise errors.UnsupportedOperation(f"the queen has no handler for {op.name!r}")
+
+    def status(self) -> None:
+        snap = self.telemetry.snapshot()
+        snap["queues"] = self.scheduler.queue_depths()
+        n_h, n_w = len(snap["hives"]), len(snap["workers"])
+        if n_h == 0:
+            narrate("status_empty", "No hives are connected yet")
+        else:
+            narrate("status", f"{n_h} hive(s), {n_w} worker(s)", hives=n_h, workers=n_w)
+        emit_result(snap)
+
+    def hive_list(self) -> None:
+        hives = self.telemetry.snapshot()["hives"]
+        narrate("hive_list", f"{len(hives)} hive(s) known")
+        emit_result({"hives": hives})
+
+    async def forward(self, op: OperationBase) -> None:
+        hive_id = str(getattr(op, "hive_id", "localhost"))
+        hive = self.telemetry.hive(hive_id)
+        if self.telemetry.state_of(hive) != "online":
+            raise errors.HiveUnreachable(f"hive {hive_id} has not sent a heartbeat for {hive.age_s():.0f} s")
+        narrate("forward_start", f"Forwarding {op.name} to hive {hive_id} at {hive.url}", hive_id=hive_id)
+        client = JobClient(hive.url, token=self.token, client=self.http)
+        end = await relay_job(client, op, where=f"hive {hive_id}")
+        raise_for_end(end, f"hive {hive_id}")
+        narrate("forward_complete", f"{op.name} completed on hive {hive_id}", hive_id=hive_id)
+
+
+async def _check_nested(depth: int) -> None:
+    narrate("check_nested", f"Narration from a nested call (depth {depth})", depth=depth)
+    if depth < 2:
+        await _check_nested(depth + 1)
+
+
+async def _check_spawned(n: int) -> None:
+    await asyncio.sleep(0.01 * n)
+    narrate("check_task", f"Narration from spawned task {n}", task=n)
+
+
+async def queen_check() -> None:
+    """A self-test that narrates through every path of the job flow."""
+    narrate("check_start", "Queen self-check: narration, progress, result")
+    narrate("check_direct", "Narration from the executor itself")
+    await _check_nested(0)
+    async with asyncio.TaskGroup() as tg:
+        for n in range(3):
+            tg.create_task(_check_spawned(n), name=f"queen_check:{n}")
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: None)  # the thread bridge leaves context intact
+    for done in range(1, 4):
+        emit_progress("check_progress", done, 3, "steps")
+    narrate("check_levels", "A warning-level narration (expected)", level="warn")
+    emit_result(
+        {
+            "queen": "ok",
+            "version": __version__,
+            "python": platform.python_version(),
+            "pid": os.getpid(),
+            "paths": ["direct", "nested", "spawned_tasks", "progress", "result"],
+        }
+    )
+    narrate("check_complete", "Queen self-check passed")

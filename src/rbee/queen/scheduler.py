@@ -1,0 +1,270 @@
+"""Scheduling ``infer`` jobs onto workers.
+
+Among ready workers serving the model (and matching ``hive_id``, ``worker_id``
+and ``device`` when given) the least loaded wins; ties go to the one idle
+longest. When no worker serves the model, a hive that has it is asked to spawn
+one. When every worker is busy the job waits in a bounded FIFO queue per
+model, its stream showing its position; past the bound, ``429``.
+
+A worker lost before the first token is retried once on another worker; after
+the first token the job ends ``failed`` with ``worker_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from rbee import errors
+from rbee.contracts.operations import Infer, WorkerSpawn
+from rbee.jobs.client import JobClient
+from rbee.jobs.registry import current_job, emit_progress, set_end_fields
+from rbee.narration import narrate
+from rbee.queen.relay import raise_for_end, relay_job
+from rbee.queen.telemetry import Telemetry, WorkerReport, WorkerView
+
+__all__ = ["Scheduler", "Lease"]
+
+_READY = ("ready", "busy")
+
+
+@dataclass
+class Lease:
+    worker: WorkerView
+    hive_id: str
+
+    @property
+    def worker_id(self) -> str:
+        return self.worker.worker_id
+
+
+class _Waiter:
+    __slots__ = ("job_id", "seq")
+
+    def __init__(self, job_id: str, seq: int) -> None:
+        self.job_id = job_id
+        self.seq = seq
+
+
+class Scheduler:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        http: httpx.AsyncClient,
+        *,
+        token: str | None = None,
+        queue_size: int = 64,
+        spawn_timeout_s: float = 180.0,
+    ) -> None:
+        self.telemetry = telemetry
+        self.http = http
+        self.token = token
+        self.queue_size = queue_size
+        self.spawn_timeout_s = spawn_timeout_s
+        self.inflight: dict[str, int] = {}
+        self.idle_since: dict[str, float] = {}
+        self.queues: dict[str, deque[_Waiter]] = {}
+        self._spawns: dict[str, asyncio.Task[WorkerReport]] = {}
+        self._seq = itertools.count()
+
+    # -- admission -------------------------------------------------------
+
+    def admit(self, op: Infer) -> None:
+        """Refuse at POST time what can never run, or cannot be queued now."""
+        if op.hive_id is not None:
+            self.telemetry.hive(op.hive_id)  # 404 for an unknown hive
+        queue = self.queues.get(op.model)
+        if queue is not None and len(queue) >= self.queue_size:
+            raise errors.QueueFull(
+                f"{len(queue)} jobs are already waiting for {op.model}; the queue holds {self.queue_size}",
+                retry_after_s=2,
+            )
+        if not self._candidates(op, set(), fresh_only=False) and not self._spawn_hives(op):
+            known = sorted({m.alias or m.id for h in self.telemetry.hives() for m in h.models})
+            if any(h.has_model(op.model) for h in self.telemetry.hives()) or not self.telemetry.hives():
+                raise errors.NoWorkerAvailable(f"no hive that has {op.model!r} is online")
+            raise errors.ModelNotFound(
+                f"no hive has a model {op.model!r} (models: {', '.join(known) or 'none'})", model=op.model
+            )
+
+    def queue_depths(self) -> dict[str, int]:
+        return {model: len(q) for model, q in self.queues.items() if q}
+
+    # -- selection -------------------------------------------------------
+
+    def _candidates(self, op: Infer, excluded: set[str], *, fresh_only: bool = True) -> list[WorkerView]:
+        found = []
+        for w in self.telemetry.workers(fresh_only=fresh_only):
+            r = w.report
+            if r.state not in _READY or w.worker_id in excluded or not w.serves(op.model):
+                continue
+            if op.hive_id is not None and w.hive_id != op.hive_id:
+                continue
+            if op.worker_id is not None and w.worker_id != op.worker_id:
+                continue
+            if op.device is not None and r.device != op.device:
+                continue
+            found.append(w)
+        return found
+
+    def _spawn_hives(self, op: Infer) -> list[str]:
+        hives = [h for h in self.telemetry.fresh_hives() if h.has_model(op.model)]
+        if op.hive_id is not None:
+            hives = [h for h in hives if h.hive_id == op.hive_id]
+        if op.worker_id is not None:
+            return []  # a named worker is never spawned
+        # Hives running fewest workers first.
+        hives.sort(key=lambda h: len(h.workers))
+        return [h.hive_id for h in hives]
+
+    def _free(self, w: WorkerView) -> bool:
+        return self.inflight.get(w.worker_id, 0) < max(1, w.report.slots)
+
+    async def acquire(self, op: Infer, excluded: set[str]) -> Lease:
+        narrate("infer_schedule", f"Finding a worker for {op.model}", model=op.model)
+        job = current_job()
+        queue = self.queues.setdefault(op.model, deque())
+        waiter: _Waiter | None = None
+        last_position = -1
+        try:
+            while True:
+                candidates = self._candidates(op, excluded)
+                if candidates:
+                    free = [w for w in candidates if self._free(w)]
+                    first_in_line = waiter is None and not queue or (waiter is not None and queue[0] is waiter)
+                    if free and first_in_line:
+                        pick = min(
+                            free,
+                            key=lambda w: (self.inflight.get(w.worker_id, 0), self.idle_since.get(w.worker_id, 0.0)),
+                        )
+                        self.inflight[pick.worker_id] = self.inflight.get(pick.worker_id, 0) + 1
+                        narrate(
+                            "infer_worker",
+                            f"Scheduled on worker {pick.worker_id} on hive {pick.hive_id} ({pick.report.url})",
+                            worker_id=pick.worker_id,
+                            hive_id=pick.hive_id,
+                        )
+                        return Lease(pick, pick.hive_id)
+                    if waiter is None:
+                        if len(queue) >= self.queue_size:
+                            raise errors.QueueFull(f"the queue for {op.model} is full", retry_after_s=2)
+                        waiter = _Waiter(job.id, next(self._seq))
+                        queue.append(waiter)
+                        narrate("infer_queued", f"All workers for {op.model} are busy; waiting in the queue")
+                    position = queue.index(waiter) + 1
+                    if position != last_position:
+                        emit_progress("queue", position, len(queue), "position", model=op.model)
+                        last_position = position
+                    await self.telemetry.changed(1.0)
+                    continue
+                hives = self._spawn_hives(op)
+                if not hives:
+                    raise errors.NoWorkerAvailable(
+                        f"no ready worker serves {op.model!r} and no online hive can start one", model=op.model
+                    )
+                await self._ensure_spawn(op.model, hives[0], op.device or "cpu")
+        finally:
+            if waiter is not None:
+                try:
+                    queue.remove(waiter)
+                except ValueError:
+                    pass
+                self.telemetry.notify()
+
+    def release(self, lease: Lease) -> None:
+        n = self.inflight.get(lease.worker_id, 1) - 1
+        if n <= 0:
+            self.inflight.pop(lease.worker_id, None)
+            self.idle_since[lease.worker_id] = time.monotonic()
+        else:
+            self.inflight[lease.worker_id] = n
+        self.telemetry.notify()
+
+    # -- spawning --------------------------------------------------------
+
+    async def _ensure_spawn(self, model: str, hive_id: str, device: str) -> WorkerReport:
+        task = self._spawns.get(model)
+        if task is None or task.done():
+            narrate("infer_spawn", f"No worker serves {model}; asking hive {hive_id} to start one", hive_id=hive_id)
+            task = asyncio.get_running_loop().create_task(
+                self._spawn(model, hive_id, device), name=f"spawn:{model}@{hive_id}"
+            )
+            self._spawns[model] = task
+            task.add_done_callback(lambda t: self._spawns.pop(model, None) if self._spawns.get(model) is t else None)
+        else:
+            narrate("infer_spawn_wait", f"Waiting for the worker being started for {model}")
+        return await asyncio.shield(task)
+
+    async def _spawn(self, model: str, hive_id: str, device: str) -> WorkerReport:
+        hive = self.telemetry.hive(hive_id)
+        client = JobClient(hive.url, token=self.token, client=self.http)
+        op = WorkerSpawn(hive_id=hive_id, model=model, device=device)
+        async with asyncio.timeout(self.spawn_timeout_s):
+            end = await relay_job(client, op, where=f"hive {hive_id}")
+        raise_for_end(end, f"hive {hive_id}")
+        worker = end.get("worker") or {}
+        report = WorkerReport.model_validate(worker)
+        self.telemetry.put_worker(hive_id, report)
+        narrate("infer_spawned", f"Worker {report.worker_id} is ready at {report.url}", worker_id=report.worker_id)
+        return report
+
+    # -- running ---------------------------------------------------------
+
+    async def infer(self, op: Infer) -> None:
+        job = current_job()
+        narrate("infer_start", f"Starting inference with {op.model}", model=op.model, prompt_chars=len(op.prompt))
+        excluded: set[str] = set()
+        retried = False
+        while True:
+            lease = await self.acquire(op, excluded)
+            try:
+                await self._run_on(lease, op)
+                return
+            except errors.WorkerLost as exc:
+                excluded.add(lease.worker_id)
+                self.telemetry.drop_worker(lease.hive_id, lease.worker_id)
+                if job.tokens == 0 and not retried:
+                    retried = True
+                    narrate(
+                        "infer_retry",
+                        f"Worker {lease.worker_id} was lost before the first token ({exc.message});"
+                        " retrying once on another worker",
+                        level="warn",
+                        worker_id=lease.worker_id,
+                    )
+                    continue
+                raise
+            finally:
+                self.release(lease)
+
+    async def _run_on(self, lease: Lease, op: Infer) -> None:
+        job = current_job()
+        url = lease.worker.report.url
+        if not url:
+            raise errors.WorkerLost(f"worker {lease.worker_id} has no address")
+        client = JobClient(url, token=self.token, client=self.http)
+        update: dict[str, Any] = {"hive_id": None, "worker_id": None, "device": None}
+        if job.timeout_s is not None:
+            remaining = job.timeout_s - job.elapsed_ms() / 1000.0
+            update["timeout_s"] = max(0.001, remaining)
+        worker_op = op.model_copy(update=update)
+        narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
+        started = time.perf_counter()
+        end = await relay_job(
+            client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost
+        )
+        fields = {
+            k: end[k]
+            for k in ("tokens_in", "tokens_out", "stop_reason", "ttft_ms", "tokens_per_s", "decode_ms")
+            if k in end
+        }
+        fields["worker_ttft_ms"] = fields.pop("ttft_ms", None)
+        set_end_fields(worker_id=lease.worker_id, hive_id=lease.hive_id, **fields)
+        set_end_fields(worker_wall_ms=round((time.perf_counter() - started) * 1000, 3))
+        raise_for_end(end, f"worker {lease.worker_id}")

@@ -1,0 +1,195 @@
+"""The queen's view of the cluster, fed by hive heartbeats.
+
+A hive not heard from for three heartbeat intervals is ``stale`` and its
+workers are not scheduled; after :attr:`Telemetry.forget_after_s` it is
+forgotten. A queen restart loses nothing: the next heartbeat re-registers the
+hive with its workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from rbee.errors import HiveNotFound
+
+__all__ = ["Telemetry", "HiveView", "WorkerView", "Heartbeat", "WorkerReport", "ModelReport"]
+
+
+class WorkerReport(BaseModel):
+    worker_id: str
+    model: str
+    model_aliases: list[str] = Field(default_factory=list)
+    device: str = "cpu"
+    state: str  # starting | ready | busy | stopping | dead
+    url: str | None = None
+    pid: int | None = None
+    slots: int = 1
+    busy_slots: int = 0
+    queue: int = 0
+    started_at: float | None = None
+    current_job: str | None = None
+
+
+class ModelReport(BaseModel):
+    id: str
+    alias: str | None = None
+    size_bytes: int | None = None
+    architecture: str | None = None
+    quantization: str | None = None
+
+
+class Heartbeat(BaseModel):
+    hive_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    url: str
+    version: str | None = None
+    interval_s: float = 2.0
+    devices: list[dict[str, Any]] = Field(default_factory=list)
+    workers: list[WorkerReport] = Field(default_factory=list)
+    models: list[ModelReport] = Field(default_factory=list)
+
+
+@dataclass
+class WorkerView:
+    hive_id: str
+    report: WorkerReport
+
+    @property
+    def worker_id(self) -> str:
+        return self.report.worker_id
+
+    def serves(self, model: str) -> bool:
+        return model == self.report.model or model in self.report.model_aliases
+
+
+@dataclass
+class HiveView:
+    hive_id: str
+    url: str
+    version: str | None
+    interval_s: float
+    devices: list[dict[str, Any]]
+    models: list[ModelReport]
+    workers: dict[str, WorkerView]
+    first_seen: float
+    last_seen: float  # monotonic
+    last_seen_wall: float
+    heartbeats: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def age_s(self, now: float | None = None) -> float:
+        return (time.monotonic() if now is None else now) - self.last_seen
+
+    def has_model(self, model: str) -> bool:
+        return any(model in (m.id, m.alias) for m in self.models)
+
+
+class Telemetry:
+    def __init__(self, *, interval_s: float = 2.0, stale_after_intervals: int = 3, forget_after_s: float = 60.0):
+        self.interval_s = interval_s
+        self.stale_after_s = interval_s * stale_after_intervals
+        self.forget_after_s = forget_after_s
+        self._hives: dict[str, HiveView] = {}
+        self._changed = asyncio.Event()
+
+    def heartbeat(self, beat: Heartbeat) -> tuple[HiveView, bool]:
+        """Record a heartbeat; returns the hive and whether it is new to this queen."""
+        now = time.monotonic()
+        old = self._hives.get(beat.hive_id)
+        view = HiveView(
+            hive_id=beat.hive_id,
+            url=beat.url.rstrip("/"),
+            version=beat.version,
+            interval_s=beat.interval_s,
+            devices=beat.devices,
+            models=beat.models,
+            workers={w.worker_id: WorkerView(beat.hive_id, w) for w in beat.workers},
+            first_seen=old.first_seen if old else time.time(),
+            last_seen=now,
+            last_seen_wall=time.time(),
+            heartbeats=(old.heartbeats + 1) if old else 1,
+        )
+        self._hives[beat.hive_id] = view
+        self.notify()
+        return view, old is None or old.age_s(now) > self.stale_after_s
+
+    def notify(self) -> None:
+        """Wake everyone waiting for the cluster to change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    def state_of(self, hive: HiveView, now: float | None = None) -> str:
+        return "online" if hive.age_s(now) <= self.stale_after_s else "stale"
+
+    def hive(self, hive_id: str) -> HiveView:
+        hive = self._hives.get(hive_id)
+        if hive is None:
+            known = ", ".join(sorted(self._hives)) or "none"
+            raise HiveNotFound(f"no hive {hive_id!r} is known to the queen (known: {known})", hive_id=hive_id)
+        return hive
+
+    def hives(self) -> list[HiveView]:
+        return list(self._hives.values())
+
+    def fresh_hives(self) -> list[HiveView]:
+        now = time.monotonic()
+        return [h for h in self._hives.values() if h.age_s(now) <= self.stale_after_s]
+
+    def workers(self, *, fresh_only: bool = True) -> list[WorkerView]:
+        hives = self.fresh_hives() if fresh_only else self.hives()
+        return [w for h in hives for w in h.workers.values()]
+
+    def put_worker(self, hive_id: str, report: WorkerReport) -> None:
+        """Record a worker learned outside a heartbeat (e.g. just spawned)."""
+        hive = self._hives.get(hive_id)
+        if hive is not None:
+            hive.workers[report.worker_id] = WorkerView(hive_id, report)
+            self.notify()
+
+    def drop_worker(self, hive_id: str, worker_id: str) -> None:
+        hive = self._hives.get(hive_id)
+        if hive is not None and hive.workers.pop(worker_id, None) is not None:
+            self.notify()
+
+    def sweep(self) -> list[str]:
+        now = time.monotonic()
+        gone = [hid for hid, h in self._hives.items() if h.age_s(now) > self.forget_after_s]
+        for hid in gone:
+            del self._hives[hid]
+        if gone:
+            self.notify()
+        return gone
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        hives = []
+        for h in self._hives.values():
+            hives.append(
+                {
+                    "hive_id": h.hive_id,
+                    "url": h.url,
+                    "state": self.state_of(h, now),
+                    "last_heartbeat_s_ago": round(h.age_s(now), 3),
+                    "last_heartbeat_at": h.last_seen_wall,
+                    "version": h.version,
+                    "devices": h.devices,
+                    "models": [m.model_dump(exclude_none=True) for m in h.models],
+                    "workers": [w.report.worker_id for w in h.workers.values()],
+                }
+            )
+        workers = [
+            {"hive_id": w.hive_id, "hive_state": self.state_of(self._hives[w.hive_id], now), **w.report.model_dump()}
+            for h in self._hives.values()
+            for w in h.workers.values()
+        ]
+        return {"hives": hives, "workers": workers}
