@@ -16,7 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rbee.contracts.operations import validation_problems
 from rbee.errors import InvalidOperation, PayloadTooLarge, QueueFull, RbeeError
 
 __all__ = ["install_edge", "error_body", "BodyLimit", "BearerAuth", "MAX_BODY_BYTES"]

@@ -10,7 +10,7 @@ the field and the reason.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -106,7 +106,7 @@ class OperationBase(BaseModel):
 
     @property
     def name(self) -> str:
-        return str(getattr(self, "operation"))
+        return str(self.operation)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -253,21 +253,19 @@ class ModelDelete(_HiveOperation):
 
 
 Operation = Annotated[
-    Union[
-        Status,
-        Infer,
-        QueenCheck,
-        HiveList,
-        HiveCheck,
-        WorkerSpawn,
-        WorkerList,
-        WorkerGet,
-        WorkerStop,
-        ModelList,
-        ModelGet,
-        ModelDownload,
-        ModelDelete,
-    ],
+    Status
+    | Infer
+    | QueenCheck
+    | HiveList
+    | HiveCheck
+    | WorkerSpawn
+    | WorkerList
+    | WorkerGet
+    | WorkerStop
+    | ModelList
+    | ModelGet
+    | ModelDownload
+    | ModelDelete,
     Field(discriminator="operation"),
 ]
 

@@ -74,9 +74,7 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
     if json_logs is None:
         json_logs = os.environ.get("RBEE_LOG_JSON", "") not in ("", "0", "false")
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_logs
-        else structlog.dev.ConsoleRenderer(colors=False, pad_event=0)
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False, pad_event=0)
     )
     structlog.configure(
         processors=[

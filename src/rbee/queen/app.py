@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 
 from rbee import __version__
 from rbee.config import QUEEN_PORT, rbee_home
+from rbee.contracts.cluster import Heartbeat
 from rbee.http import install_edge
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.registry import JobRegistry
@@ -23,7 +24,7 @@ from rbee.narration import narrate
 from rbee.queen.router import QueenRouter
 from rbee.queen.scheduler import Scheduler
 from rbee.queen.store import JobStore
-from rbee.queen.telemetry import Heartbeat, Telemetry
+from rbee.queen.telemetry import Telemetry
 
 __all__ = ["QueenSettings", "create_queen_app"]
 
@@ -57,9 +58,7 @@ class QueenState:
         home = settings.home or rbee_home()
         self.store = JobStore(home / "queen.sqlite")
         self.interrupted = self.store.mark_interrupted()
-        self.telemetry = Telemetry(
-            interval_s=settings.heartbeat_interval_s, forget_after_s=settings.forget_after_s
-        )
+        self.telemetry = Telemetry(interval_s=settings.heartbeat_interval_s, forget_after_s=settings.forget_after_s)
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, read=None),
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),

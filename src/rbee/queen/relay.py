@@ -45,6 +45,7 @@ async def relay_job(
     *,
     where: str,
     lost: type[errors.RbeeError] = errors.HiveUnreachable,
+    results: bool = True,
 ) -> RemoteEnd:
     """Run ``operation`` on the server behind ``client`` and relay its events.
 
@@ -72,7 +73,8 @@ async def relay_job(
                 end: RemoteEnd = event.data
                 return end
             elif kind == "result":
-                job.add_result(event.data)
+                if results:
+                    job.add_result(event.data)
             else:
                 job.add_raw(kind, event.raw)
     except (StreamBroken, Unreachable) as exc:

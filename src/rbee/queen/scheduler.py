@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 
 from rbee import errors
+from rbee.contracts.cluster import WorkerReport
 from rbee.contracts.operations import Infer, WorkerSpawn
 from rbee.jobs.client import JobClient
 from rbee.jobs.registry import current_job, emit_progress, set_end_fields
 from rbee.narration import narrate
 from rbee.queen.relay import raise_for_end, relay_job
-from rbee.queen.telemetry import Telemetry, WorkerReport, WorkerView
+from rbee.queen.telemetry import Telemetry, WorkerView
 
 __all__ = ["Scheduler", "Lease"]
 
@@ -137,7 +138,7 @@ class Scheduler:
                 candidates = self._candidates(op, excluded)
                 if candidates:
                     free = [w for w in candidates if self._free(w)]
-                    first_in_line = waiter is None and not queue or (waiter is not None and queue[0] is waiter)
+                    first_in_line = (waiter is None and not queue) or (waiter is not None and queue[0] is waiter)
                     if free and first_in_line:
                         pick = min(
                             free,
@@ -206,7 +207,7 @@ class Scheduler:
         client = JobClient(hive.url, token=self.token, client=self.http)
         op = WorkerSpawn(hive_id=hive_id, model=model, device=device)
         async with asyncio.timeout(self.spawn_timeout_s):
-            end = await relay_job(client, op, where=f"hive {hive_id}")
+            end = await relay_job(client, op, where=f"hive {hive_id}", results=False)
         raise_for_end(end, f"hive {hive_id}")
         worker = end.get("worker") or {}
         report = WorkerReport.model_validate(worker)
@@ -256,9 +257,7 @@ class Scheduler:
         worker_op = op.model_copy(update=update)
         narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
         started = time.perf_counter()
-        end = await relay_job(
-            client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost
-        )
+        end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost)
         fields = {
             k: end[k]
             for k in ("tokens_in", "tokens_out", "stop_reason", "ttft_ms", "tokens_per_s", "decode_ms")

@@ -96,7 +96,22 @@ class JobStore:
         )
 
     def _row(self, row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
-        (job_id, operation, payload, status, created, started, finished, duration, t_in, t_out, ekind, emsg, text, end) = row
+        (
+            job_id,
+            operation,
+            payload,
+            status,
+            created,
+            started,
+            finished,
+            duration,
+            t_in,
+            t_out,
+            ekind,
+            emsg,
+            text,
+            end,
+        ) = row
         record: dict[str, Any] = {
             "job_id": job_id,
             "operation": operation,

@@ -13,44 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
-
+from rbee.contracts.cluster import Heartbeat, ModelReport, WorkerReport
 from rbee.errors import HiveNotFound
 
 __all__ = ["Telemetry", "HiveView", "WorkerView", "Heartbeat", "WorkerReport", "ModelReport"]
-
-
-class WorkerReport(BaseModel):
-    worker_id: str
-    model: str
-    model_aliases: list[str] = Field(default_factory=list)
-    device: str = "cpu"
-    state: str  # starting | ready | busy | stopping | dead
-    url: str | None = None
-    pid: int | None = None
-    slots: int = 1
-    busy_slots: int = 0
-    queue: int = 0
-    started_at: float | None = None
-    current_job: str | None = None
-
-
-class ModelReport(BaseModel):
-    id: str
-    alias: str | None = None
-    size_bytes: int | None = None
-    architecture: str | None = None
-    quantization: str | None = None
-
-
-class Heartbeat(BaseModel):
-    hive_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
-    url: str
-    version: str | None = None
-    interval_s: float = 2.0
-    devices: list[dict[str, Any]] = Field(default_factory=list)
-    workers: list[WorkerReport] = Field(default_factory=list)
-    models: list[ModelReport] = Field(default_factory=list)
 
 
 @dataclass
