@@ -106,7 +106,7 @@ class OperationBase(BaseModel):
 
     @property
     def name(self) -> str:
-        return str(self.operation)
+        return str(self.__dict__["operation"])
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

@@ -29,7 +29,8 @@ MAX_BODY_BYTES = 1 << 20
 
 
 def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping")
+    # Same line ending as the event frames (the library's default is CRLF).
+    return ServerSentEvent(comment="ping", sep="\n")
 
 
 class JobServer:

@@ -179,7 +179,16 @@ class JobRegistry:
         job.cancel_reason = reason
         if job.task is not None:
             job.task.cancel(reason)
+        self._end_unstarted(job)
         return job
+
+    def _end_unstarted(self, job: Job) -> None:
+        # A task cancelled before its first step never runs its body (nor its
+        # ``finally``), so a job still queued is ended here or it never ends.
+        if job.status is JobStatus.QUEUED and not job.ended:
+            with narration.bound(job, actor=self.actor):
+                reason = job.cancel_reason or "server shutting down"
+                self._finish(job, JobStatus.CANCELLED, {"kind": "cancelled", "message": f"cancelled: {reason}"})
 
     async def wait(self, job: Job) -> None:
         if job.task is not None:
@@ -210,5 +219,6 @@ class JobRegistry:
                 job.cancel_reason = job.cancel_reason or "server shutting down"
                 job.task.cancel()
                 tasks.append(job.task)
+                self._end_unstarted(job)
         if tasks:
             await asyncio.wait(tasks, timeout=deadline_s)

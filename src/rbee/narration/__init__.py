@@ -107,16 +107,15 @@ def current_job_id() -> str | None:
 @contextlib.contextmanager
 def bound(job: JobSink | None = None, *, actor: str | None = None) -> Iterator[None]:
     """Bind a job (and optionally an actor) for everything narrated inside."""
-    tokens = []
-    if job is not None:
-        tokens.append((_job, _job.set(job)))
-    if actor is not None:
-        tokens.append((_actor, _actor.set(actor)))
+    job_token = _job.set(job) if job is not None else None
+    actor_token = _actor.set(actor) if actor is not None else None
     try:
         yield
     finally:
-        for var, token in reversed(tokens):
-            var.reset(token)
+        if actor_token is not None:
+            _actor.reset(actor_token)
+        if job_token is not None:
+            _job.reset(job_token)
 
 
 def bind_in_context(job: JobSink, actor: str | None = None) -> None:

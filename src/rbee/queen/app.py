@@ -73,7 +73,7 @@ class QueenState:
             self.router,
             admit=self.router.admit,
             history=self.store.get,
-            history_list=self.store.list,
+            history_list=self.store.recent,
             history_events=self.store.events,
             ping_interval_s=settings.ping_interval_s,
         )

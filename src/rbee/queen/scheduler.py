@@ -258,7 +258,7 @@ class Scheduler:
         narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
         started = time.perf_counter()
         end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost)
-        fields = {
+        fields: dict[str, Any] = {
             k: end[k]
             for k in ("tokens_in", "tokens_out", "stop_reason", "ttft_ms", "tokens_per_s", "decode_ms")
             if k in end

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+StoredEvent = tuple[int, str, str]
+
 from rbee.jobs.job import Job
 
 __all__ = ["JobStore"]
@@ -143,11 +145,11 @@ class JobStore:
         row = self.db.execute(f"SELECT {self._COLUMNS} FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return None if row is None else self._row(row)
 
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.db.execute(f"SELECT {self._COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [self._row(r) for r in rows.fetchall()]
 
-    def events(self, job_id: str) -> list[tuple[int, str, str]] | None:
+    def events(self, job_id: str) -> "list[StoredEvent] | None":
         row = self.db.execute("SELECT events FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         if row is None or row[0] is None:
             return None

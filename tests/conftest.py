@@ -1,0 +1,42 @@
+"""Fixtures shared by every tier.
+
+The whole session runs with ``RBEE_HOME`` in a temporary directory, so no test
+ever reads or writes the user's real rbee data, and with the keeper's queen
+auto-start off unless a test turns it on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("rbee-home")
+    saved = {k: os.environ.get(k) for k in ("RBEE_HOME", "RBEE_CONFIG", "RBEE_QUEEN_URL", "RBEE_TOKEN")}
+    os.environ["RBEE_HOME"] = str(home)
+    os.environ["RBEE_CONFIG"] = str(home / "config.toml")
+    os.environ.pop("RBEE_QUEEN_URL", None)
+    os.environ.pop("RBEE_TOKEN", None)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
