@@ -206,10 +206,10 @@ async def test_narration_beyond_the_cap_is_dropped_and_counted() -> None:
 async def test_narration_is_dropped_while_a_reader_lags_far_behind_but_tokens_are_not() -> None:
     job = make_job()
     job.transition(JobStatus.RUNNING)
+    job.add_narration(narration(0))
     stream = job.stream()
     first = await anext(stream)  # attached, then stalls
     assert first[0] == 1
-    job.add_narration(narration(0))
     for n in range(4 * TOKEN_WINDOW + 10):
         job.add_progress({"action": "fill", "done": n, "total": None, "unit": ""})
     dropped_before = job.narration_dropped

@@ -154,15 +154,18 @@ class JobRegistry:
             raise asyncio.CancelledError
 
     def _finish(self, job: Job, status: JobStatus, error: dict[str, Any] | None) -> None:
-        if status is JobStatus.COMPLETED:
-            narrate("job_done", f"{job.operation.name} completed")
-        elif error is not None:
-            narrate(
-                f"job_{status.value}",
-                f"{job.operation.name} {status.value.replace('_', ' ')}: {error['message']}",
-                level="warn" if status is JobStatus.CANCELLED else "error",
-                error_kind=error["kind"],
-            )
+        try:
+            if status is JobStatus.COMPLETED:
+                narrate("job_done", f"{job.operation.name} completed")
+            elif error is not None:
+                narrate(
+                    f"job_{status.value}",
+                    f"{job.operation.name} {status.value.replace('_', ' ')}: {error['message']}",
+                    level="warn" if status is JobStatus.CANCELLED else "error",
+                    error_kind=error["kind"],
+                )
+        except Exception:  # a broken log sink must not keep the job from ending
+            pass
         end = job.finish(status, error)
         self._live -= 1
         if self.on_end is not None:

@@ -16,6 +16,7 @@ Sinks:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -54,6 +55,12 @@ _captures: list[list[dict[str, Any]]] = []
 _log_level = logging.INFO
 _configured = False
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+# structlog 25 renamed ``pad_event`` (now deprecated, a warning) to ``pad_event_to``.
+_PAD_EVENT = (
+    "pad_event_to"
+    if "pad_event_to" in inspect.signature(structlog.dev.ConsoleRenderer.__init__).parameters
+    else "pad_event"
+)
 
 
 def set_process_actor(actor: str) -> None:
@@ -74,7 +81,9 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
     if json_logs is None:
         json_logs = os.environ.get("RBEE_LOG_JSON", "") not in ("", "0", "false")
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False, pad_event=0)
+        structlog.processors.JSONRenderer()
+        if json_logs
+        else structlog.dev.ConsoleRenderer(colors=False, **{_PAD_EVENT: 0})
     )
     structlog.configure(
         processors=[
@@ -82,10 +91,20 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_log_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=True,
     )
     _configured = True
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is at write time (tests and daemons swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def log() -> Any:
@@ -150,7 +169,10 @@ def narrate(
     if job is not None:
         job.add_narration(event)
     if _LEVELS.get(level, logging.INFO) >= _log_level:
-        _log_event(event)
+        try:
+            _log_event(event)
+        except (OSError, ValueError):  # a closed stderr must not break the job
+            pass
     for sink in _captures:
         sink.append(event)
     return event

@@ -108,6 +108,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
                     port=settings.local_hive_port,
                     home=settings.home,
                     options=settings.hive_options,
+                    deliver=lambda beat: state.telemetry.heartbeat(beat),
                 )
                 await state.local_hive.start()
             yield

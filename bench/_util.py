@@ -1,0 +1,196 @@
+"""Helpers shared by the benchmarks: ports, server processes, statistics, output.
+
+A benchmark starts the servers it measures as subprocesses (so the client
+never shares a core's event loop with the server), prints a table with the
+exact command that produced it, and writes the same figures as JSON to
+``bench/results/<name>.json`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+__all__ = [
+    "RESULTS_DIR",
+    "Server",
+    "command_line",
+    "free_port",
+    "machine",
+    "percentile",
+    "print_table",
+    "start_server",
+    "venv_bin",
+    "write_results",
+]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def venv_bin(name: str) -> str:
+    """A console script installed next to the running interpreter."""
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass
+class Server:
+    """A server subprocess; stopped (and its children) by :meth:`stop`."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    home: Path
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(
+    args: Sequence[str],
+    *,
+    port: int,
+    env: dict[str, str] | None = None,
+    home: Path | None = None,
+    health_path: str = "/health",
+    timeout_s: float = 30.0,
+) -> Server:
+    """Start ``args`` (a uvicorn-based daemon listening on ``port``) and wait for its health check.
+
+    ``RBEE_HOME`` is a fresh temporary directory unless ``home`` is given; the
+    process's output goes to ``<home>/server.log``.
+    """
+    tmp = None
+    if home is None:
+        tmp = tempfile.TemporaryDirectory(prefix="rbee-bench-")
+        home = Path(tmp.name)
+    log_path = home / "server.log"
+    full_env = {**os.environ, "RBEE_HOME": str(home), **(env or {})}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(list(args), env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path, home, tmp)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = server.log_tail()
+            server.stop()
+            raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{tail}")
+        try:
+            if httpx.get(server.url + health_path, timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise TimeoutError(f"{args[0]} did not answer {health_path} within {timeout_s} s")
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (0-100), linear between closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    if lo == hi:
+        return float(ordered[lo])
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo))
+
+
+def command_line() -> str:
+    """The command that is running, as a person would type it."""
+    module = sys.modules["__main__"].__spec__
+    exe = os.path.relpath(sys.executable) if not sys.executable.startswith("/usr") else sys.executable
+    if module is not None and module.name:
+        return shlex.join([exe, "-m", module.name.removesuffix(".__main__"), *sys.argv[1:]])
+    return shlex.join([exe, *sys.argv])
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu_affinity": len(psutil.Process().cpu_affinity() or []) if hasattr(psutil.Process, "cpu_affinity") else None,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+    print(line(cells[0]))
+    print("  ".join("-" * w for w in widths))
+    for row in cells[1:]:
+        print(line(row))
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {"benchmark": name, "command": command_line(), "machine": machine(), "time": time.time(), **data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,189 @@
+"""The hive's ASGI app: job server, model catalog, worker supervisor, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+
+from rbee import __version__
+from rbee.config import HIVE_PORT, rbee_home
+from rbee.hive.catalog import ModelCatalog
+from rbee.hive.heartbeat import Deliver, DeviceProbe, HeartbeatLoop, HttpDelivery
+from rbee.hive.router import HiveRouter
+from rbee.hive.supervisor import WORKER_COMMAND, Supervisor, reachable_host, url_host
+from rbee.http import install_edge
+from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
+from rbee.jobs.registry import JobRegistry
+from rbee.narration import narrate
+
+__all__ = ["HiveSettings", "HiveState", "create_hive_app"]
+
+
+@dataclass
+class HiveSettings:
+    host: str = "127.0.0.1"
+    port: int = HIVE_PORT
+    hive_id: str = "localhost"
+    queen_url: str | None = None
+    token: str | None = None
+    home: Path | None = None
+    #: Passed to every worker as ``--engine`` (``fake`` for tests).
+    worker_engine: str = "llama"
+    #: Extra flags for every worker (e.g. ``--fake-tokens 50``).
+    worker_args: tuple[str, ...] = ()
+    heartbeat_interval_s: float = 2.0
+    worker_ready_timeout_s: float = 120.0
+    job_ttl_s: float = 600.0
+    ping_interval_s: float = PING_INTERVAL_S
+    #: The address others reach this machine at; default: derived from ``host``.
+    advertise_host: str | None = None
+    #: Heartbeats go here when given (the hive inside the queen), else over HTTP to ``queen_url``.
+    deliver: Deliver | None = None
+    worker_command: tuple[str, ...] = WORKER_COMMAND
+
+
+class HiveState:
+    """Everything the hive's endpoints need, built in the lifespan."""
+
+    def __init__(self, settings: HiveSettings) -> None:
+        self.settings = settings
+        self.home = settings.home or rbee_home()
+        self.public_host = settings.advertise_host or reachable_host(settings.host, settings.queen_url)
+        self.url = f"http://{url_host(self.public_host)}:{settings.port}"
+        self.started_at = time.time()
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        )
+        self.catalog = ModelCatalog(self.home / "hives" / settings.hive_id / "models.sqlite", hive_id=settings.hive_id)
+        self.devices = DeviceProbe()
+        self.supervisor = Supervisor(
+            home=self.home,
+            http=self.http,
+            host=settings.host,
+            advertise_host=self.public_host,
+            token=settings.token,
+            engine=settings.worker_engine,
+            extra_args=settings.worker_args,
+            ready_timeout_s=settings.worker_ready_timeout_s,
+            on_change=self._workers_changed,
+            command=settings.worker_command,
+        )
+        deliver: Deliver | None = settings.deliver
+        target = "the queen"
+        if deliver is None and settings.queen_url:
+            deliver = HttpDelivery(settings.queen_url, self.http, token=settings.token)
+            target = f"the queen at {settings.queen_url}"
+        self.heartbeat: HeartbeatLoop | None = None
+        if deliver is not None:
+            self.heartbeat = HeartbeatLoop(
+                hive_id=settings.hive_id,
+                url=self.url,
+                supervisor=self.supervisor,
+                catalog=self.catalog,
+                deliver=deliver,
+                interval_s=settings.heartbeat_interval_s,
+                devices=self.devices,
+                target=target,
+            )
+        self.router = HiveRouter(
+            hive_id=settings.hive_id, catalog=self.catalog, supervisor=self.supervisor, devices=self.devices
+        )
+        self.registry = JobRegistry(actor="hive", ttl_s=settings.job_ttl_s)
+        self.jobs = JobServer(
+            self.registry, self.router, admit=self.router.admit, ping_interval_s=settings.ping_interval_s
+        )
+
+    def _workers_changed(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.poke()
+
+    async def final_heartbeat(self) -> None:
+        """Tell the queen, bounded, that this hive's workers are gone."""
+        if self.heartbeat is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await self.heartbeat.beat()
+        except TimeoutError:
+            pass
+
+
+def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
+    settings = settings or HiveSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = HiveState(settings)
+        app.state.hive = state
+        state.catalog.warm()
+        tasks = [asyncio.create_task(state.registry.run_sweeper(), name="hive:sweeper")]
+        if state.heartbeat is not None:
+            tasks.append(asyncio.create_task(state.heartbeat.run(), name="hive:heartbeat"))
+        narrate(
+            "hive_started",
+            f"Hive {settings.hive_id} serving at {state.url}"
+            + (f", heartbeats to {settings.queen_url}" if settings.queen_url else ""),
+            actor="hive",
+            hive_id=settings.hive_id,
+            url=state.url,
+        )
+        try:
+            yield
+        finally:
+            await state.registry.aclose()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await state.supervisor.aclose()
+            await state.final_heartbeat()
+            await state.http.aclose()
+            await state.catalog.aclose()
+            narrate("hive_stopped", f"Hive {settings.hive_id} stopped", actor="hive", hive_id=settings.hive_id)
+
+    app = FastAPI(title="rbee-hive", version=__version__, lifespan=lifespan)
+    install_edge(app, token=settings.token)
+
+    def hive(request: Request) -> HiveState:
+        state: HiveState = request.app.state.hive
+        return state
+
+    app.include_router(job_router(lambda request: hive(request).jobs))
+
+    @app.get("/health", tags=["meta"])
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "component": "hive", "hive_id": settings.hive_id}
+
+    @app.get("/v1/info", tags=["meta"])
+    async def info(request: Request) -> dict[str, Any]:
+        state = hive(request)
+        beat = state.heartbeat
+        return {
+            "component": "hive",
+            "hive_id": settings.hive_id,
+            "version": __version__,
+            "url": state.url,
+            "port": settings.port,
+            "pid": os.getpid(),
+            "started_at": state.started_at,
+            "home": str(state.home),
+            "queen_url": settings.queen_url,
+            "auth": settings.token is not None,
+            "worker_engine": settings.worker_engine,
+            "workers": len(state.supervisor.workers),
+            "models": len(state.catalog.models_now()),
+            "jobs_live": state.registry.live,
+            "heartbeats": None
+            if beat is None
+            else {"sent": beat.sent, "failing": beat.failures > 0, "interval_s": beat.interval_s},
+        }
+
+    return app

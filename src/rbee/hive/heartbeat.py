@@ -1,0 +1,239 @@
+"""Heartbeats: the hive tells the queen what it is, what it has and what runs on it.
+
+Every ``interval_s`` (and at once after :meth:`HeartbeatLoop.poke`, when a worker
+starts or exits) the hive sends a :class:`~rbee.contracts.cluster.Heartbeat`:
+its address, devices, workers (how busy, from each worker's ``/v1/ready``,
+polled in parallel with a short timeout) and models. Delivery is a callable:
+an HTTP POST to the queen (:class:`HttpDelivery`), or a direct call when the
+hive runs inside the queen's process. A queen that cannot be reached is
+reported once per outage and retried every interval; the loop never dies of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import platform
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import psutil
+
+from rbee import __version__
+from rbee.contracts.cluster import Heartbeat
+from rbee.hive.catalog import ModelCatalog
+from rbee.hive.supervisor import Supervisor
+from rbee.narration import narrate
+
+__all__ = ["HeartbeatLoop", "HttpDelivery", "Deliver", "DeviceProbe"]
+
+Deliver = Callable[[Heartbeat], Awaitable[Any] | Any]
+
+_GPU_QUERY = "index,name,memory.total,memory.used,utilization.gpu"
+_GPU_CACHE_S = 10.0
+
+
+class HttpDelivery:
+    """POST each heartbeat to ``{queen_url}/v1/hives/heartbeat``."""
+
+    def __init__(self, queen_url: str, http: httpx.AsyncClient, *, token: str | None = None, timeout_s: float = 5.0):
+        self.url = queen_url.rstrip("/") + "/v1/hives/heartbeat"
+        self.http = http
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout_s = timeout_s
+
+    async def __call__(self, beat: Heartbeat) -> None:
+        response = await self.http.post(
+            self.url,
+            content=beat.model_dump_json(),
+            headers={**self.headers, "Content-Type": "application/json"},
+            timeout=self.timeout_s,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.url} answered {response.status_code}: {response.text[:200]}")
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class DeviceProbe:
+    """What this machine computes with: the CPU always, NVIDIA GPUs when ``nvidia-smi`` is there."""
+
+    def __init__(self) -> None:
+        self._nvidia_smi = shutil.which("nvidia-smi")
+        self._gpus: list[dict[str, Any]] = []
+        self._gpus_at = float("-inf")
+
+    def cpu(self) -> dict[str, Any]:
+        memory = psutil.virtual_memory()
+        return {
+            "id": "cpu",
+            "kind": "cpu",
+            "name": platform.processor() or platform.machine(),
+            "cores": psutil.cpu_count(logical=True),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "memory_bytes": memory.total,
+            "memory_available_bytes": memory.available,
+        }
+
+    async def gpus(self) -> list[dict[str, Any]]:
+        if self._nvidia_smi is None:
+            return []
+        now = time.monotonic()
+        if now - self._gpus_at < _GPU_CACHE_S:
+            return self._gpus
+        self._gpus_at = now
+        self._gpus = await self._query_nvidia_smi(self._nvidia_smi)
+        return self._gpus
+
+    async def _query_nvidia_smi(self, exe: str) -> list[dict[str, Any]]:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                exe,
+                f"--query-gpu={_GPU_QUERY}",
+                "--format=csv,noheader,nounits",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        except OSError:
+            return []
+        try:
+            async with asyncio.timeout(3.0):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return []
+        gpus = []
+        for line in out.decode(errors="replace").splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) < 5 or not parts[0].isdigit():
+                continue
+            gpus.append(
+                {
+                    "id": f"cuda:{parts[0]}",
+                    "kind": "cuda",
+                    "name": parts[1],
+                    "memory_bytes": _mib(parts[2]),
+                    "memory_used_bytes": _mib(parts[3]),
+                    "utilization_pct": _number(parts[4]),
+                }
+            )
+        return gpus
+
+    async def all(self) -> list[dict[str, Any]]:
+        return [self.cpu(), *await self.gpus()]
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _mib(text: str) -> int | None:
+    value = _number(text)
+    return None if value is None else int(value * 1024 * 1024)
+
+
+class HeartbeatLoop:
+    """Builds and delivers heartbeats; run :meth:`run` as a task the app owns."""
+
+    def __init__(
+        self,
+        *,
+        hive_id: str,
+        url: str,
+        supervisor: Supervisor,
+        catalog: ModelCatalog,
+        deliver: Deliver,
+        interval_s: float = 2.0,
+        devices: DeviceProbe | None = None,
+        poll_timeout_s: float = 1.0,
+        target: str = "the queen",
+    ) -> None:
+        self.hive_id = hive_id
+        self.url = url
+        self.supervisor = supervisor
+        self.catalog = catalog
+        self.deliver = deliver
+        self.interval_s = interval_s
+        self.devices = devices or DeviceProbe()
+        self.poll_timeout_s = poll_timeout_s
+        self.target = target
+        self.sent = 0
+        self.failures = 0
+        self.attempted = asyncio.Event()  # set after the first attempt, delivered or not
+        self.delivered = asyncio.Event()  # set after the first successful delivery
+        self._poke = asyncio.Event()
+
+    def poke(self) -> None:
+        """Send a heartbeat now (a worker started or exited)."""
+        self._poke.set()
+
+    async def build(self) -> Heartbeat:
+        # Busy/idle comes from the workers themselves, all asked at once.
+        await self.supervisor.refresh(self.poll_timeout_s)
+        models = await self.catalog.models()
+        return Heartbeat(
+            hive_id=self.hive_id,
+            url=self.url,
+            version=__version__,
+            interval_s=self.interval_s,
+            devices=await self.devices.all(),
+            workers=[w.report() for w in self.supervisor.all()],
+            models=[m.to_report() for m in models],
+        )
+
+    async def beat(self) -> bool:
+        """Build and deliver one heartbeat; True when it arrived."""
+        try:
+            beat = await self.build()
+            result = self.deliver(beat)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            if self.failures == 1:
+                narrate(
+                    "heartbeat_failed",
+                    f"Cannot deliver heartbeats to {self.target}: {_why(exc)}; retrying every {self.interval_s:g} s",
+                    level="warn",
+                    actor="hive",
+                    hive_id=self.hive_id,
+                )
+            return False
+        finally:
+            self.attempted.set()
+        if self.failures:
+            narrate(
+                "heartbeat_restored",
+                f"Heartbeats reach {self.target} again (after {self.failures} failed)",
+                actor="hive",
+                hive_id=self.hive_id,
+            )
+            self.failures = 0
+        self.sent += 1
+        self.delivered.set()
+        return True
+
+    async def run(self) -> None:
+        while True:
+            self._poke.clear()
+            await self.beat()
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self._poke.wait()
+            except TimeoutError:
+                pass
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

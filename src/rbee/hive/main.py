@@ -1,0 +1,88 @@
+"""``rbee-hive``: one per machine; spawns and stops workers, keeps the model catalog."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from rbee.config import HIVE_PORT
+
+_HIVE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _check_hive_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not _HIVE_ID.match(value):
+        raise click.BadParameter("must be 1-128 characters of letters, digits and . _ : -")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (workers bind it too).")
+@click.option("--port", "-p", default=HIVE_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--hive-id", default="localhost", show_default=True, callback=_check_hive_id, help="This hive's name.")
+@click.option("--queen-url", default=None, help="Send heartbeats to this queen (none: no heartbeats).")
+@click.option("--token", envvar="RBEE_TOKEN", default=None, help="Bearer token required by every endpoint but /health.")
+@click.option("--home", type=click.Path(path_type=Path), default=None, help="Data directory (default $RBEE_HOME).")
+@click.option(
+    "--worker-engine",
+    type=click.Choice(["llama", "fake"]),
+    default="llama",
+    show_default=True,
+    help="Engine of the workers this hive starts (fake: scripted tokens, for tests).",
+)
+@click.option(
+    "--worker-arg",
+    "worker_args",
+    multiple=True,
+    help="An extra flag passed to every worker (repeatable), e.g. --worker-arg=--fake-tokens=50.",
+)
+@click.option("--heartbeat-interval", default=2.0, show_default=True, type=click.FloatRange(0.05, 3600.0))
+def main(
+    host: str,
+    port: int,
+    hive_id: str,
+    queen_url: str | None,
+    token: str | None,
+    home: Path | None,
+    worker_engine: str,
+    worker_args: tuple[str, ...],
+    heartbeat_interval: float,
+) -> None:
+    """Run a hive: the workers and model files of this machine, reporting to a queen."""
+    from rbee.daemon import preflight, serve
+
+    preflight("hive", host, token)
+    if home is not None:
+        home = home.expanduser().resolve()
+        os.environ["RBEE_HOME"] = str(home)
+    from rbee.hive.app import HiveSettings, create_hive_app
+
+    sock = None
+    if port == 0:
+        # Any free port: bind here so the address in heartbeats is the real one.
+        from rbee.hive.supervisor import listen_socket
+
+        try:
+            sock = listen_socket(host)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
+        port = sock.getsockname()[1]
+    settings = HiveSettings(
+        host=host,
+        port=port,
+        hive_id=hive_id,
+        queen_url=queen_url.rstrip("/") if queen_url else None,
+        token=token,
+        home=home,
+        worker_engine=worker_engine,
+        worker_args=worker_args,
+        heartbeat_interval_s=heartbeat_interval,
+    )
+    serve(create_hive_app(settings), host, port, sock=sock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,533 @@
+"""Worker processes: spawn one per model, watch it, stop it, leave none behind.
+
+The hive binds each worker's listening socket itself (on its own host, port 0)
+and hands the descriptor to the child, so the worker's address is known before
+the process starts and is reachable wherever the hive is. One watcher task per
+worker awaits the process's exit: a worker that dies is marked ``dead`` and
+forgotten at once, and the hive tells the queen without waiting for the next
+heartbeat.
+
+Workers run in their own session (a Ctrl-C meant for the hive does not reach
+them directly; the hive stops them in order) and, on Linux, receive SIGTERM if
+the hive itself dies without stopping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from rbee.contracts.cluster import WorkerReport
+from rbee.errors import WorkerFailed, WorkerNotFound
+from rbee.hive.catalog import ModelEntry
+from rbee.jobs.registry import emit_progress
+from rbee.narration import current_job, narrate
+
+__all__ = ["Supervisor", "WorkerProcess", "WORKER_COMMAND", "listen_socket", "reachable_host", "url_host"]
+
+#: How a worker process is started; the hive appends the worker's own flags.
+WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "rbee.worker.main")
+
+POLL_INTERVAL_S = 0.05
+STOP_GRACE_S = 5.0
+LOG_TAIL_LINES = 20
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+# The worker's /v1/ready state -> the worker state the hive reports.
+_STATES = {"idle": "ready", "busy": "busy", "loading": "starting", "error": "dead"}
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def reachable_host(bind_host: str, toward: str | None = None) -> str:
+    """The address others use to reach a socket bound to ``bind_host``.
+
+    A wildcard bind is reachable at the address of the interface that routes
+    toward ``toward`` (the queen), else at the host name's address.
+    """
+    if bind_host not in _WILDCARDS:
+        return bind_host
+    target = urlsplit(toward).hostname if toward else None
+    if target:
+        family = socket.AF_INET6 if ":" in target else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((target, 9))  # a UDP connect only picks a route; nothing is sent
+                return str(probe.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def listen_socket(host: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket on ``host`` (port 0: any free port)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16_384))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+if sys.platform == "linux":
+    import ctypes
+
+    # Resolved now: the child runs this between fork and exec, where only
+    # already-bound calls are safe.
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _PR_SET_PDEATHSIG = 1
+    _SIGTERM = int(signal.SIGTERM)
+
+    def _die_with_parent() -> None:
+        _prctl(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+
+    _PREEXEC: Callable[[], None] | None = _die_with_parent
+else:  # pragma: no cover - the hive stops its workers itself there
+    _PREEXEC = None
+
+
+@dataclass
+class WorkerProcess:
+    """One worker this hive spawned."""
+
+    worker_id: str
+    model_id: str
+    aliases: list[str]
+    device: str
+    url: str
+    log_path: Path
+    proc: asyncio.subprocess.Process
+    started_at: float = field(default_factory=time.time)
+    state: str = "starting"  # starting | ready | busy | stopping | dead
+    slots: int = 1
+    busy_slots: int = 0
+    queue: int = 0
+    current_job: str | None = None
+    exit_code: int | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def report(self) -> WorkerReport:
+        return WorkerReport(
+            worker_id=self.worker_id,
+            model=self.model_id,
+            model_aliases=list(self.aliases),
+            device=self.device,
+            state=self.state,
+            url=self.url,
+            pid=self.pid,
+            slots=self.slots,
+            busy_slots=self.busy_slots,
+            queue=self.queue,
+            started_at=self.started_at,
+            current_job=self.current_job,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """A report plus what an operator needs to look further (the log file)."""
+        return {**self.report().model_dump(), "log_file": str(self.log_path)}
+
+    def apply(self, ready: dict[str, Any]) -> None:
+        """Take in what the worker's ``/v1/ready`` says."""
+        state = ready.get("state")
+        if ready.get("ready") and state not in ("busy", "error"):
+            self.state = "ready"
+        elif isinstance(state, str) and state in _STATES:
+            self.state = _STATES[state]
+        for name in ("slots", "busy_slots", "queue"):
+            value = ready.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, value)
+        job = ready.get("current_job")
+        self.current_job = job if isinstance(job, str) else None
+
+
+def _progress(done: int, total: int) -> None:
+    if current_job() is not None:
+        emit_progress("worker_start", done, total, "steps")
+
+
+class Supervisor:
+    """Spawns, tracks and stops this hive's workers. Owns one watcher task per worker."""
+
+    def __init__(
+        self,
+        *,
+        home: Path,
+        http: httpx.AsyncClient,
+        host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        token: str | None = None,
+        engine: str = "llama",
+        extra_args: Sequence[str] = (),
+        ready_timeout_s: float = 120.0,
+        stop_grace_s: float = STOP_GRACE_S,
+        on_change: Callable[[], None] | None = None,
+        command: Sequence[str] = WORKER_COMMAND,
+    ) -> None:
+        self.home = home
+        self.log_dir = home / "logs"
+        self.http = http
+        self.host = host
+        self.advertise_host = advertise_host or reachable_host(host)
+        self.token = token
+        self.engine = engine
+        self.extra_args = tuple(extra_args)
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.on_change = on_change
+        self.command = tuple(command)
+        self.workers: dict[str, WorkerProcess] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -- looking up -----------------------------------------------------------
+
+    def get(self, worker_id: str) -> WorkerProcess:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            known = ", ".join(sorted(self.workers)) or "none"
+            raise WorkerNotFound(
+                f"no worker {worker_id!r} was spawned by this hive (workers: {known})", worker_id=worker_id
+            )
+        return worker
+
+    def all(self) -> list[WorkerProcess]:
+        return list(self.workers.values())
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- spawning -------------------------------------------------------------
+
+    async def spawn(self, model: ModelEntry, *, device: str = "cpu", aliases: Sequence[str] = ()) -> WorkerProcess:
+        """Start a worker for ``model`` and return once it says it is ready."""
+        worker_id = f"worker-{secrets.token_hex(4)}"
+        names = list(dict.fromkeys(a for a in aliases if a and a != model.id))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{worker_id}.log"
+        narrate(
+            "worker_spawn_start",
+            f"Starting worker {worker_id} for {model.id} on {device} ({self.engine} engine)",
+            actor="hive",
+            worker_id=worker_id,
+            model=model.id,
+            device=device,
+        )
+        sock = listen_socket(self.host)
+        try:
+            url = f"http://{url_host(self.advertise_host)}:{sock.getsockname()[1]}"
+            argv = [
+                *self.command,
+                "--model",
+                model.path,
+                "--worker-id",
+                worker_id,
+                "--model-id",
+                model.id,
+                *[arg for name in names for arg in ("--alias", name)],
+                "--fd",
+                str(sock.fileno()),
+                "--host",
+                self.host,
+                "--device",
+                device,
+                "--engine",
+                self.engine,
+                *self.extra_args,
+            ]
+            proc = await self._start_process(argv, log_path, sock.fileno())
+        finally:
+            # The child holds its own copy; ours would keep the port open after the worker dies.
+            sock.close()
+        worker = WorkerProcess(worker_id, model.id, names, device, url, log_path, proc)
+        self.workers[worker_id] = worker
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch(worker), name=f"hive:watch:{worker_id}", context=contextvars.Context()
+        )
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        narrate(
+            "worker_process",
+            f"Worker {worker_id} is process {worker.pid}, listening at {url} (log: {log_path})",
+            actor="hive",
+            worker_id=worker_id,
+            pid=worker.pid,
+            url=url,
+            log_file=str(log_path),
+        )
+        _progress(1, 3)
+        self._changed()
+        try:
+            await self._wait_ready(worker)
+        except BaseException:
+            await asyncio.shield(self._terminate(worker))
+            raise
+        self._changed()
+        return worker
+
+    async def _start_process(self, argv: list[str], log_path: Path, fd: int) -> asyncio.subprocess.Process:
+        env = dict(os.environ)
+        env["RBEE_HOME"] = str(self.home)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.token:
+            env["RBEE_TOKEN"] = self.token
+        else:
+            env.pop("RBEE_TOKEN", None)
+        with log_path.open("ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} rbee-hive starts: {' '.join(argv)}\n".encode())
+            log.flush()
+            try:
+                return await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(fd,),
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_PREEXEC,
+                )
+            except OSError as exc:
+                raise WorkerFailed(f"cannot start the worker process {argv[0]}: {exc.strerror or exc}") from None
+
+    async def _wait_ready(self, worker: WorkerProcess) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        deadline = t0 + self.ready_timeout_s
+        loading_seen = False
+        while True:
+            if worker.exited.is_set():
+                raise WorkerFailed(
+                    f"worker {worker.worker_id} {_describe_exit(worker.exit_code)} before it was ready; "
+                    f"the last lines of {worker.log_path}:\n{_tail(worker.log_path)}",
+                    worker_id=worker.worker_id,
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise WorkerFailed(
+                    f"worker {worker.worker_id} was not ready within {self.ready_timeout_s:g} s; "
+                    f"the last lines of {worker.log_path}:\n{_tail(worker.log_path)}",
+                    worker_id=worker.worker_id,
+                )
+            ready = await self._probe_unless_exit(worker, min(1.0, remaining))
+            if ready is None:
+                await asyncio.sleep(POLL_INTERVAL_S)
+                continue
+            if ready.get("state") == "error":
+                detail = ready.get("error") or ready.get("message") or "no detail"
+                raise WorkerFailed(
+                    f"worker {worker.worker_id} failed while loading {worker.model_id}: {detail}",
+                    worker_id=worker.worker_id,
+                )
+            if ready.get("ready"):
+                worker.apply(ready)
+                if worker.state == "starting":
+                    worker.state = "ready"
+                _progress(3, 3)
+                narrate(
+                    "worker_ready",
+                    f"Worker {worker.worker_id} is ready at {worker.url} after {loop.time() - t0:.1f} s",
+                    actor="hive",
+                    worker_id=worker.worker_id,
+                    url=worker.url,
+                    startup_ms=round((loop.time() - t0) * 1000, 1),
+                )
+                return
+            if not loading_seen:
+                loading_seen = True
+                _progress(2, 3)
+                narrate(
+                    "worker_loading",
+                    f"Worker {worker.worker_id} is loading {worker.model_id}",
+                    actor="hive",
+                    worker_id=worker.worker_id,
+                )
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _probe(self, worker: WorkerProcess, timeout_s: float) -> dict[str, Any] | None:
+        """The worker's ``/v1/ready`` answer, or None when it does not answer (yet)."""
+        try:
+            response = await self.http.get(f"{worker.url}/v1/ready", headers=self._headers, timeout=timeout_s)
+        except (httpx.HTTPError, OSError):
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            data = response.json()
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    async def _probe_unless_exit(self, worker: WorkerProcess, timeout_s: float) -> dict[str, Any] | None:
+        # The socket is listening before the worker runs, so a probe can sit in
+        # the backlog; racing it against the exit notices a crash at once.
+        probe = asyncio.ensure_future(self._probe(worker, timeout_s))
+        exit_wait = asyncio.ensure_future(worker.exited.wait())
+        try:
+            await asyncio.wait({probe, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (probe, exit_wait):
+                task.cancel()
+            await asyncio.gather(probe, exit_wait, return_exceptions=True)
+        if probe.cancelled() or probe.exception() is not None:
+            return None
+        return probe.result()
+
+    # -- watching -------------------------------------------------------------
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        code = await worker.proc.wait()
+        expected = worker.state == "stopping"
+        worker.exit_code = code
+        worker.state = "dead"
+        worker.exited.set()
+        self.workers.pop(worker.worker_id, None)
+        if not expected:
+            last = _tail(worker.log_path, 1)
+            narrate(
+                "worker_exited",
+                f"Worker {worker.worker_id} (pid {worker.pid}) {_describe_exit(code)}"
+                + (f"; last log line: {last}" if last else ""),
+                level="warn",
+                actor="hive",
+                worker_id=worker.worker_id,
+                exit_code=code,
+                log_file=str(worker.log_path),
+            )
+        self._changed()
+
+    async def refresh(self, timeout_s: float = 1.0) -> None:
+        """Ask every running worker how busy it is, all at once."""
+        targets = [w for w in self.workers.values() if w.state in ("ready", "busy")]
+        if not targets:
+            return
+        answers = await asyncio.gather(*(self._probe(w, timeout_s) for w in targets))
+        for worker, ready in zip(targets, answers, strict=True):
+            if ready is not None and worker.state in ("ready", "busy"):
+                worker.apply(ready)
+
+    # -- stopping -------------------------------------------------------------
+
+    async def stop(self, worker_id: str) -> WorkerProcess:
+        """Stop a worker this hive spawned: SIGTERM, a grace period (5 s), then SIGKILL."""
+        worker = self.get(worker_id)
+        narrate(
+            "worker_stop",
+            f"Stopping worker {worker_id} (pid {worker.pid})",
+            actor="hive",
+            worker_id=worker_id,
+            pid=worker.pid,
+        )
+        await self._terminate(worker)
+        narrate(
+            "worker_stopped",
+            f"Worker {worker_id} stopped ({_describe_exit(worker.exit_code)})",
+            actor="hive",
+            worker_id=worker_id,
+            exit_code=worker.exit_code,
+        )
+        return worker
+
+    def _signal(self, worker: WorkerProcess, sig: int) -> None:
+        if worker.proc.returncode is not None:
+            return
+        try:
+            # The worker leads its own process group: anything it started goes too.
+            os.killpg(worker.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            try:
+                worker.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    async def _terminate(self, worker: WorkerProcess) -> None:
+        grace_s = self.stop_grace_s
+        if worker.exited.is_set():
+            return
+        if worker.state != "stopping":
+            worker.state = "stopping"
+            self._changed()
+        self._signal(worker, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace_s):
+                await worker.exited.wait()
+            return
+        except TimeoutError:
+            pass
+        narrate(
+            "worker_kill",
+            f"Worker {worker.worker_id} did not stop within {grace_s:g} s; killing it",
+            level="warn",
+            actor="hive",
+            worker_id=worker.worker_id,
+        )
+        self._signal(worker, signal.SIGKILL)
+        try:
+            async with asyncio.timeout(grace_s):
+                await worker.exited.wait()
+        except TimeoutError:
+            pass
+
+    async def aclose(self) -> None:
+        """Stop every worker (in parallel), then the watchers."""
+        workers = self.all()
+        if workers:
+            await asyncio.gather(*(self._terminate(w) for w in workers), return_exceptions=True)
+        for task in list(self._watchers):
+            task.cancel()
+        if self._watchers:
+            await asyncio.gather(*self._watchers, return_exceptions=True)

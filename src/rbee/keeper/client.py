@@ -1,0 +1,325 @@
+"""The keeper's HTTP client of the queen: submit a job, follow its events, ask about jobs.
+
+Standard library only (``http.client``): the keeper makes a handful of
+requests per run and its start-up is on the clock (``rbee infer`` shows its
+first token within 200 ms), and httpx with httpcore adds about 55 ms to every
+run before the first byte is sent. Ctrl-C arrives as ``KeyboardInterrupt`` in
+the reading loop, where the caller can cancel the job.
+
+A stream ends at ``data: [DONE]``; one that breaks before its ``end`` event is
+reconnected with ``Last-Event-ID`` (the queen replays from there) a few times,
+then reported as :class:`~rbee.keeper.errors.StreamBroken`, never as success.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from rbee.keeper.errors import KeeperError, QueenUnreachable, RequestRefused, StreamBroken
+
+__all__ = ["QueenClient", "Event", "Response", "DONE", "STREAM_READ_TIMEOUT_S", "describe"]
+
+DONE = "[DONE]"
+#: The queen sends a ping comment every 15 s while a job is quiet: four missed
+#: pings mean the connection is dead, not that the job is slow.
+STREAM_READ_TIMEOUT_S = 60.0
+RECONNECTS = 3
+_USER_AGENT = "rbee-keeper"
+
+
+class Event:
+    """One frame of a job's stream: ``id``, ``kind`` (the SSE event name) and its JSON."""
+
+    __slots__ = ("_data", "id", "kind", "raw")
+
+    def __init__(self, event_id: int, kind: str, raw: str) -> None:
+        self.id = event_id
+        self.kind = kind
+        self.raw = raw
+        self._data: Any = None
+
+    @property
+    def data(self) -> Any:
+        if self._data is None:
+            try:
+                self._data = json.loads(self.raw)
+            except ValueError:
+                self._data = {}
+        return self._data
+
+    def json_line(self) -> str:
+        """``{"id", "event", "data"}`` on one line; the data is passed through as sent."""
+        raw = self.raw if self.raw.startswith(("{", "[")) else json.dumps(self.data)
+        return f'{{"id":{self.id},"event":{json.dumps(self.kind)},"data":{raw}}}'
+
+    def __repr__(self) -> str:
+        return f"Event({self.id}, {self.kind!r}, {self.raw[:60]!r})"
+
+
+class Response:
+    """A finished (non-streaming) answer: status and body."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a network error ("connection refused")."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror or exc})"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the connection closed without an answer"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the connection closed in the middle of an answer"
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+    text = (text or type(exc).__name__).splitlines()[0]
+    return (text[:1].lower() + text[1:])[:200]
+
+
+def _refused_at_connect(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
+
+
+class QueenClient:
+    """The queen's job API and meta endpoints, as the keeper uses them."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        unreachable_hint: str | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise KeeperError(f"the queen URL {url!r} is not an http(s) URL", exit_code=2)
+        try:
+            self._port = parts.port
+        except ValueError:
+            raise KeeperError(f"the queen URL {url!r} has an invalid port", exit_code=2) from None
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._prefix = parts.path.rstrip("/")
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.unreachable_hint = unreachable_hint
+        self.headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+
+    def close(self) -> None:
+        """Nothing is held between requests; kept for symmetry with other clients."""
+
+    def __enter__(self) -> QueenClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the wire ----------------------------------------------------------
+
+    def _open(self, method: str, path: str, body: bytes | None, headers: dict[str, str], read_timeout_s: float):
+        """Send one request on a fresh connection; returns the connection and the response head."""
+        conn: http.client.HTTPConnection
+        if self._https:
+            import ssl
+
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.connect_timeout_s, context=ssl.create_default_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout_s)
+        try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise QueenUnreachable(
+                    self.url, describe(exc), hint=self.unreachable_hint, connect=_refused_at_connect(exc)
+                ) from None
+            assert conn.sock is not None
+            conn.sock.settimeout(read_timeout_s)
+            try:
+                conn.request(method, self._prefix + path, body=body, headers={**self.headers, **headers})
+                return conn, conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise QueenUnreachable(self.url, describe(exc), hint=self.unreachable_hint) from None
+        except BaseException:
+            conn.close()
+            raise
+
+    def request(self, method: str, path: str, *, json_body: Any = None, timeout_s: float | None = None) -> Response:
+        body = None if json_body is None else json.dumps(json_body).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn, response = self._open(method, path, body, headers, timeout_s or self.read_timeout_s)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise QueenUnreachable(self.url, describe(exc), hint=self.unreachable_hint) from None
+        finally:
+            conn.close()
+        return Response(response.status, data)
+
+    def refused(self, status: int, body: bytes) -> RequestRefused:
+        """The queen's ``{"error": {...}}`` answer as an error to show."""
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        err = parsed.get("error") if isinstance(parsed, dict) else None
+        if not isinstance(err, dict):
+            text = body.decode(errors="replace").strip()[:200] or http.client.responses.get(status, "")
+            return RequestRefused(status, f"the queen answered HTTP {status}: {text}")
+        message = str(err.get("message") or f"the queen answered HTTP {status}")
+        if status == 401:
+            message += " (pass --token or set RBEE_TOKEN)"
+        field = err.get("field")
+        return RequestRefused(status, message, kind=err.get("kind"), field=str(field) if field else None)
+
+    def get_json(self, path: str) -> Any:
+        response = self.request("GET", path)
+        if response.status != 200:
+            raise self.refused(response.status, response.body)
+        return response.json()
+
+    # -- meta --------------------------------------------------------------
+
+    def health(self) -> dict[str, Any] | None:
+        """``/health`` if something answers it, else None."""
+        try:
+            response = self.request("GET", "/health", timeout_s=2.0)
+            body = response.json() if response.status == 200 else None
+        except (KeeperError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    def info(self) -> dict[str, Any]:
+        body: dict[str, Any] = self.get_json("/v1/info")
+        return body
+
+    # -- jobs --------------------------------------------------------------
+
+    def submit(self, operation: dict[str, Any]) -> str:
+        response = self.request("POST", "/v1/jobs", json_body=operation)
+        if response.status != 201:
+            raise self.refused(response.status, response.body)
+        return str(response.json()["job_id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.get_json(f"/v1/jobs/{job_id}")
+        return body
+
+    def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        body = self.get_json(f"/v1/jobs?{urlencode({'limit': limit})}")
+        jobs: list[dict[str, Any]] = body.get("jobs", [])
+        return jobs
+
+    def cancel(self, job_id: str, *, timeout_s: float | None = None) -> tuple[int, dict[str, Any]]:
+        """DELETE the job; returns the status (200/202 cancelled, 409 already over) and its state."""
+        response = self.request("DELETE", f"/v1/jobs/{job_id}", timeout_s=timeout_s)
+        if response.status not in (200, 202, 409):
+            raise self.refused(response.status, response.body)
+        return response.status, response.json()
+
+    def events(
+        self,
+        job_id: str,
+        *,
+        after: int = 0,
+        cancel_on_disconnect: bool = False,
+        reconnects: int = RECONNECTS,
+        read_timeout_s: float = STREAM_READ_TIMEOUT_S,
+    ) -> Iterator[Event]:
+        """Yield the job's events after id ``after``, up to and including ``end``."""
+        path = f"/v1/jobs/{job_id}/stream" + ("?cancel_on_disconnect=true" if cancel_on_disconnect else "")
+        last = after
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                conn, response = self._open("GET", path, None, headers, read_timeout_s)
+            except QueenUnreachable as exc:
+                if last == after and failures == 0:
+                    raise
+                conn, response, reason = None, None, exc.reason
+            if conn is not None and response is not None:
+                try:
+                    if response.status != 200:
+                        refused = self.refused(response.status, response.read())
+                        if last == after and failures == 0:
+                            raise refused
+                        raise StreamBroken(f"the stream of {job_id} broke and could not resume: {refused.message}")
+                    for event_id, kind, data in _frames(response):
+                        if data == DONE and kind == "message":
+                            raise StreamBroken(f"the stream of {job_id} ended without the job's end event")
+                        number = int(event_id) if event_id.isdigit() else last + 1
+                        if number <= last:
+                            continue  # already seen before a reconnect
+                        last = number
+                        failures = 0
+                        yield Event(number, kind, data)
+                        if kind == "end":
+                            return
+                    reason = "the queen closed the stream before the job's end"
+                except (OSError, http.client.HTTPException) as exc:
+                    reason = describe(exc)
+                finally:
+                    conn.close()
+            failures += 1
+            if failures > reconnects:
+                raise StreamBroken(f"the stream of {job_id} from {self.url} broke: {reason}")
+            time.sleep(min(0.25 * 2**failures, 2.0))
+
+
+def _frames(response: http.client.HTTPResponse) -> Iterator[tuple[str, str, str]]:
+    """Server-sent events as ``(id, event, data)``; comments (pings) are skipped."""
+    event_id = ""
+    kind = ""
+    data: list[str] = []
+    pending = b""
+    while True:
+        # read1 returns what has arrived (at most one chunk) without waiting for
+        # more, so each token is seen as soon as the queen sends it.
+        chunk = response.read1(65536)
+        if not chunk:
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace").removesuffix("\r")
+            if not line:
+                if data:
+                    yield event_id, kind or "message", "\n".join(data)
+                kind, data = "", []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value
+            elif name == "id":
+                event_id = value

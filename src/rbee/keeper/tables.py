@@ -1,0 +1,185 @@
+"""Tables for results, jobs and the queen's info, drawn with rich.
+
+Only the commands that show tables import this module, and rich is imported
+inside the functions, so ``rbee infer`` never pays for it. A ``result`` is
+operation-specific JSON; the layout follows its shape: each list of objects
+becomes a table (columns chosen for the known kinds: hives, workers, models,
+jobs), each object of plain values a two-column table, and the remaining
+plain values one key/value table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import IO, Any
+
+__all__ = ["print_result", "print_rows", "print_mapping", "cell", "JOB_COLUMNS"]
+
+Column = tuple[str, str]  # (key, header)
+
+_COLUMNS: dict[str, list[Column]] = {
+    "hives": [
+        ("hive_id", "hive"),
+        ("state", "state"),
+        ("url", "url"),
+        ("workers", "workers"),
+        ("models", "models"),
+        ("last_heartbeat_s_ago", "last heartbeat"),
+    ],
+    "workers": [
+        ("worker_id", "worker"),
+        ("hive_id", "hive"),
+        ("model", "model"),
+        ("device", "device"),
+        ("state", "state"),
+        ("slots", "busy/slots"),
+        ("queue", "queue"),
+        ("url", "url"),
+    ],
+    "models": [
+        ("id", "model"),
+        ("alias", "alias"),
+        ("size_bytes", "size"),
+        ("architecture", "architecture"),
+        ("quantization", "quant"),
+    ],
+}
+
+JOB_COLUMNS: list[Column] = [
+    ("job_id", "id"),
+    ("operation", "operation"),
+    ("status", "status"),
+    ("duration", "duration"),
+    ("tokens", "tokens"),
+    ("error", "error"),
+]
+
+_STATUS_STYLE = {
+    "completed": "green",
+    "ready": "green",
+    "online": "green",
+    "running": "cyan",
+    "busy": "cyan",
+    "queued": "yellow",
+    "starting": "yellow",
+    "stale": "yellow",
+    "failed": "red",
+    "timed_out": "red",
+    "dead": "red",
+    "cancelled": "magenta",
+}
+
+
+def _size(value: float) -> str:
+    for scale, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if value >= scale:
+            return f"{value / scale:.1f} {name}"
+    return f"{value:.0f} B"
+
+
+def cell(key: str, value: Any, row: dict[str, Any] | None = None) -> str:
+    """One value as table text."""
+    row = row or {}
+    if key == "slots" and "busy_slots" in row:
+        return f"{row.get('busy_slots', 0)}/{row.get('slots', '?')}"
+    if value is None or value == "":
+        return "-"
+    if key == "size_bytes" and isinstance(value, int | float):
+        return _size(value)
+    if key == "last_heartbeat_s_ago" and isinstance(value, int | float):
+        return f"{value:.1f} s ago"
+    if key.endswith("_at") and isinstance(value, int | float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if key.endswith("_ms") and isinstance(value, int | float):
+        return f"{value:.0f} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        if all(isinstance(v, str | int | float) for v in value):
+            return ", ".join(str(v) for v in value) or "-"
+        names = [str(v.get("alias") or v.get("id") or v) for v in value if isinstance(v, dict)]
+        return ", ".join(names) if names else json.dumps(value)
+    if isinstance(value, dict):
+        if set(value) == {"kind", "message"}:
+            return f"{value['kind']}: {value['message']}"
+        return json.dumps(value, separators=(", ", ": "))
+    return str(value)
+
+
+def _console(out: IO[str], colour: bool) -> Any:
+    from rich.console import Console
+
+    # Off a terminal rich assumes 80 columns; a wider page keeps rows whole in files and pipes.
+    width = None if out.isatty() else 160
+    return Console(file=out, no_color=not colour, color_system="auto" if colour else None, highlight=False, width=width)
+
+
+def _styled(key: str, text: str, colour: bool) -> Any:
+    if colour and key in ("state", "status") and text in _STATUS_STYLE:
+        from rich.text import Text
+
+        return Text(text, style=_STATUS_STYLE[text])
+    return text
+
+
+def print_rows(
+    title: str | None, rows: list[dict[str, Any]], columns: list[Column] | None, *, out: IO[str], colour: bool
+) -> None:
+    """A table of objects; without ``columns``, the plain fields of the rows."""
+    from rich.table import Table
+
+    console = _console(out, colour)
+    if not rows:
+        console.print(f"No {title}." if title else "Nothing to show.")
+        return
+    if columns is None:
+        keys: list[str] = []
+        for row in rows:
+            for key, value in row.items():
+                if key not in keys and not isinstance(value, dict | list):
+                    keys.append(key)
+        columns = [(k, k.replace("_", " ")) for k in keys[:10]]
+    table = Table(title=title, title_justify="left", header_style="bold" if colour else "")
+    for _, header in columns:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*(_styled(k, cell(k, row.get(k), row), colour) for k, _ in columns))
+    console.print(table)
+
+
+def print_mapping(title: str | None, mapping: dict[str, Any], *, out: IO[str], colour: bool) -> None:
+    """A two-column table of one object's fields."""
+    from rich.table import Table
+
+    console = _console(out, colour)
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("field", style="bold" if colour else "")
+    table.add_column("value", overflow="fold")
+    for key, value in mapping.items():
+        table.add_row(key.replace("_", " "), _styled(key, cell(key, value, mapping), colour))
+    console.print(table)
+
+
+def print_result(data: Any, *, out: IO[str], colour: bool) -> None:
+    """A ``result`` event's data, laid out by its shape."""
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        print_rows(None, data, None, out=out, colour=colour)
+        return
+    if not isinstance(data, dict):
+        out.write(json.dumps(data, indent=2) + "\n")
+        return
+    plain: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, list) and all(isinstance(r, dict) for r in value) and (value or key in _COLUMNS):
+            print_rows(key, value, _COLUMNS.get(key), out=out, colour=colour)
+        elif isinstance(value, dict) and value and all(not isinstance(v, dict | list) for v in value.values()):
+            print_mapping(key, value, out=out, colour=colour)
+        elif isinstance(value, dict) and not value:
+            continue  # e.g. no queued jobs
+        else:
+            plain[key] = value
+    if plain:
+        print_mapping(None, plain, out=out, colour=colour)

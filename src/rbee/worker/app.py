@@ -1,0 +1,299 @@
+"""The worker's ASGI app: one model, the job API for ``infer``, readiness.
+
+The model loads in the generation thread once the app starts, so ``/health``
+answers at once and ``/v1/ready`` says ``loading`` until it is done. Jobs are
+admitted at ``POST`` time only when they can run here: ``infer`` for this
+model, a prompt plus ``max_tokens`` that fit the context, and room in the
+queue. Each job waits for a slot, then runs through the thread bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from rbee import __version__
+from rbee.contracts.operations import Infer, OperationBase
+from rbee.errors import InvalidOperation, NoWorkerAvailable, QueueFull, UnsupportedOperation
+from rbee.http import install_edge
+from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
+from rbee.jobs.registry import JobRegistry, current_job, emit_progress, set_end_fields
+from rbee.narration import bound, narrate
+from rbee.worker.bridge import run_generation
+from rbee.worker.engine import Engine, GenerationOutcome, GenerationRequest
+
+__all__ = ["WorkerSettings", "Worker", "create_worker_app", "new_worker_id"]
+
+_CLOSE_TIMEOUT_S = 5.0
+
+
+def new_worker_id() -> str:
+    return f"worker-{secrets.token_hex(4)}"
+
+
+@dataclass
+class WorkerSettings:
+    worker_id: str = field(default_factory=new_worker_id)
+    #: The model name this worker reports; default: the engine's (the file stem).
+    model_id: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    #: The model file; its name is accepted as a model name too.
+    model_path: Path | None = None
+    device: str = "cpu"
+    token: str | None = None
+    slots: int = 1
+    queue: int = 16
+    job_ttl_s: float = 600.0
+    ping_interval_s: float = PING_INTERVAL_S
+    #: A worker whose model cannot load is useless: the process exits so its
+    #: hive notices. In-process tests keep it running to inspect the state.
+    exit_on_load_failure: bool = False
+
+
+class Worker:
+    """Everything the worker's endpoints need, built in the lifespan."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+        if settings.slots > engine.max_slots:
+            raise ValueError(f"this engine runs at most {engine.max_slots} generation(s) at once")
+        self.settings = settings
+        self.engine = engine
+        self.model_id = settings.model_id or engine.model_id
+        names = {self.model_id, *settings.aliases}
+        if settings.model_path is not None:
+            names.add(settings.model_path.name)
+        self.names = frozenset(names)
+        self.loaded = False
+        self.error: str | None = None
+        self.busy = 0
+        self.started_at = time.time()
+        # One generation thread per slot (one by default): llama.cpp's
+        # blocking calls never run on the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=settings.slots, thread_name_prefix="rbee-gen")
+        self._slots = asyncio.Semaphore(settings.slots)
+        self.registry = JobRegistry(actor="worker", ttl_s=settings.job_ttl_s)
+        self.jobs = JobServer(self.registry, self.execute, admit=self.admit, ping_interval_s=settings.ping_interval_s)
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.error is not None:
+            return "error"
+        if not self.loaded:
+            return "loading"
+        return "busy" if self.busy else "idle"
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.registry.live - self.busy)
+
+    def ready_report(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.settings.worker_id,
+            "model": self.model_id,
+            "aliases": list(self.settings.aliases),
+            "state": self.state,
+            "ready": self.loaded and self.error is None,
+            "slots": self.settings.slots,
+            "busy_slots": self.busy,
+            "queue": self.waiting,
+            "n_ctx": self.engine.n_ctx,
+            "pid": os.getpid(),
+            "device": self.settings.device,
+            "error": self.error,
+        }
+
+    # -- model -----------------------------------------------------------
+
+    async def load(self) -> None:
+        with bound(actor="worker"):
+            await self._load()
+
+    async def _load(self) -> None:
+        narrate("model_loading", f"Loading model {self.model_id} on {self.settings.device}", model=self.model_id)
+        started = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.load)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            narrate(
+                "model_load_failed",
+                f"Cannot load model {self.model_id}: {self.error}",
+                level="error",
+                model=self.model_id,
+            )
+            if self.settings.exit_on_load_failure:
+                sys.stderr.flush()
+                os._exit(1)
+            return
+        self.loaded = True
+        load_ms = round((time.perf_counter() - started) * 1000.0, 1)
+        narrate(
+            "model_loaded",
+            f"Loaded model {self.model_id} in {load_ms:g} ms (context {self.engine.n_ctx} tokens)",
+            model=self.model_id,
+            load_ms=load_ms,
+            n_ctx=self.engine.n_ctx,
+        )
+
+    async def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            # Queued behind any generation still in the thread, so the model
+            # is never freed under it.
+            done = asyncio.get_running_loop().run_in_executor(self.executor, close)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(done, _CLOSE_TIMEOUT_S)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- admission (at POST) ---------------------------------------------
+
+    def admit(self, op: OperationBase) -> None:
+        if not isinstance(op, Infer):
+            raise UnsupportedOperation(f"a worker runs only 'infer', not {op.name!r}", operation=op.name)
+        if op.model not in self.names:
+            served = ", ".join(sorted(self.names))
+            raise InvalidOperation(
+                f"model: this worker serves {self.model_id!r} (accepted names: {served}), not {op.model!r}",
+                field="model",
+            )
+        if self.error is not None:
+            raise NoWorkerAvailable(f"worker {self.settings.worker_id} could not load its model: {self.error}")
+        if not self.loaded:
+            raise NoWorkerAvailable(f"worker {self.settings.worker_id} is still loading {self.model_id}")
+        tokens_in = self.engine.count_tokens(op.prompt)
+        n_ctx = self.engine.n_ctx
+        if tokens_in + op.max_tokens > n_ctx:
+            raise InvalidOperation(
+                f"max_tokens: the prompt is {tokens_in} tokens and max_tokens is {op.max_tokens}; "
+                f"together they exceed the context of {n_ctx} tokens",
+                field="max_tokens",
+                tokens_in=tokens_in,
+                n_ctx=n_ctx,
+            )
+        limit = self.settings.slots + self.settings.queue
+        if self.registry.live >= limit:
+            raise QueueFull(
+                f"worker {self.settings.worker_id} has {self.busy} running and {self.waiting} waiting; "
+                f"the queue holds {self.settings.queue}",
+                retry_after_s=1,
+            )
+
+    # -- execution -------------------------------------------------------
+
+    async def execute(self, op: OperationBase) -> None:
+        if not isinstance(op, Infer):
+            raise UnsupportedOperation(f"a worker runs only 'infer', not {op.name!r}")
+        job = current_job()
+        req = GenerationRequest(
+            prompt=op.prompt,
+            max_tokens=op.max_tokens,
+            temperature=op.temperature,
+            top_p=op.top_p,
+            top_k=op.top_k,
+            seed=op.seed,
+            stop=list(op.stop),
+        )
+        outcome = GenerationOutcome(tokens_in=self.engine.count_tokens(op.prompt))
+        gen_ms = 0.0
+        try:
+            if self._slots.locked():
+                ahead = max(0, self.waiting - 1)
+                narrate("infer_queued", f"Waiting for a free slot ({ahead} job(s) ahead)", ahead=ahead)
+                emit_progress("queue", ahead + 1, self.waiting, "position")
+            async with self._slots:
+                self.busy += 1
+                started = time.perf_counter()
+                try:
+                    narrate(
+                        "infer_start",
+                        f"Generating up to {op.max_tokens} tokens with {self.model_id}"
+                        f" from a {outcome.tokens_in}-token prompt",
+                        model=self.model_id,
+                        tokens_in=outcome.tokens_in,
+                        max_tokens=op.max_tokens,
+                    )
+
+                    def first_piece() -> None:
+                        ttft = job.end_fields.get("ttft_ms", 0.0)
+                        narrate("infer_first_token", f"First token after {ttft:g} ms", ttft_ms=ttft)
+
+                    await run_generation(self.engine, req, self.executor, outcome=outcome, on_first_piece=first_piece)
+                finally:
+                    gen_ms = (time.perf_counter() - started) * 1000.0
+                    self.busy -= 1
+            numbers = _numbers(outcome, gen_ms)
+            narrate(
+                "infer_done",
+                f"Generated {outcome.tokens_out} tokens in {gen_ms:.0f} ms"
+                f" ({numbers['tokens_per_s']:g} tokens/s), stopped by {outcome.stop_reason}",
+                **numbers,
+            )
+        finally:
+            set_end_fields(**_numbers(outcome, gen_ms))
+
+
+def _numbers(outcome: GenerationOutcome, gen_ms: float) -> dict[str, Any]:
+    """End fields. ``decode_ms`` leaves out prompt evaluation (up to the first
+    token); ``tokens_per_s`` is the decode rate over the tokens after the first."""
+    decode_ms = max(0.0, gen_ms - outcome.prefill_ms) if outcome.tokens_out else 0.0
+    decoded = outcome.tokens_out - 1
+    tokens_per_s = decoded / (decode_ms / 1000.0) if decoded > 0 and decode_ms > 0 else 0.0
+    return {
+        "tokens_in": outcome.tokens_in,
+        "tokens_out": outcome.tokens_out,
+        "stop_reason": outcome.stop_reason,
+        "prefill_ms": round(outcome.prefill_ms, 3),
+        "decode_ms": round(decode_ms, 3),
+        "tokens_per_s": round(tokens_per_s, 2),
+    }
+
+
+def create_worker_app(engine: Engine, settings: WorkerSettings | None = None) -> FastAPI:
+    settings = settings or WorkerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker = Worker(settings, engine)
+        app.state.worker = worker
+        loader = asyncio.create_task(worker.load(), name="worker:load")
+        sweeper = asyncio.create_task(worker.registry.run_sweeper(), name="worker:sweeper")
+        try:
+            yield
+        finally:
+            await worker.registry.aclose()
+            for task in (loader, sweeper):
+                task.cancel()
+            await asyncio.gather(loader, sweeper, return_exceptions=True)
+            await worker.close()
+
+    app = FastAPI(title="llm-worker-rbee", version=__version__, lifespan=lifespan)
+    install_edge(app, token=settings.token)
+
+    def worker_of(request: Request) -> Worker:
+        worker: Worker = request.app.state.worker
+        return worker
+
+    app.include_router(job_router(lambda request: worker_of(request).jobs))
+
+    @app.get("/health", tags=["meta"])
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "component": "worker", "worker_id": settings.worker_id}
+
+    @app.get("/v1/ready", tags=["meta"])
+    async def ready(request: Request) -> dict[str, Any]:
+        return worker_of(request).ready_report()
+
+    return app

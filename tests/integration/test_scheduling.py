@@ -1,0 +1,156 @@
+"""Scheduling through a real queen and hive, with workers on the scripted fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cluster import Daemon, free_port, hive, queen, wait_for
+
+from rbee.jobs.client import JobClient
+
+pytestmark = pytest.mark.timeout(120)
+
+# The fake engine is slow enough here (50 ms a token) that jobs overlap.
+FAKE = {"RBEE_FAKE_TOKENS": "12", "RBEE_FAKE_DELAY_MS": "50"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+    home = tmp_path_factory.mktemp("sched")
+    q = queen(home / "queen", free_port(), "--queue-size", "2").start()
+    h = hive(home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", env=FAKE).start()
+    try:
+        wait_for(lambda: _online(q.url), 15)
+        yield {"queen": q, "hive": h}
+    finally:
+        h.stop()
+        q.stop()
+
+
+def _online(url: str) -> bool:
+    events = asyncio.run(_run(url, {"operation": "hive_list"}))
+    result = next(e.data for e in events if e.kind == "result")
+    return any(h["state"] == "online" for h in result["hives"])
+
+
+async def _run(url: str, op: dict[str, Any]) -> list[Any]:
+    async with JobClient(url) as client:
+        job_id = await client.submit(op)
+        return [e async for e in client.events(job_id)]
+
+
+def _end(events: list[Any]) -> dict[str, Any]:
+    assert events[-1].kind == "end"
+    assert sum(1 for e in events if e.kind == "end") == 1
+    data: dict[str, Any] = events[-1].data
+    return data
+
+
+def _actions(events: list[Any]) -> list[str]:
+    return [e.data["action"] for e in events if e.kind == "narration"]
+
+
+INFER = {"operation": "infer", "prompt": "hello there", "max_tokens": 8}
+
+
+def test_first_infer_spawns_a_worker_and_narrates_each_step(cluster: dict[str, Daemon]) -> None:
+    events = asyncio.run(asyncio.wait_for(_run(cluster["queen"].url, INFER), 60))
+    end = _end(events)
+    assert end["status"] == "completed", end
+    actions = _actions(events)
+    assert "infer_spawn" in actions or "infer_worker" in actions
+    assert [e.data["t"] for e in events if e.kind == "token"] == [f"tok{i} " for i in range(8)]
+    assert end["tokens_out"] == 8 and end["hive_id"] == "alpha"
+
+
+def test_busy_worker_queues_jobs_and_shows_their_position(cluster: dict[str, Daemon]) -> None:
+    async def three() -> list[list[Any]]:
+        runs = [asyncio.create_task(_run(cluster["queen"].url, INFER))]
+        await asyncio.sleep(0.1)
+        runs += [asyncio.create_task(_run(cluster["queen"].url, INFER)) for _ in range(2)]
+        return list(await asyncio.gather(*runs))
+
+    results = asyncio.run(asyncio.wait_for(three(), 60))
+    assert all(_end(r)["status"] == "completed" for r in results)
+    positions = [e.data for r in results for e in r if e.kind == "progress" and e.data["action"] == "queue"]
+    assert positions, "queued jobs report their queue position"
+    assert {p["done"] for p in positions} >= {1}
+
+
+def test_queue_full_is_refused_with_429_and_retry_after(cluster: dict[str, Daemon]) -> None:
+    url = cluster["queen"].url
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            codes = []
+            retry_after = []
+            for _ in range(8):
+                r = await client.post(url + "/v1/jobs", json={**INFER, "max_tokens": 12})
+                codes.append(r.status_code)
+                if r.status_code == 429:
+                    retry_after.append(r.headers.get("retry-after"))
+                    assert r.json()["error"]["kind"] == "queue_full"
+                elif r.status_code == 201:
+                    await asyncio.sleep(0.05)  # let it reach the queue
+            assert all(v and v.isdigit() for v in retry_after)
+            return codes
+
+    codes = asyncio.run(asyncio.wait_for(flood(), 60))
+    assert 201 in codes and 429 in codes
+
+
+def test_unknown_model_and_unknown_hive_are_refused_at_post(cluster: dict[str, Daemon]) -> None:
+    url = cluster["queen"].url
+    r = httpx.post(url + "/v1/jobs", json={**INFER, "model": "no-such-model"})
+    assert r.status_code == 404 and r.json()["error"]["kind"] == "model_not_found"
+    r = httpx.post(url + "/v1/jobs", json={**INFER, "hive_id": "nowhere"})
+    assert r.status_code == 404 and r.json()["error"]["kind"] == "hive_not_found"
+    r = httpx.post(url + "/v1/jobs", json={"operation": "worker_list", "hive_id": "nowhere"})
+    assert r.status_code == 404
+
+
+def test_worker_lost_before_first_token_is_retried_once(cluster: dict[str, Daemon]) -> None:
+    """Kill the chosen worker right after dispatch: the job moves to another worker."""
+    url = cluster["queen"].url
+
+    async def scenario() -> list[Any]:
+        async with JobClient(url) as client:
+            job_id = await client.submit({**INFER, "prompt": "slow start", "max_tokens": 12})
+            events = []
+            killed = False
+            async for event in client.events(job_id):
+                events.append(event)
+                if not killed and event.kind == "narration" and event.data["action"] == "infer_worker":
+                    status = await _run(url, {"operation": "status"})
+                    workers = next(e.data for e in status if e.kind == "result")["workers"]
+                    pid = next(w["pid"] for w in workers if w["worker_id"] == event.data["worker_id"])
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+            return events
+
+    events = asyncio.run(asyncio.wait_for(scenario(), 90))
+    end = _end(events)
+    actions = _actions(events)
+    if "infer_retry" in actions:
+        assert end["status"] == "completed", end
+    else:  # the first token beat the kill: then the job must say the worker was lost
+        assert end["status"] == "failed" and end["error"]["kind"] == "worker_lost"
+
+
+def test_history_survives_in_jobs_list(cluster: dict[str, Daemon]) -> None:
+    jobs = httpx.get(cluster["queen"].url + "/v1/jobs").json()["jobs"]
+    infer = [j for j in jobs if j["operation"] == "infer"]
+    assert infer and all(j["status"] in ("completed", "failed", "cancelled", "timed_out") for j in infer)
+    done = next(j for j in infer if j["status"] == "completed")
+    assert done["text"].startswith("tok0 ")
+
+
+def test_home_is_isolated(cluster: dict[str, Daemon]) -> None:
+    assert Path(cluster["queen"].home, "queen.sqlite").exists()
