@@ -147,7 +147,9 @@ async def measure_stream(host: str, port: int, n: int) -> dict[str, list[float]]
             marks: dict[str, float] = {}
             end_data: list[bytes] = []
 
-            def on_chunk(chunk: bytes, t: float, marks: dict[str, float] = marks, end_data: list[bytes] = end_data) -> None:
+            def on_chunk(
+                chunk: bytes, t: float, marks: dict[str, float] = marks, end_data: list[bytes] = end_data
+            ) -> None:
                 if "first" not in marks and b"id: " in chunk:
                     marks["first"] = t
                 if b"event: end\n" in chunk:
@@ -216,8 +218,9 @@ def measure_memory_per_live_job(n: int) -> dict[str, Any]:
             await gate.wait()
 
         async def settle(jobs: list[Any]) -> None:
-            while any(j.status is JobStatus.QUEUED for j in jobs):
-                await asyncio.sleep(0)
+            # One pass of the loop runs every task's first step: all jobs are live after it.
+            await asyncio.sleep(0)
+            assert not any(j.status is JobStatus.QUEUED for j in jobs)
 
         warm = [registry.submit(parse_operation(body), executor) for _ in range(500)]
         await settle(warm)
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--posts", type=int, default=1000, help="sequential POSTs for the latency figures")
     parser.add_argument("--streams", type=int, default=300, help="sequential jobs for the stream figures")
     parser.add_argument("--live-jobs", type=int, default=10_000, help="live jobs for the memory figure")
+    parser.add_argument("--log-level", default=None, help="the queen's RBEE_LOG_LEVEL (default: its own, info)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -270,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     memory = measure_memory_per_live_job(args.live_jobs)
 
     port = free_port()
-    server = start_server([venv_bin("queen-rbee"), "--host", "127.0.0.1", "--port", str(port)], port=port)
+    env = {"RBEE_LOG_LEVEL": args.log_level} if args.log_level else {}
+    server = start_server([venv_bin("queen-rbee"), "--host", "127.0.0.1", "--port", str(port)], port=port, env=env)
     host = "127.0.0.1"
     queen = psutil.Process(server.pid)
     me = psutil.Process()
@@ -356,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         "jobs",
         {
             "operation": "status (queen, trivial)",
+            "queen_log_level": args.log_level or "info (default)",
             "client": "raw HTTP/1.1 keep-alive on asyncio streams (uvloop), one process",
             "post_ms": {"p50": post_p50, "p99": post_p99, "n": len(posts)},
             "first_event_ms": {"p50": first_p50, "p99": first_p99, "n": len(streams["first_event_ms"])},

@@ -30,7 +30,9 @@ def gone(pid: int) -> bool:
 
 async def eventually(predicate: Any, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        while True:
+            if predicate():
+                return
             await asyncio.sleep(0.02)
 
 
@@ -106,3 +108,16 @@ async def test_queen_with_a_local_hive_runs_infer_end_to_end(tmp_path: Path) -> 
         pids = [w.report.pid for w in app.state.queen.telemetry.workers() if w.report.pid]
         assert pids
     assert all(gone(pid) for pid in pids)
+
+
+async def test_start_does_not_wait_for_an_unreachable_queen(tmp_path: Path) -> None:
+    # Over HTTP the queen may not listen yet (it starts its hive first): the first attempt is enough.
+    hive = EmbeddedHive(queen_url="http://127.0.0.1:9", home=tmp_path, options={"heartbeat_interval_s": 0.2})
+    await hive.start()
+    try:
+        beat = hive.state.heartbeat
+        assert beat is not None and beat.attempted.is_set() and beat.sent == 0
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{hive.url}/health")).json()["hive_id"] == "localhost"
+    finally:
+        await hive.stop()

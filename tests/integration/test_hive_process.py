@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from cluster import Daemon, hive, wait_for
 from httpx_sse import connect_sse
 
+from cluster import Daemon, hive, wait_for
 from rbee.contracts import DEFAULT_MODEL
 from rbee.contracts.cluster import Heartbeat
 
@@ -180,9 +180,11 @@ def test_kill_9_is_noticed_at_once_and_stopping_the_hive_leaves_no_worker(
     os.kill(doomed["pid"], signal.SIGKILL)
     # The next heartbeat (sent at once, not on the 0.5 s tick alone) no longer carries it.
     beat = wait_for(
-        lambda: (b := receiver.latest(since=killed_at)) is not None
-        and doomed["worker_id"] not in {w.worker_id for w in b.workers}
-        and b,
+        lambda: (
+            (b := receiver.latest(since=killed_at)) is not None
+            and doomed["worker_id"] not in {w.worker_id for w in b.workers}
+            and b
+        ),
         timeout_s=5,
     )
     assert survivor["worker_id"] in {w.worker_id for w in beat.workers}

@@ -216,7 +216,7 @@ async def test_live_jobs_end_cancelled_when_the_queen_stops(tmp_path: Path) -> N
     hang.bind(("127.0.0.1", 0))
     hang.listen(8)  # accepts connections, never answers
     try:
-        async with queen(tmp_path) as (app, client):
+        async with queen(tmp_path) as (_, client):
             beat = {"hive_id": "slow", "url": f"http://127.0.0.1:{hang.getsockname()[1]}"}
             await client.post("/v1/hives/heartbeat", json=beat)
             job_id = (await client.post("/v1/jobs", json={"operation": "hive_check", "hive_id": "slow"})).json()[

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from cluster import Daemon, queen, wait_for
 
 TOKEN = "process-test-token-0123456789"

@@ -91,6 +91,7 @@ def test_queue_full_is_refused_with_429_and_retry_after(cluster: dict[str, Daemo
         async with httpx.AsyncClient(timeout=10) as client:
             codes = []
             retry_after = []
+            accepted = []
             for _ in range(8):
                 r = await client.post(url + "/v1/jobs", json={**INFER, "max_tokens": 12})
                 codes.append(r.status_code)
@@ -98,8 +99,14 @@ def test_queue_full_is_refused_with_429_and_retry_after(cluster: dict[str, Daemo
                     retry_after.append(r.headers.get("retry-after"))
                     assert r.json()["error"]["kind"] == "queue_full"
                 elif r.status_code == 201:
+                    accepted.append(r.json()["job_id"])
                     await asyncio.sleep(0.05)  # let it reach the queue
             assert all(v and v.isdigit() for v in retry_after)
+            # Every accepted job still completes.
+            async with JobClient(url) as jobs:
+                for job_id in accepted:
+                    events = [e async for e in jobs.events(job_id)]
+                    assert _end(events)["status"] == "completed"
             return codes
 
     codes = asyncio.run(asyncio.wait_for(flood(), 60))

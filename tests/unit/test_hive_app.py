@@ -83,7 +83,7 @@ async def test_model_list_shows_the_bundled_model(client: httpx.AsyncClient) -> 
     assert model["quantization"] == "Q4_K_M"
     assert model["context_length"] == 32768
     assert model["size_bytes"] > 100_000_000
-    assert Path(model["file"]).is_file()
+    assert await asyncio.to_thread(Path(model["file"]).is_file)
     narration = [data for kind, data in events if kind == "narration"]
     assert all(n["actor"] == "hive" for n in narration)
     assert "model_list" in [n["action"] for n in narration]
@@ -173,7 +173,9 @@ async def test_hive_check_completes(client: httpx.AsyncClient) -> None:
 
 async def test_heartbeats_describe_the_hive(client: httpx.AsyncClient, beats: list[Heartbeat]) -> None:
     async with asyncio.timeout(30):
-        while len(beats) < 2:
+        while True:
+            if len(beats) >= 2:
+                break
             await asyncio.sleep(0.05)
     beat = beats[0]
     assert beat.hive_id == "test-hive"

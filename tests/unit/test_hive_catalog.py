@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from pathlib import Path
 
@@ -52,7 +53,7 @@ async def test_the_bundled_model_is_always_there(catalog: ModelCatalog, bundled_
     assert entry.architecture == "gemma3"
     assert entry.quantization == "Q4_K_M"
     assert entry.context_length == 2048
-    assert entry.size_bytes == bundled_file.stat().st_size
+    assert entry.size_bytes == (await asyncio.to_thread(bundled_file.stat)).st_size
     assert entry.source == "bundled"
     as_dict = entry.to_dict()
     assert as_dict["format"] == "gguf" and as_dict["file"] == str(bundled_file)

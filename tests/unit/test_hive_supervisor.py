@@ -120,7 +120,9 @@ def make(tmp_path: Path, stub: Path, http: httpx.AsyncClient, **kwargs) -> tuple
 
 async def wait_until(predicate, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        while True:
+            if predicate():
+                return
             await asyncio.sleep(0.02)
 
 

@@ -504,7 +504,7 @@ async def live_server(env: Env) -> AsyncIterator[str]:
     task = asyncio.create_task(server.serve(sockets=[sock]), name="test:uvicorn")
     try:
         async with asyncio.timeout(10):
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                 await asyncio.sleep(0.01)
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:

@@ -22,7 +22,7 @@ Exec = Callable[[OperationBase], Awaitable[Any]]
 
 
 def end_of(job: Job) -> dict[str, Any]:
-    event_id, kind, data = job.events[-1]
+    _, kind, data = job.events[-1]
     assert kind == "end"
     result: dict[str, Any] = json.loads(data)
     return result

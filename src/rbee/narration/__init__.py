@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
@@ -61,6 +61,7 @@ _PAD_EVENT = (
     if "pad_event_to" in inspect.signature(structlog.dev.ConsoleRenderer.__init__).parameters
     else "pad_event"
 )
+_NO_PADDING: dict[str, Any] = {_PAD_EVENT: 0}
 
 
 def set_process_actor(actor: str) -> None:
@@ -81,9 +82,7 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
     if json_logs is None:
         json_logs = os.environ.get("RBEE_LOG_JSON", "") not in ("", "0", "false")
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_logs
-        else structlog.dev.ConsoleRenderer(colors=False, **{_PAD_EVENT: 0})
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False, **_NO_PADDING)
     )
     structlog.configure(
         processors=[
@@ -91,7 +90,7 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_log_level),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )
     _configured = True

@@ -1,0 +1,368 @@
+"""The keeper's client and commands against a scripted queen (a stdlib HTTP server in a thread).
+
+The scripted queen answers each request from a route table, so these tests
+pin what the keeper sends and how it reads what comes back: only the given
+fields, streams that end, break, resume with ``Last-Event-ID``, refusals,
+Ctrl-C, and the exit code the ``end`` event decides.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from rbee.keeper import render
+from rbee.keeper.cli import cli
+from rbee.keeper.client import QueenClient, _frames
+from rbee.keeper.errors import QueenUnreachable, RequestRefused, StreamBroken
+
+pytestmark = pytest.mark.timeout(30)
+
+JOB = "job-00000000-0000-4000-8000-000000000001"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+# A route answers (status, body): bytes for a plain answer, a list of bytes
+# (and float pauses) for a stream written piece by piece, then closed.
+Route = Callable[[Seen], tuple[int, Any]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # the connection closes after each answer, which ends a stream
+
+    def _handle(self) -> None:
+        fake: ScriptedQueen = self.server.fake  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        seen = Seen(self.command, self.path, dict(self.headers), self.rfile.read(length) if length else b"")
+        fake.seen.append(seen)
+        route = fake.routes.get((self.command, self.path.split("?")[0]))
+        status, body = route(seen) if route else (404, {"error": {"kind": "not_found", "message": "no route"}})
+        try:
+            if isinstance(body, list):
+                self.send_response(status)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for piece in body:
+                    if isinstance(piece, float):
+                        time.sleep(piece)
+                        continue
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                return
+            payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the keeper hung up, as it may
+
+    do_GET = do_POST = do_DELETE = _handle
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a stream left paused after the keeper hung up ends with the test
+
+
+class ScriptedQueen:
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.seen: list[Seen] = []
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.fake = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name="scripted-queen", daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def route(self, method: str, path: str, answer: Route) -> None:
+        self.routes[(method, path)] = answer
+
+    def requests(self, method: str) -> list[Seen]:
+        return [s for s in self.seen if s.method == method]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def frame(event_id: int, kind: str, data: Any) -> bytes:
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def narr(event_id: int, human: str) -> bytes:
+    return frame(event_id, "narration", {"actor": "queen", "action": "step", "human": human, "level": "info", "ts": 1})
+
+
+def end_frame(event_id: int, status: str = "completed", error: dict[str, str] | None = None, **fields: Any) -> bytes:
+    return frame(event_id, "end", {"job_id": JOB, "status": status, "error": error, "duration_ms": 5.0, **fields})
+
+
+def accept(seen: Seen) -> tuple[int, Any]:
+    return 201, {"job_id": JOB, "sse_url": f"/v1/jobs/{JOB}/stream"}
+
+
+@pytest.fixture
+def queen() -> Iterator[ScriptedQueen]:
+    fake = ScriptedQueen()
+    fake.route("POST", "/v1/jobs", accept)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str | None]:
+    return {
+        "RBEE_NO_AUTOSTART": "1",
+        "RBEE_HOME": str(tmp_path / "home"),
+        "RBEE_CONFIG": str(tmp_path / "config.toml"),
+        "RBEE_QUEEN_URL": None,
+        "RBEE_TOKEN": None,
+        "NO_COLOR": None,
+    }
+
+
+def invoke(queen: ScriptedQueen, env: dict[str, str | None], *args: str, stdin: str | None = None) -> Any:
+    return CliRunner().invoke(cli, ["--queen-url", queen.url, *args], env=env, input=stdin)
+
+
+def stream(*pieces: Any) -> Route:
+    return lambda seen: (200, list(pieces))
+
+
+# -- the client ------------------------------------------------------------------
+
+
+def test_frames_parse_ids_kinds_multiline_data_and_skip_pings() -> None:
+    class Body:
+        def __init__(self, data: bytes) -> None:
+            self.chunks = [data[i : i + 7] for i in range(0, len(data), 7)]  # split mid-line on purpose
+
+        def read1(self, n: int) -> bytes:
+            return self.chunks.pop(0) if self.chunks else b""
+
+    raw = b": ping\r\n\r\nid: 1\r\nevent: token\r\ndata: {\"t\": \"a\"}\r\n\r\nid: 2\ndata: x\ndata: y\n\n"
+    assert list(_frames(Body(raw))) == [("1", "token", '{"t": "a"}'), ("2", "message", "x\ny")]  # type: ignore[arg-type]
+
+
+def test_submit_returns_the_job_id_and_sends_the_token(queen: ScriptedQueen) -> None:
+    client = QueenClient(queen.url, "s3cret-token-0123456789")
+    assert client.submit({"operation": "status"}) == JOB
+    seen = queen.requests("POST")[0]
+    assert seen.json() == {"operation": "status"}
+    assert seen.headers["Authorization"] == "Bearer s3cret-token-0123456789"
+
+
+def test_a_422_names_the_field_and_means_exit_2(queen: ScriptedQueen) -> None:
+    error = {"kind": "invalid_operation", "message": "temperature: must be <= 2", "field": "temperature"}
+    queen.route("POST", "/v1/jobs", lambda seen: (422, {"error": error}))
+    with pytest.raises(RequestRefused) as info:
+        QueenClient(queen.url).submit({"operation": "infer", "prompt": "x", "temperature": 5})
+    assert info.value.exit_code == 2
+    assert info.value.field == "temperature"
+    assert info.value.message == "temperature: must be <= 2"
+
+
+def test_an_unreachable_queen_is_one_error_that_says_where_and_why() -> None:
+    with pytest.raises(QueenUnreachable) as info:
+        QueenClient("http://127.0.0.1:1", unreachable_hint="start it").submit({"operation": "status"})
+    assert info.value.connect
+    assert info.value.message == "cannot reach the queen at http://127.0.0.1:1: connection refused (start it)"
+    assert info.value.exit_code == 1
+
+
+def test_events_stop_at_the_end_event(queen: ScriptedQueen) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), b": ping\n\n", end_frame(2), DONE))
+    events = list(QueenClient(queen.url).events(JOB, cancel_on_disconnect=True))
+    assert [(e.id, e.kind) for e in events] == [(1, "narration"), (2, "end")]
+    assert queen.requests("GET")[0].path.endswith("?cancel_on_disconnect=true")
+
+
+def test_a_stream_without_an_end_is_broken_never_success(queen: ScriptedQueen) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), DONE))
+    with pytest.raises(StreamBroken):
+        list(QueenClient(queen.url).events(JOB))
+
+
+def test_a_broken_stream_resumes_with_last_event_id(queen: ScriptedQueen) -> None:
+    def answer(seen: Seen) -> tuple[int, Any]:
+        if "Last-Event-ID" not in seen.headers:
+            return 200, [narr(1, "a"), narr(2, "b")]  # then the connection drops
+        assert seen.headers["Last-Event-ID"] == "2"
+        return 200, [narr(2, "b"), narr(3, "c"), end_frame(4), DONE]  # the replay may overlap
+
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", answer)
+    events = list(QueenClient(queen.url).events(JOB))
+    assert [e.id for e in events] == [1, 2, 3, 4]
+
+
+def test_a_stream_that_keeps_breaking_gives_up(queen: ScriptedQueen) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a")))
+    with pytest.raises(StreamBroken) as info:
+        list(QueenClient(queen.url).events(JOB, reconnects=1))
+    assert "closed the stream before the job's end" in info.value.message
+
+
+# -- commands through the scripted queen -------------------------------------------
+
+
+def test_infer_sends_only_the_given_fields_and_prints_tokens(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    tokens = [frame(i + 2, "token", {"t": t, "i": i}) for i, t in enumerate(["Hel", "lo"])]
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "Scheduling"), *tokens, end_frame(4), DONE))
+    result = invoke(queen, env, "infer", "--max-tokens", "8", "--stop", "a", "--stop", "b", "Say hi")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Hello"
+    assert result.stderr == "[queen] Scheduling\n"
+    sent = queen.requests("POST")[0].json()
+    assert sent == {"operation": "infer", "model": "gemma3-270m", "max_tokens": 8, "stop": ["a", "b"], "prompt": "Say hi"}
+
+
+def test_infer_reads_the_prompt_from_stdin_and_the_model_from_the_config(
+    queen: ScriptedQueen, env: dict[str, Any], tmp_path: Path
+) -> None:
+    Path(env["RBEE_CONFIG"]).write_text('default_model = "tiny"\n[sampling]\ntemperature = 0.0\n')
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(end_frame(1), DONE))
+    result = invoke(queen, env, "-q", "infer", "-", stdin="from stdin\n")
+    assert result.exit_code == 0, result.output
+    sent = queen.requests("POST")[0].json()
+    assert sent == {"operation": "infer", "model": "tiny", "temperature": 0.0, "prompt": "from stdin\n"}
+
+
+def test_a_failed_job_exits_1_with_one_line(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    error = {"kind": "worker_lost", "message": "worker w1 went away"}
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), end_frame(2, "failed", error), DONE))
+    result = invoke(queen, env, "-q", "infer", "hi")
+    assert result.exit_code == 1
+    assert result.stderr == "rbee: failed: worker_lost: worker w1 went away\n"
+
+
+@pytest.mark.parametrize("status", ["cancelled", "timed_out"])
+def test_cancelled_and_timed_out_jobs_exit_1(queen: ScriptedQueen, env: dict[str, Any], status: str) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(end_frame(1, status, {"kind": status, "message": "m"}), DONE))
+    result = invoke(queen, env, "queen-check")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == f"rbee: {status}: {status}: m"
+
+
+def test_a_stream_that_closes_without_end_exits_1_with_one_line(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), DONE))
+    result = invoke(queen, env, "-q", "status")
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("rbee: the stream of")
+
+
+def test_a_refused_post_is_one_line_exit_1(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    error = {"kind": "no_worker", "message": "no hive that has 'gemma3-270m' is online"}
+    queen.route("POST", "/v1/jobs", lambda seen: (503, {"error": error}))
+    result = invoke(queen, env, "infer", "hi")
+    assert result.exit_code == 1
+    assert result.stderr == "rbee: no hive that has 'gemma3-270m' is online\n"
+
+
+def test_json_mode_prints_each_event_and_no_tables(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    result_frame = frame(2, "result", {"hives": [], "workers": [], "queues": {}})
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), result_frame, end_frame(3), DONE))
+    result = invoke(queen, env, "--json", "status")
+    assert result.exit_code == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["event"] for line in lines] == ["narration", "result", "end"]
+    assert result.stderr == ""
+
+
+def test_ctrl_c_cancels_the_job_reads_to_its_end_and_exits_130(
+    queen: ScriptedQueen, env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cancelled = {"kind": "cancelled", "message": "cancelled: cancelled by request"}
+
+    def answer(seen: Seen) -> tuple[int, Any]:
+        if "Last-Event-ID" not in seen.headers:
+            return 200, [frame(1, "token", {"t": "a", "i": 0}), 5.0]  # a long pause: the job is running
+        return 200, [narr(2, "infer cancelled"), end_frame(3, "cancelled", cancelled), DONE]
+
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", answer)
+    queen.route("DELETE", f"/v1/jobs/{JOB}", lambda seen: (202, {"job_id": JOB, "status": "running"}))
+    real_token = render.Renderer.token
+
+    def interrupted(self: render.Renderer, data: dict[str, Any]) -> None:
+        real_token(self, data)
+        raise KeyboardInterrupt  # as if Ctrl-C arrived right after the first token
+
+    monkeypatch.setattr(render.Renderer, "token", interrupted)
+    result = invoke(queen, env, "infer", "hi")
+    assert result.exit_code == 130
+    assert len(queen.requests("DELETE")) == 1
+    resumed = queen.requests("GET")[-1]
+    assert resumed.headers["Last-Event-ID"] == "1"
+    assert result.stdout == "a"
+    assert result.stderr.splitlines()[-1] == "rbee: cancelled: cancelled: cancelled by request"
+
+
+def test_an_unreachable_queen_without_autostart_is_one_line_exit_1(env: dict[str, Any]) -> None:
+    result = CliRunner().invoke(cli, ["--queen-url", "http://127.0.0.1:1", "status"], env=env)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "rbee: cannot reach the queen at http://127.0.0.1:1: connection refused (start it with `rbee queen start`)"
+    ]
+
+
+def test_a_remote_queen_is_never_started(env: dict[str, Any]) -> None:
+    env = {**env, "RBEE_NO_AUTOSTART": None}
+    # 192.0.2.0/24 is reserved for documentation: nothing answers there.
+    result = CliRunner().invoke(cli, ["--queen-url", "http://192.0.2.1:7833", "jobs", "list"], env=env)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("rbee: cannot reach the queen at http://192.0.2.1:7833:")
+    assert "Started" not in result.stderr
+
+
+def test_the_token_comes_from_the_environment(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    queen.route("GET", "/v1/jobs", lambda seen: (200, {"jobs": []}))
+    result = invoke(queen, {**env, "RBEE_TOKEN": "from-the-env-0123456789"}, "jobs", "list")
+    assert result.exit_code == 0, result.output
+    assert queen.seen[-1].headers["Authorization"] == "Bearer from-the-env-0123456789"
+
+
+def test_jobs_list_shows_the_columns(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    jobs = [
+        {"job_id": "job-a", "operation": "infer", "status": "failed", "duration_ms": 1500.0, "tokens_out": 12,
+         "error": {"kind": "worker_lost", "message": "gone"}},
+        {"job_id": "job-b", "operation": "status", "status": "completed", "duration_ms": 2.0, "tokens_out": None,
+         "error": None},
+    ]  # fmt: skip
+    queen.route("GET", "/v1/jobs", lambda seen: (200, {"jobs": jobs}))
+    result = invoke(queen, env, "jobs", "list")
+    assert result.exit_code == 0, result.output
+    for part in ("id", "operation", "status", "duration", "tokens", "error", "job-a", "1500 ms", "12",
+                 "worker_lost: gone", "job-b"):  # fmt: skip
+        assert part in result.stdout

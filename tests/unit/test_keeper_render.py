@@ -1,0 +1,265 @@
+"""The keeper's rendering: where each event goes, colour rules, tables, and what ``rbee`` imports."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from rbee.keeper.cli import cli
+from rbee.keeper.client import Event
+from rbee.keeper.errors import JobEnded, RequestRefused, end_line, one_line
+from rbee.keeper.render import Renderer, format_narration, format_progress, format_summary
+from rbee.keeper.tables import print_result
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def narration(human: str, level: str = "info", actor: str = "queen") -> Event:
+    data = {"actor": actor, "action": "x", "human": human, "job_id": "job-1", "level": level, "ts": 1.0}
+    return Event(1, "narration", json.dumps(data))
+
+
+def token(i: int, text: str) -> Event:
+    return Event(i, "token", json.dumps({"t": text, "i": i}))
+
+
+def end(status: str = "completed", **fields: object) -> Event:
+    data = {"job_id": "job-1", "status": status, "error": None, "duration_ms": 1234.0, **fields}
+    return Event(99, "end", json.dumps(data))
+
+
+@pytest.fixture(autouse=True)
+def _colour_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+
+def test_tokens_go_to_stdout_and_narration_to_stderr() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    r = Renderer(out=out, err=err)
+    for event in (narration("Loading the model"), token(0, "Hello"), token(1, ", world"), end()):
+        r.event(event)
+    r.finish(summary=True)
+    assert out.getvalue() == "Hello, world"  # redirected output is exactly the generated text
+    assert err.getvalue() == "[queen] Loading the model\n"  # no summary off a terminal
+    assert r.tokens == 2
+    assert r.end is not None and r.end["status"] == "completed"
+
+
+def test_quiet_hides_narration_but_not_tokens() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    r = Renderer(quiet=True, out=out, err=err)
+    r.event(narration("step"))
+    r.event(token(0, "text"))
+    r.notice("Started queen-rbee")
+    assert out.getvalue() == "text"
+    assert err.getvalue() == ""
+
+
+def test_json_mode_prints_every_event_as_one_parseable_line() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    r = Renderer(json_mode=True, out=out, err=err)
+    for event in (narration("step"), token(0, "a\nb"), Event(3, "result", '{"hives": []}'), end()):
+        r.event(event)
+    r.finish(summary=True)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["narration", "token", "result", "end"]
+    assert all(set(line) == {"id", "event", "data"} for line in lines)
+    assert lines[1]["data"]["t"] == "a\nb"
+    assert err.getvalue() == ""
+
+
+def test_narration_is_dimmed_on_a_terminal_and_warnings_say_so() -> None:
+    err = Terminal()
+    r = Renderer(out=io.StringIO(), err=err)
+    r.event(narration("quiet step"))
+    r.event(narration("look here", level="warn"))
+    lines = err.getvalue().splitlines()
+    assert lines[0] == "\x1b[2m[queen] quiet step\x1b[0m"
+    assert "warning: look here" in lines[1] and lines[1].startswith("\x1b[33m")
+
+
+def test_no_color_turns_colour_off_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    err = Terminal()
+    r = Renderer(out=io.StringIO(), err=err)
+    r.event(narration("step"))
+    assert err.getvalue() == "[queen] step\n"
+
+
+def test_narration_cannot_drive_the_terminal() -> None:
+    line = format_narration({"actor": "hive\x1b[31m", "human": "a\x1b]0;title\x07b\nc"}, colour=False)
+    assert "\x1b" not in line and "\n" not in line and "\x07" not in line
+
+
+def test_escape_sequences_in_tokens_are_dropped_on_a_terminal_only() -> None:
+    tty, pipe = Terminal(), io.StringIO()
+    Renderer(out=tty, err=io.StringIO()).event(token(0, "red\x1b[31m text\n"))
+    Renderer(out=pipe, err=io.StringIO()).event(token(0, "red\x1b[31m text\n"))
+    assert tty.getvalue() == "red text\n"
+    assert pipe.getvalue() == "red\x1b[31m text\n"
+
+
+def test_summary_on_a_terminal_names_speed_first_token_worker_and_hive() -> None:
+    out, err = Terminal(), Terminal()
+    r = Renderer(out=out, err=err)
+    r.event(token(0, "Hi"))
+    fields = {"tokens_out": 42, "tokens_per_s": 61.26, "ttft_ms": 182.4, "worker_id": "worker-a", "hive_id": "localhost"}
+    r.event(end(**fields))
+    r.finish(summary=True)
+    assert out.getvalue() == "Hi\n"  # the line is ended on a terminal
+    summary = err.getvalue()
+    for part in ("42 tokens", "61.3 tokens/s", "first token 182 ms", "worker worker-a", "hive localhost"):
+        assert part in summary
+
+
+def test_summary_is_left_out_when_quiet_or_failed() -> None:
+    for quiet, status in ((True, "completed"), (False, "failed")):
+        err = Terminal()
+        r = Renderer(quiet=quiet, out=Terminal(), err=err)
+        r.event(end(status, tokens_out=3))
+        r.finish(summary=True)
+        assert err.getvalue() == ""
+
+
+def test_progress_is_one_updating_line_on_a_terminal_and_nothing_otherwise() -> None:
+    data = {"action": "model_download", "done": 5 << 20, "total": 10 << 20, "unit": "bytes"}
+    pipe = io.StringIO()
+    Renderer(out=io.StringIO(), err=pipe).event(Event(1, "progress", json.dumps(data)))
+    assert pipe.getvalue() == ""
+    tty = Terminal()
+    r = Renderer(out=io.StringIO(), err=tty)
+    r.event(Event(1, "progress", json.dumps(data)))
+    r.event(narration("Downloaded"))
+    text = tty.getvalue()
+    assert text.startswith("\r\x1b[2K") and "model download" in text and "50%" in text
+    assert text.count("\n") == 1  # the progress line was replaced, not kept
+    assert format_progress(data).startswith("model download  5.0 MiB / 10.0 MiB")
+
+
+def test_end_line_reads_status_kind_and_message() -> None:
+    data = {"status": "failed", "error": {"kind": "worker_lost", "message": "the worker\nwent away"}}
+    assert end_line(data) == "failed: worker_lost: the worker\nwent away"
+    assert JobEnded(data).message == "failed: worker_lost: the worker went away"
+    cancelled = {"status": "cancelled", "error": {"kind": "cancelled", "message": "cancelled: by request"}}
+    assert end_line(cancelled) == "cancelled: cancelled: by request"
+
+
+def test_bad_input_exits_2_and_other_refusals_exit_1() -> None:
+    assert RequestRefused(422, "temperature: too high", field="temperature").exit_code == 2
+    assert RequestRefused(503, "no worker").exit_code == 1
+    assert RequestRefused(404, "no job").exit_code == 1
+    assert one_line("a\n\tb\x1b") == "a b"
+
+
+def test_format_summary_counts_tokens_seen_when_the_end_has_no_count() -> None:
+    assert format_summary({"status": "completed"}, 1) == "1 token"
+
+
+def test_status_result_renders_tables() -> None:
+    out = io.StringIO()
+    result = {
+        "hives": [
+            {
+                "hive_id": "localhost",
+                "url": "http://127.0.0.1:7835",
+                "state": "online",
+                "last_heartbeat_s_ago": 0.5,
+                "models": [{"id": "gemma3-270m-q4", "alias": "gemma3-270m"}],
+                "workers": ["worker-a"],
+            }
+        ],
+        "workers": [
+            {
+                "worker_id": "worker-a",
+                "hive_id": "localhost",
+                "model": "gemma3-270m",
+                "device": "cpu",
+                "state": "ready",
+                "slots": 1,
+                "busy_slots": 0,
+                "queue": 0,
+                "url": "http://127.0.0.1:9001",
+            }
+        ],
+        "queues": {},
+    }
+    print_result(result, out=out, colour=False)
+    text = out.getvalue()
+    for part in ("hives", "localhost", "online", "gemma3-270m", "0.5 s ago", "workers", "worker-a", "0/1"):
+        assert part in text
+    assert "\x1b" not in text
+
+
+def test_empty_lists_say_so() -> None:
+    out = io.StringIO()
+    print_result({"hives": [], "workers": [], "queues": {}}, out=out, colour=False)
+    assert out.getvalue().splitlines() == ["No hives.", "No workers."]
+
+
+def test_bad_flag_values_are_usage_errors() -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--queen-url", "http://127.0.0.1:1", "infer", "--temperature", "abc", "hi"])
+    assert result.exit_code == 2
+    result = runner.invoke(cli, ["--queen-url", "http://127.0.0.1:1", "no-such-command"])
+    assert result.exit_code == 2
+
+
+def test_every_command_has_help_with_examples() -> None:
+    runner = CliRunner()
+    for args in (
+        ["infer"],
+        ["status"],
+        ["queen-check"],
+        ["hive", "list"],
+        ["worker", "spawn"],
+        ["worker", "list"],
+        ["model", "list"],
+        ["queen", "start"],
+        ["jobs", "list"],
+        ["jobs", "logs"],
+    ):
+        result = runner.invoke(cli, [*args, "--help"])
+        assert result.exit_code == 0, args
+        assert "Example" in result.output, args
+
+
+FORBIDDEN = ("pydantic", "fastapi", "starlette", "rich", "pygments", "httpx", "rbee.contracts", "rbee.jobs")
+
+_PROBE = """
+import sys
+from rbee.keeper.cli import main
+sys.argv = ["rbee", "--queen-url", "http://127.0.0.1:1", "infer", "hello"]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+forbidden = %r
+loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in forbidden))
+print(code, loaded)
+"""
+
+
+def test_the_infer_path_imports_no_heavy_modules(tmp_path: os.PathLike[str]) -> None:
+    env = {
+        **os.environ,
+        "RBEE_NO_AUTOSTART": "1",
+        "RBEE_HOME": str(tmp_path),
+        "RBEE_CONFIG": str(tmp_path / "none.toml"),
+    }
+    env.pop("RBEE_QUEEN_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE % (FORBIDDEN,)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.stdout.strip() == "1 []", proc.stderr
+    assert proc.stderr.startswith("rbee: cannot reach the queen at http://127.0.0.1:1")
