@@ -173,7 +173,7 @@ def test_frames_parse_ids_kinds_multiline_data_and_skip_pings() -> None:
         def read1(self, n: int) -> bytes:
             return self.chunks.pop(0) if self.chunks else b""
 
-    raw = b": ping\r\n\r\nid: 1\r\nevent: token\r\ndata: {\"t\": \"a\"}\r\n\r\nid: 2\ndata: x\ndata: y\n\n"
+    raw = b': ping\r\n\r\nid: 1\r\nevent: token\r\ndata: {"t": "a"}\r\n\r\nid: 2\ndata: x\ndata: y\n\n'
     assert list(_frames(Body(raw))) == [("1", "token", '{"t": "a"}'), ("2", "message", "x\ny")]  # type: ignore[arg-type]
 
 
@@ -246,7 +246,13 @@ def test_infer_sends_only_the_given_fields_and_prints_tokens(queen: ScriptedQuee
     assert result.stdout == "Hello"
     assert result.stderr == "[queen] Scheduling\n"
     sent = queen.requests("POST")[0].json()
-    assert sent == {"operation": "infer", "model": "gemma3-270m", "max_tokens": 8, "stop": ["a", "b"], "prompt": "Say hi"}
+    assert sent == {
+        "operation": "infer",
+        "model": "gemma3-270m",
+        "max_tokens": 8,
+        "stop": ["a", "b"],
+        "prompt": "Say hi",
+    }
 
 
 def test_infer_reads_the_prompt_from_stdin_and_the_model_from_the_config(

@@ -114,7 +114,13 @@ def test_summary_on_a_terminal_names_speed_first_token_worker_and_hive() -> None
     out, err = Terminal(), Terminal()
     r = Renderer(out=out, err=err)
     r.event(token(0, "Hi"))
-    fields = {"tokens_out": 42, "tokens_per_s": 61.26, "ttft_ms": 182.4, "worker_id": "worker-a", "hive_id": "localhost"}
+    fields = {
+        "tokens_out": 42,
+        "tokens_per_s": 61.26,
+        "ttft_ms": 182.4,
+        "worker_id": "worker-a",
+        "hive_id": "localhost",
+    }
     r.event(end(**fields))
     r.finish(summary=True)
     assert out.getvalue() == "Hi\n"  # the line is ended on a terminal
@@ -263,3 +269,25 @@ def test_the_infer_path_imports_no_heavy_modules(tmp_path: os.PathLike[str]) -> 
     )
     assert proc.stdout.strip() == "1 []", proc.stderr
     assert proc.stderr.startswith("rbee: cannot reach the queen at http://127.0.0.1:1")
+
+
+def test_on_a_shared_terminal_narration_waits_until_the_text_is_done() -> None:
+    screen = Terminal()
+    r = Renderer(out=screen, err=screen)
+    r.event(narration("Scheduling"))
+    r.event(token(0, "Hello"))
+    r.event(narration("First token after 50 ms", actor="worker"))
+    r.event(token(1, " world"))
+    r.event(narration("Disk almost full", level="warn", actor="hive"))
+    r.event(token(2, "!"))
+    r.event(end())
+    r.finish()
+    lines = [line.replace("\x1b[2m", "").replace("\x1b[33m", "").replace("\x1b[0m", "") for line in
+             screen.getvalue().splitlines()]  # fmt: skip
+    assert lines == [
+        "[queen] Scheduling",
+        "Hello world",  # a warning interrupts the text: it ends the line first
+        "[hive] warning: Disk almost full",
+        "!",
+        "[worker] First token after 50 ms",
+    ]

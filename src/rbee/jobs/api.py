@@ -160,7 +160,7 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
             frames = _replay(stored, after)
         return EventSourceResponse(
             frames,
-            ping=int(server.ping_interval_s) if server.ping_interval_s >= 1 else 1,
+            ping=server.ping_interval_s,
             ping_message_factory=_ping,
             sep="\n",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

@@ -133,7 +133,7 @@ class JobRegistry:
         except asyncio.CancelledError:
             status = JobStatus.CANCELLED
             reason = job.cancel_reason or "server shutting down"
-            error = {"kind": "cancelled", "message": f"cancelled: {reason}"}
+            error = {"kind": "cancelled", "message": reason}
             cancelled_by_owner = job.cancel_reason is None
         except TimeoutError:
             status = JobStatus.TIMED_OUT
@@ -191,7 +191,7 @@ class JobRegistry:
         if job.status is JobStatus.QUEUED and not job.ended:
             with narration.bound(job, actor=self.actor):
                 reason = job.cancel_reason or "server shutting down"
-                self._finish(job, JobStatus.CANCELLED, {"kind": "cancelled", "message": f"cancelled: {reason}"})
+                self._finish(job, JobStatus.CANCELLED, {"kind": "cancelled", "message": reason})
 
     async def wait(self, job: Job) -> None:
         if job.task is not None:

@@ -87,7 +87,7 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
 @click.option("--device", help="Run on this device: cpu or cuda:N.")
 @click.option("--timeout", "timeout_s", type=float, metavar="SECONDS", help="Give up after this many seconds.")
 @pass_session
-def infer(session: Session, prompt: str | None, **options: Any) -> None:
+def infer(session: Session, /, prompt: str | None, **options: Any) -> None:
     """Generate text from PROMPT (read from stdin when omitted or "-").
 
     Tokens go to stdout as they arrive; narration of each step goes to stderr.

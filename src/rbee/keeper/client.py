@@ -18,11 +18,11 @@ import http.client
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from rbee.keeper.errors import KeeperError, QueenUnreachable, RequestRefused, StreamBroken
+from rbee.keeper.errors import BadSetting, KeeperError, QueenUnreachable, RequestRefused, StreamBroken
 
 __all__ = ["QueenClient", "Event", "Response", "DONE", "STREAM_READ_TIMEOUT_S", "describe"]
 
@@ -81,7 +81,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror or exc})"
+        return f"cannot resolve the host name: {(exc.strerror or str(exc)).lower()}"
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     if isinstance(exc, http.client.RemoteDisconnected):
@@ -112,11 +112,11 @@ class QueenClient:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise KeeperError(f"the queen URL {url!r} is not an http(s) URL", exit_code=2)
+            raise BadSetting(f"the queen URL {url!r} is not an http(s) URL")
         try:
             self._port = parts.port
         except ValueError:
-            raise KeeperError(f"the queen URL {url!r} has an invalid port", exit_code=2) from None
+            raise BadSetting(f"the queen URL {url!r} has an invalid port") from None
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._prefix = parts.path.rstrip("/")
@@ -138,7 +138,9 @@ class QueenClient:
 
     # -- the wire ----------------------------------------------------------
 
-    def _open(self, method: str, path: str, body: bytes | None, headers: dict[str, str], read_timeout_s: float):
+    def _open(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], read_timeout_s: float
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send one request on a fresh connection; returns the connection and the response head."""
         conn: http.client.HTTPConnection
         if self._https:
@@ -188,12 +190,12 @@ class QueenClient:
         err = parsed.get("error") if isinstance(parsed, dict) else None
         if not isinstance(err, dict):
             text = body.decode(errors="replace").strip()[:200] or http.client.responses.get(status, "")
-            return RequestRefused(status, f"the queen answered HTTP {status}: {text}")
+            return RequestRefused.of(status, f"the queen answered HTTP {status}: {text}")
         message = str(err.get("message") or f"the queen answered HTTP {status}")
         if status == 401:
             message += " (pass --token or set RBEE_TOKEN)"
         field = err.get("field")
-        return RequestRefused(status, message, kind=err.get("kind"), field=str(field) if field else None)
+        return RequestRefused.of(status, message, kind=err.get("kind"), field=str(field) if field else None)
 
     def get_json(self, path: str) -> Any:
         response = self.request("GET", path)
@@ -248,7 +250,7 @@ class QueenClient:
         cancel_on_disconnect: bool = False,
         reconnects: int = RECONNECTS,
         read_timeout_s: float = STREAM_READ_TIMEOUT_S,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Yield the job's events after id ``after``, up to and including ``end``."""
         path = f"/v1/jobs/{job_id}/stream" + ("?cancel_on_disconnect=true" if cancel_on_disconnect else "")
         last = after

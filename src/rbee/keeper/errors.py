@@ -13,7 +13,7 @@ job failed, cancelled or timed out     1
 stream closed without an ``end``       1
 cannot reach or start the queen        1
 the queen refused the request (4xx)    1
-bad input (422, or a bad flag)         2
+bad input (422, a bad flag or URL)     2
 interrupted (Ctrl-C)                   130
 =====================================  ====
 """
@@ -31,9 +31,11 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
     "KeeperError",
+    "BadSetting",
     "QueenUnreachable",
     "QueenStartFailed",
     "RequestRefused",
+    "InputRefused",
     "StreamBroken",
     "JobEnded",
     "Interrupted",
@@ -59,13 +61,17 @@ class KeeperError(click.ClickException):
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
-        if exit_code is not None:
-            self.exit_code = exit_code
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"rbee: {self.format_message()}", file=file or sys.stderr)
+
+
+class BadSetting(KeeperError):
+    """A setting (the queen URL) cannot be used as given."""
+
+    exit_code = EXIT_USAGE
 
 
 class QueenUnreachable(KeeperError):
@@ -88,10 +94,22 @@ class RequestRefused(KeeperError):
     """The queen answered 4xx/5xx with ``{"error": {"kind", "message", "field"}}``."""
 
     def __init__(self, status: int, message: str, *, kind: str | None = None, field: str | None = None) -> None:
-        super().__init__(message, exit_code=EXIT_USAGE if status == 422 else EXIT_FAILED)
+        super().__init__(message)
         self.status = status
         self.kind = kind
         self.field = field
+
+    @staticmethod
+    def of(status: int, message: str, *, kind: str | None = None, field: str | None = None) -> RequestRefused:
+        """The refusal for an HTTP status: 422 is bad input (exit 2), anything else exit 1."""
+        cls = InputRefused if status == 422 else RequestRefused
+        return cls(status, message, kind=kind, field=field)
+
+
+class InputRefused(RequestRefused):
+    """The queen refused the operation as malformed or out of range (422)."""
+
+    exit_code = EXIT_USAGE
 
 
 class StreamBroken(KeeperError):
@@ -101,7 +119,8 @@ class StreamBroken(KeeperError):
 def end_line(end: dict[str, Any]) -> str:
     """``<status>: <error.kind>: <error.message>`` for an ``end`` event's data."""
     status = str(end.get("status") or "unknown")
-    error = end.get("error") if isinstance(end.get("error"), dict) else {}
+    raw = end.get("error")
+    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
     kind = str(error.get("kind") or status)
     message = str(error.get("message") or f"the job ended {status}")
     message = message.removeprefix(f"{kind}: ")  # "cancelled: cancelled: ..." says it twice

@@ -84,7 +84,7 @@ def format_progress(data: dict[str, Any], *, width: int = 24) -> str:
     return f"{label}  {_amount(done, unit)} / {_amount(total, unit)}{shown_unit}  [{bar}] {frac * 100:3.0f}%"
 
 
-def format_summary(end: dict[str, Any], tokens_seen: int) -> str | None:
+def format_summary(end: dict[str, Any], tokens_seen: int) -> str:
     """One line: tokens, tokens/s, time to first token, worker and hive."""
     tokens = end.get("tokens_out")
     if tokens is None:
@@ -130,6 +130,7 @@ class Renderer:
         self._mid_line = False  # stdout holds generated text not yet ended by a newline
         self._progress_shown = False
         self._progress_at = 0.0
+        self._held: list[str] = []  # narration kept back while text streams to the same terminal
 
     # -- dispatch ----------------------------------------------------------
 
@@ -170,7 +171,18 @@ class Renderer:
     def narration(self, data: Any) -> None:
         if self.quiet or not isinstance(data, dict):
             return
-        self.err_line(format_narration(data, colour=self.colour_err))
+        line = format_narration(data, colour=self.colour_err)
+        if (
+            self._shared_terminal()
+            and self.tokens
+            and self.end is None
+            and data.get("level", "info") in ("info", "debug")
+        ):
+            # Keep the generated text in one piece on screen; what the workers
+            # say meanwhile is shown after it. Warnings still interrupt.
+            self._held.append(line)
+            return
+        self.err_line(line)
 
     def progress(self, data: Any) -> None:
         if self.quiet or not self.err_tty or not isinstance(data, dict):
@@ -220,11 +232,13 @@ class Renderer:
             self.out.write("\n")
             self.out.flush()
             self._mid_line = False
+        held, self._held = self._held, []
+        for line in held:
+            self.err_line(line)
         end = self.end
         if summary and end is not None and end.get("status") == "completed" and self.err_tty and not self.quiet:
-            line = format_summary(end, self.tokens)
-            if line:
-                self.err_line(f"{DIM}{line}{RESET}" if self.colour_err else line)
+            summary_line = format_summary(end, self.tokens)
+            self.err_line(f"{DIM}{summary_line}{RESET}" if self.colour_err else summary_line)
 
     def _clear_progress(self) -> None:
         if self._progress_shown:
@@ -232,10 +246,13 @@ class Renderer:
             self.err.flush()
             self._progress_shown = False
 
+    def _shared_terminal(self) -> bool:
+        return self.out_tty and self.err_tty
+
     def _break_token_line(self) -> None:
         # Only when both streams share the person's terminal; redirected output
         # keeps exactly the generated text.
-        if self._mid_line and self.out_tty and self.err_tty:
+        if self._mid_line and self._shared_terminal():
             self.out.write("\n")
             self.out.flush()
             self._mid_line = False

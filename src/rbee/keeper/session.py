@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from rbee.config import KeeperConfig, is_loopback, load_config, resolve_queen_url, resolve_token
 from rbee.keeper.client import QueenClient
-from rbee.keeper.errors import Interrupted, JobEnded, KeeperError, QueenUnreachable, end_line
+from rbee.keeper.errors import BadSetting, Interrupted, JobEnded, KeeperError, QueenUnreachable, end_line
 from rbee.keeper.render import Renderer
 
 __all__ = ["Session", "CANCEL_GRACE_S", "autostart_disabled"]
@@ -63,7 +63,7 @@ class Session:
             url = resolve_queen_url(None, self.config)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise KeeperError(f"the queen URL {url!r} is not an http(s) URL", exit_code=2)
+            raise BadSetting(f"the queen URL {url!r} is not an http(s) URL")
         return url
 
     @cached_property

@@ -54,10 +54,21 @@ async def relay_job(
     job is cancelled too before the cancellation propagates.
     """
     job = current_job()
+    submitting = asyncio.ensure_future(client.submit(operation))
     try:
-        remote_id = await client.submit(operation)
+        remote_id = await asyncio.shield(submitting)
     except Unreachable as exc:
         raise lost(f"{where} did not answer: {exc.message}") from None
+    except asyncio.CancelledError:
+        # Cancelled while the POST was in flight: let it land (briefly), then
+        # cancel the remote job so it does not run on with nobody to read it.
+        try:
+            remote_id = await asyncio.wait_for(submitting, 2.0)
+        except BaseException:
+            submitting.cancel()
+            raise asyncio.CancelledError from None
+        await _cancel_remote(client, remote_id)
+        raise
     try:
         async for event in client.events(remote_id, cancel_on_disconnect=True):
             kind = event.kind
