@@ -9,6 +9,7 @@ refused with ``413``; when the server has a token every endpoint but
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,14 +91,30 @@ class BodyLimit:
 
 
 class BearerAuth:
-    """Require ``Authorization: Bearer <token>`` on everything but ``/health``."""
+    """Require ``Authorization: Bearer <token>`` on everything but ``/health``.
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    ``public`` names further paths a ``GET`` (or ``HEAD``) reaches without the
+    token; an entry ending in ``*`` is a prefix. The queen's web page uses it
+    for its static shell, which a browser navigation must load before the page
+    can ask for the token (a navigation cannot send the header).
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, public: Iterable[str] = ()) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        self.public = frozenset(p for p in public if not p.endswith("*"))
+        self.public_prefixes = tuple(p[:-1] for p in public if p.endswith("*"))
+
+    def _is_public(self, scope: Scope) -> bool:
+        path = scope["path"]
+        if path == "/health":
+            return True
+        if scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD"):
+            return False
+        return path in self.public or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
+        if self.expected is None or scope["type"] not in ("http", "websocket") or self._is_public(scope):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -106,15 +123,26 @@ class BearerAuth:
                 given = value.strip()
                 break
         if not hmac.compare_digest(given, self.expected):
+            message = "a valid bearer token is required (Authorization: Bearer ...)"
+            if _is_openai_path(scope["path"]):
+                # OpenAI clients read their own error shape.
+                body = {"error": {"message": message, "type": "invalid_request_error", "param": None}}
+                body["error"]["code"] = "invalid_api_key"
+                await _send_json(send, 401, body, extra_headers=[(b"www-authenticate", b"Bearer")])
+                return
             await _send_json(
                 send,
                 401,
-                error_body(RbeeError("a valid bearer token is required (Authorization: Bearer ...)")) | {},
+                error_body(RbeeError(message)) | {},
                 extra_headers=[(b"www-authenticate", b"Bearer")],
                 kind="unauthorized",
             )
             return
         await self.app(scope, receive, send)
+
+
+def _is_openai_path(path: str) -> bool:
+    return path in ("/v1/completions", "/v1/chat/completions", "/v1/models") or path.startswith("/v1/models/")
 
 
 async def _send_json(
@@ -135,9 +163,11 @@ async def _send_json(
     await send({"type": "http.response.body", "body": payload})
 
 
-def install_edge(app: FastAPI, *, token: str | None = None, max_body: int = MAX_BODY_BYTES) -> None:
-    """Error mapping, body limit and auth for one server."""
+def install_edge(
+    app: FastAPI, *, token: str | None = None, max_body: int = MAX_BODY_BYTES, public: Iterable[str] = ()
+) -> None:
+    """Error mapping, body limit and auth for one server (``public``: see :class:`BearerAuth`)."""
     app.add_exception_handler(RbeeError, _rbee_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimit, limit=max_body)
-    app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(BearerAuth, token=token, public=tuple(public))

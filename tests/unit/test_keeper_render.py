@@ -162,9 +162,9 @@ def test_end_line_reads_status_kind_and_message() -> None:
 
 
 def test_bad_input_exits_2_and_other_refusals_exit_1() -> None:
-    assert RequestRefused(422, "temperature: too high", field="temperature").exit_code == 2
-    assert RequestRefused(503, "no worker").exit_code == 1
-    assert RequestRefused(404, "no job").exit_code == 1
+    assert RequestRefused.of(422, "temperature: too high", field="temperature").exit_code == 2
+    assert RequestRefused.of(503, "no worker").exit_code == 1
+    assert RequestRefused.of(404, "no job").exit_code == 1
     assert one_line("a\n\tb\x1b") == "a b"
 
 

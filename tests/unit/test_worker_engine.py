@@ -140,6 +140,9 @@ class _StubLlama:
     def set_seed(self, seed: int) -> None:
         self.seed = seed
 
+    def reset(self) -> None:
+        pass
+
     def generate(self, tokens: list[int], **sampling: Any) -> Iterator[int]:
         assert sampling["min_p"] == 0.05 and sampling["repeat_penalty"] == 1.0
         self.prompts.append(list(tokens))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from rbee.errors import InvalidOperation
 
@@ -23,6 +23,8 @@ __all__ = [
     "OperationBase",
     "Status",
     "Infer",
+    "ChatMessage",
+    "CHAT_ROLES",
     "QueenCheck",
     "HiveList",
     "HiveCheck",
@@ -49,6 +51,7 @@ class _Limits:
     max_tokens = 131_072
     stop_strings = 4
     stop_chars = 100
+    messages = 1_024
     model_ref_chars = 256
     timeout_s = 86_400.0
 
@@ -132,10 +135,31 @@ class HiveList(OperationBase):
     operation: Literal["hive_list"] = "hive_list"
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation; the worker applies the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: str) -> str:
+        return check_prompt(v)
+
+
 class Infer(OperationBase):
+    """Generate text from ``prompt`` (raw text) or ``messages`` (a chat): exactly one of the two."""
+
     operation: Literal["infer"] = "infer"
     model: str = DEFAULT_MODEL
-    prompt: str
+    # Declared before ``prompt`` so the prompt's validator sees it.
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=LIMITS.messages)
+    prompt: str | None = Field(default=None, validate_default=True)
     max_tokens: int = Field(default=128, ge=1, le=LIMITS.max_tokens)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, ge=0.0, le=1.0)
@@ -154,10 +178,31 @@ class Infer(OperationBase):
     def _model(cls, v: str) -> str:
         return check_model_ref(v)
 
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if v is not None and sum(len(m.content) for m in v) > LIMITS.prompt_chars:
+            raise ValueError(f"the messages' contents must be at most {LIMITS.prompt_chars} characters together")
+        return v
+
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: str) -> str:
+    def _prompt(cls, v: str | None, info: ValidationInfo) -> str | None:
+        has_messages = info.data.get("messages") is not None
+        if v is None:
+            if not has_messages and "messages" in info.data:
+                raise ValueError("Field required (give either prompt or messages)")
+            return None
+        if has_messages:
+            raise ValueError("give either prompt or messages, not both")
         return check_prompt(v)
+
+    @property
+    def input_chars(self) -> int:
+        """Characters of input: the prompt, or the messages' contents."""
+        if self.messages is not None:
+            return sum(len(m.content) for m in self.messages)
+        return len(self.prompt or "")
 
     @field_validator("stop")
     @classmethod

@@ -411,9 +411,7 @@ def _job_row(job: dict[str, Any]) -> dict[str, Any]:
     error = job.get("error")
     return {
         **job,
-        "duration": None
-        if duration is None
-        else (f"{duration:.0f} ms" if duration < 10_000 else f"{duration / 1000:.1f} s"),
+        "duration": _duration(duration),
         "tokens": tokens,
         "error": one_line(f"{error.get('kind')}: {error.get('message')}", 80) if isinstance(error, dict) else None,
     }

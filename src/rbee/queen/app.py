@@ -21,10 +21,12 @@ from rbee.http import install_edge
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.registry import JobRegistry
 from rbee.narration import narrate
+from rbee.queen.openai import openai_router
 from rbee.queen.router import QueenRouter
 from rbee.queen.scheduler import Scheduler
 from rbee.queen.store import JobStore
 from rbee.queen.telemetry import Telemetry
+from rbee.queen.web import PUBLIC_PATHS, JobWatch, web_router
 
 __all__ = ["QueenSettings", "create_queen_app"]
 
@@ -65,8 +67,10 @@ class QueenState:
         )
         self.scheduler = Scheduler(self.telemetry, self.http, token=settings.token, queue_size=settings.queue_size)
         self.router = QueenRouter(self.telemetry, self.scheduler, self.http, settings.token)
+        # Jobs appearing and ending are written to the history, then shown on the web page.
+        self.watch = JobWatch(self.telemetry, on_create=self.store.created, on_end=self.store.ended)
         self.registry = JobRegistry(
-            actor="queen", ttl_s=settings.job_ttl_s, on_create=self.store.created, on_end=self.store.ended
+            actor="queen", ttl_s=settings.job_ttl_s, on_create=self.watch.created, on_end=self.watch.ended
         )
         self.jobs = JobServer(
             self.registry,
@@ -122,13 +126,15 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
             state.store.close()
 
     app = FastAPI(title="queen-rbee", version=__version__, lifespan=lifespan)
-    install_edge(app, token=settings.token)
+    install_edge(app, token=settings.token, public=PUBLIC_PATHS)
 
     def queen(request: Request) -> QueenState:
         state: QueenState = request.app.state.queen
         return state
 
     app.include_router(job_router(lambda request: queen(request).jobs))
+    app.include_router(openai_router())
+    app.include_router(web_router(queen))
 
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:

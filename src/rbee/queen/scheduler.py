@@ -219,7 +219,7 @@ class Scheduler:
 
     async def infer(self, op: Infer) -> None:
         job = current_job()
-        narrate("infer_start", f"Starting inference with {op.model}", model=op.model, prompt_chars=len(op.prompt))
+        narrate("infer_start", f"Starting inference with {op.model}", model=op.model, prompt_chars=op.input_chars)
         excluded: set[str] = set()
         retried = False
         while True:

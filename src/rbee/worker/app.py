@@ -173,7 +173,7 @@ class Worker:
             raise NoWorkerAvailable(f"worker {self.settings.worker_id} could not load its model: {self.error}")
         if not self.loaded:
             raise NoWorkerAvailable(f"worker {self.settings.worker_id} is still loading {self.model_id}")
-        tokens_in = self.engine.count_tokens(op.prompt)
+        tokens_in = self._count_input(op)
         n_ctx = self.engine.n_ctx
         if tokens_in + op.max_tokens > n_ctx:
             raise InvalidOperation(
@@ -191,6 +191,17 @@ class Worker:
                 retry_after_s=1,
             )
 
+    def _count_input(self, op: Infer) -> int:
+        """Prompt tokens of ``op``; a chat the model's template refuses is bad input."""
+        if op.messages is None:
+            return self.engine.count_tokens(op.prompt or "")
+        try:
+            return self.engine.count_chat_tokens(_messages(op))
+        except ValueError as exc:
+            raise InvalidOperation(
+                f"messages: the model's chat template refused them: {exc}", field="messages"
+            ) from None
+
     # -- execution -------------------------------------------------------
 
     async def execute(self, op: OperationBase) -> None:
@@ -198,7 +209,8 @@ class Worker:
             raise UnsupportedOperation(f"a worker runs only 'infer', not {op.name!r}")
         job = current_job()
         req = GenerationRequest(
-            prompt=op.prompt,
+            prompt=op.prompt or "",
+            messages=_messages(op) if op.messages is not None else None,
             max_tokens=op.max_tokens,
             temperature=op.temperature,
             top_p=op.top_p,
@@ -206,7 +218,7 @@ class Worker:
             seed=op.seed,
             stop=list(op.stop),
         )
-        outcome = GenerationOutcome(tokens_in=self.engine.count_tokens(op.prompt))
+        outcome = GenerationOutcome(tokens_in=self._count_input(op))
         gen_ms = 0.0
         try:
             if self._slots.locked():
@@ -243,6 +255,10 @@ class Worker:
             )
         finally:
             set_end_fields(**_numbers(outcome, gen_ms))
+
+
+def _messages(op: Infer) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in op.messages or ()]
 
 
 def _numbers(outcome: GenerationOutcome, gen_ms: float) -> dict[str, Any]:

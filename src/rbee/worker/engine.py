@@ -9,6 +9,10 @@ touches threads.
 * :class:`LlamaEngine` drives llama-cpp-python at token level with exactly the
   sampler settings ``Llama.create_completion`` uses by default, so greedy
   output through rbee equals ``create_completion(prompt, temperature=0)``.
+* A chat (``messages``) is turned into a prompt by llama-cpp-python's own
+  chat machinery, the handler ``Llama.create_chat_completion`` would use for
+  the model (its ``chat_format``, the GGUF's template, or the fallback), so
+  greedy chat output through rbee equals ``create_chat_completion``.
 * :class:`FakeEngine` is a scripted engine (pieces, per-token delay, failure
   after K tokens) for fast tests and overhead benchmarks. It is never the
   default.
@@ -27,6 +31,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "STOP_REASONS",
+    "ChatPrompt",
     "Engine",
     "FakeEngine",
     "GenerationOutcome",
@@ -49,6 +54,19 @@ class GenerationRequest:
     top_k: int = 40
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    #: A chat (``[{"role", "content"}]``) instead of ``prompt``; the engine applies the model's template.
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass
+class ChatPrompt:
+    """A chat rendered for one model: what ``create_chat_completion`` hands to ``create_completion``."""
+
+    tokens: list[int]
+    #: The caller's stop strings followed by the chat format's own.
+    stop: list[str]
+    #: The format's token-level stop test (llama-cpp-python's ``StoppingCriteriaList``), if any.
+    stopping_criteria: Any = None
 
 
 @dataclass
@@ -72,6 +90,10 @@ class Engine(Protocol):
     def load(self) -> None: ...
 
     def count_tokens(self, prompt: str) -> int: ...
+
+    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Prompt tokens of a chat; raises ``ValueError`` for a chat the model's template refuses."""
+        ...
 
     def generate(
         self, req: GenerationRequest, should_stop: Callable[[], bool], outcome: GenerationOutcome
@@ -192,6 +214,45 @@ class LlamaEngine:
     def count_tokens(self, prompt: str) -> int:
         return len(self.prompt_tokens(prompt))
 
+    def chat_prompt(self, messages: list[dict[str, str]], stop: Sequence[str] = ()) -> ChatPrompt:
+        """Render a chat exactly as ``create_chat_completion`` does for this model.
+
+        The model's chat handler runs as it would inside ``create_chat_completion``,
+        against a stand-in for the model that records the ``create_completion``
+        call it makes instead of generating: that call holds the prompt tokens,
+        the stop strings and the stopping criteria.
+        """
+        llm = self._llm
+        if llm is None:
+            raise RuntimeError("the model is not loaded")
+        from llama_cpp import llama_chat_format
+
+        handler: Any = (
+            llm.chat_handler
+            or llm._chat_handlers.get(llm.chat_format)
+            or llama_chat_format.get_chat_completion_handler(llm.chat_format)
+        )
+        recorder = _CompletionRecorder(llm)
+        # stream=True: the handler wraps the (empty) completion lazily and returns.
+        try:
+            handler(llama=recorder, messages=[dict(m) for m in messages], stop=list(stop), stream=True)
+        except Exception as exc:  # a template's raise_exception, a Jinja error: the chat is refused
+            raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+        call = recorder.call
+        if call is None:
+            raise ValueError(f"the chat format {llm.chat_format!r} of this model cannot be used for chats here")
+        prompt = call.get("prompt")
+        tokens = self.prompt_tokens(prompt) if isinstance(prompt, str) else list(prompt or [])
+        stops = call.get("stop") or []
+        return ChatPrompt(
+            tokens=tokens,
+            stop=[stops] if isinstance(stops, str) else list(stops),
+            stopping_criteria=call.get("stopping_criteria"),
+        )
+
+    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.chat_prompt(messages).tokens)
+
     def generate(
         self, req: GenerationRequest, should_stop: Callable[[], bool], outcome: GenerationOutcome
     ) -> Iterator[str]:
@@ -200,17 +261,28 @@ class LlamaEngine:
             raise RuntimeError("the model is not loaded")
         is_eog = self._llama_cpp.llama_vocab_is_eog
         vocab = llm._model.vocab
-        tokens = self.prompt_tokens(req.prompt)
+        stopping_criteria = None
+        if req.messages is not None:
+            chat = self.chat_prompt(req.messages, req.stop)
+            tokens, stop_strings, stopping_criteria = chat.tokens, chat.stop, chat.stopping_criteria
+        else:
+            tokens, stop_strings = self.prompt_tokens(req.prompt), req.stop
         outcome.tokens_in = len(tokens)
         outcome.stop_reason = "cancelled"
         llm.set_seed(req.seed if req.seed is not None else random.randint(0, 2**32 - 1))
+        # Each request is evaluated from a clean state. llama.cpp's logits depend
+        # on how the prompt is batched, so reusing the previous request's cached
+        # prefix (what Llama.generate does by default) makes greedy output depend
+        # on whatever ran before; from scratch it equals a fresh create_completion.
+        llm.reset()
         # Decoding errors are dropped, as create_completion does with the full text.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        stops = StopScanner(req.stop)
+        stops = StopScanner(stop_strings)
         # create_completion starts an empty prompt's completion with BOS, and
         # detokenize() then drops one leading space of the text.
-        strip_space = not req.prompt
+        strip_space = req.messages is None and not req.prompt
         started = time.perf_counter()
+        extra: dict[str, Any] = {} if stopping_criteria is None else {"stopping_criteria": stopping_criteria}
         tokens_iter = llm.generate(
             tokens,
             top_k=req.top_k,
@@ -225,6 +297,7 @@ class LlamaEngine:
             mirostat_mode=0,
             mirostat_tau=5.0,
             mirostat_eta=0.1,
+            **extra,
         )
         try:
             while True:
@@ -234,7 +307,10 @@ class LlamaEngine:
                 if should_stop():
                     outcome.stop_reason = "cancelled"
                     return
-                token = next(tokens_iter)
+                token = next(tokens_iter, None)
+                if token is None:  # the chat format's stopping criteria ended it
+                    outcome.stop_reason = "stop"
+                    break
                 if outcome.tokens_out == 0:
                     outcome.prefill_ms = (time.perf_counter() - started) * 1000.0
                 if is_eog(vocab, token):
@@ -258,6 +334,21 @@ class LlamaEngine:
                 yield tail
         finally:
             tokens_iter.close()
+
+
+class _CompletionRecorder:
+    """Stands in for a ``Llama`` inside a chat handler and records its ``create_completion`` call."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self.call: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def create_completion(self, prompt: Any = None, **kwargs: Any) -> Iterator[Any]:
+        self.call = {"prompt": prompt, **kwargs}
+        return iter(())
 
 
 class FakeEngine:
@@ -303,10 +394,21 @@ class FakeEngine:
     def count_tokens(self, prompt: str) -> int:
         return len(prompt.split())
 
+    @staticmethod
+    def chat_text(messages: list[dict[str, str]]) -> str:
+        """A plain stand-in for a chat template: one ``role: content`` line per turn."""
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+        return self.count_tokens(self.chat_text(messages))
+
     def generate(
         self, req: GenerationRequest, should_stop: Callable[[], bool], outcome: GenerationOutcome
     ) -> Iterator[str]:
-        outcome.tokens_in = self.count_tokens(req.prompt)
+        if req.messages is not None:
+            outcome.tokens_in = self.count_chat_tokens(req.messages)
+        else:
+            outcome.tokens_in = self.count_tokens(req.prompt)
         outcome.stop_reason = "cancelled"
         stops = StopScanner(req.stop)
         started = time.perf_counter()

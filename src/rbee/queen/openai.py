@@ -1,0 +1,602 @@
+"""The OpenAI-compatible API on the queen: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+Every request becomes an ordinary ``infer`` job in the queen's registry, so it
+is admitted, scheduled, queued, narrated, cancellable (``DELETE /v1/jobs/{id}``)
+and kept in the history like any other; the ``x-rbee-job-id`` header names it.
+The endpoints read the job's events in process and translate them:
+
+* not streaming: the answer is sent once the job has ended;
+* streaming: the response starts with the first token (or the end, whichever
+  comes first), so anything that fails before a token is generated -- a worker
+  that refuses the prompt, a queue that overflowed -- is still answered with a
+  proper status. After that, a failure is sent as an error chunk
+  (``data: {"error": {...}}``) and the stream closes without ``[DONE]``.
+
+A client that goes away cancels its job, which frees the worker.
+
+Defaults follow OpenAI's: ``temperature`` 1, ``top_p`` 1, ``n`` 1;
+``max_tokens`` defaults to 16 for completions (as OpenAI documents) and to
+:data:`DEFAULT_CHAT_MAX_TOKENS` for chats (rbee needs a bound to admit a job).
+Options rbee cannot honour (``n`` > 1, ``logprobs``, ``tools``, penalties,
+``logit_bias``...) are refused by name with ``400`` rather than ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from rbee import errors
+from rbee.contracts.operations import Infer, parse_operation
+from rbee.jobs.job import Job
+from rbee.narration import bound, narrate
+
+if TYPE_CHECKING:
+    from rbee.queen.app import QueenState
+
+__all__ = [
+    "DEFAULT_CHAT_MAX_TOKENS",
+    "DEFAULT_COMPLETION_MAX_TOKENS",
+    "JOB_ID_HEADER",
+    "openai_error_body",
+    "openai_router",
+]
+
+JOB_ID_HEADER = "x-rbee-job-id"
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+DEFAULT_CHAT_MAX_TOKENS = 1024
+
+_DONE = b"data: [DONE]\n\n"
+_CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the log does
+
+T = TypeVar("T")
+
+# -- errors ------------------------------------------------------------------
+
+_STATUS_BY_KIND: dict[str, int] = {
+    cls.kind: cls.status_code
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, errors.RbeeError) and cls is not errors.RbeeError
+}
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def openai_error_body(message: str, *, status: int, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+
+
+def _status_of(kind: str) -> int:
+    status = _STATUS_BY_KIND.get(kind, 500)
+    # OpenAI answers bad input with 400; rbee's 422 means the same here.
+    return 400 if status == 422 else status
+
+
+def _error_response(
+    message: str, *, status: int, code: str | None, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(openai_error_body(message, status=status, code=code, param=param), status, headers=headers)
+
+
+def _rbee_error_response(exc: errors.RbeeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    status = 400 if exc.status_code == 422 else exc.status_code
+    param = None
+    if isinstance(exc, errors.InvalidOperation):
+        param = _param_name(exc.field)
+    elif isinstance(exc, errors.ModelNotFound):
+        param = "model"
+    headers = dict(headers or {})
+    if isinstance(exc, errors.QueueFull):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return _error_response(exc.message, status=status, code=exc.kind, param=param, headers=headers)
+
+
+def _end_error_response(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
+    """The answer for a job that ended unsuccessfully before its first token."""
+    error = end.get("error") or {}
+    kind = str(error.get("kind") or end.get("status") or "internal")
+    message = str(error.get("message") or f"the job ended {end.get('status')}")
+    status = _status_of(kind)
+    if kind == "queue_full":
+        headers = {**headers, "Retry-After": "2"}
+    return _error_response(message, status=status, code=kind, headers=headers)
+
+
+def _param_name(field: str | None) -> str | None:
+    """``messages.0.content`` (pydantic) -> ``messages[0].content`` (OpenAI)."""
+    if not field or field == "operation":
+        return None
+    parts = field.split(".")
+    out = parts[0]
+    for part in parts[1:]:
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+# -- requests ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One validated request: the job to run and how to answer."""
+
+    op: Infer
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        raise _BadRequest(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", name)
+    return value
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    def refuse(param: str, why: str) -> None:
+        raise _BadRequest(f"{param}: {why}", param)
+
+    n = body.get("n")
+    if n is not None and n != 1:
+        refuse("n", "only n=1 is supported")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        refuse("best_of", "only best_of=1 is supported")
+    if body.get("echo"):
+        refuse("echo", "echo is not supported")
+    if body.get("suffix"):
+        refuse("suffix", "suffix (insertion) is not supported")
+    if chat:
+        if body.get("logprobs"):
+            refuse("logprobs", "logprobs are not supported")
+    elif body.get("logprobs") is not None:
+        refuse("logprobs", "logprobs are not supported")
+    if body.get("top_logprobs") is not None:
+        refuse("top_logprobs", "logprobs are not supported")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            refuse(name, "tool and function calling are not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            refuse(name, "only 0 is supported")
+    if body.get("logit_bias"):
+        refuse("logit_bias", "logit_bias is not supported")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        refuse("response_format", "only the text response format is supported")
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise _BadRequest("messages must be a non-empty list of {role, content}", "messages")
+    out = []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _BadRequest(f"{where} must be an object with role and content", where)
+        role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for the system turn
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise _BadRequest(
+                f"{where}.role: {role!r} is not supported (system, developer, user, assistant)", f"{where}.role"
+            )
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _BadRequest(f"{where}.content[{j}]: only text parts are supported", f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise _BadRequest(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt(raw: Any) -> str:
+    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        return raw[0]
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list) and len(raw) > 1 and all(isinstance(p, str) for p in raw):
+        raise _BadRequest("prompt: one prompt per request is supported, not a batch", "prompt")
+    raise _BadRequest("prompt must be a string (token arrays are not supported)", "prompt")
+
+
+def _parse(body: Any, chat: bool) -> _Call:
+    if not isinstance(body, dict):
+        raise _BadRequest("the body must be a JSON object", None)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _BadRequest("model is required (a model id or alias, see GET /v1/models)", "model")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _BadRequest("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _BadRequest("stream_options must be an object", "stream_options")
+    include_usage = bool((options or {}).get("include_usage"))
+    _refuse_unsupported(body, chat)
+    max_tokens = _number(body, "max_completion_tokens", integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", integer=True)
+    if max_tokens is None:
+        max_tokens = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    fields: dict[str, Any] = {
+        "operation": "infer",
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": _number(body, "temperature"),
+        "top_p": _number(body, "top_p"),
+        "top_k": _number(body, "top_k", integer=True),
+        "seed": _number(body, "seed", integer=True),
+        "stop": stop,
+    }
+    # OpenAI's defaults, not rbee's.
+    fields["temperature"] = 1.0 if fields["temperature"] is None else fields["temperature"]
+    fields["top_p"] = 1.0 if fields["top_p"] is None else fields["top_p"]
+    if chat:
+        fields["messages"] = _messages(body.get("messages"))
+    else:
+        if "prompt" not in body:
+            raise _BadRequest("prompt is required", "prompt")
+        fields["prompt"] = _prompt(body["prompt"])
+    op = parse_operation({k: v for k, v in fields.items() if v is not None})
+    assert isinstance(op, Infer)
+    return _Call(op=op, chat=chat, model=model, stream=stream, include_usage=include_usage)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _BadRequest(f"the body is not valid JSON: {exc}", None) from None
+
+
+# -- the job's events ----------------------------------------------------------
+
+
+async def _job_events(job: Job) -> AsyncIterator[tuple[str, Any]]:
+    """``("token", text)`` for each token, then ``("end", end_data)``."""
+    async for _id, kind, data in job.stream():
+        if kind == "token":
+            yield "token", json.loads(data)["t"]
+        elif kind == "end":
+            yield "end", json.loads(data)
+            return
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await ``work`` unless the client leaves first: ``(True, result)`` or ``(False, None)``."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task.cancelled():
+        return False, None
+    return True, task.result()
+
+
+def _abandon(state: QueenState, job: Job) -> None:
+    """The client left: cancel its job so the worker is freed."""
+    if not job.done and job.cancel_reason is None:
+        try:
+            state.registry.cancel(job.id, "client disconnected")
+        except errors.JobConflict:
+            pass
+
+
+def _finish_reason(end: dict[str, Any]) -> str:
+    return "length" if end.get("stop_reason") == "max_tokens" else "stop"
+
+
+def _usage(end: dict[str, Any]) -> dict[str, int]:
+    prompt = int(end.get("tokens_in") or 0)
+    completion = int(end.get("tokens_out") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# -- answers -----------------------------------------------------------------
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Format:
+    """The OpenAI objects of one answer (chat or text completion)."""
+
+    def __init__(self, call: _Call, job: Job) -> None:
+        self.chat = call.chat
+        self.include_usage = call.include_usage
+        uid = job.id.removeprefix("job-").replace("-", "")
+        self.id = f"chatcmpl-{uid}" if call.chat else f"cmpl-{uid}"
+        self.created = int(job.created_at)
+        self.model = call.model
+        self.object = "chat.completion.chunk" if call.chat else "text_completion"
+        head = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        if call.chat:
+            head["system_fingerprint"] = None
+        head_json = _dumps(head)[:-1]
+        usage_tail = ',"usage":null' if self.include_usage else ""
+        if call.chat:
+            self._token_prefix = f'data: {head_json},"choices":[{{"index":0,"delta":{{"content":'
+            self._token_suffix = f'}},"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n'
+        else:
+            self._token_prefix = f'data: {head_json},"choices":[{{"text":'
+            self._token_suffix = f',"index":0,"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n'
+        self._head = head
+
+    # streaming
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = ...) -> bytes:
+        obj = {**self._head, "choices": choices}
+        if usage is not ...:
+            obj["usage"] = usage
+        elif self.include_usage:
+            obj["usage"] = None
+        return f"data: {_dumps(obj)}\n\n".encode()
+
+    def opening(self) -> bytes | None:
+        if not self.chat:
+            return None
+        delta = {"role": "assistant", "content": ""}
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def token(self, text: str) -> bytes:
+        return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
+
+    def closing(self, end: dict[str, Any]) -> bytes:
+        reason = _finish_reason(end)
+        if self.chat:
+            return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        return self._chunk([{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, end: dict[str, Any]) -> bytes:
+        return self._chunk([], usage=_usage(end))
+
+    # not streaming
+
+    def whole(self, text: str, end: dict[str, Any]) -> dict[str, Any]:
+        reason = _finish_reason(end)
+        if self.chat:
+            message = {"role": "assistant", "content": text, "refusal": None}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            obj = {**self._head, "object": "chat.completion"}
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+            obj = dict(self._head)
+        return {**obj, "choices": [choice], "usage": _usage(end)}
+
+
+def _error_chunk(end: dict[str, Any]) -> bytes:
+    error = end.get("error") or {}
+    kind = str(error.get("kind") or end.get("status") or "internal")
+    message = str(error.get("message") or f"the job ended {end.get('status')}")
+    body = openai_error_body(message, status=_status_of(kind), code=kind)
+    return f"data: {_dumps(body)}\n\n".encode()
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep="\n")
+
+
+async def _stream(
+    state: QueenState, job: Job, fmt: _Format, first: tuple[str, Any], events: AsyncIterator[tuple[str, Any]]
+) -> AsyncIterator[bytes]:
+    try:
+        opening = fmt.opening()
+        if opening is not None:
+            yield opening
+        kind, data = first
+        while kind == "token":
+            yield fmt.token(data)
+            kind, data = await anext(events)
+        end = data
+        if end.get("status") == "completed":
+            yield fmt.closing(end)
+            if fmt.include_usage:
+                yield fmt.usage(end)
+            yield _DONE
+        else:
+            # The failure is the last thing said: no [DONE] after it.
+            yield _error_chunk(end)
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        _abandon(state, job)
+
+
+# -- endpoints -----------------------------------------------------------------
+
+
+def _state(request: Request) -> QueenState:
+    state: QueenState = request.app.state.queen
+    return state
+
+
+async def _complete(request: Request, chat: bool) -> Response:
+    state = _state(request)
+    try:
+        call = _parse(await _json_body(request), chat)
+        job = await state.jobs.submit(call.op)
+    except _BadRequest as exc:
+        return _error_response(exc.message, status=400, code="invalid_request", param=exc.param)
+    except errors.RbeeError as exc:
+        return _rbee_error_response(exc)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    with bound(job, actor="queen"):
+        narrate(
+            "openai_request",
+            f"OpenAI {path} request for {call.model}{' (streaming)' if call.stream else ''}",
+            path=path,
+            stream=call.stream,
+        )
+    headers = {JOB_ID_HEADER: job.id}
+    fmt = _Format(call, job)
+    events = _job_events(job)
+    try:
+        if call.stream:
+            # Wait for the first token or the end, so a failure before any
+            # output is still answered with its status.
+            present, first = await _unless_disconnected(request, anext(events))
+        else:
+            present, first = await _unless_disconnected(request, _collect(events))
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        _abandon(state, job)
+        raise
+    if not present or first is None:
+        await events.aclose()  # type: ignore[attr-defined]
+        _abandon(state, job)
+        return Response(status_code=_CLIENT_GONE, headers=headers)
+    if not call.stream:
+        text, end = first
+        if end.get("status") != "completed":
+            return _end_error_response(end, headers)
+        return JSONResponse(fmt.whole(text, end), headers=headers)
+    kind, data = first
+    if kind == "end" and data.get("status") != "completed":
+        await events.aclose()  # type: ignore[attr-defined]
+        return _end_error_response(data, headers)
+    return EventSourceResponse(
+        _stream(state, job, fmt, first, events),
+        ping=state.settings.ping_interval_s,
+        ping_message_factory=_ping,
+        sep="\n",
+        headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _collect(events: AsyncIterator[tuple[str, Any]]) -> tuple[str, dict[str, Any]]:
+    parts: list[str] = []
+    async for kind, data in events:
+        if kind == "token":
+            parts.append(data)
+        else:
+            return "".join(parts), data
+    raise errors.RbeeError("the job's stream ended without an end event")  # pragma: no cover
+
+
+def _model_list(state: QueenState) -> list[dict[str, Any]]:
+    """Every model an online hive has in its catalog or a worker of it serves."""
+    entries: dict[str, dict[str, Any]] = {}
+
+    def entry(model_id: str, created: float) -> dict[str, Any]:
+        found = entries.get(model_id)
+        if found is None:
+            found = entries[model_id] = {
+                "id": model_id,
+                "object": "model",
+                "created": int(created),
+                "owned_by": "rbee",
+                "aliases": [],
+                "hives": [],
+                "workers": 0,
+            }
+        found["created"] = min(found["created"], int(created))
+        return found
+
+    def add(found: dict[str, Any], key: str, value: str) -> None:
+        if value and value != found["id"] and value not in found[key]:
+            found[key].append(value)
+
+    for hive in state.telemetry.fresh_hives():
+        for model in hive.models:
+            found = entry(model.id, hive.first_seen)
+            if model.alias:
+                add(found, "aliases", model.alias)
+            if hive.hive_id not in found["hives"]:
+                found["hives"].append(hive.hive_id)
+        for worker in hive.workers.values():
+            report = worker.report
+            found = entry(report.model, hive.first_seen)
+            for alias in report.model_aliases:
+                add(found, "aliases", alias)
+            if hive.hive_id not in found["hives"]:
+                found["hives"].append(hive.hive_id)
+            if report.state in ("ready", "busy"):
+                found["workers"] += 1
+    return sorted(entries.values(), key=lambda e: e["id"])
+
+
+def openai_router() -> APIRouter:
+    router = APIRouter(tags=["openai"])
+
+    @router.get("/v1/models", summary="Models the cluster can serve (OpenAI list)")
+    async def list_models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": _model_list(_state(request))}
+
+    @router.get("/v1/models/{model:path}", summary="One model (OpenAI model object)", response_model=None)
+    async def get_model(request: Request, model: str) -> dict[str, Any] | JSONResponse:
+        for found in _model_list(_state(request)):
+            if model == found["id"] or model in found["aliases"]:
+                return found
+        return _error_response(f"no hive has a model {model!r}", status=404, code="model_not_found", param="model")
+
+    @router.post(
+        "/v1/completions",
+        summary="Text completion (OpenAI)",
+        response_model=None,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
+    )
+    async def completions(request: Request) -> Response:
+        return await _complete(request, chat=False)
+
+    @router.post(
+        "/v1/chat/completions",
+        summary="Chat completion (OpenAI)",
+        response_model=None,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
+    )
+    async def chat_completions(request: Request) -> Response:
+        return await _complete(request, chat=True)
+
+    return router

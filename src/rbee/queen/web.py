@@ -1,0 +1,319 @@
+"""The queen's web page: a static shell and a live feed of the cluster.
+
+``GET /`` and ``GET /static/{name}`` serve the page shipped in the package
+(no build step). They are the only paths besides ``/health`` reachable without
+the queen's token: a browser navigation cannot send an ``Authorization``
+header, and a token in the URL would leak into history, logs and referrers.
+The shell holds no cluster data; it asks for the token, keeps it for the tab
+and sends it as a bearer header on every request, SSE included.
+
+``GET /v1/cluster/events`` is an SSE stream of ``cluster`` snapshots: hives,
+workers (with the queen job each one runs), queue depth per model, models,
+recent jobs. A snapshot is sent when something changed (a heartbeat, a job
+created or ended, a worker chosen) and at least every :data:`KEEPALIVE_S`, so
+the page never polls and notices a dead connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from rbee.errors import RbeeError
+from rbee.jobs.job import Job
+from rbee.queen.telemetry import Telemetry
+
+__all__ = ["JobWatch", "cluster_snapshot", "web_router", "PUBLIC_PATHS", "TICK_S", "KEEPALIVE_S"]
+
+#: Paths served without the token (see :class:`rbee.http.BearerAuth`).
+PUBLIC_PATHS = ("/", "/static/*")
+#: How often a connected page's snapshot is rebuilt to catch changes nobody announces (stale hives, queue moves).
+TICK_S = 1.0
+#: The longest a page goes without a snapshot.
+KEEPALIVE_S = 5.0
+#: Recent jobs per snapshot.
+RECENT_JOBS = 15
+#: Bursts of changes (a job ending, then a heartbeat) go out as one frame.
+_COALESCE_S = 0.05
+
+_STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
+_SECURITY_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+}
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+@dataclass
+class _Live:
+    """What a running job's narration has said so far about where it is."""
+
+    job: Job
+    pos: int = 0
+    phase: str = "starting"
+    model: str | None = None
+    worker_id: str | None = None
+    hive_id: str | None = None
+
+
+_PHASES = {
+    "infer_schedule": "scheduling",
+    "infer_queued": "queued",
+    "infer_spawn": "spawning a worker",
+    "infer_spawn_wait": "spawning a worker",
+    "infer_worker": "worker chosen",
+    "infer_dispatch": "dispatched",
+    "infer_retry": "retrying",
+}
+
+
+class JobWatch:
+    """The queen's job hooks: bookkeeping first, then tell the page.
+
+    Wraps the history's ``on_create``/``on_end`` so a job appearing or ending
+    wakes every cluster stream, and keeps the running jobs to learn, from their
+    own narration, which worker each one runs on.
+    """
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        *,
+        on_create: Callable[[Job], None] | None = None,
+        on_end: Callable[[Job, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.telemetry = telemetry
+        self.on_create = on_create
+        self.on_end = on_end
+        self._live: dict[str, _Live] = {}
+
+    def created(self, job: Job) -> None:
+        if self.on_create is not None:
+            self.on_create(job)
+        self._live[job.id] = _Live(job)
+        self.telemetry.notify()
+
+    def ended(self, job: Job, end: dict[str, Any]) -> None:
+        self._live.pop(job.id, None)
+        try:
+            if self.on_end is not None:
+                self.on_end(job, end)
+        finally:
+            self.telemetry.notify()
+
+    def live(self) -> list[_Live]:
+        """The running jobs, their narration read up to now (only what is new)."""
+        for live in self._live.values():
+            self._follow(live)
+        return list(self._live.values())
+
+    def _follow(self, live: _Live) -> None:
+        events = live.job.events
+        for _, kind, data in events[live.pos :]:
+            if kind != "narration" or live.job.tokens:
+                continue
+            event = json.loads(data)
+            if event.get("actor") != "queen":
+                continue
+            action = event.get("action")
+            if action == "infer_start":
+                live.model = event.get("model")
+            live.phase = _PHASES.get(action, live.phase)
+            if action == "infer_worker":
+                live.worker_id = event.get("worker_id")
+                live.hive_id = event.get("hive_id")
+        live.pos = len(events)
+        if live.job.tokens:
+            live.phase = "streaming"
+
+
+def _prompt_preview(payload: dict[str, Any]) -> str | None:
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str):
+        return None
+    line = " ".join(prompt.split())
+    return line if len(line) <= 80 else line[:79] + "\u2026"
+
+
+def _models(hives: list[dict[str, Any]], workers: list[dict[str, Any]], queues: dict[str, int]) -> list[dict[str, Any]]:
+    """One entry per model, named as people type it (the alias when there is one)."""
+    models: dict[str, dict[str, Any]] = {}
+    name_of: dict[str, str] = {}  # any id or alias -> the entry's name
+
+    def entry(name: str, model_id: str) -> dict[str, Any]:
+        name_of.setdefault(model_id, name)
+        name_of.setdefault(name, name)
+        return models.setdefault(name, {"name": name, "id": model_id, "hives": [], "workers": 0, "queue": 0})
+
+    for hive in hives:
+        for m in hive["models"]:
+            entry(m.get("alias") or m["id"], m["id"])["hives"].append(hive["hive_id"])
+    for w in workers:
+        known = [name_of[n] for n in (w["model"], *w["aliases"]) if n in name_of]
+        name = known[0] if known else (w["aliases"] or [w["model"]])[0]
+        entry(name, w["model"])["workers"] += 1
+    for asked, depth in queues.items():
+        entry(name_of.get(asked, asked), asked)["queue"] += depth
+    return sorted(models.values(), key=lambda m: m["name"])
+
+
+def cluster_snapshot(state: Any) -> dict[str, Any]:
+    """Everything the page shows, from the queen's own state (no I/O but the history)."""
+    telemetry: Telemetry = state.telemetry
+    snap = telemetry.snapshot()
+    live = {entry.job.id: entry for entry in state.watch.live()}
+    on_worker = {entry.worker_id: entry for entry in live.values() if entry.worker_id}
+    for hive in snap["hives"]:
+        hive.pop("last_heartbeat_s_ago", None)  # the page ages it; a changing number would defeat change detection
+    workers = []
+    for w in snap["workers"]:
+        entry = on_worker.get(w["worker_id"])
+        workers.append(
+            {
+                "worker_id": w["worker_id"],
+                "hive_id": w["hive_id"],
+                "hive_state": w["hive_state"],
+                "model": w["model"],
+                "aliases": w.get("model_aliases", []),
+                "device": w.get("device"),
+                "state": "busy" if entry is not None and w["state"] == "ready" else w["state"],
+                "pid": w.get("pid"),
+                "url": w.get("url"),
+                "slots": w.get("slots"),
+                "started_at": w.get("started_at"),
+                "current_job": entry.job.id if entry is not None else None,
+            }
+        )
+    queues: dict[str, int] = state.scheduler.queue_depths()
+    models = _models(snap["hives"], workers, queues)
+    jobs = []
+    for record in state.store.recent(RECENT_JOBS):
+        entry = live.get(record["job_id"])
+        payload = record.get("payload") or {}
+        job = {
+            "job_id": record["job_id"],
+            "operation": record["operation"],
+            "status": record["status"],
+            "created_at": record["created_at"],
+            "duration_ms": record.get("duration_ms"),
+            "tokens_out": record.get("tokens_out"),
+            "error": record.get("error"),
+            "model": payload.get("model"),
+            "prompt": _prompt_preview(payload),
+            "worker_id": record.get("worker_id"),
+            "hive_id": record.get("hive_id"),
+        }
+        if entry is not None:
+            job.update(
+                status=entry.job.status.value,
+                phase=entry.phase,
+                tokens_out=entry.job.tokens,
+                worker_id=entry.worker_id,
+                hive_id=entry.hive_id,
+            )
+        jobs.append(job)
+    return {
+        "hives": snap["hives"],
+        "workers": workers,
+        "queues": queues,
+        "models": models,
+        "jobs": jobs,
+        "jobs_live": len(live),
+    }
+
+
+async def _snapshots(state: Any, *, tick_s: float, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
+    # The response ends this generator when the client goes or the server shuts down.
+    telemetry: Telemetry = state.telemetry
+    last = ""
+    sent_at = float("-inf")
+    seq = 0
+    while True:
+        body = _dumps(cluster_snapshot(state))
+        now = time.monotonic()
+        if body != last or now - sent_at >= keepalive_s:
+            seq += 1
+            last, sent_at = body, now
+            # ``now`` lets the page age heartbeats against the queen's clock, not its own.
+            data = body[:-1] + f',"now":{time.time():.3f}}}'
+            yield ServerSentEvent(data=data, event="cluster", id=str(seq), sep="\n")
+        wait = min(tick_s, max(0.0, keepalive_s - (time.monotonic() - sent_at)))
+        await telemetry.changed(wait)
+        await asyncio.sleep(_COALESCE_S)
+
+
+class _Asset:
+    __slots__ = ("body", "etag", "media_type")
+
+    def __init__(self, name: str) -> None:
+        self.body = (resources.files("rbee.queen") / "static" / name).read_bytes()
+        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:16] + '"'
+        self.media_type = _STATIC[name] + "; charset=utf-8"
+
+    def response(self, request: Request) -> Response:
+        headers = {**_SECURITY_HEADERS, "ETag": self.etag}
+        if request.headers.get("if-none-match") == self.etag:
+            return Response(status_code=304, headers=headers)
+        return Response(self.body, media_type=self.media_type, headers=headers)
+
+
+class _NoAsset(RbeeError):
+    """No such file in the web page."""
+
+    status_code = 404
+    kind = "not_found"
+
+
+def web_router(
+    get_state: Callable[[Request], Any], *, tick_s: float = TICK_S, keepalive_s: float = KEEPALIVE_S
+) -> APIRouter:
+    """The page (``/``, ``/static/...``) and the cluster feed (``/v1/cluster/events``)."""
+    router = APIRouter(tags=["web"])
+    assets: dict[str, _Asset] = {}
+
+    def asset(name: str) -> _Asset:
+        if name not in _STATIC:
+            raise _NoAsset(f"no file {name!r} in the web page")
+        if name not in assets:  # read once, on first use
+            assets[name] = _Asset(name)
+        return assets[name]
+
+    @router.get("/", include_in_schema=False)
+    async def index(request: Request) -> Response:
+        return asset("index.html").response(request)
+
+    @router.get("/static/{name}", include_in_schema=False)
+    async def static(request: Request, name: str) -> Response:
+        return asset(name).response(request)
+
+    @router.get(
+        "/v1/cluster/events",
+        summary="Cluster snapshots (text/event-stream), on change and at least every few seconds",
+        response_class=Response,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def cluster_events(request: Request) -> EventSourceResponse:
+        state = get_state(request)
+        return EventSourceResponse(
+            _snapshots(state, tick_s=tick_s, keepalive_s=keepalive_s),
+            ping=0,  # snapshots themselves arrive at least every keepalive_s
+            sep="\n",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    return router
