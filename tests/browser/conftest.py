@@ -20,7 +20,9 @@ from browser.support import CHROMIUM_ARGS, DOCS_SCREENSHOTS, FAKE_ENV, LAPTOP, O
 from cluster import Daemon, free_port, hive, queen, wait_for
 
 
-@pytest.fixture(scope="session")
+# Module scope: while Playwright's sync API is active it keeps an event loop
+# running on this thread, which the asyncio tests of other folders cannot share.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     executable = chromium_path()
     if executable is None:

@@ -161,3 +161,40 @@ def test_history_survives_in_jobs_list(cluster: dict[str, Daemon]) -> None:
 
 def test_home_is_isolated(cluster: dict[str, Daemon]) -> None:
     assert Path(cluster["queen"].home, "queen.sqlite").exists()
+
+
+def test_metrics_are_scraped_and_parsed(cluster: dict[str, Daemon]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = cluster["queen"].url
+    asyncio.run(asyncio.wait_for(_run(url, INFER), 60))
+    response = httpx.get(url + "/metrics")
+    assert response.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    names = {name for name, _ in samples}
+    assert all(n.startswith("rbee_") for n in names if not n.startswith(("python_", "process_")))
+    assert samples[("rbee_jobs_finished_total", (("operation", "infer"), ("status", "completed")))] >= 1
+    assert samples[("rbee_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("rbee_hives", (("state", "online"),))] == 1
+    assert any(name == "rbee_workers" for name, _ in samples)
+    assert "rbee_queue_depth" in {f.name for f in text_string_to_metric_families(response.text)}
+    assert "rbee_active_streams" in names
+
+
+def test_job_timeline_shows_each_step_with_its_time(cluster: dict[str, Daemon]) -> None:
+    url = cluster["queen"].url
+    events = asyncio.run(asyncio.wait_for(_run(url, INFER), 60))
+    job_id = _end(events)["job_id"]
+    timeline = httpx.get(f"{url}/v1/jobs/{job_id}").json()["timeline"]
+    steps = [row["step"] for row in timeline]
+    assert steps[0] == "created" and steps[-1] == "end (completed)"
+    for step in ("started", "scheduling", "worker chosen", "dispatched", "first token"):
+        assert step in steps
+    assert steps.index("worker chosen") < steps.index("first token")
+    ats = [row["at_ms"] for row in timeline]
+    assert ats == sorted(ats)
+    assert all(row["took_ms"] is not None for row in timeline[:-1])

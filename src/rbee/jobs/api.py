@@ -21,6 +21,7 @@ from rbee.contracts.operations import OperationBase, parse_operation
 from rbee.errors import JobConflict, JobNotFound
 from rbee.jobs.job import Job
 from rbee.jobs.registry import Executor, JobRegistry
+from rbee.jobs.timeline import timeline
 
 __all__ = ["JobServer", "job_router", "PING_INTERVAL_S", "MAX_BODY_BYTES"]
 
@@ -59,6 +60,7 @@ class JobServer:
         self.history_list = history_list
         self.history_events = history_events
         self.ping_interval_s = ping_interval_s
+        self.active_streams = 0
 
     async def submit(self, operation: OperationBase) -> Job:
         if self.admit is not None:
@@ -71,10 +73,13 @@ class JobServer:
     def describe(self, job_id: str) -> dict[str, Any]:
         job = self.registry.find(job_id)
         if job is not None:
-            return job.summary()
+            return {**job.summary(), "timeline": timeline(job.events, job.created_at)}
         if self.history is not None:
             record = self.history(job_id)
             if record is not None:
+                events = self.history_events(job_id) if self.history_events is not None else None
+                if events:
+                    record["timeline"] = timeline(events, record["created_at"])
                 return record
         raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
 
@@ -186,10 +191,12 @@ async def _replay(events: list[tuple[int, str, str]], after: int) -> AsyncIterat
 
 
 async def _frames(server: JobServer, job: Job, after: int, cancel_on_disconnect: bool) -> AsyncIterator[Any]:
+    server.active_streams += 1
     try:
         async for event_id, kind, data in job.stream(after):
             yield _frame(event_id, kind, data)
         yield _DONE_FRAME
     finally:
+        server.active_streams -= 1
         if cancel_on_disconnect and not job.done and job.cancel_reason is None:
             server.registry.cancel(job.id, "client disconnected")

@@ -13,14 +13,18 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from rbee import __version__
 from rbee.config import QUEEN_PORT, rbee_home
 from rbee.contracts.cluster import Heartbeat
 from rbee.http import install_edge
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
+from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry
 from rbee.narration import narrate
+from rbee.queen.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from rbee.queen.metrics import QueenMetrics
 from rbee.queen.openai import openai_router
 from rbee.queen.router import QueenRouter
 from rbee.queen.scheduler import Scheduler
@@ -68,7 +72,8 @@ class QueenState:
         self.scheduler = Scheduler(self.telemetry, self.http, token=settings.token, queue_size=settings.queue_size)
         self.router = QueenRouter(self.telemetry, self.scheduler, self.http, settings.token)
         # Jobs appearing and ending are written to the history, then shown on the web page.
-        self.watch = JobWatch(self.telemetry, on_create=self.store.created, on_end=self.store.ended)
+        self.metrics = QueenMetrics(self)
+        self.watch = JobWatch(self.telemetry, on_create=self.store.created, on_end=self._job_ended)
         self.registry = JobRegistry(
             actor="queen", ttl_s=settings.job_ttl_s, on_create=self.watch.created, on_end=self.watch.ended
         )
@@ -83,6 +88,10 @@ class QueenState:
         )
         self.started_at = time.time()
         self.local_hive: Any = None
+
+    def _job_ended(self, job: Job, end: dict[str, Any]) -> None:
+        self.store.ended(job, end)
+        self.metrics.job_ended(job, end)
 
     async def sweep_forever(self) -> None:
         while True:
@@ -135,6 +144,10 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     app.include_router(job_router(lambda request: queen(request).jobs))
     app.include_router(openai_router())
     app.include_router(web_router(queen))
+
+    @app.get("/metrics", tags=["meta"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        return Response(queen(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:

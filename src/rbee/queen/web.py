@@ -33,7 +33,7 @@ from rbee.errors import RbeeError
 from rbee.jobs.job import Job
 from rbee.queen.telemetry import Telemetry
 
-__all__ = ["JobWatch", "cluster_snapshot", "web_router", "PUBLIC_PATHS", "TICK_S", "KEEPALIVE_S"]
+__all__ = ["JobWatch", "cluster_snapshot", "snapshot_events", "web_router", "PUBLIC_PATHS", "TICK_S", "KEEPALIVE_S"]
 
 #: Paths served without the token (see :class:`rbee.http.BearerAuth`).
 PUBLIC_PATHS = ("/", "/static/*")
@@ -150,6 +150,13 @@ def _prompt_preview(payload: dict[str, Any]) -> str | None:
     return line if len(line) <= 80 else line[:79] + "\u2026"
 
 
+def _worker_state(reported: str, running_here: bool) -> str:
+    # Busy or idle as the queen knows it now: the hive's report is up to one heartbeat old.
+    if reported in ("ready", "busy"):
+        return "busy" if running_here else "ready"
+    return reported
+
+
 def _models(hives: list[dict[str, Any]], workers: list[dict[str, Any]], queues: dict[str, int]) -> list[dict[str, Any]]:
     """One entry per model, named as people type it (the alias when there is one)."""
     models: dict[str, dict[str, Any]] = {}
@@ -180,9 +187,11 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
     on_worker = {entry.worker_id: entry for entry in live.values() if entry.worker_id}
     for hive in snap["hives"]:
         hive.pop("last_heartbeat_s_ago", None)  # the page ages it; a changing number would defeat change detection
+    inflight: dict[str, int] = state.scheduler.inflight
     workers = []
     for w in snap["workers"]:
         entry = on_worker.get(w["worker_id"])
+        running_here = entry is not None or inflight.get(w["worker_id"], 0) > 0
         workers.append(
             {
                 "worker_id": w["worker_id"],
@@ -191,7 +200,7 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
                 "model": w["model"],
                 "aliases": w.get("model_aliases", []),
                 "device": w.get("device"),
-                "state": "busy" if entry is not None and w["state"] == "ready" else w["state"],
+                "state": _worker_state(w["state"], running_here),
                 "pid": w.get("pid"),
                 "url": w.get("url"),
                 "slots": w.get("slots"),
@@ -237,7 +246,7 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
     }
 
 
-async def _snapshots(state: Any, *, tick_s: float, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
+async def snapshot_events(state: Any, *, tick_s: float, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
     # The response ends this generator when the client goes or the server shuts down.
     telemetry: Telemetry = state.telemetry
     last = ""
@@ -310,7 +319,7 @@ def web_router(
     async def cluster_events(request: Request) -> EventSourceResponse:
         state = get_state(request)
         return EventSourceResponse(
-            _snapshots(state, tick_s=tick_s, keepalive_s=keepalive_s),
+            snapshot_events(state, tick_s=tick_s, keepalive_s=keepalive_s),
             ping=0,  # snapshots themselves arrive at least every keepalive_s
             sep="\n",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

@@ -24,7 +24,8 @@
       else el.setAttribute(k, v === true ? '' : String(v));
     }
     for (const kid of kids.flat()) {
-      if (kid === null || kid === undefined || kid === false) continue;
+      // Empty text adds no node, so an empty cell stays :empty (hidden on a phone).
+      if (kid === null || kid === undefined || kid === false || kid === '') continue;
       el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
     }
     return el;
@@ -317,9 +318,9 @@
       cells: [
         jobLink(j.job_id),
         j.operation,
-        h('span', {}, j.model || '', j.prompt ? h('span', { class: 'sub', text: j.prompt }) : null),
+        j.model ? h('span', {}, j.model, j.prompt ? h('span', { class: 'sub', text: j.prompt }) : null) : null,
         h('span', {}, badge(j.status), j.phase ? h('span', { class: 'sub', text: j.phase }) : null,
-          j.error ? h('span', { class: 'sub', text: j.error.kind }) : null),
+          j.error && j.error.kind !== j.status ? h('span', { class: 'sub', text: j.error.kind }) : null),
         j.tokens_out === null || j.tokens_out === undefined ? '' : String(j.tokens_out),
         fmtMs(j.duration_ms),
         h('span', { 'data-since': j.created_at, text: fmtAgo(serverNow() - j.created_at) }),
@@ -624,7 +625,7 @@
     $('job-output').previousElementSibling.hidden = !text;
     const rows = eventRows();
     $('job-events').replaceChildren(rows.length
-      ? table([{ label: '#' }, { label: 'At', num: true }, { label: 'Kind' }, { label: 'Step' }, { label: 'Detail' }], rows)
+      ? table([{ label: '#', num: true }, { label: 'At', num: true }, { label: 'Kind' }, { label: 'Step' }, { label: 'Detail' }], rows)
       : h('p', { class: 'empty', text: job.error ? 'No events.' : 'Loading events...' }));
   }
 
