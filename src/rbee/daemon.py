@@ -30,7 +30,6 @@ def serve(app: Any, host: str, port: int, *, sock: socket.socket | None = None) 
         app,
         host=host,
         port=port,
-        fd=sock.fileno() if sock is not None else None,
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -38,7 +37,10 @@ def serve(app: Any, host: str, port: int, *, sock: socket.socket | None = None) 
     )
     server = uvicorn.Server(config)
     try:
-        server.run()
+        # The socket object itself, not its fd: uvicorn takes an fd for a Unix
+        # socket, and TCP connections accepted that way keep Nagle's algorithm,
+        # which holds each small SSE frame until the reader's delayed ACK (40 ms).
+        server.run(sockets=[sock] if sock is not None else None)
     except OSError as exc:
         print(f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -20,6 +20,7 @@ __all__ = [
     "JobTimedOut",
     "PayloadTooLarge",
     "Unauthorized",
+    "Forbidden",
     "QueueFull",
     "NoWorkerAvailable",
     "WorkerLost",
@@ -107,6 +108,13 @@ class Unauthorized(RbeeError):
 
     kind = "unauthorized"
     status_code = 401
+
+
+class Forbidden(RbeeError):
+    """This token may not do that; the admin token may."""
+
+    kind = "forbidden"
+    status_code = 403
 
 
 class QueueFull(RbeeError):

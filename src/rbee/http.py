@@ -4,12 +4,20 @@ One place maps :class:`~rbee.errors.RbeeError` to statuses; request validation
 errors become ``422`` naming the field and the reason; bodies over 1 MiB are
 refused with ``413``; when the server has a token every endpoint but
 ``/health`` requires ``Authorization: Bearer``, compared in constant time.
+
+A server may accept several tokens (the queen does). The first is the admin
+token; the one a request presented is its :class:`Principal`, readable inside
+the request (and inside every job it creates, through the job's copied
+context) with :func:`current_principal`.
 """
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,9 +27,46 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbee.errors import InvalidOperation, PayloadTooLarge, QueueFull, RbeeError
 
-__all__ = ["install_edge", "error_body", "BodyLimit", "BearerAuth", "MAX_BODY_BYTES"]
+__all__ = [
+    "install_edge",
+    "error_body",
+    "BodyLimit",
+    "BearerAuth",
+    "MAX_BODY_BYTES",
+    "Principal",
+    "current_principal",
+    "is_admin",
+    "token_id",
+]
 
 MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: a token's fingerprint (never the token) and whether it is the admin token."""
+
+    id: str
+    admin: bool
+
+
+_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("rbee_principal", default=None)
+
+
+def token_id(token: str) -> str:
+    """A stable, non-reversible name for a token (what job records store as their owner)."""
+    return "tok-" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def current_principal() -> Principal | None:
+    """The caller of the current request; None when the server has no token."""
+    return _principal.get()
+
+
+def is_admin() -> bool:
+    """True for the admin token, and for everyone on a server without a token."""
+    principal = _principal.get()
+    return principal is None or principal.admin
 
 
 def error_body(exc: RbeeError) -> dict[str, Any]:
@@ -93,15 +138,21 @@ class BodyLimit:
 class BearerAuth:
     """Require ``Authorization: Bearer <token>`` on everything but ``/health``.
 
+    ``token`` is one token or several; the first is the admin token. Every
+    accepted token is compared in constant time, all of them on every request,
+    so the time taken says nothing about which one (if any) came close.
+
     ``public`` names further paths a ``GET`` (or ``HEAD``) reaches without the
     token; an entry ending in ``*`` is a prefix. The queen's web page uses it
     for its static shell, which a browser navigation must load before the page
     can ask for the token (a navigation cannot send the header).
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, public: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, token: str | Sequence[str] | None, public: Iterable[str] = ()) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
+        tokens = [token] if isinstance(token, str) else [t for t in (token or ()) if t]
+        self.accepted = [(f"Bearer {t}".encode(), Principal(token_id(t), admin=(i == 0))) for i, t in enumerate(tokens)]
+        self.expected = self.accepted[0][0] if self.accepted else None
         self.public = frozenset(p for p in public if not p.endswith("*"))
         self.public_prefixes = tuple(p[:-1] for p in public if p.endswith("*"))
 
@@ -113,6 +164,13 @@ class BearerAuth:
             return False
         return path in self.public or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
 
+    def _match(self, given: bytes) -> Principal | None:
+        found = None
+        for expected, principal in self.accepted:
+            if hmac.compare_digest(given, expected) and found is None:
+                found = principal
+        return found
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] not in ("http", "websocket") or self._is_public(scope):
             await self.app(scope, receive, send)
@@ -122,7 +180,8 @@ class BearerAuth:
             if name == b"authorization":
                 given = value.strip()
                 break
-        if not hmac.compare_digest(given, self.expected):
+        principal = self._match(given)
+        if principal is None:
             message = "a valid bearer token is required (Authorization: Bearer ...)"
             if _is_openai_path(scope["path"]):
                 # OpenAI clients read their own error shape.
@@ -138,7 +197,11 @@ class BearerAuth:
                 kind="unauthorized",
             )
             return
-        await self.app(scope, receive, send)
+        reset = _principal.set(principal)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _principal.reset(reset)
 
 
 def _is_openai_path(path: str) -> bool:
@@ -164,9 +227,13 @@ async def _send_json(
 
 
 def install_edge(
-    app: FastAPI, *, token: str | None = None, max_body: int = MAX_BODY_BYTES, public: Iterable[str] = ()
+    app: FastAPI,
+    *,
+    token: str | Sequence[str] | None = None,
+    max_body: int = MAX_BODY_BYTES,
+    public: Iterable[str] = (),
 ) -> None:
-    """Error mapping, body limit and auth for one server (``public``: see :class:`BearerAuth`)."""
+    """Error mapping, body limit and auth for one server (``token``, ``public``: see :class:`BearerAuth`)."""
     app.add_exception_handler(RbeeError, _rbee_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimit, limit=max_body)

@@ -77,12 +77,17 @@ def test_cancel_button_stops_the_tokens_and_the_job_ends_cancelled(
     page.fill("#play-max", "1000")
     page.click("#play-run")
     expect(page.locator("#play-output")).to_contain_text("tok3 ")
+    job_id = page.locator("#play-status a").get_attribute("href").rsplit("/", 1)[-1]
+    # While it runs, the cluster page shows the job on its worker.
+    cluster = open_page(url + "/")
+    expect(cluster.locator(f"[data-worker] a[href='#/jobs/{job_id}']")).to_be_visible()
+    expect(cluster.locator(f"[data-job='{job_id}']")).to_contain_text("running")
+    shot(cluster, "cluster-job-running")
     expect(page.locator("#play-cancel")).to_be_enabled()
     page.click("#play-cancel")
     expect(page.locator("#play-output")).to_have_attribute("data-status", "cancelled")
     expect(page.locator("#play-cancel")).to_be_disabled()
     shown = page.locator("#play-output").inner_text()
-    job_id = page.locator("#play-status a").get_attribute("href").rsplit("/", 1)[-1]
     job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
     assert job["status"] == "cancelled"
     assert job["error"]["kind"] == "cancelled"
@@ -91,6 +96,8 @@ def test_cancel_button_stops_the_tokens_and_the_job_ends_cancelled(
     page.wait_for_timeout(300)
     assert page.locator("#play-output").inner_text() == shown
     shot(page, "playground-cancelled")
+    expect(cluster.locator(f"[data-job='{job_id}']")).to_contain_text("cancelled")
+    expect(cluster.locator(f"[data-worker] a[href='#/jobs/{job_id}']")).to_have_count(0)
 
 
 def test_killed_worker_disappears_from_the_page_within_6_s(

@@ -116,9 +116,10 @@ def spawn(url: str, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     events, end = run_job(url, {"operation": "worker_spawn", "hive_id": "it-hive", "model": model})
     assert end["status"] == "completed", end
     assert result_of(events)["worker"] == end["worker"]
+    assert "token" not in end["worker"] and end["worker_token"] not in json.dumps(result_of(events))
     actions = [data["action"] for kind, data in events if kind == "narration"]
     assert {"worker_spawn_start", "worker_process", "worker_ready"} <= set(actions)
-    worker: dict[str, Any] = end["worker"]
+    worker: dict[str, Any] = {**end["worker"], "token": end["worker_token"]}
     return worker
 
 
@@ -142,10 +143,13 @@ def test_spawn_list_and_stop_a_real_worker(hive_proc: Daemon, receiver: Receiver
     assert DEFAULT_MODEL in worker["model_aliases"]
     assert worker["state"] == "ready"
     assert worker["device"] == "cpu"
-    # The address works, and the worker wants the same token as its hive.
+    # The address works, and the worker wants a token of its own: not the hive's. The hive
+    # hands it over only in the spawn job's end event (for the queen), never in a result.
     assert httpx.get(f"{worker['url']}/health", timeout=5).status_code == 200
     assert httpx.get(f"{worker['url']}/v1/ready", timeout=5).status_code == 401
-    ready = httpx.get(f"{worker['url']}/v1/ready", headers=AUTH, timeout=5).json()
+    assert httpx.get(f"{worker['url']}/v1/ready", headers=AUTH, timeout=5).status_code == 401
+    own = {"Authorization": f"Bearer {worker['token']}"}
+    ready = httpx.get(f"{worker['url']}/v1/ready", headers=own, timeout=5).json()
     assert ready["ready"] is True
 
     assert listed(hive_proc.url) == [worker["worker_id"]]
@@ -159,6 +163,8 @@ def test_spawn_list_and_stop_a_real_worker(hive_proc: Daemon, receiver: Receiver
     assert [w.worker_id for w in beat.workers] == [worker["worker_id"]]
     assert [m.id for m in beat.models] == [BUNDLED_ID]
     assert {auth for _, auth, _ in receiver.beats} == {f"Bearer {TOKEN}"}
+    # ... and the worker's own token, on this authenticated channel only.
+    assert beat.worker_tokens == {worker["worker_id"]: worker["token"]}
 
     events, end = run_job(hive_proc.url, {"operation": "worker_stop", "worker_id": worker["worker_id"]})
     assert end["status"] == "completed"

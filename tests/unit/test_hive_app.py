@@ -131,8 +131,7 @@ async def test_infer_is_refused_with_422(client: httpx.AsyncClient) -> None:
     "operation",
     [
         {"operation": "status"},
-        {"operation": "model_download", "source": "https://example.org/m.gguf"},
-        {"operation": "model_delete", "model": DEFAULT_MODEL},
+        {"operation": "queen_check"},
     ],
 )
 async def test_operations_the_hive_does_not_take_are_422(client: httpx.AsyncClient, operation: dict) -> None:

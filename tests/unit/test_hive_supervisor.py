@@ -134,10 +134,14 @@ def gone(pid: int) -> bool:
 
 
 async def test_spawn_waits_until_ready_and_stop_ends_the_process(tmp_path, stub, http, model) -> None:
-    sup, changes = make(tmp_path, stub, http, token="t" * 20)
+    sup, changes = make(tmp_path, stub, http, token="t" * 20, state_dir=tmp_path / "workers")
     try:
         with narration.capture() as events:
             worker = await sup.spawn(model, aliases=["tiny", "my-name"])
+        # While it runs, its pid is on record (what a restarted hive would clean up).
+        [record] = sup.records()
+        assert record["pid"] == worker.pid and record["worker_id"] == worker.worker_id
+        assert record["hive_pid"] == os.getpid() and "token" not in record
         assert worker.worker_id.startswith("worker-") and len(worker.worker_id) == len("worker-") + 8
         assert worker.state == "ready"
         assert worker.slots == 2
@@ -146,9 +150,10 @@ async def test_spawn_waits_until_ready_and_stop_ends_the_process(tmp_path, stub,
         assert actions[0] == "worker_spawn_start"
         assert "worker_process" in actions and "worker_loading" in actions and actions[-1] == "worker_ready"
         assert changes  # the heartbeat is poked
-        # The address works, the token reached the worker, the hive authenticates.
+        # The address works, the worker got a token of its own (never the hive's), the hive authenticates.
         ready = (await http.get(f"{worker.url}/v1/ready")).json()
-        assert ready["token"] == "t" * 20
+        assert ready["token"] == worker.token and worker.token and worker.token != "t" * 20
+        assert worker.token not in worker.report().model_dump_json()
         assert ready["aliases"] == ["tiny", "my-name"]
         assert worker.log_path == tmp_path / "home" / "logs" / f"{worker.worker_id}.log"
         assert "stub worker" in worker.log_path.read_text()
@@ -158,6 +163,7 @@ async def test_spawn_waits_until_ready_and_stop_ends_the_process(tmp_path, stub,
 
         stopped = await sup.stop(worker.worker_id)
         assert stopped.state == "dead"
+        assert sup.records() == []
         assert gone(worker.pid)
         with pytest.raises(WorkerNotFound):
             sup.get(worker.worker_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,26 +140,66 @@ def test_summary_is_left_out_when_quiet_or_failed() -> None:
 
 
 def test_progress_is_one_updating_line_on_a_terminal_and_nothing_otherwise() -> None:
-    data = {"action": "model_download", "done": 5 << 20, "total": 10 << 20, "unit": "bytes"}
+    data = {"action": "queue", "done": 2, "total": 4, "unit": "position"}
     pipe = io.StringIO()
     Renderer(out=io.StringIO(), err=pipe).event(Event(1, "progress", json.dumps(data)))
     assert pipe.getvalue() == ""
     tty = Terminal()
     r = Renderer(out=io.StringIO(), err=tty)
     r.event(Event(1, "progress", json.dumps(data)))
-    r.event(narration("Downloaded"))
+    r.event(narration("Scheduled"))
     text = tty.getvalue()
-    assert text.startswith("\r\x1b[2K") and "model download" in text and "50%" in text
+    assert text.startswith("\r\x1b[2K") and "queue" in text and "50%" in text
     assert text.count("\n") == 1  # the progress line was replaced, not kept
-    assert format_progress(data).startswith("model download  5.0 MiB / 10.0 MiB")
+    download = {"action": "model_download", "done": 5 << 20, "total": 10 << 20, "unit": "bytes"}
+    assert format_progress(download).startswith("model download  5.0 MiB / 10.0 MiB")
+
+
+def test_a_download_gets_a_bar_with_size_and_rate_and_lines_print_above_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {"action": "model_download", "done": 5 << 20, "total": 10 << 20, "unit": "bytes", "rate": 3 << 20,
+            "file": "tiny.gguf"}  # fmt: skip
+    pipe = io.StringIO()
+    Renderer(out=io.StringIO(), err=pipe).event(Event(1, "progress", json.dumps(data)))
+    assert pipe.getvalue() == ""  # not a terminal: no bar
+    tty = Terminal()
+    r = Renderer(out=io.StringIO(), err=tty)
+    r.event(Event(1, "progress", json.dumps(data)))
+    r.event(narration("Resuming"))
+    r.event(Event(3, "progress", json.dumps({**data, "done": 10 << 20})))
+    r.finish()
+    text = tty.getvalue()
+    for part in ("tiny.gguf", "5.0/10.0 MiB", "10.0/10.0 MiB", "3.0 MiB/s", "[queen] Resuming", "━"):
+        assert part in text, part
+    assert "\x1b[?25h" in text  # the cursor is shown again
+    assert "\x1b[32m" in text  # coloured on a terminal
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    tty = Terminal()
+    r = Renderer(out=io.StringIO(), err=tty)
+    r.event(Event(1, "progress", json.dumps(data)))
+    r.finish()
+    # Cursor movement is the bar's own; colour codes must be absent.
+    plain = re.sub(r"\x1b\[(\?25[lh]|\d*[A-K]|2K)", "", tty.getvalue())
+    assert "5.0/10.0 MiB" in plain and "\x1b[" not in plain
 
 
 def test_end_line_reads_status_kind_and_message() -> None:
-    data = {"status": "failed", "error": {"kind": "worker_lost", "message": "the worker\nwent away"}}
-    assert end_line(data) == "failed: worker_lost: the worker\nwent away"
-    assert JobEnded(data).message == "failed: worker_lost: the worker went away"
+    data = {"status": "failed", "error": {"kind": "generation_error", "message": "the model\nbroke"}}
+    assert end_line(data) == "failed: generation_error: the model\nbroke"
+    assert JobEnded(data).message == "failed: generation_error: the model broke"
     cancelled = {"status": "cancelled", "error": {"kind": "cancelled", "message": "cancelled: by request"}}
     assert end_line(cancelled) == "cancelled: cancelled: by request"
+
+
+def test_errors_say_what_to_do_next_unless_they_already_do() -> None:
+    lost = {"status": "failed", "error": {"kind": "worker_lost", "message": "worker w1 went away"}}
+    hint = "(try again; `rbee status` shows the workers left)"
+    assert end_line(lost) == f"failed: worker_lost: worker w1 went away {hint}"
+    refused = RequestRefused.of(404, "no hive 'x' is known to the queen (known: a)", kind="hive_not_found")
+    assert refused.message.endswith("(list hives with `rbee hive list`; add one with `rbee hive start`)")
+    busy = "model tiny is in use by worker(s) w on hive b; stop them first (rbee worker stop w --hive b)"
+    assert RequestRefused.of(409, busy, kind="model_not_found").message == busy
+    assert RequestRefused.of(422, "temperature: too high", kind="invalid_operation").message == "temperature: too high"
 
 
 def test_bad_input_exits_2_and_other_refusals_exit_1() -> None:

@@ -147,7 +147,17 @@ def test_chat_generation_uses_the_chat_tokens_stops_and_criteria() -> None:
     assert sampling["stopping_criteria"] is not None
     assert text == "Hi you"  # cut at the template's stop string
     assert outcome.stop_reason == "stop" and outcome.tokens_in == len(tokens)
-    assert stub.resets == 1  # evaluated from a clean state, never on the last request's cache
+    assert stub.resets == 1  # greedy: evaluated from a clean state, never on the last request's cache
+
+
+@pytest.mark.parametrize(
+    ("temperature", "seed", "resets"),
+    [(0.0, None, 1), (0.8, 42, 1), (0.8, None, 0)],
+)
+def test_only_reproducible_requests_give_up_the_prefix_cache(temperature: float, seed: int | None, resets: int) -> None:
+    stub = _StubLlama("llama-2", script=[b"a"])
+    _generate(_engine(stub), GenerationRequest(prompt="x", temperature=temperature, seed=seed))
+    assert stub.resets == resets
 
 
 def test_stopping_criteria_that_end_generation_finish_with_stop() -> None:

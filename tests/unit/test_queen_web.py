@@ -13,8 +13,11 @@ import pytest
 from fastapi import FastAPI
 
 from rbee.contracts.cluster import Heartbeat, ModelReport, WorkerReport
+from rbee.contracts.operations import Infer
+from rbee.jobs.job import Job
 from rbee.queen.app import QueenSettings, create_queen_app
-from rbee.queen.web import cluster_snapshot, snapshot_events
+from rbee.queen.telemetry import Telemetry
+from rbee.queen.web import JobWatch, cluster_snapshot, snapshot_events
 
 TOKEN = "web-unit-test-token-0123456789"
 pytestmark = pytest.mark.timeout(30)
@@ -39,7 +42,9 @@ def _beat(hive_id: str = "alpha", worker_state: str = "ready") -> Heartbeat:
         devices=[{"id": "cpu", "kind": "cpu", "name": "x86_64", "cores": 2}],
         models=[ModelReport(id="gemma-3-270m-q4_k_m", alias="gemma3-270m")],
         workers=[
-            WorkerReport(worker_id="worker-1", model="gemma-3-270m-q4_k_m", model_aliases=["gemma3-270m"], state=worker_state)
+            WorkerReport(
+                worker_id="worker-1", model="gemma-3-270m-q4_k_m", model_aliases=["gemma3-270m"], state=worker_state
+            )
         ],
     )
 
@@ -109,3 +114,17 @@ async def test_forgotten_hive_leaves_the_next_snapshot(app: FastAPI) -> None:
         assert snap["hives"] == [] and snap["workers"] == []
     finally:
         await frames.aclose()
+
+
+async def test_job_watch_finds_the_worker_of_a_job_first_read_after_its_tokens() -> None:
+    watch = JobWatch(Telemetry())
+    job = Job("job-1", Infer(prompt="hello"))
+    watch.created(job)
+    job.add_narration({"actor": "queen", "action": "infer_queued"})
+    job.add_narration({"actor": "queen", "action": "infer_worker", "worker_id": "worker-1", "hive_id": "alpha"})
+    job.add_narration({"actor": "worker", "action": "infer_start"})
+    await job.add_token("hi")
+    [live] = watch.live()
+    assert (live.worker_id, live.hive_id, live.phase) == ("worker-1", "alpha", "streaming")
+    watch.ended(job, {})
+    assert watch.live() == []

@@ -3,6 +3,11 @@
 ``POST /v1/hives/heartbeat`` on the queen, every 2 s from each hive (and at once
 when a worker starts or exits). A worker's ``state`` is one of ``starting``,
 ``ready``, ``busy``, ``stopping``, ``dead``.
+
+A hive with a token gives each worker a token of its own; the heartbeat carries
+them in ``worker_tokens`` (worker id -> token), so the queen can reach the
+workers. They travel only on this authenticated hive-to-queen channel and are
+never part of a :class:`WorkerReport`, which clients are shown.
 """
 
 from __future__ import annotations
@@ -45,3 +50,4 @@ class Heartbeat(BaseModel):
     devices: list[dict[str, Any]] = Field(default_factory=list)
     workers: list[WorkerReport] = Field(default_factory=list)
     models: list[ModelReport] = Field(default_factory=list)
+    worker_tokens: dict[str, str] = Field(default_factory=dict, repr=False)

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from rbee import __version__
 from rbee.config import HIVE_PORT, rbee_home
 from rbee.hive.catalog import ModelCatalog
+from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import Deliver, DeviceProbe, HeartbeatLoop, HttpDelivery
 from rbee.hive.router import HiveRouter
 from rbee.hive.supervisor import WORKER_COMMAND, Supervisor, reachable_host, url_host
@@ -49,6 +50,8 @@ class HiveSettings:
     #: Heartbeats go here when given (the hive inside the queen), else over HTTP to ``queen_url``.
     deliver: Deliver | None = None
     worker_command: tuple[str, ...] = WORKER_COMMAND
+    #: Where ``hf:`` sources are looked up; default ``$HF_ENDPOINT``, else https://huggingface.co.
+    hf_endpoint: str | None = None
 
 
 class HiveState:
@@ -76,6 +79,7 @@ class HiveState:
             ready_timeout_s=settings.worker_ready_timeout_s,
             on_change=self._workers_changed,
             command=settings.worker_command,
+            state_dir=self.home / "hives" / settings.hive_id / "workers",
         )
         deliver: Deliver | None = settings.deliver
         target = "the queen"
@@ -94,8 +98,18 @@ class HiveState:
                 devices=self.devices,
                 target=target,
             )
+        self.models_dir = self.home / "models" / settings.hive_id
+        self.downloads = Downloader(
+            catalog=self.catalog, models_dir=self.models_dir, hive_id=settings.hive_id, hf_endpoint=settings.hf_endpoint
+        )
         self.router = HiveRouter(
-            hive_id=settings.hive_id, catalog=self.catalog, supervisor=self.supervisor, devices=self.devices
+            hive_id=settings.hive_id,
+            catalog=self.catalog,
+            supervisor=self.supervisor,
+            devices=self.devices,
+            downloads=self.downloads,
+            models_dir=self.models_dir,
+            catalog_changed=self._catalog_changed,
         )
         self.registry = JobRegistry(actor="hive", ttl_s=settings.job_ttl_s)
         self.jobs = JobServer(
@@ -105,6 +119,10 @@ class HiveState:
     def _workers_changed(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.poke()
+
+    async def _catalog_changed(self) -> None:
+        if self.heartbeat is not None:
+            await self.heartbeat.sync()
 
     async def final_heartbeat(self) -> None:
         """Tell the queen, bounded, that this hive's workers are gone."""
@@ -125,6 +143,8 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
         state = HiveState(settings)
         app.state.hive = state
         state.catalog.warm()
+        # Before the first heartbeat: workers a previous run of this hive left behind are stopped.
+        await state.supervisor.reap_orphans()
         tasks = [asyncio.create_task(state.registry.run_sweeper(), name="hive:sweeper")]
         if state.heartbeat is not None:
             tasks.append(asyncio.create_task(state.heartbeat.run(), name="hive:heartbeat"))
@@ -145,6 +165,7 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.supervisor.aclose()
             await state.final_heartbeat()
+            await state.downloads.aclose()
             await state.http.aclose()
             await state.catalog.aclose()
             narrate("hive_stopped", f"Hive {settings.hive_id} stopped", actor="hive", hive_id=settings.hive_id)
@@ -175,12 +196,16 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
             "pid": os.getpid(),
             "started_at": state.started_at,
             "home": str(state.home),
+            "models_dir": str(state.models_dir),
+            "hf_endpoint": state.downloads.hf_endpoint,
             "queen_url": settings.queen_url,
             "auth": settings.token is not None,
             "worker_engine": settings.worker_engine,
             "workers": len(state.supervisor.workers),
             "models": len(state.catalog.models_now()),
             "jobs_live": state.registry.live,
+            # Live asyncio tasks: the fault tests check that nothing is left running after a failure.
+            "tasks": len(asyncio.all_tasks()),
             "heartbeats": None
             if beat is None
             else {"sent": beat.sent, "failing": beat.failures > 0, "interval_s": beat.interval_s},

@@ -11,8 +11,10 @@ catalog is read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -23,8 +25,8 @@ from typing import Any
 
 from rbee.contracts.cluster import ModelReport
 from rbee.contracts.operations import DEFAULT_MODEL, check_model_ref
-from rbee.errors import InvalidOperation, ModelNotFound
-from rbee.hive.gguf import read_gguf
+from rbee.errors import InvalidOperation, JobConflict, ModelNotFound
+from rbee.hive.gguf import GGUFInfo, read_gguf
 from rbee.narration import narrate
 
 __all__ = ["ModelCatalog", "ModelEntry", "bundled_model_path", "BUNDLED_ALIAS"]
@@ -136,9 +138,11 @@ def _bundled_sha256() -> str | None:
     return str(EXPECTED_SHA256)
 
 
-def _inspect(path: Path, *, model_id: str, alias: str | None, sha256: str | None, source: str) -> ModelEntry:
+def _inspect(
+    path: Path, *, model_id: str, alias: str | None, sha256: str | None, source: str, info: GGUFInfo | None = None
+) -> ModelEntry:
     path = path.expanduser().resolve()
-    info = read_gguf(path)
+    info = info or read_gguf(path)
     return ModelEntry(
         id=model_id,
         alias=alias,
@@ -281,15 +285,79 @@ class ModelCatalog:
         narrate("model_added", f"Added model {entry.id} ({entry.quantization or 'unknown quantization'})", actor="hive")
         return entry
 
+    async def land(
+        self,
+        part: Path,
+        final: Path,
+        *,
+        model_id: str,
+        alias: str | None,
+        sha256: str | None,
+        source: str,
+        info: GGUFInfo,
+    ) -> ModelEntry:
+        """Move a verified download into place and into the catalog, both or neither.
+
+        The row is inserted and the file renamed inside one transaction: a
+        name taken meanwhile, or a rename that fails, rolls the row back and
+        leaves the file where it was (the caller discards it).
+        """
+        await self.ready()
+        entry = _inspect(final, model_id=model_id, alias=alias, sha256=sha256, source=source, info=info)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for ref in (model_id, alias):
+                if ref is not None and self.find(ref) is not None:
+                    raise JobConflict(f"hive {self.hive_id} already has a model named {ref!r}", model=ref)
+            self._insert(entry)
+            os.replace(part, final)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+            raise
+        narrate("model_added", f"Added model {entry.id} to the catalog of hive {self.hive_id}", actor="hive")
+        return entry
+
     def remove(self, ref: str) -> ModelEntry:
         """Forget a model (the file stays where it is). The bundled model stays."""
         entry = self.find(ref)
         if entry is None:
             raise ModelNotFound(f"no model {ref!r} on hive {self.hive_id}", model=ref, hive_id=self.hive_id)
-        if entry.source == "bundled":
-            raise InvalidOperation(f"the bundled model {entry.id} cannot be removed", field="model")
+        self.check_removable(entry)
         self._db.execute("DELETE FROM models WHERE id = ?", (entry.id,))
         return entry
+
+    def check_removable(self, entry: ModelEntry) -> None:
+        """The bundled model is part of rbee: it is never removed, nor its file deleted."""
+        if entry.source == "bundled":
+            raise InvalidOperation(
+                f"the bundled model {entry.alias or entry.id} is part of rbee and always available; "
+                "it cannot be removed",
+                field="model",
+            )
+
+    def delete(self, ref: str, *, owned: Path) -> tuple[ModelEntry, bool]:
+        """Forget a model and delete its file when it lives under ``owned`` (the downloads).
+
+        A file registered where it already was is the person's, not the
+        hive's: it is forgotten and left alone. Returns the entry and whether
+        its file was deleted.
+        """
+        entry = self.remove(ref)
+        path = Path(entry.path)
+        if not path.resolve().is_relative_to(owned.resolve()):
+            return entry, False
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return entry, False
+        return entry, True
 
     def _insert(self, entry: ModelEntry) -> None:
         values = [getattr(entry, c) for c in _COLUMNS]

@@ -8,6 +8,11 @@ strings) are skipped by offset arithmetic over a memory map and recorded as
 takes milliseconds and never loads its payloads.
 
 Versions 1 (32-bit counts) to 3, and big-endian files, are understood.
+
+With ``tensors=True`` the tensor infos after the metadata are read too, which
+gives the size the file must have (:attr:`GGUFInfo.expected_size`): a download
+that a server cut short, or announced with a wrong length, is caught there
+even when no checksum is known.
 """
 
 from __future__ import annotations
@@ -20,9 +25,20 @@ from typing import Any
 
 from rbee.errors import RbeeError
 
-__all__ = ["GGUFError", "GGUFArray", "GGUFInfo", "read_gguf", "FILE_TYPES", "quantization_name"]
+__all__ = [
+    "GGUFError",
+    "GGUFArray",
+    "GGUFInfo",
+    "read_gguf",
+    "check_complete",
+    "FILE_TYPES",
+    "GGML_TYPE_SIZES",
+    "MAGIC",
+    "quantization_name",
+]
 
-_MAGIC = b"GGUF"
+MAGIC = b"GGUF"
+_MAGIC = MAGIC
 
 # GGUF value types -> struct format of one item (strings and arrays are handled apart).
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = range(13)
@@ -99,9 +115,49 @@ FILE_TYPES: dict[int, str] = {
     41: "Q2_0",
 }
 
+#: ggml tensor types -> (elements per block, bytes per block), from ggml's type traits.
+#: A tensor of an unknown type makes the expected file size unknown, never wrong.
+GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    9: (32, 36),  # Q8_1
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+    15: (256, 292),  # Q8_K
+    16: (256, 66),  # IQ2_XXS
+    17: (256, 74),  # IQ2_XS
+    18: (256, 98),  # IQ3_XXS
+    19: (256, 50),  # IQ1_S
+    20: (32, 18),  # IQ4_NL
+    21: (256, 110),  # IQ3_S
+    22: (256, 82),  # IQ2_S
+    23: (256, 136),  # IQ4_XS
+    24: (1, 1),  # I8
+    25: (1, 2),  # I16
+    26: (1, 4),  # I32
+    27: (1, 8),  # I64
+    28: (1, 8),  # F64
+    29: (256, 56),  # IQ1_M
+    30: (1, 2),  # BF16
+    34: (256, 54),  # TQ1_0
+    35: (256, 66),  # TQ2_0
+    39: (32, 17),  # MXFP4
+}
+
 # Bounds that keep a corrupt header from asking for absurd work.
 _MAX_KV = 1 << 20
 _MAX_DEPTH = 8
+_MAX_TENSORS = 1 << 20
+_MAX_DIMS = 8
+_DEFAULT_ALIGNMENT = 32
 
 
 class GGUFError(RbeeError):
@@ -127,6 +183,9 @@ class GGUFInfo:
     tensor_count: int
     size_bytes: int
     metadata: dict[str, Any] = field(repr=False)
+    #: The size the file must have to hold every tensor (read with ``tensors=True``;
+    #: None when not read, or when a tensor's type is unknown).
+    expected_size: int | None = None
 
     @property
     def architecture(self) -> str | None:
@@ -240,8 +299,11 @@ class _Cursor:
         return GGUFArray(_TYPE_NAMES[item_type], count)
 
 
-def read_gguf(path: str | Path) -> GGUFInfo:
-    """Read a GGUF file's header and metadata; raise :class:`GGUFError` if it is not one."""
+def read_gguf(path: str | Path, *, tensors: bool = False) -> GGUFInfo:
+    """Read a GGUF file's header and metadata; raise :class:`GGUFError` if it is not one.
+
+    With ``tensors``, read the tensor infos as well and fill in ``expected_size``.
+    """
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -250,12 +312,12 @@ def read_gguf(path: str | Path) -> GGUFInfo:
             if len(head) < 8 or head[:4] != _MAGIC:
                 raise GGUFError(f"not a GGUF file: {path} (it starts with {head[:4]!r}, expected {_MAGIC!r})")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                return _parse(mm, path, size)
+                return _parse(mm, path, size, tensors)
     except OSError as exc:
         raise GGUFError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _parse(buf: Any, path: Path, size: int) -> GGUFInfo:
+def _parse(buf: Any, path: Path, size: int, tensors: bool = False) -> GGUFInfo:
     (version,) = struct.unpack_from("<I", buf, 4)
     order = "<"
     if not 1 <= version <= 0xFFFF:
@@ -281,4 +343,46 @@ def _parse(buf: Any, path: Path, size: int) -> GGUFInfo:
         tensor_count=tensor_count,
         size_bytes=size,
         metadata=metadata,
+        expected_size=_expected_size(cur, tensor_count, metadata) if tensors else None,
     )
+
+
+def _expected_size(cur: _Cursor, tensor_count: int, metadata: dict[str, Any]) -> int | None:
+    """Where the last tensor's data ends: the smallest size a complete file has."""
+    if tensor_count > _MAX_TENSORS:
+        raise GGUFError(f"corrupt GGUF file: {cur.path} (claims {tensor_count} tensors)")
+    end = 0
+    known = True
+    for _ in range(tensor_count):
+        cur.string()  # the tensor's name
+        n_dims = int(cur.unpack("I"))
+        if n_dims > _MAX_DIMS:
+            raise GGUFError(f"corrupt GGUF file: {cur.path} (a tensor with {n_dims} dimensions)")
+        elements = 1
+        for _ in range(n_dims):
+            elements *= cur.length()
+        ggml_type = int(cur.unpack("I"))
+        offset = int(cur.unpack("Q"))
+        block = GGML_TYPE_SIZES.get(ggml_type)
+        if block is None:
+            known = False
+            continue
+        per_block, block_bytes = block
+        end = max(end, offset + -(-elements // per_block) * block_bytes)
+    if not known:
+        return None
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        alignment = _DEFAULT_ALIGNMENT
+    data_start = -(-cur.pos // alignment) * alignment
+    return data_start + end if tensor_count else cur.pos
+
+
+def check_complete(path: str | Path) -> GGUFInfo:
+    """Read a GGUF file with its tensor infos and refuse one shorter than its tensors need."""
+    info = read_gguf(path, tensors=True)
+    if info.expected_size is not None and info.size_bytes < info.expected_size:
+        raise GGUFError(
+            f"the GGUF file is incomplete: it has {info.size_bytes} bytes, its tensors need {info.expected_size}"
+        )
+    return info

@@ -170,10 +170,30 @@ class HeartbeatLoop:
         self.attempted = asyncio.Event()  # set after the first attempt, delivered or not
         self.delivered = asyncio.Event()  # set after the first successful delivery
         self._poke = asyncio.Event()
+        self._started = 0  # beats begun
+        self._arrived = 0  # the number of the latest beat delivered
+        self._arrival = asyncio.Event()
 
     def poke(self) -> None:
         """Send a heartbeat now (a worker started or exited)."""
         self._poke.set()
+
+    async def sync(self, timeout_s: float = 3.0) -> bool:
+        """Send a heartbeat built after this call and wait (bounded) until it arrives.
+
+        After a model lands or goes, the queen knows before the job ends, so
+        the next ``rbee infer`` finds it. True when it arrived in time.
+        """
+        need = self._started + 1
+        self.poke()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._arrived < need:
+                    arrival = self._arrival
+                    await arrival.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def build(self) -> Heartbeat:
         # Busy/idle comes from the workers themselves, all asked at once.
@@ -187,10 +207,13 @@ class HeartbeatLoop:
             devices=await self.devices.all(),
             workers=[w.report() for w in self.supervisor.all()],
             models=[m.to_report() for m in models],
+            worker_tokens={w.worker_id: w.token for w in self.supervisor.all() if w.token},
         )
 
     async def beat(self) -> bool:
         """Build and deliver one heartbeat; True when it arrived."""
+        self._started += 1
+        number = self._started
         try:
             beat = await self.build()
             result = self.deliver(beat)
@@ -221,6 +244,9 @@ class HeartbeatLoop:
             self.failures = 0
         self.sent += 1
         self.delivered.set()
+        self._arrived = max(self._arrived, number)
+        self._arrival.set()
+        self._arrival = asyncio.Event()
         return True
 
     async def run(self) -> None:

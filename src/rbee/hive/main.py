@@ -40,6 +40,13 @@ def _check_hive_id(ctx: click.Context, param: click.Parameter, value: str) -> st
     help="An extra flag passed to every worker (repeatable), e.g. --worker-arg=--fake-tokens=50.",
 )
 @click.option("--heartbeat-interval", default=2.0, show_default=True, type=click.FloatRange(0.05, 3600.0))
+@click.option(
+    "--hf-endpoint",
+    envvar="HF_ENDPOINT",
+    default=None,
+    metavar="URL",
+    help="Where hf:ORG/REPO/FILE.gguf sources are fetched (default $HF_ENDPOINT, else https://huggingface.co).",
+)
 def main(
     host: str,
     port: int,
@@ -50,8 +57,15 @@ def main(
     worker_engine: str,
     worker_args: tuple[str, ...],
     heartbeat_interval: float,
+    hf_endpoint: str | None,
 ) -> None:
-    """Run a hive: the workers and model files of this machine, reporting to a queen."""
+    """Run a hive: the workers and model files of this machine, reporting to a queen.
+
+    \b
+    Examples:
+      rbee-hive --queen-url http://127.0.0.1:7833 --hive-id beta --host 127.0.0.2
+      RBEE_TOKEN=... rbee-hive --host 0.0.0.0 --queen-url http://queen-host:7833 --hive-id gpu-box
+    """
     from rbee.daemon import preflight, serve
 
     preflight("hive", host, token)
@@ -80,6 +94,7 @@ def main(
         worker_engine=worker_engine,
         worker_args=worker_args,
         heartbeat_interval_s=heartbeat_interval,
+        hf_endpoint=hf_endpoint,
     )
     serve(create_hive_app(settings), host, port, sock=sock)
 

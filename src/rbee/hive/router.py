@@ -3,6 +3,8 @@
 The hive takes only :data:`~rbee.contracts.HIVE_OPERATIONS`; anything else
 (``infer`` included: that goes to a worker) is refused at ``POST`` time with
 ``422``, and an unknown model or worker with ``404``, before a job exists.
+So is what can be refused without the network: a malformed download source
+(``422``), a model name already taken or a model a worker still uses (``409``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import asyncio
 import importlib.util
 import os
 import platform
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from rbee import __version__, errors
 from rbee.contracts.operations import (
@@ -26,15 +30,14 @@ from rbee.contracts.operations import (
     WorkerSpawn,
     WorkerStop,
 )
-from rbee.hive.catalog import ModelCatalog
+from rbee.hive.catalog import ModelCatalog, ModelEntry
+from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import DeviceProbe
 from rbee.hive.supervisor import WORKER_COMMAND, Supervisor
 from rbee.jobs.registry import emit_progress, emit_result, set_end_fields
 from rbee.narration import narrate
 
 __all__ = ["HiveRouter"]
-
-_NOT_YET = (ModelDownload, ModelDelete)
 
 
 class HiveRouter:
@@ -45,11 +48,17 @@ class HiveRouter:
         catalog: ModelCatalog,
         supervisor: Supervisor,
         devices: DeviceProbe | None = None,
+        downloads: Downloader | None = None,
+        models_dir: Path | None = None,
+        catalog_changed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.hive_id = hive_id
         self.catalog = catalog
         self.supervisor = supervisor
         self.devices = devices or DeviceProbe()
+        self.downloads = downloads
+        self.models_dir = models_dir
+        self.catalog_changed = catalog_changed
 
     async def admit(self, op: OperationBase) -> None:
         """Checks done at POST time, before a job exists."""
@@ -57,12 +66,17 @@ class HiveRouter:
             raise errors.UnsupportedOperation(
                 f"a hive does not run {op.name!r}; it takes: {', '.join(sorted(HIVE_OPERATIONS))}"
             )
-        if isinstance(op, _NOT_YET):
-            raise errors.UnsupportedOperation(f"{op.name} is not available yet on this hive")
         if isinstance(op, WorkerSpawn | ModelGet):
             await self.catalog.resolve(op.model)
         elif isinstance(op, WorkerGet | WorkerStop):
             self.supervisor.get(op.worker_id)
+        elif isinstance(op, ModelDownload):
+            await self.catalog.ready()
+            self._downloader().plan(op)
+        elif isinstance(op, ModelDelete):
+            model = await self.catalog.resolve(op.model)
+            self.catalog.check_removable(model)
+            self._refuse_in_use(model)
 
     async def __call__(self, op: OperationBase) -> None:
         narrate("hive_route", f"Hive {self.hive_id} executing {op.name}", operation=op.name)
@@ -78,10 +92,12 @@ class HiveRouter:
             await self.model_list()
         elif isinstance(op, ModelGet):
             await self.model_get(op)
+        elif isinstance(op, ModelDownload):
+            await self.model_download(op)
+        elif isinstance(op, ModelDelete):
+            await self.model_delete(op)
         elif isinstance(op, HiveCheck):
             await self.hive_check()
-        elif isinstance(op, _NOT_YET):
-            raise errors.UnsupportedOperation(f"{op.name} is not available yet on this hive")
         else:
             raise errors.UnsupportedOperation(f"the hive has no handler for {op.name!r}")
 
@@ -102,10 +118,13 @@ class HiveRouter:
         report = worker.report().model_dump()
         emit_result({"worker": report})
         set_end_fields(worker=report)
+        if worker.token:
+            # For the queen, which relays results but never a hive's end event to its clients.
+            set_end_fields(worker_token=worker.token)
 
     async def worker_list(self) -> None:
         await self.supervisor.refresh()  # busy or idle as of now, not of the last heartbeat
-        workers = [w.describe() for w in self.supervisor.all()]
+        workers = [{"hive_id": self.hive_id, **w.describe()} for w in self.supervisor.all()]
         narrate("worker_list", f"{len(workers)} worker(s) on hive {self.hive_id}", workers=len(workers))
         emit_result({"workers": workers})
 
@@ -113,7 +132,7 @@ class HiveRouter:
         worker = self.supervisor.get(op.worker_id)
         await self.supervisor.refresh()
         narrate("worker_get", f"Worker {worker.worker_id} is {worker.state} at {worker.url}", worker_id=op.worker_id)
-        emit_result({"worker": worker.describe()})
+        emit_result({"worker": {"hive_id": self.hive_id, **worker.describe()}})
 
     async def worker_stop(self, op: WorkerStop) -> None:
         await self.supervisor.stop(op.worker_id)
@@ -130,6 +149,43 @@ class HiveRouter:
         model = await self.catalog.resolve(op.model)
         narrate("model_get", f"Model {model.id}: {model.architecture}, {model.quantization}", model=model.id)
         emit_result({"model": model.to_dict()})
+
+    def _downloader(self) -> Downloader:
+        if self.downloads is None:
+            raise errors.UnsupportedOperation(f"hive {self.hive_id} has no models directory to download into")
+        return self.downloads
+
+    def _refuse_in_use(self, model: ModelEntry) -> None:
+        users = [w for w in self.supervisor.all() if w.model_id == model.id and w.state != "dead"]
+        if users:
+            ids = ", ".join(w.worker_id for w in users)
+            first = users[0].worker_id
+            raise errors.JobConflict(
+                f"model {model.alias or model.id} is in use by worker(s) {ids} on hive {self.hive_id}; "
+                f"stop them first (rbee worker stop {first} --hive {self.hive_id})",
+                model=model.id,
+                workers=[w.worker_id for w in users],
+            )
+
+    async def model_download(self, op: ModelDownload) -> None:
+        entry = await self._downloader().run(op)
+        emit_result({"model": entry.to_dict()})
+        set_end_fields(model=entry.id, alias=entry.alias, hive_id=self.hive_id)
+        await self._catalog_changed()
+
+    async def model_delete(self, op: ModelDelete) -> None:
+        model = await self.catalog.resolve(op.model)
+        self._refuse_in_use(model)  # a worker may have started since POST
+        owned = self.models_dir if self.models_dir is not None else Path(model.path).parent / ".none"
+        entry, file_deleted = self.catalog.delete(op.model, owned=owned)
+        where = f"; deleted {entry.path}" if file_deleted else f"; its file stays at {entry.path}"
+        narrate("model_deleted", f"Removed {entry.alias or entry.id} from hive {self.hive_id}{where}", model=entry.id)
+        emit_result({"model": entry.id, "alias": entry.alias, "deleted": True, "file_deleted": file_deleted})
+        await self._catalog_changed()
+
+    async def _catalog_changed(self) -> None:
+        if self.catalog_changed is not None:
+            await self.catalog_changed()
 
     # -- self-check -----------------------------------------------------------
 

@@ -10,12 +10,23 @@ heartbeat.
 Workers run in their own session (a Ctrl-C meant for the hive does not reach
 them directly; the hive stops them in order) and, on Linux, receive SIGTERM if
 the hive itself dies without stopping them.
+
+Each worker's pid is recorded in the hive's state directory while it runs. A
+hive that starts after a previous run died (``kill -9``, a power cut of the
+process, a worker that ignored its SIGTERM) finds the records and stops every
+worker still running from that run, so none is left orphaned
+(:meth:`Supervisor.reap_orphans`).
+
+A hive with a token gives each worker a token of its own (the queen learns it
+from the heartbeat), so the hive's token never reaches a worker process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import json
 import os
 import secrets
 import signal
@@ -29,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 from rbee.contracts.cluster import WorkerReport
 from rbee.errors import WorkerFailed, WorkerNotFound
@@ -152,6 +164,8 @@ class WorkerProcess:
     current_job: str | None = None
     exit_code: int | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The worker's own bearer token (None: the hive has none, nor has the worker).
+    token: str | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -214,6 +228,7 @@ class Supervisor:
         stop_grace_s: float = STOP_GRACE_S,
         on_change: Callable[[], None] | None = None,
         command: Sequence[str] = WORKER_COMMAND,
+        state_dir: Path | None = None,
     ) -> None:
         self.home = home
         self.log_dir = home / "logs"
@@ -230,6 +245,8 @@ class Supervisor:
         self.workers: dict[str, WorkerProcess] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        #: Where each running worker's pid record lives (None: not recorded).
+        self.state_dir = state_dir
 
     # -- looking up -----------------------------------------------------------
 
@@ -287,12 +304,14 @@ class Supervisor:
                 self.engine,
                 *self.extra_args,
             ]
-            proc = await self._start_process(argv, log_path, sock.fileno())
+            token = secrets.token_urlsafe(24) if self.token else None
+            proc = await self._start_process(argv, log_path, sock.fileno(), token)
         finally:
             # The child holds its own copy; ours would keep the port open after the worker dies.
             sock.close()
-        worker = WorkerProcess(worker_id, model.id, names, device, url, log_path, proc)
+        worker = WorkerProcess(worker_id, model.id, names, device, url, log_path, proc, token=token)
         self.workers[worker_id] = worker
+        self._record(worker)
         watcher = asyncio.get_running_loop().create_task(
             self._watch(worker), name=f"hive:watch:{worker_id}", context=contextvars.Context()
         )
@@ -317,12 +336,14 @@ class Supervisor:
         self._changed()
         return worker
 
-    async def _start_process(self, argv: list[str], log_path: Path, fd: int) -> asyncio.subprocess.Process:
+    async def _start_process(
+        self, argv: list[str], log_path: Path, fd: int, token: str | None = None
+    ) -> asyncio.subprocess.Process:
         env = dict(os.environ)
         env["RBEE_HOME"] = str(self.home)
         env["PYTHONUNBUFFERED"] = "1"
-        if self.token:
-            env["RBEE_TOKEN"] = self.token
+        if token:
+            env["RBEE_TOKEN"] = token  # the environment, not argv: other users can read argv
         else:
             env.pop("RBEE_TOKEN", None)
         with log_path.open("ab") as log:
@@ -399,7 +420,8 @@ class Supervisor:
     async def _probe(self, worker: WorkerProcess, timeout_s: float) -> dict[str, Any] | None:
         """The worker's ``/v1/ready`` answer, or None when it does not answer (yet)."""
         try:
-            response = await self.http.get(f"{worker.url}/v1/ready", headers=self._headers, timeout=timeout_s)
+            headers = {"Authorization": f"Bearer {worker.token}"} if worker.token else self._headers
+            response = await self.http.get(f"{worker.url}/v1/ready", headers=headers, timeout=timeout_s)
         except (httpx.HTTPError, OSError):
             return None
         if response.status_code != 200:
@@ -434,6 +456,7 @@ class Supervisor:
         worker.state = "dead"
         worker.exited.set()
         self.workers.pop(worker.worker_id, None)
+        self._unrecord(worker.worker_id)
         if not expected:
             last = _tail(worker.log_path, 1)
             narrate(
@@ -457,6 +480,82 @@ class Supervisor:
         for worker, ready in zip(targets, answers, strict=True):
             if ready is not None and worker.state in ("ready", "busy"):
                 worker.apply(ready)
+
+    # -- pid records ----------------------------------------------------------
+
+    def _record(self, worker: WorkerProcess) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            record = {
+                "worker_id": worker.worker_id,
+                "pid": worker.pid,
+                "create_time": _create_time(worker.pid),
+                "hive_pid": os.getpid(),
+                "hive_create_time": _create_time(os.getpid()),
+                "model": worker.model_id,
+                "url": worker.url,
+                "started_at": worker.started_at,
+            }
+            path = self.state_dir / f"{worker.worker_id}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
+        except OSError as exc:
+            narrate("worker_record_failed", f"Cannot record worker {worker.worker_id}: {exc}", level="warn")
+
+    def _unrecord(self, worker_id: str) -> None:
+        if self.state_dir is not None:
+            _unlink(self.state_dir / f"{worker_id}.json")
+
+    def records(self) -> list[dict[str, Any]]:
+        """The pid records in the state directory (this run's and any left by an earlier one)."""
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.state_dir.glob("worker-*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                record = {}
+            if not isinstance(record, dict):
+                record = {}
+            record["_path"] = str(path)
+            found.append(record)
+        return found
+
+    async def reap_orphans(self) -> list[str]:
+        """Stop the workers an earlier run of this hive left running; returns their ids.
+
+        A record counts only if its process is the one recorded (same pid and
+        start time, so a reused pid is never touched) and the hive that
+        recorded it is gone. Records of processes that have ended are removed.
+        """
+        reaped = []
+        for record in self.records():
+            path = Path(record.pop("_path"))
+            worker_id = str(record.get("worker_id", path.stem))
+            if worker_id in self.workers:
+                continue  # this run's own worker
+            owner = _same_process(record.get("hive_pid"), record.get("hive_create_time"))
+            if owner is not None and owner.pid != os.getpid():
+                continue  # another hive process, still alive, owns it
+            orphan = _same_process(record.get("pid"), record.get("create_time"))
+            if orphan is not None:
+                narrate(
+                    "worker_orphan",
+                    f"Worker {worker_id} (pid {orphan.pid}) of an earlier run of this hive is still running;"
+                    " stopping it",
+                    level="warn",
+                    actor="hive",
+                    worker_id=worker_id,
+                    pid=orphan.pid,
+                )
+                await _stop_process(orphan, self.stop_grace_s)
+                reaped.append(worker_id)
+            _unlink(path)
+        return reaped
 
     # -- stopping -------------------------------------------------------------
 
@@ -531,3 +630,62 @@ class Supervisor:
             task.cancel()
         if self._watchers:
             await asyncio.gather(*self._watchers, return_exceptions=True)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return None
+
+
+def _same_process(pid: Any, create_time: Any) -> psutil.Process | None:
+    """The live process ``pid`` if it started at ``create_time`` (so it is the one recorded)."""
+    if not isinstance(pid, int) or not isinstance(create_time, (int, float)) or pid <= 0:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (psutil.Error, OSError):
+        return None
+    return proc
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+async def _stop_process(proc: psutil.Process, grace_s: float) -> None:
+    """SIGTERM (and SIGCONT, in case it is stopped) to its process group, then SIGKILL after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGCONT):
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+    if await _wait_gone(proc, grace_s):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    await _wait_gone(proc, grace_s)
+
+
+async def _wait_gone(proc: psutil.Process, timeout_s: float) -> bool:
+    # Not our child, so there is no exit to await: poll, bounded.
+    for _ in range(max(1, int(timeout_s / POLL_INTERVAL_S))):
+        if _gone(proc):
+            return True
+        await asyncio.sleep(POLL_INTERVAL_S)
+    return _gone(proc)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

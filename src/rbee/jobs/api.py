@@ -9,29 +9,29 @@ report state.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from rbee.contracts.events import DONE
 from rbee.contracts.operations import OperationBase, parse_operation
 from rbee.errors import JobConflict, JobNotFound
-from rbee.jobs.job import Job
+from rbee.jobs.job import Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
 
-__all__ = ["JobServer", "job_router", "PING_INTERVAL_S", "MAX_BODY_BYTES"]
+__all__ = ["JobServer", "job_router", "PING_INTERVAL_S", "MAX_BODY_BYTES", "MAX_BATCH"]
 
 PING_INTERVAL_S = 15.0
 MAX_BODY_BYTES = 1 << 20
-
-
-def _ping() -> ServerSentEvent:
-    # Same line ending as the event frames (the library's default is CRLF).
-    return ServerSentEvent(comment="ping", sep="\n")
+#: Frames written as one chunk at most, when a reader is behind (a late client's replay).
+MAX_BATCH = 256
+#: How often, while streams are open, the server looks for its own shutdown.
+_EXIT_POLL_S = 0.5
 
 
 class JobServer:
@@ -60,7 +60,37 @@ class JobServer:
         self.history_list = history_list
         self.history_events = history_events
         self.ping_interval_s = ping_interval_s
-        self.active_streams = 0
+        self._streams: set[_EventStream] = set()
+        self._exit_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def active_streams(self) -> int:
+        """Open ``/stream`` responses of live jobs."""
+        return len(self._streams)
+
+    def _opened(self, stream: _EventStream) -> None:
+        self._streams.add(stream)
+        if self._exit_timer is None:
+            self._exit_timer = asyncio.get_running_loop().call_later(_EXIT_POLL_S, self._check_exit)
+
+    def _closed(self, stream: _EventStream) -> None:
+        self._streams.discard(stream)
+
+    def _check_exit(self) -> None:
+        """End the open streams once the server begins to shut down.
+
+        uvicorn drains connections before the lifespan ends the jobs, so a
+        stream left open would hold the shutdown for its whole grace period.
+        A timer, not a task: it lives only while streams are open.
+        """
+        self._exit_timer = None
+        if not self._streams:
+            return
+        if _server_exiting():
+            for stream in list(self._streams):
+                stream.close()
+            return
+        self._exit_timer = asyncio.get_running_loop().call_later(_EXIT_POLL_S, self._check_exit)
 
     async def submit(self, operation: OperationBase) -> Job:
         if self.admit is not None:
@@ -149,54 +179,179 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
         cancel_on_disconnect: bool = Query(False),
         last_event_id_q: int | None = Query(None, alias="last_event_id", ge=0),
         last_event_id: str | None = Header(None),
-    ) -> EventSourceResponse:
+    ) -> Response:
         server = get_server(request)
         after = last_event_id_q or 0
         if last_event_id is not None and last_event_id.strip().isdigit():
             after = int(last_event_id.strip())
         job = server.registry.find(job_id)
-        frames: AsyncIterator[Any]
         if job is not None:
-            frames = _frames(server, job, after, cancel_on_disconnect)
-        else:
-            stored = server.history_events(job_id) if server.history_events is not None else None
-            if stored is None:
-                raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
-            frames = _replay(stored, after)
-        return EventSourceResponse(
-            frames,
-            ping=server.ping_interval_s,
-            ping_message_factory=_ping,
-            sep="\n",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+            return _EventStream(server, job, after, cancel_on_disconnect)
+        stored = server.history_events(job_id) if server.history_events is not None else None
+        if stored is None:
+            raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
+        return _Replay(stored, after)
 
     return router
 
 
-_DONE_FRAME = f"data: {DONE}\n\n".encode()
+_DONE_FRAME = f"data: {DONE}\n\n"
+_PING_FRAME = b": ping\n\n"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
-def _frame(event_id: int, kind: str, data: str) -> bytes:
+def _frames(events: list[Event]) -> str:
     # Event data is one line of JSON (json never emits a raw newline), so the
-    # frame is built directly rather than through a general encoder.
-    return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
+    # frames are built directly rather than through a general encoder.
+    return "".join([f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n" for event_id, kind, data in events])
 
 
-async def _replay(events: list[tuple[int, str, str]], after: int) -> AsyncIterator[Any]:
-    for event_id, kind, data in events:
-        if event_id > after:
-            yield _frame(event_id, kind, data)
-    yield _DONE_FRAME
+def _server_exiting() -> bool:
+    """Whether the uvicorn server running this process has been told to stop.
+
+    uvicorn installs its own method as the SIGTERM handler, so the server is
+    found through it; anything else (tests, other servers) reads as running.
+    """
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
 
 
-async def _frames(server: JobServer, job: Job, after: int, cancel_on_disconnect: bool) -> AsyncIterator[Any]:
-    server.active_streams += 1
-    try:
-        async for event_id, kind, data in job.stream(after):
-            yield _frame(event_id, kind, data)
-        yield _DONE_FRAME
-    finally:
-        server.active_streams -= 1
-        if cancel_on_disconnect and not job.done and job.cancel_reason is None:
-            server.registry.cancel(job.id, "client disconnected")
+class _SSEResponse(Response):
+    """``text/event-stream``, written by the request's own task."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self) -> None:
+        # Nothing of Response.__init__ is needed: no body to render, fixed headers.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = list(_SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        if scope.get("method") == "HEAD":
+            # Headers only: a HEAD request must not open a stream that never ends for it.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await self.stream(receive, send)
+        if self.background is not None:
+            await self.background()
+
+    async def stream(self, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class _Replay(_SSEResponse):
+    """A finished job's stored events, then ``[DONE]``."""
+
+    def __init__(self, events: list[Event], after: int) -> None:
+        super().__init__()
+        self.events = [e for e in events if e[0] > after]
+
+    async def stream(self, receive: Receive, send: Send) -> None:
+        events = self.events
+        for start in range(0, len(events), MAX_BATCH):
+            chunk = _frames(events[start : start + MAX_BATCH]).encode()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": _DONE_FRAME.encode(), "more_body": False})
+
+
+class _EventStream(_SSEResponse):
+    """A live job's events as they are appended, then ``[DONE]``.
+
+    A stream is a race between the job's events, the client leaving, a
+    keep-alive ping and the server shutting down. The frames are written by
+    the request's task itself; one small task waits for the client's
+    disconnect, a timer marks a ping due after a quiet interval, and the
+    server's exit watch closes the stream: each of them only resolves the
+    future the writer waits on. Every event already in the log goes out as
+    one chunk (one socket write), so a reader that fell behind, or a burst of
+    events, costs one write rather than one per event; the bytes on the wire
+    are the same frames either way.
+    """
+
+    def __init__(self, server: JobServer, job: Job, after: int, cancel_on_disconnect: bool) -> None:
+        super().__init__()
+        self.server = server
+        self.job = job
+        self.after = after
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self._closed = False
+        self._ping_due = False
+        self._quiet = True
+        self._waiting: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        """Stop the stream at the next chance (the client left, the server is exiting)."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        fut = self._waiting
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _tick(self) -> None:
+        if self._closed:
+            return
+        if self._quiet:
+            self._ping_due = True
+            self._wake()
+        self._quiet = True
+        self._timer = asyncio.get_running_loop().call_later(self.server.ping_interval_s, self._tick)
+
+    async def _listen(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.close()
+                return
+
+    async def stream(self, receive: Receive, send: Send) -> None:
+        job, server = self.job, self.server
+        loop = asyncio.get_running_loop()
+        cursor = job.attach(self.after)
+        server._opened(self)
+        listener = loop.create_task(self._listen(receive), name=f"{job.id}:disconnect")
+        self._timer = loop.call_later(server.ping_interval_s, self._tick)
+        done = False
+        try:
+            while not self._closed:
+                batch = job.take(cursor, MAX_BATCH)
+                if job.ended and cursor.pos >= len(job.events):
+                    # The last frames, [DONE] and the end of the body in one write.
+                    done = True
+                    body = (_frames(batch) + _DONE_FRAME).encode()
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
+                if batch:
+                    self._quiet = False
+                    await send({"type": "http.response.body", "body": _frames(batch).encode(), "more_body": True})
+                elif self._ping_due:
+                    self._ping_due = False
+                    await send({"type": "http.response.body", "body": _PING_FRAME, "more_body": True})
+                else:
+                    fut = self._waiting = job.next_event()
+                    try:
+                        await fut
+                    finally:
+                        self._waiting = None
+                        job.forget(fut)
+        finally:
+            self._closed = True
+            self._timer.cancel()
+            listener.cancel()
+            job.detach(cursor)
+            server._closed(self)
+            if self.cancel_on_disconnect and not job.done and job.cancel_reason is None:
+                server.registry.cancel(job.id, "client disconnected")
+            if not done:
+                # Closed before the end (the client left, the server is exiting): finish the body.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await asyncio.wait([listener])  # no task outlives its response

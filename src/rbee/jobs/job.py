@@ -27,7 +27,7 @@ from rbee.contracts.events import TERMINAL, JobStatus
 from rbee.contracts.operations import OperationBase
 from rbee.errors import JobConflict
 
-__all__ = ["Job", "TOKEN_WINDOW", "NARRATION_CAP", "STALL_LIMIT_S", "Event"]
+__all__ = ["Job", "TOKEN_WINDOW", "NARRATION_CAP", "STALL_LIMIT_S", "Event", "Cursor"]
 
 TOKEN_WINDOW = 256
 NARRATION_CAP = 2_000
@@ -47,7 +47,9 @@ _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
-class _Cursor:
+class Cursor:
+    """Where one reader is in a job's log (the index of the next event it reads)."""
+
     __slots__ = ("pos",)
 
     def __init__(self, pos: int) -> None:
@@ -100,7 +102,7 @@ class Job:
         self.cancel_reason: str | None = None
         self.events: list[Event] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._cursors: list[_Cursor] = []
+        self._cursors: list[Cursor] = []
         self._space: list[asyncio.Future[None]] = []
         self._ended = False
 
@@ -157,9 +159,12 @@ class Job:
                     fut.set_result(None)
 
     def _lag(self) -> int:
-        if not self._cursors:
+        cursors = self._cursors
+        if not cursors:
             return 0
-        return len(self.events) - min(c.pos for c in self._cursors)
+        if len(cursors) == 1:  # the usual case, on every token
+            return len(self.events) - cursors[0].pos
+        return len(self.events) - min(c.pos for c in cursors)
 
     def add_narration(self, event: dict[str, Any]) -> None:
         if len(self.events) >= NARRATION_CAP + self.tokens or self._lag() > 4 * TOKEN_WINDOW:
@@ -243,28 +248,59 @@ class Job:
 
     # -- consuming ---------------------------------------------------------
 
+    def attach(self, after: int = 0) -> Cursor:
+        """A reader's position, just after event id ``after``; the producer paces itself by it."""
+        cursor = Cursor(max(0, min(after, len(self.events))))
+        self._cursors.append(cursor)
+        return cursor
+
+    def detach(self, cursor: Cursor) -> None:
+        self._cursors.remove(cursor)
+        self._wake_space()
+
+    def take(self, cursor: Cursor, limit: int) -> list[Event]:
+        """The events after ``cursor`` (at most ``limit``), advancing it."""
+        start = cursor.pos
+        end = min(len(self.events), start + limit)
+        if end <= start:
+            return []
+        cursor.pos = end
+        if self._space and self._lag() <= TOKEN_WINDOW // 2:
+            self._wake_space()
+        return self.events[start:end]
+
+    def next_event(self) -> asyncio.Future[None]:
+        """A future resolved when the next event is appended.
+
+        A reader may resolve it itself to stop waiting (a ping is due, the
+        client left); :meth:`forget` then drops it.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
+    def forget(self, fut: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass  # already taken by an append
+
     async def stream(self, after: int = 0) -> AsyncIterator[Event]:
         """Yield every event after id ``after`` until (and including) ``end``."""
-        cursor = _Cursor(max(0, min(after, len(self.events))))
-        self._cursors.append(cursor)
-        loop = asyncio.get_running_loop()
+        cursor = self.attach(after)
         try:
             while True:
-                events = self.events
-                while cursor.pos < len(events):
-                    event = events[cursor.pos]
+                while cursor.pos < len(self.events):
+                    event = self.events[cursor.pos]
                     cursor.pos += 1
                     if self._space and self._lag() <= TOKEN_WINDOW // 2:
                         self._wake_space()
                     yield event
                 if self._ended:
                     return
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiters.append(fut)
-                await fut
+                await self.next_event()
         finally:
-            self._cursors.remove(cursor)
-            self._wake_space()
+            self.detach(cursor)
 
     def release(self) -> None:
         """Drop what the job holds once it leaves the registry."""

@@ -4,6 +4,8 @@ Every command that does something is a job on the queen: the keeper submits
 the operation, renders the job's stream (:mod:`rbee.keeper.render`) and exits
 with the code its ``end`` event decides (:mod:`rbee.keeper.errors`). When the
 queen is not running on this machine, the commands that need it start it.
+The machine commands (``hive``, ``worker``, ``model``, ``queen``) live in
+:mod:`rbee.keeper.machines`.
 
 Start-up time matters (``rbee infer`` shows its first token in well under
 200 ms on a warm cluster), so this module imports click, the stdlib-only
@@ -13,7 +15,6 @@ and process control are imported by the commands that use them.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -21,32 +22,28 @@ from typing import Any
 import click
 
 from rbee import __version__
-from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, KeeperError, QueenUnreachable, one_line
+from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, one_line
+from rbee.keeper.machines import hive, model, queen, worker
+from rbee.keeper.options import CONTEXT, DEFAULT_MODEL, default_model, output_options, pass_session, print_json
 from rbee.keeper.session import Session
 
 __all__ = ["cli", "main", "DEFAULT_MODEL"]
 
-#: The model ``rbee infer`` asks for unless told (or configured) otherwise.
-DEFAULT_MODEL = "gemma3-270m"
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-pass_session = click.make_pass_decorator(Session)
-
-
-def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False))
-
-
-@click.group(context_settings=_CONTEXT)
+@click.group(context_settings=CONTEXT)
 @click.option(
     "--queen-url",
     metavar="URL",
     help="The queen to talk to. Default: $RBEE_QUEEN_URL, else queen_url in ~/.config/rbee/config.toml, "
     "else http://127.0.0.1:7833.",
 )
-@click.option("--token", metavar="TOKEN", help="Bearer token for a queen that requires one. Default: $RBEE_TOKEN.")
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    help="Bearer token for a queen that requires one. Default: $RBEE_TOKEN, else the config.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Hide narration, progress and the summary; show only the output.")
 @click.option("--json", "json_mode", is_flag=True, help="Print every event as one JSON line on stdout, for scripts.")
 @click.version_option(__version__, "-V", "--version", prog_name="rbee")
@@ -58,12 +55,16 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
     Examples:
       rbee infer "Why is the sky blue?"
       echo "Write a haiku about bees" | rbee infer -m gemma3-270m --max-tokens 64
+      rbee hive start --host 127.0.0.2 --hive-id beta       # a second hive
+      rbee model download URL --alias tiny --hive beta       # a model for it
+      rbee infer -m tiny --hive beta "Hello"
       rbee status
-      rbee --json queen-check
       rbee jobs list
 
     The queen is started on this machine when a command needs it and it is not
-    running (set RBEE_NO_AUTOSTART=1 to prevent that).
+    running (set RBEE_NO_AUTOSTART=1 to prevent that). Settings come from
+    flags, then RBEE_QUEEN_URL / RBEE_TOKEN, then ~/.config/rbee/config.toml
+    (see `rbee config`). Shell completion: `rbee completion --help`.
     """
     session = Session(queen_url=queen_url, token=token, quiet=quiet, json_mode=json_mode)
     ctx.obj = session
@@ -73,7 +74,7 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
 # -- infer -------------------------------------------------------------------
 
 
-@cli.command(context_settings=_CONTEXT)
+@cli.command(context_settings=CONTEXT)
 @click.argument("prompt", required=False)
 @click.option("-m", "--model", help=f"Model id or alias. Default: default_model in the config, else {DEFAULT_MODEL}.")
 @click.option("--max-tokens", type=int, help="Most tokens to generate.")
@@ -86,19 +87,26 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
 @click.option("--worker", "worker_id", metavar="WORKER_ID", help="Run on this worker.")
 @click.option("--device", help="Run on this device: cpu or cuda:N.")
 @click.option("--timeout", "timeout_s", type=float, metavar="SECONDS", help="Give up after this many seconds.")
+@click.option(
+    "-d", "--detach", is_flag=True, help="Print the job's id and return; the job runs on (see `rbee jobs logs`)."
+)
+@output_options
 @pass_session
-def infer(session: Session, /, prompt: str | None, **options: Any) -> None:
+def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any) -> None:
     """Generate text from PROMPT (read from stdin when omitted or "-").
 
-    Tokens go to stdout as they arrive; narration of each step goes to stderr.
-    Ctrl-C cancels the job.
+    Tokens go to stdout as they arrive; narration of each step (which hive and
+    worker run it) goes to stderr. Ctrl-C cancels the job. Defaults for the
+    sampling flags come from [sampling] in the config file.
 
     \b
     Examples:
       rbee infer "Why is the sky blue?"
       rbee infer -m gemma3-270m --max-tokens 50 --temperature 0 "Count to ten:"
+      rbee infer -m tiny --hive beta "Hello"            # on a given hive
       cat notes.txt | rbee infer --stop "###" -
-      rbee -q infer "Name three bees" > answer.txt
+      rbee infer "List three colours:" --json           # one JSON event per line
+      rbee infer --detach "Write a story" && rbee jobs logs --follow JOB_ID
     """
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
@@ -106,23 +114,28 @@ def infer(session: Session, /, prompt: str | None, **options: Any) -> None:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
-    operation: dict[str, Any] = {"operation": "infer", "model": options.pop("model") or _default_model(session)}
+    operation: dict[str, Any] = {"operation": "infer", "model": options.pop("model") or default_model(session)}
     sampling = session.config.sampling if session.config.sampling else {}
     operation.update({k: v for k, v in sampling.items() if k in _SAMPLING_KEYS})
     options["stop"] = list(options["stop"]) or None
     operation.update({k: v for k, v in options.items() if v is not None})
     operation["prompt"] = prompt
-    session.run(operation, summary=True)
-
-
-def _default_model(session: Session) -> str:
-    return session.config.default_model or DEFAULT_MODEL
+    if not detach:
+        session.run(operation, summary=True)
+        return
+    job_id = session.submit(operation)
+    if session.json_mode:
+        print_json({"job_id": job_id, "detached": True})
+    else:
+        click.echo(job_id)
+        session.renderer.notice(f"Running detached; follow it with: rbee jobs logs --follow {job_id}")
 
 
 # -- cluster -----------------------------------------------------------------
 
 
-@cli.command(context_settings=_CONTEXT)
+@cli.command(context_settings=CONTEXT)
+@output_options
 @pass_session
 def status(session: Session) -> None:
     """Show the hives, workers and queues the queen knows.
@@ -130,12 +143,13 @@ def status(session: Session) -> None:
     \b
     Examples:
       rbee status
-      rbee --json status | jq 'select(.event == "result") | .data.workers'
+      rbee status --json | jq 'select(.event == "result") | .data.workers'
     """
     session.run({"operation": "status"})
 
 
-@cli.command("queen-check", context_settings=_CONTEXT)
+@cli.command("queen-check", context_settings=CONTEXT)
+@output_options
 @pass_session
 def queen_check(session: Session) -> None:
     """Run the queen's self-check: narration from every path of a job.
@@ -147,252 +161,23 @@ def queen_check(session: Session) -> None:
     session.run({"operation": "queen_check"})
 
 
-@cli.group(context_settings=_CONTEXT)
-def hive() -> None:
-    """The hives (one per machine) the queen knows."""
-
-
-@hive.command("list", context_settings=_CONTEXT)
-@pass_session
-def hive_list(session: Session) -> None:
-    """List the hives that send heartbeats to the queen.
-
-    \b
-    Example:
-      rbee hive list
-    """
-    session.run({"operation": "hive_list"})
-
-
-@hive.command("check", context_settings=_CONTEXT)
-@click.argument("hive_id", default="localhost")
-@pass_session
-def hive_check(session: Session, hive_id: str) -> None:
-    """Run a hive's self-check through the queen (HIVE_ID defaults to localhost).
-
-    \b
-    Example:
-      rbee hive check localhost
-    """
-    session.run({"operation": "hive_check", "hive_id": hive_id})
-
-
-_hive_option = click.option(
-    "--hive", "hive_id", default="localhost", show_default=True, metavar="HIVE_ID", help="The hive to ask."
-)
-
-
-@cli.group(context_settings=_CONTEXT)
-def worker() -> None:
-    """Workers: one process, one loaded model."""
-
-
-@worker.command("spawn", context_settings=_CONTEXT)
-@click.option("-m", "--model", help=f"Model id or alias. Default: default_model in the config, else {DEFAULT_MODEL}.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
-@_hive_option
-@pass_session
-def worker_spawn(session: Session, model: str | None, device: str, hive_id: str) -> None:
-    """Start a worker for a model on a hive.
-
-    \b
-    Examples:
-      rbee worker spawn -m gemma3-270m
-      rbee worker spawn -m gemma3-270m --device cuda:0 --hive gpu-box
-    """
-    op = {"operation": "worker_spawn", "hive_id": hive_id, "model": model or _default_model(session), "device": device}
-    session.run(op)
-
-
-@worker.command("list", context_settings=_CONTEXT)
-@_hive_option
-@pass_session
-def worker_list(session: Session, hive_id: str) -> None:
-    """List a hive's workers.
-
-    \b
-    Example:
-      rbee worker list --hive localhost
-    """
-    session.run({"operation": "worker_list", "hive_id": hive_id})
-
-
-@worker.command("get", context_settings=_CONTEXT)
-@click.argument("worker_id")
-@_hive_option
-@pass_session
-def worker_get(session: Session, worker_id: str, hive_id: str) -> None:
-    """Show one worker.
-
-    \b
-    Example:
-      rbee worker get worker-1a2b
-    """
-    session.run({"operation": "worker_get", "hive_id": hive_id, "worker_id": worker_id})
-
-
-@worker.command("stop", context_settings=_CONTEXT)
-@click.argument("worker_id")
-@_hive_option
-@pass_session
-def worker_stop(session: Session, worker_id: str, hive_id: str) -> None:
-    """Stop one worker.
-
-    \b
-    Example:
-      rbee worker stop worker-1a2b
-    """
-    session.run({"operation": "worker_stop", "hive_id": hive_id, "worker_id": worker_id})
-
-
-@cli.group(context_settings=_CONTEXT)
-def model() -> None:
-    """The model files a hive has."""
-
-
-@model.command("list", context_settings=_CONTEXT)
-@_hive_option
-@pass_session
-def model_list(session: Session, hive_id: str) -> None:
-    """List a hive's models.
-
-    \b
-    Example:
-      rbee model list
-    """
-    session.run({"operation": "model_list", "hive_id": hive_id})
-
-
-@model.command("get", context_settings=_CONTEXT)
-@click.argument("model_id", metavar="MODEL")
-@_hive_option
-@pass_session
-def model_get(session: Session, model_id: str, hive_id: str) -> None:
-    """Show one model.
-
-    \b
-    Example:
-      rbee model get gemma3-270m
-    """
-    session.run({"operation": "model_get", "hive_id": hive_id, "model": model_id})
-
-
-@model.command("download", context_settings=_CONTEXT)
-@click.argument("source")
-@click.option("--alias", help="A short name to use the model by.")
-@click.option("--sha256", help="Expected SHA-256 of the file.")
-@_hive_option
-@pass_session
-def model_download(session: Session, source: str, alias: str | None, sha256: str | None, hive_id: str) -> None:
-    """Download a GGUF file (path, http(s) URL or Hugging Face repo file) to a hive.
-
-    \b
-    Example:
-      rbee model download https://example.org/model.gguf --alias mymodel
-    """
-    op = {"operation": "model_download", "hive_id": hive_id, "source": source, "alias": alias, "sha256": sha256}
-    session.run({k: v for k, v in op.items() if v is not None})
-
-
-@model.command("delete", context_settings=_CONTEXT)
-@click.argument("model_id", metavar="MODEL")
-@_hive_option
-@pass_session
-def model_delete(session: Session, model_id: str, hive_id: str) -> None:
-    """Delete a model from a hive.
-
-    \b
-    Example:
-      rbee model delete mymodel
-    """
-    session.run({"operation": "model_delete", "hive_id": hive_id, "model": model_id})
-
-
-# -- the queen process ---------------------------------------------------------
-
-
-@cli.group(context_settings=_CONTEXT)
-def queen() -> None:
-    """Start, stop and look at the queen on this machine."""
-
-
-@queen.command("start", context_settings=_CONTEXT)
-@click.option(
-    "--local-hive/--no-local-hive", default=True, show_default=True, help="Run this machine's hive inside it."
-)
-@pass_session
-def queen_start(session: Session, local_hive: bool) -> None:
-    """Start queen-rbee in the background at the queen URL's host and port.
-
-    Its output goes to $RBEE_HOME/logs/queen.log and its pid to $RBEE_HOME/queen.pid.
-
-    \b
-    Examples:
-      rbee queen start
-      rbee --queen-url http://127.0.0.1:9000 queen start --no-local-hive
-    """
-    from rbee.keeper.daemon import start_queen
-
-    started = start_queen(session.url, token=session.token, local_hive=local_hive)
-    if session.json_mode:
-        _print_json(
-            {"url": started.url, "pid": started.pid, "log": str(started.log), "started": not started.already_running}
-        )
-    elif started.already_running:
-        click.echo(f"queen-rbee is already running at {started.url}")
-    else:
-        click.echo(f"queen-rbee is running at {started.url} (pid {started.pid}, log: {started.log})")
-
-
-@queen.command("stop", context_settings=_CONTEXT)
-@pass_session
-def queen_stop(session: Session) -> None:
-    """Stop the queen on this machine (SIGTERM, then SIGKILL after 10 s).
-
-    \b
-    Example:
-      rbee queen stop
-    """
-    from rbee.keeper.daemon import stop_queen
-
-    stopped = stop_queen(session.url, token=session.token)
-    if session.json_mode:
-        _print_json({"pid": stopped.pid, "stopped": stopped.was_running, "killed": stopped.killed})
-    elif not stopped.was_running:
-        click.echo(f"queen-rbee is not running at {session.url}")
-    else:
-        how = " (it did not stop in time and was killed)" if stopped.killed else ""
-        click.echo(f"Stopped queen-rbee (pid {stopped.pid}){how}")
-
-
-@queen.command("status", context_settings=_CONTEXT)
-@pass_session
-def queen_status(session: Session) -> None:
-    """Show whether the queen runs, and its version, pid and address (exit 1 when not running).
-
-    \b
-    Example:
-      rbee queen status
-    """
-    try:
-        info = session.client.info()
-    except QueenUnreachable as exc:
-        raise KeeperError(f"queen-rbee is not running at {session.url}: {exc.reason}") from None
-    if session.json_mode:
-        _print_json(info)
-        return
-    from rbee.keeper.tables import print_mapping
-
-    click.echo(f"queen-rbee is running at {session.url}")
-    print_mapping(None, info, out=sys.stdout, colour=session.renderer.colour_out)
+for _group in (hive, worker, model, queen):
+    cli.add_command(_group)
 
 
 # -- jobs --------------------------------------------------------------------
 
 
-@cli.group(context_settings=_CONTEXT)
+@cli.group(context_settings=CONTEXT)
 def jobs() -> None:
-    """The queen's jobs: recent history, details, logs, cancel."""
+    """The queen's jobs: recent history, details, logs, cancel.
+
+    \b
+    Examples:
+      rbee jobs list
+      rbee jobs logs JOB_ID --follow
+      rbee jobs cancel JOB_ID
+    """
 
 
 def _duration(ms: float | None) -> str | None:
@@ -417,8 +202,9 @@ def _job_row(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@jobs.command("list", context_settings=_CONTEXT)
+@jobs.command("list", context_settings=CONTEXT)
 @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many jobs.")
+@output_options
 @pass_session
 def jobs_list(session: Session, limit: int) -> None:
     """List recent jobs, newest first.
@@ -429,15 +215,16 @@ def jobs_list(session: Session, limit: int) -> None:
     """
     rows = session.client.jobs(limit)
     if session.json_mode:
-        _print_json({"jobs": rows})
+        print_json({"jobs": rows})
         return
     from rbee.keeper.tables import JOB_COLUMNS, print_rows
 
     print_rows("jobs", [_job_row(j) for j in rows], JOB_COLUMNS, out=sys.stdout, colour=session.renderer.colour_out)
 
 
-@jobs.command("show", context_settings=_CONTEXT)
+@jobs.command("show", context_settings=CONTEXT)
 @click.argument("job_id")
+@output_options
 @pass_session
 def jobs_show(session: Session, job_id: str) -> None:
     """Show a job's state, timings and result.
@@ -448,15 +235,16 @@ def jobs_show(session: Session, job_id: str) -> None:
     """
     job = session.client.job(job_id)
     if session.json_mode:
-        _print_json(job)
+        print_json(job)
         return
     from rbee.keeper.tables import print_mapping
 
     print_mapping(job_id, job, out=sys.stdout, colour=session.renderer.colour_out)
 
 
-@jobs.command("cancel", context_settings=_CONTEXT)
+@jobs.command("cancel", context_settings=CONTEXT)
 @click.argument("job_id")
+@output_options
 @pass_session
 def jobs_cancel(session: Session, job_id: str) -> None:
     """Cancel a job; for a job that already ended, report how it ended.
@@ -467,7 +255,7 @@ def jobs_cancel(session: Session, job_id: str) -> None:
     """
     code, job = session.client.cancel(job_id)
     if session.json_mode:
-        _print_json(job)
+        print_json(job)
         return
     state = job.get("status", "unknown")
     if code == 409:
@@ -478,19 +266,22 @@ def jobs_cancel(session: Session, job_id: str) -> None:
         click.echo(f"{job_id} is being cancelled (now {state})")
 
 
-@jobs.command("logs", context_settings=_CONTEXT)
+@jobs.command("logs", context_settings=CONTEXT)
 @click.argument("job_id")
 @click.option("-f", "--follow", is_flag=True, help="Keep reading until the job ends.")
+@output_options
 @pass_session
 def jobs_logs(session: Session, job_id: str, follow: bool) -> None:
-    """Replay a job's events (narration, tokens, results); exit as the job ended.
+    """Replay a job's events (narration, tokens, results) from its start; exit as the job ended.
 
-    Without --follow, a job that is still running is shown up to now.
+    Without --follow, a job that is still running is shown up to now; with
+    --follow, it is shown to its end (and Ctrl-C stops watching, not the job).
 
     \b
     Examples:
       rbee jobs logs job-0b9c...
-      rbee --json jobs logs --follow job-0b9c...
+      rbee infer --detach "Write a long story" | xargs rbee jobs logs --follow
+      rbee jobs logs --follow --json job-0b9c...
     """
     until = None
     if not follow:
@@ -498,6 +289,94 @@ def jobs_logs(session: Session, job_id: str, follow: bool) -> None:
         if job.get("status") in ("queued", "running") and isinstance(job.get("events"), int):
             until = job["events"]
     session.follow(job_id, until=until)
+
+
+# -- the keeper itself ----------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (commands, options, choices).
+
+    \b
+    Examples:
+      eval "$(rbee completion bash)"                      # add to ~/.bashrc
+      eval "$(rbee completion zsh)"                       # add to ~/.zshrc
+      rbee completion fish > ~/.config/fish/completions/rbee.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the choice is one click knows
+    click.echo(cls(cli, {}, "rbee", "_RBEE_COMPLETE").source())
+
+
+@cli.command("config", context_settings=CONTEXT)
+@output_options
+@pass_session
+def config_show(session: Session) -> None:
+    """Show the settings in effect and where each comes from.
+
+    The file is ~/.config/rbee/config.toml (or $RBEE_CONFIG):
+
+    \b
+      queen_url = "http://127.0.0.1:7833"
+      token = "..."
+      default_model = "gemma3-270m"
+      [sampling]
+      temperature = 0.7
+      max_tokens = 256
+
+    \b
+    Examples:
+      rbee config
+      RBEE_QUEEN_URL=http://gpu-box:7833 rbee config --json
+    """
+    from rbee.config import config_path
+
+    config = session.config
+    env_url, env_token = os.environ.get("RBEE_QUEEN_URL"), os.environ.get("RBEE_TOKEN")
+    url_from = (
+        "--queen-url"
+        if session.url_flag
+        else "RBEE_QUEEN_URL"
+        if env_url
+        else "config file"
+        if config.queen_url
+        else "default"
+    )
+    token_from = (
+        "--token" if session.token_flag else "RBEE_TOKEN" if env_token else "config file" if config.token else None
+    )
+    path = config_path()
+    shown: dict[str, Any] = {
+        "config_file": f"{path}" + ("" if path.exists() else " (none)"),
+        "queen_url": f"{session.url} ({url_from})",
+        "token": f"set ({token_from})" if token_from else "none",
+        "default_model": f"{config.default_model} (config file)"
+        if config.default_model
+        else f"{DEFAULT_MODEL} (default)",
+        "sampling": ", ".join(f"{k}={v}" for k, v in (config.sampling or {}).items()) or "server defaults",
+        "data_directory": os.environ.get("RBEE_HOME") or "~/.local/share/rbee",
+    }
+    if session.json_mode:
+        print_json(
+            {
+                "config_file": str(path),
+                "config_file_exists": path.exists(),
+                "queen_url": session.url,
+                "queen_url_from": url_from,
+                "token_set": token_from is not None,
+                "token_from": token_from,
+                "default_model": config.default_model or DEFAULT_MODEL,
+                "sampling": config.sampling or {},
+            }
+        )
+        return
+    from rbee.keeper.tables import print_mapping
+
+    print_mapping(None, shown, out=sys.stdout, colour=session.renderer.colour_out)
 
 
 # -- the entry point -----------------------------------------------------------
@@ -509,6 +388,11 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="rbee", standalone_mode=False)
     except click.exceptions.Abort:
         code = EXIT_INTERRUPTED
+    except click.UsageError as exc:
+        # One line, and where to read more, rather than click's usage block.
+        where = exc.ctx.command_path if exc.ctx is not None else "rbee"
+        click.echo(f"rbee: {one_line(exc.format_message())} (see `{where} --help`)", err=True)
+        code = exc.exit_code
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

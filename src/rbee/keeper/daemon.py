@@ -33,6 +33,10 @@ __all__ = [
     "bind_of",
     "START_TIMEOUT_S",
     "STOP_TIMEOUT_S",
+    "alive",
+    "read_pid",
+    "last_log_line",
+    "terminate",
 ]
 
 START_TIMEOUT_S = 30.0
@@ -74,7 +78,7 @@ def bind_of(url: str) -> tuple[str, int]:
     return host, port if port is not None else (443 if parts.scheme == "https" else 80)
 
 
-def _last_log_line(log: Path) -> str:
+def last_log_line(log: Path) -> str:
     try:
         with log.open("rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -86,14 +90,14 @@ def _last_log_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def _read_pid(pid_file: Path) -> int | None:
+def read_pid(pid_file: Path) -> int | None:
     try:
         return int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -115,7 +119,7 @@ def _is_queen(pid: int) -> bool:
 
         cmdline = " ".join(psutil.Process(pid).cmdline())
     except Exception:
-        return _alive(pid)
+        return alive(pid)
     return "rbee.queen.main" in cmdline or "queen-rbee" in cmdline
 
 
@@ -134,7 +138,7 @@ def start_queen(
         if health is not None:
             if health.get("component") not in (None, "queen"):
                 raise QueenStartFailed(f"{url} answers, but as {health.get('component')!r}, not a queen")
-            return StartedQueen(url, _read_pid(pid_file), log, already_running=True)
+            return StartedQueen(url, read_pid(pid_file), log, already_running=True)
         host, port = bind_of(url)
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "rbee.queen.main", "--host", host, "--port", str(port)]
@@ -165,8 +169,8 @@ def start_queen(
             if code is not None:
                 if client.health() is not None:
                     # Another keeper started a queen on this port first: use that one.
-                    return StartedQueen(url, _read_pid(pid_file), log, already_running=True)
-                last = _last_log_line(log) or "no output"
+                    return StartedQueen(url, read_pid(pid_file), log, already_running=True)
+                last = last_log_line(log) or "no output"
                 raise QueenStartFailed(f"queen-rbee exited with code {code} before it was ready: {last} (log: {log})")
             if time.monotonic() > deadline:
                 proc.terminate()
@@ -201,12 +205,38 @@ def _pid_for(url: str, token: str | None, pid_file: Path) -> int | None:
             pid = client.info().get("pid")
         except KeeperError:
             pid = None
-    if isinstance(pid, int) and _alive(pid):
+    if isinstance(pid, int) and alive(pid):
         return pid
-    pid = _read_pid(pid_file)
-    if pid is not None and _alive(pid) and _is_queen(pid):
+    pid = read_pid(pid_file)
+    if pid is not None and alive(pid) and _is_queen(pid):
         return pid
     return None
+
+
+def terminate(pid: int, name: str, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """SIGTERM ``pid``, wait up to ``timeout_s`` for it to go, then SIGKILL its session; True if killed.
+
+    Raises ``ProcessLookupError`` when it had already gone.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise KeeperError(f"not allowed to stop {name} (pid {pid})") from None
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not alive(pid):
+        return False
+    # Its session holds what it started (the hive's workers); end them all.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    kill_deadline = time.monotonic() + 2.0
+    while alive(pid) and time.monotonic() < kill_deadline:
+        time.sleep(0.05)
+    return True
 
 
 def stop_queen(url: str, *, token: str | None = None, home: Path | None = None) -> StoppedQueen:
@@ -218,27 +248,10 @@ def stop_queen(url: str, *, token: str | None = None, home: Path | None = None) 
         pid_file.unlink(missing_ok=True)
         return StoppedQueen(None, was_running=False)
     try:
-        os.kill(pid, signal.SIGTERM)
+        killed = terminate(pid, "queen-rbee")
     except ProcessLookupError:
         pid_file.unlink(missing_ok=True)
         return StoppedQueen(pid, was_running=False)
-    except PermissionError:
-        raise KeeperError(f"not allowed to stop queen-rbee (pid {pid})") from None
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    killed = False
-    if _alive(pid):
-        # Its session holds what it started (the local hive's workers); end them all.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
-        killed = True
-        kill_deadline = time.monotonic() + 2.0
-        while _alive(pid) and time.monotonic() < kill_deadline:
-            time.sleep(0.05)
-    if _read_pid(pid_file) == pid:
+    if read_pid(pid_file) == pid:
         pid_file.unlink(missing_ok=True)
     return StoppedQueen(pid, killed=killed)

@@ -41,6 +41,8 @@ __all__ = [
     "Interrupted",
     "end_line",
     "one_line",
+    "with_hint",
+    "HINTS",
 ]
 
 EXIT_OK = 0
@@ -54,6 +56,29 @@ def one_line(text: str, limit: int = 500) -> str:
     cleaned = "".join(ch if ch.isprintable() else " " for ch in str(text))
     cleaned = " ".join(cleaned.split())
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+#: What to do next, by error kind, for messages that do not say it themselves.
+HINTS: dict[str, str] = {
+    "model_not_found": "list models with `rbee model list --hive HIVE`; add one with `rbee model download SOURCE`",
+    "hive_not_found": "list hives with `rbee hive list`; add one with `rbee hive start`",
+    "hive_unreachable": "is its rbee-hive still running? see `rbee hive list`",
+    "no_worker": "see `rbee status` for the hives and workers",
+    "worker_not_found": "list workers with `rbee worker list --hive HIVE`",
+    "job_not_found": "list jobs with `rbee jobs list`",
+    "queue_full": "try again in a few seconds",
+    "worker_lost": "try again; `rbee status` shows the workers left",
+    "timed_out": "give it more time with --timeout SECONDS",
+    "download_failed": "check the source, then run the same download again",
+}
+
+
+def with_hint(message: str, kind: str | None) -> str:
+    """``message (hint)`` when the kind has a hint and the message gives no command to run."""
+    hint = HINTS.get(kind or "")
+    if not hint or "`rbee " in message or "rbee " in message.split(";")[-1]:
+        return message
+    return f"{message} ({hint})"
 
 
 class KeeperError(click.ClickException):
@@ -94,7 +119,7 @@ class RequestRefused(KeeperError):
     """The queen answered 4xx/5xx with ``{"error": {"kind", "message", "field"}}``."""
 
     def __init__(self, status: int, message: str, *, kind: str | None = None, field: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(with_hint(message, kind))
         self.status = status
         self.kind = kind
         self.field = field
@@ -124,7 +149,7 @@ def end_line(end: dict[str, Any]) -> str:
     kind = str(error.get("kind") or status)
     message = str(error.get("message") or f"the job ended {status}")
     message = message.removeprefix(f"{kind}: ")  # "cancelled: cancelled: ..." says it twice
-    return f"{status}: {kind}: {message}"
+    return f"{status}: {kind}: {with_hint(message, kind if status != 'cancelled' else None)}"
 
 
 class JobEnded(KeeperError):

@@ -2,8 +2,10 @@
 
 Tokens go to stdout as they arrive; narration goes to stderr, dimmed on a
 terminal and hidden with ``-q``; progress is one updating line on a terminal
-and nothing otherwise; results become tables (:mod:`rbee.keeper.tables`, which
-imports rich only when a table is drawn). Colour appears only on a terminal
+and nothing otherwise, except a download's bytes, which get a bar
+(:mod:`rbee.keeper.progress`, rich, imported on the first such event);
+results become tables (:mod:`rbee.keeper.tables`, which imports rich only when
+a table is drawn). Colour appears only on a terminal
 and only while ``NO_COLOR`` is unset. Event data never carries presentation;
 everything about layout lives here.
 
@@ -131,6 +133,7 @@ class Renderer:
         self._progress_shown = False
         self._progress_at = 0.0
         self._held: list[str] = []  # narration kept back while text streams to the same terminal
+        self._bar: Any = None  # a rich download bar (rbee.keeper.progress.ByteBar) while one is shown
 
     # -- dispatch ----------------------------------------------------------
 
@@ -161,6 +164,7 @@ class Renderer:
         self.tokens += 1
         if not text:
             return
+        self._stop_bar()
         self._clear_progress()
         if self.out_tty:
             text = _TERMINAL_UNSAFE.sub("", text)
@@ -187,6 +191,9 @@ class Renderer:
     def progress(self, data: Any) -> None:
         if self.quiet or not self.err_tty or not isinstance(data, dict):
             return
+        if data.get("unit") == "bytes":
+            self._bar_progress(data)
+            return
         now = time.monotonic()
         finished = data.get("total") is not None and data.get("done") == data.get("total")
         if not finished and now - self._progress_at < 0.1:
@@ -200,7 +207,29 @@ class Renderer:
         self.err.flush()
         self._progress_shown = True
 
+    def _bar_progress(self, data: dict[str, Any]) -> None:
+        key = (str(data.get("action")), str(data.get("file") or data.get("model") or data.get("action") or "download"))
+        if self._bar is not None and self._bar.key != key:
+            self._stop_bar()
+        if self._bar is None:
+            from rbee.keeper.progress import ByteBar
+
+            self._clear_progress()
+            self._break_token_line()
+            self._bar = ByteBar(self.err, colour=self.colour_err)
+        self._bar.update(data)
+
+    def close(self) -> None:
+        """Leave the terminal as it was (a bar hides the cursor while it runs)."""
+        self._stop_bar()
+
+    def _stop_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
     def result(self, data: Any) -> None:
+        self._stop_bar()
         self._clear_progress()
         self._break_token_line()
         from rbee.keeper.tables import print_result
@@ -211,6 +240,9 @@ class Renderer:
 
     def err_line(self, line: str) -> None:
         """One line on stderr that must not land in the middle of generated text."""
+        if self._bar is not None:
+            self._bar.print(line)  # above the download's bar
+            return
         self._clear_progress()
         self._break_token_line()
         self.err.write(line + "\n")
@@ -225,6 +257,7 @@ class Renderer:
 
     def finish(self, *, summary: bool = False) -> None:
         """Close the output: end the token line and, on a terminal, print the summary."""
+        self._stop_bar()
         self._clear_progress()
         if self.json_mode:
             return

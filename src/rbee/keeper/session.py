@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
-from rbee.config import KeeperConfig, is_loopback, load_config, resolve_queen_url, resolve_token
+from rbee.config import ConfigError, KeeperConfig, is_loopback, load_config, resolve_queen_url, resolve_token
 from rbee.keeper.client import QueenClient
 from rbee.keeper.errors import BadSetting, Interrupted, JobEnded, KeeperError, QueenUnreachable, end_line
 from rbee.keeper.render import Renderer
@@ -48,12 +48,21 @@ class Session:
 
     # -- settings ----------------------------------------------------------
 
+    @property
+    def url_flag(self) -> str | None:
+        """``--queen-url`` as given, if it was."""
+        return self._url_flag
+
+    @property
+    def token_flag(self) -> str | None:
+        return self._token_flag
+
     @cached_property
     def config(self) -> KeeperConfig:
         try:
             return load_config()
-        except ValueError as exc:  # rbee.config.ConfigError
-            raise KeeperError(str(exc)) from None
+        except ConfigError as exc:
+            raise BadSetting(f"{exc}; fix the file, or point RBEE_CONFIG elsewhere") from None
 
     @cached_property
     def url(self) -> str:
@@ -89,6 +98,8 @@ class Session:
         return Renderer(quiet=self.quiet, json_mode=self.json_mode)
 
     def close(self) -> None:
+        if "renderer" in self.__dict__:
+            self.renderer.close()
         if "client" in self.__dict__:
             self.client.close()
 

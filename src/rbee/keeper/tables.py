@@ -22,7 +22,8 @@ _COLUMNS: dict[str, list[Column]] = {
     "hives": [
         ("hive_id", "hive"),
         ("state", "state"),
-        ("url", "url"),
+        ("url", "address"),
+        ("devices", "devices"),
         ("workers", "workers"),
         ("models", "models"),
         ("last_heartbeat_s_ago", "last heartbeat"),
@@ -87,6 +88,8 @@ def cell(key: str, value: Any, row: dict[str, Any] | None = None) -> str:
         return "-"
     if key == "size_bytes" and isinstance(value, int | float):
         return _size(value)
+    if key == "devices" and isinstance(value, list):
+        return ", ".join(_device(d) for d in value if isinstance(d, dict)) or "-"
     if key == "last_heartbeat_s_ago" and isinstance(value, int | float):
         return f"{value:.1f} s ago"
     if key.endswith("_at") and isinstance(value, int | float) and value > 1e9:
@@ -107,6 +110,19 @@ def cell(key: str, value: Any, row: dict[str, Any] | None = None) -> str:
             return f"{value['kind']}: {value['message']}"
         return json.dumps(value, separators=(", ", ": "))
     return str(value)
+
+
+def _device(device: dict[str, Any]) -> str:
+    """``cpu (16 cores, 62.7 GiB)`` or ``cuda:0 (NVIDIA H100, 79.6 GiB)``."""
+    name = str(device.get("id") or device.get("kind") or "?")
+    details = []
+    if device.get("kind") == "cpu" and isinstance(device.get("cores"), int):
+        details.append(f"{device['cores']} cores")
+    elif device.get("name"):
+        details.append(str(device["name"]))
+    if isinstance(device.get("memory_bytes"), int | float):
+        details.append(_size(device["memory_bytes"]))
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def _console(out: IO[str], colour: bool) -> Any:

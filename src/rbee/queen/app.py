@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,12 +14,14 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rbee import __version__
+from rbee import __version__, errors
 from rbee.config import QUEEN_PORT, rbee_home
 from rbee.contracts.cluster import Heartbeat
-from rbee.http import install_edge
+from rbee.errors import RbeeError
+from rbee.http import current_principal, error_body, install_edge, is_admin
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry
@@ -32,14 +35,17 @@ from rbee.queen.store import JobStore
 from rbee.queen.telemetry import Telemetry
 from rbee.queen.web import PUBLIC_PATHS, JobWatch, web_router
 
-__all__ = ["QueenSettings", "create_queen_app"]
+__all__ = ["QueenSettings", "create_queen_app", "ADMIN_PATHS"]
 
 
 @dataclass
 class QueenSettings:
     host: str = "127.0.0.1"
     port: int = QUEEN_PORT
+    #: The admin token: every endpoint, every job, and what the queen sends to hives.
     token: str | None = None
+    #: Further tokens (one per person or program): each sees only the jobs it created.
+    user_tokens: tuple[str, ...] = ()
     home: Path | None = None
     local_hive: bool = False
     local_hive_port: int = 0
@@ -73,7 +79,7 @@ class QueenState:
         self.router = QueenRouter(self.telemetry, self.scheduler, self.http, settings.token)
         # Jobs appearing and ending are written to the history, then shown on the web page.
         self.metrics = QueenMetrics(self)
-        self.watch = JobWatch(self.telemetry, on_create=self.store.created, on_end=self._job_ended)
+        self.watch = JobWatch(self.telemetry, on_create=self._job_created, on_end=self._job_ended)
         self.registry = JobRegistry(
             actor="queen", ttl_s=settings.job_ttl_s, on_create=self.watch.created, on_end=self.watch.ended
         )
@@ -82,12 +88,31 @@ class QueenState:
             self.router,
             admit=self.router.admit,
             history=self.store.get,
-            history_list=self.store.recent,
+            history_list=self._recent,
             history_events=self.store.events,
             ping_interval_s=settings.ping_interval_s,
         )
         self.started_at = time.time()
         self.local_hive: Any = None
+
+    def _job_created(self, job: Job) -> None:
+        # Runs inside the request that created the job, so its caller is known.
+        principal = current_principal()
+        self.store.created(job, owner=principal.id if principal is not None else None)
+
+    def _recent(self, limit: int) -> list[dict[str, Any]]:
+        principal = current_principal()
+        if principal is None or principal.admin:
+            return self.store.recent(limit)
+        return self.store.recent(limit, owner=principal.id)
+
+    def visible(self, job_id: str) -> bool:
+        """Whether the current caller may see, follow or cancel the job (unknown jobs: True, so they 404)."""
+        principal = current_principal()
+        if principal is None or principal.admin:
+            return True
+        known, owner = self.store.owner(job_id)
+        return not known or owner == principal.id
 
     def _job_ended(self, job: Job, end: dict[str, Any]) -> None:
         self.store.ended(job, end)
@@ -99,6 +124,42 @@ class QueenState:
             self.registry.sweep()
             for hive_id in self.telemetry.sweep():
                 narrate("hive_forgotten", f"Hive {hive_id} was not heard from for 60 s; forgotten", hive_id=hive_id)
+
+
+#: Paths only the admin token reaches: heartbeats (a fake hive would receive
+#: other people's prompts) and the web page's feed (every job, every prompt).
+ADMIN_PATHS = frozenset({"/v1/hives/heartbeat", "/v1/cluster/events"})
+_JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(?:/stream)?/?$")
+
+
+class _Ownership:
+    """With several tokens, a job is visible, streamable and cancellable only with the token that created it.
+
+    Another token's job answers 404, as if it did not exist; the admin token
+    sees every job. Without tokens, everyone is the admin.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_admin():
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        refused: RbeeError | None = None
+        if path in ADMIN_PATHS:
+            refused = errors.Forbidden(f"{path} needs the admin token")
+        else:
+            match = _JOB_PATH.match(path)
+            state: QueenState | None = getattr(scope["app"].state, "queen", None)
+            if match and state is not None and not state.visible(match.group(1)):
+                refused = errors.JobNotFound(f"no job {match.group(1)!r}", job_id=match.group(1))
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(error_body(refused), status_code=refused.status_code)
+        await response(scope, receive, send)
 
 
 def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
@@ -135,7 +196,10 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
             state.store.close()
 
     app = FastAPI(title="queen-rbee", version=__version__, lifespan=lifespan)
-    install_edge(app, token=settings.token, public=PUBLIC_PATHS)
+    # Added before the edge, so it runs inside the bearer check and knows the caller.
+    app.add_middleware(_Ownership)
+    tokens = [t for t in (settings.token, *settings.user_tokens) if t]
+    install_edge(app, token=tokens or None, public=PUBLIC_PATHS)
 
     def queen(request: Request) -> QueenState:
         state: QueenState = request.app.state.queen
@@ -167,6 +231,8 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
             "auth": settings.token is not None,
             "jobs_live": state.registry.live,
             "hives": len(state.telemetry.hives()),
+            # Live asyncio tasks: the fault tests check that nothing is left running after a failure.
+            "tasks": len(asyncio.all_tasks()),
         }
 
     @app.post("/v1/hives/heartbeat", tags=["cluster"])

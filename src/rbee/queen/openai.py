@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from rbee import errors
 from rbee.contracts.operations import Infer, parse_operation
@@ -57,6 +58,7 @@ _DONE = b"data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the log does
 
 T = TypeVar("T")
+_Events = AsyncGenerator[tuple[str, Any], None]
 
 # -- errors ------------------------------------------------------------------
 
@@ -129,13 +131,6 @@ def _param_name(field: str | None) -> str | None:
     return out
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
 # -- requests ----------------------------------------------------------------
 
 
@@ -156,13 +151,15 @@ def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
         return None
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok:
-        raise _BadRequest(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", name)
+        raise errors.InvalidOperation(
+            f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", field=name
+        )
     return value
 
 
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     def refuse(param: str, why: str) -> None:
-        raise _BadRequest(f"{param}: {why}", param)
+        raise errors.InvalidOperation(f"{param}: {why}", field=param)
 
     n = body.get("n")
     if n is not None and n != 1:
@@ -196,18 +193,18 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
 
 def _messages(raw: Any) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
-        raise _BadRequest("messages must be a non-empty list of {role, content}", "messages")
+        raise errors.InvalidOperation("messages must be a non-empty list of {role, content}", field="messages")
     out = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _BadRequest(f"{where} must be an object with role and content", where)
+            raise errors.InvalidOperation(f"{where} must be an object with role and content", field=where)
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system turn
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise _BadRequest(
-                f"{where}.role: {role!r} is not supported (system, developer, user, assistant)", f"{where}.role"
+            raise errors.InvalidOperation(
+                f"{where}.role: {role!r} is not supported (system, developer, user, assistant)", field=f"{where}.role"
             )
         content = message.get("content")
         if content is None and role == "assistant":
@@ -216,11 +213,15 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _BadRequest(f"{where}.content[{j}]: only text parts are supported", f"{where}.content")
+                    raise errors.InvalidOperation(
+                        f"{where}.content[{j}]: only text parts are supported", field=f"{where}.content"
+                    )
                 texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
-            raise _BadRequest(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+            raise errors.InvalidOperation(
+                f"{where}.content must be a string or a list of text parts", field=f"{where}.content"
+            )
         out.append({"role": role, "content": content})
     return out
 
@@ -231,22 +232,22 @@ def _prompt(raw: Any) -> str:
     if isinstance(raw, str):
         return raw
     if isinstance(raw, list) and len(raw) > 1 and all(isinstance(p, str) for p in raw):
-        raise _BadRequest("prompt: one prompt per request is supported, not a batch", "prompt")
-    raise _BadRequest("prompt must be a string (token arrays are not supported)", "prompt")
+        raise errors.InvalidOperation("prompt: one prompt per request is supported, not a batch", field="prompt")
+    raise errors.InvalidOperation("prompt must be a string (token arrays are not supported)", field="prompt")
 
 
 def _parse(body: Any, chat: bool) -> _Call:
     if not isinstance(body, dict):
-        raise _BadRequest("the body must be a JSON object", None)
+        raise errors.InvalidOperation("the body must be a JSON object", field=None)
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise _BadRequest("model is required (a model id or alias, see GET /v1/models)", "model")
+        raise errors.InvalidOperation("model is required (a model id or alias, see GET /v1/models)", field="model")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
-        raise _BadRequest("stream must be true or false", "stream")
+        raise errors.InvalidOperation("stream must be true or false", field="stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _BadRequest("stream_options must be an object", "stream_options")
+        raise errors.InvalidOperation("stream_options must be an object", field="stream_options")
     include_usage = bool((options or {}).get("include_usage"))
     _refuse_unsupported(body, chat)
     max_tokens = _number(body, "max_completion_tokens", integer=True)
@@ -276,9 +277,14 @@ def _parse(body: Any, chat: bool) -> _Call:
         fields["messages"] = _messages(body.get("messages"))
     else:
         if "prompt" not in body:
-            raise _BadRequest("prompt is required", "prompt")
+            raise errors.InvalidOperation("prompt is required", field="prompt")
         fields["prompt"] = _prompt(body["prompt"])
-    op = parse_operation({k: v for k, v in fields.items() if v is not None})
+    try:
+        op = parse_operation({k: v for k, v in fields.items() if v is not None})
+    except errors.InvalidOperation as exc:
+        if exc.field == "max_tokens" and body.get("max_completion_tokens") is not None:
+            exc.field = "max_completion_tokens"  # name the field the client sent
+        raise
     assert isinstance(op, Infer)
     return _Call(op=op, chat=chat, model=model, stream=stream, include_usage=include_usage)
 
@@ -288,13 +294,13 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _BadRequest(f"the body is not valid JSON: {exc}", None) from None
+        raise errors.InvalidOperation(f"the body is not valid JSON: {exc}", field=None) from None
 
 
 # -- the job's events ----------------------------------------------------------
 
 
-async def _job_events(job: Job) -> AsyncIterator[tuple[str, Any]]:
+async def _job_events(job: Job) -> _Events:
     """``("token", text)`` for each token, then ``("end", end_data)``."""
     async for _id, kind, data in job.stream():
         if kind == "token":
@@ -332,6 +338,11 @@ def _abandon(state: QueenState, job: Job) -> None:
             state.registry.cancel(job.id, "client disconnected")
         except errors.JobConflict:
             pass
+
+
+async def _release(state: QueenState, job: Job, events: _Events) -> None:
+    await events.aclose()
+    _abandon(state, job)
 
 
 def _finish_reason(end: dict[str, Any]) -> str:
@@ -430,7 +441,7 @@ def _ping() -> ServerSentEvent:
 
 
 async def _stream(
-    state: QueenState, job: Job, fmt: _Format, first: tuple[str, Any], events: AsyncIterator[tuple[str, Any]]
+    state: QueenState, job: Job, fmt: _Format, first: tuple[str, Any], events: _Events
 ) -> AsyncIterator[bytes]:
     try:
         opening = fmt.opening()
@@ -450,8 +461,7 @@ async def _stream(
             # The failure is the last thing said: no [DONE] after it.
             yield _error_chunk(end)
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
-        _abandon(state, job)
+        await _release(state, job, events)
 
 
 # -- endpoints -----------------------------------------------------------------
@@ -467,8 +477,6 @@ async def _complete(request: Request, chat: bool) -> Response:
     try:
         call = _parse(await _json_body(request), chat)
         job = await state.jobs.submit(call.op)
-    except _BadRequest as exc:
-        return _error_response(exc.message, status=400, code="invalid_request", param=exc.param)
     except errors.RbeeError as exc:
         return _rbee_error_response(exc)
     path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -490,12 +498,10 @@ async def _complete(request: Request, chat: bool) -> Response:
         else:
             present, first = await _unless_disconnected(request, _collect(events))
     except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
-        _abandon(state, job)
+        await _release(state, job, events)
         raise
     if not present or first is None:
-        await events.aclose()  # type: ignore[attr-defined]
-        _abandon(state, job)
+        await _release(state, job, events)
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
         text, end = first
@@ -504,7 +510,7 @@ async def _complete(request: Request, chat: bool) -> Response:
         return JSONResponse(fmt.whole(text, end), headers=headers)
     kind, data = first
     if kind == "end" and data.get("status") != "completed":
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
         return _end_error_response(data, headers)
     return EventSourceResponse(
         _stream(state, job, fmt, first, events),
@@ -512,10 +518,13 @@ async def _complete(request: Request, chat: bool) -> Response:
         ping_message_factory=_ping,
         sep="\n",
         headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        # Also when the client left before the stream's first chunk, so the
+        # generator above never ran: the job must not go on for nobody.
+        background=BackgroundTask(_release, state, job, events),
     )
 
 
-async def _collect(events: AsyncIterator[tuple[str, Any]]) -> tuple[str, dict[str, Any]]:
+async def _collect(events: _Events) -> tuple[str, dict[str, Any]]:
     parts: list[str] = []
     async for kind, data in events:
         if kind == "token":

@@ -16,6 +16,7 @@ from rbee.contracts.operations import (
     QueenCheck,
     Status,
 )
+from rbee.http import is_admin
 from rbee.jobs.client import JobClient
 from rbee.jobs.registry import emit_progress, emit_result
 from rbee.narration import narrate
@@ -23,7 +24,10 @@ from rbee.queen.relay import raise_for_end, relay_job
 from rbee.queen.scheduler import Scheduler
 from rbee.queen.telemetry import Telemetry
 
-__all__ = ["QueenRouter"]
+__all__ = ["QueenRouter", "ADMIN_OPERATIONS"]
+
+#: Operations that change the cluster for everyone: with several tokens, only the admin token runs them.
+ADMIN_OPERATIONS = frozenset({"worker_spawn", "worker_stop", "model_download", "model_delete"})
 
 
 class QueenRouter:
@@ -35,6 +39,8 @@ class QueenRouter:
 
     def admit(self, op: OperationBase) -> None:
         """Checks done at POST time, before a job exists."""
+        if op.name in ADMIN_OPERATIONS and not is_admin():
+            raise errors.Forbidden(f"{op.name} changes the cluster for everyone; it needs the admin token")
         if isinstance(op, Infer):
             self.scheduler.admit(op)
         elif op.forwarded_to_hive:

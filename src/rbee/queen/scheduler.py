@@ -4,19 +4,26 @@ Among ready workers serving the model (and matching ``hive_id``, ``worker_id``
 and ``device`` when given) the least loaded wins; ties go to the one idle
 longest. When no worker serves the model, a hive that has it is asked to spawn
 one. When every worker is busy the job waits in a bounded FIFO queue per
-model, its stream showing its position; past the bound, ``429``.
+model, its stream showing its position and an estimated start (from the
+durations of the model's recent jobs); past the bound, ``429``. A queued job
+that is cancelled (DELETE, or its client gone with ``cancel_on_disconnect``)
+leaves the queue at once.
 
 A worker lost before the first token is retried once on another worker; after
-the first token the job ends ``failed`` with ``worker_lost``.
+the first token the job ends ``failed`` with ``worker_lost``. A worker that
+ends the job ``cancelled`` when nobody here cancelled it (it is shutting down,
+e.g. because its hive died) is lost too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
+import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -35,10 +42,15 @@ __all__ = ["Scheduler", "Lease"]
 _READY = ("ready", "busy")
 
 
-@dataclass
+#: Recent job durations kept per model for the queue's estimated start.
+DURATIONS_KEPT = 32
+
+
+@dataclass(eq=False)
 class Lease:
     worker: WorkerView
     hive_id: str
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def worker_id(self) -> str:
@@ -73,6 +85,8 @@ class Scheduler:
         self.queues: dict[str, deque[_Waiter]] = {}
         self._spawns: dict[str, asyncio.Task[WorkerReport]] = {}
         self._seq = itertools.count()
+        self._leases: set[Lease] = set()
+        self._durations: dict[str, deque[float]] = {}
 
     # -- admission -------------------------------------------------------
 
@@ -145,13 +159,15 @@ class Scheduler:
                             key=lambda w: (self.inflight.get(w.worker_id, 0), self.idle_since.get(w.worker_id, 0.0)),
                         )
                         self.inflight[pick.worker_id] = self.inflight.get(pick.worker_id, 0) + 1
+                        lease = Lease(pick, pick.hive_id)
+                        self._leases.add(lease)
                         narrate(
                             "infer_worker",
                             f"Scheduled on worker {pick.worker_id} on hive {pick.hive_id} ({pick.report.url})",
                             worker_id=pick.worker_id,
                             hive_id=pick.hive_id,
                         )
-                        return Lease(pick, pick.hive_id)
+                        return lease
                     if waiter is None:
                         if len(queue) >= self.queue_size:
                             raise errors.QueueFull(f"the queue for {op.model} is full", retry_after_s=2)
@@ -160,7 +176,8 @@ class Scheduler:
                         narrate("infer_queued", f"All workers for {op.model} are busy; waiting in the queue")
                     position = queue.index(waiter) + 1
                     if position != last_position:
-                        emit_progress("queue", position, len(queue), "position", model=op.model)
+                        eta_s = self.estimate_start_s(op.model, position, candidates)
+                        emit_progress("queue", position, len(queue), "position", model=op.model, eta_s=eta_s)
                         last_position = position
                     await self.telemetry.changed(1.0)
                     continue
@@ -178,7 +195,34 @@ class Scheduler:
                     pass
                 self.telemetry.notify()
 
-    def release(self, lease: Lease) -> None:
+    def estimate_start_s(self, model: str, position: int, workers: list[WorkerView]) -> float | None:
+        """Seconds until the job at ``position`` (1-based) in ``model``'s queue starts, or None if unknown.
+
+        Each worker's slots free up when their running jobs reach the median
+        duration of the model's recent jobs; the queue then fills them in order.
+        """
+        recent = self._durations.get(model)
+        if not recent or not workers:
+            return None
+        typical = statistics.median(recent)
+        now = time.monotonic()
+        free_at: list[float] = []
+        for w in workers:
+            slots = max(1, w.report.slots)
+            running = sorted(now - lease.started for lease in self._leases if lease.worker_id == w.worker_id)
+            free_at += [max(0.0, typical - elapsed) for elapsed in running[:slots]]
+            free_at += [0.0] * max(0, slots - len(running))
+        heapq.heapify(free_at)
+        start = 0.0
+        for _ in range(position):
+            start = heapq.heappop(free_at)
+            heapq.heappush(free_at, start + typical)
+        return round(start, 1)
+
+    def release(self, lease: Lease, model: str | None = None, completed: bool = False) -> None:
+        self._leases.discard(lease)
+        if completed and model is not None:
+            self._durations.setdefault(model, deque(maxlen=DURATIONS_KEPT)).append(time.monotonic() - lease.started)
         n = self.inflight.get(lease.worker_id, 1) - 1
         if n <= 0:
             self.inflight.pop(lease.worker_id, None)
@@ -211,7 +255,8 @@ class Scheduler:
         raise_for_end(end, f"hive {hive_id}")
         worker = end.get("worker") or {}
         report = WorkerReport.model_validate(worker)
-        self.telemetry.put_worker(hive_id, report)
+        token = end.get("worker_token")
+        self.telemetry.put_worker(hive_id, report, token if isinstance(token, str) else None)
         narrate("infer_spawned", f"Worker {report.worker_id} is ready at {report.url}", worker_id=report.worker_id)
         return report
 
@@ -224,8 +269,10 @@ class Scheduler:
         retried = False
         while True:
             lease = await self.acquire(op, excluded)
+            completed = False
             try:
                 await self._run_on(lease, op)
+                completed = True
                 return
             except errors.WorkerLost as exc:
                 excluded.add(lease.worker_id)
@@ -242,14 +289,15 @@ class Scheduler:
                     continue
                 raise
             finally:
-                self.release(lease)
+                self.release(lease, op.model, completed)
 
     async def _run_on(self, lease: Lease, op: Infer) -> None:
         job = current_job()
         url = lease.worker.report.url
         if not url:
             raise errors.WorkerLost(f"worker {lease.worker_id} has no address")
-        client = JobClient(url, token=self.token, client=self.http)
+        # The worker's own token, from its hive; a worker without one shares the cluster's.
+        client = JobClient(url, token=lease.worker.token or self.token, client=self.http)
         update: dict[str, Any] = {"hive_id": None, "worker_id": None, "device": None}
         if job.timeout_s is not None:
             remaining = job.timeout_s - job.elapsed_ms() / 1000.0
@@ -266,4 +314,8 @@ class Scheduler:
         fields["worker_ttft_ms"] = fields.pop("ttft_ms", None)
         set_end_fields(worker_id=lease.worker_id, hive_id=lease.hive_id, **fields)
         set_end_fields(worker_wall_ms=round((time.perf_counter() - started) * 1000, 3))
+        if end.get("status") == "cancelled":
+            # Nobody here cancelled it (that would have cancelled this task): the worker is going away.
+            reason = (end.get("error") or {}).get("message") or "no reason given"
+            raise errors.WorkerLost(f"worker {lease.worker_id} stopped the job ({reason})")
         raise_for_end(end, f"worker {lease.worker_id}")

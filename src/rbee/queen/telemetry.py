@@ -23,6 +23,8 @@ __all__ = ["Telemetry", "HiveView", "WorkerView", "Heartbeat", "WorkerReport", "
 class WorkerView:
     hive_id: str
     report: WorkerReport
+    #: The worker's own bearer token (from its hive), never shown to clients.
+    token: str | None = field(default=None, repr=False)
 
     @property
     def worker_id(self) -> str:
@@ -73,7 +75,9 @@ class Telemetry:
             interval_s=beat.interval_s,
             devices=beat.devices,
             models=beat.models,
-            workers={w.worker_id: WorkerView(beat.hive_id, w) for w in beat.workers},
+            workers={
+                w.worker_id: WorkerView(beat.hive_id, w, beat.worker_tokens.get(w.worker_id)) for w in beat.workers
+            },
             first_seen=old.first_seen if old else time.time(),
             last_seen=now,
             last_seen_wall=time.time(),
@@ -115,11 +119,11 @@ class Telemetry:
         hives = self.fresh_hives() if fresh_only else self.hives()
         return [w for h in hives for w in h.workers.values()]
 
-    def put_worker(self, hive_id: str, report: WorkerReport) -> None:
+    def put_worker(self, hive_id: str, report: WorkerReport, token: str | None = None) -> None:
         """Record a worker learned outside a heartbeat (e.g. just spawned)."""
         hive = self._hives.get(hive_id)
         if hive is not None:
-            hive.workers[report.worker_id] = WorkerView(hive_id, report)
+            hive.workers[report.worker_id] = WorkerView(hive_id, report, token)
             self.notify()
 
     def drop_worker(self, hive_id: str, worker_id: str) -> None:

@@ -66,7 +66,6 @@ class _Live:
     job: Job
     pos: int = 0
     phase: str = "starting"
-    model: str | None = None
     worker_id: str | None = None
     hive_id: str | None = None
 
@@ -123,23 +122,23 @@ class JobWatch:
         return list(self._live.values())
 
     def _follow(self, live: _Live) -> None:
+        # The log is in order: the worker is chosen before the first token, and
+        # nothing said after it changes where the job runs.
         events = live.job.events
         for _, kind, data in events[live.pos :]:
-            if kind != "narration" or live.job.tokens:
+            if kind == "token":
+                live.phase = "streaming"
+            if kind != "narration" or live.phase == "streaming":
                 continue
             event = json.loads(data)
             if event.get("actor") != "queen":
                 continue
             action = event.get("action")
-            if action == "infer_start":
-                live.model = event.get("model")
             live.phase = _PHASES.get(action, live.phase)
             if action == "infer_worker":
                 live.worker_id = event.get("worker_id")
                 live.hive_id = event.get("hive_id")
         live.pos = len(events)
-        if live.job.tokens:
-            live.phase = "streaming"
 
 
 def _prompt_preview(payload: dict[str, Any]) -> str | None:
@@ -246,24 +245,44 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
     }
 
 
+async def _watch_changes(telemetry: Telemetry, wake: asyncio.Event) -> None:
+    # Always waiting, so a change announced while the stream is busy elsewhere
+    # (building a snapshot, sending one) is still seen.
+    while True:
+        await telemetry.changed(3600.0)
+        wake.set()
+
+
 async def snapshot_events(state: Any, *, tick_s: float, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
-    # The response ends this generator when the client goes or the server shuts down.
-    telemetry: Telemetry = state.telemetry
+    """``cluster`` events: one at once, then on every change and at least every ``keepalive_s``.
+
+    The response ends this generator when the client goes or the server shuts down.
+    """
+    wake = asyncio.Event()
+    watcher = asyncio.create_task(_watch_changes(state.telemetry, wake), name="web:cluster-changes")
     last = ""
     sent_at = float("-inf")
     seq = 0
-    while True:
-        body = _dumps(cluster_snapshot(state))
-        now = time.monotonic()
-        if body != last or now - sent_at >= keepalive_s:
-            seq += 1
-            last, sent_at = body, now
-            # ``now`` lets the page age heartbeats against the queen's clock, not its own.
-            data = body[:-1] + f',"now":{time.time():.3f}}}'
-            yield ServerSentEvent(data=data, event="cluster", id=str(seq), sep="\n")
-        wait = min(tick_s, max(0.0, keepalive_s - (time.monotonic() - sent_at)))
-        await telemetry.changed(wait)
-        await asyncio.sleep(_COALESCE_S)
+    try:
+        while True:
+            wake.clear()
+            body = _dumps(cluster_snapshot(state))
+            now = time.monotonic()
+            if body != last or now - sent_at >= keepalive_s:
+                seq += 1
+                last, sent_at = body, now
+                # ``now`` lets the page age heartbeats against the queen's clock, not its own.
+                data = body[:-1] + f',"now":{time.time():.3f}}}'
+                yield ServerSentEvent(data=data, event="cluster", id=str(seq), sep="\n")
+            wait = min(tick_s, max(0.0, keepalive_s - (time.monotonic() - sent_at)))
+            try:
+                await asyncio.wait_for(wake.wait(), wait)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(_COALESCE_S)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
 
 
 class _Asset:

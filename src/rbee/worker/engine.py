@@ -270,11 +270,15 @@ class LlamaEngine:
         outcome.tokens_in = len(tokens)
         outcome.stop_reason = "cancelled"
         llm.set_seed(req.seed if req.seed is not None else random.randint(0, 2**32 - 1))
-        # Each request is evaluated from a clean state. llama.cpp's logits depend
-        # on how the prompt is batched, so reusing the previous request's cached
-        # prefix (what Llama.generate does by default) makes greedy output depend
-        # on whatever ran before; from scratch it equals a fresh create_completion.
-        llm.reset()
+        if req.temperature == 0 or req.seed is not None:
+            # A request that asks for a reproducible answer (greedy, or seeded) is
+            # evaluated from a clean state. llama.cpp's logits depend on how the
+            # prompt is batched, so reusing the previous request's cached prefix
+            # (what Llama.generate does) would make the answer depend on whatever
+            # ran before; from scratch it equals a fresh create_completion. Other
+            # requests keep the prefix cache, which spares long shared prompts
+            # (a growing chat) their re-evaluation.
+            llm.reset()
         # Decoding errors are dropped, as create_completion does with the full text.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         stops = StopScanner(stop_strings)

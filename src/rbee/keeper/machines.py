@@ -1,0 +1,461 @@
+"""``rbee hive``, ``rbee worker``, ``rbee model`` and ``rbee queen``: the cluster's machines and what runs on them.
+
+The ``list``, ``spawn``, ``download``... commands are jobs on the queen (which
+forwards them to the hive named by ``--hive``); ``queen start|stop|status``
+and ``hive start|stop|status`` manage daemons on this machine.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from rbee.config import HIVE_PORT
+from rbee.keeper.errors import KeeperError, QueenUnreachable
+from rbee.keeper.options import CONTEXT, default_model, hive_option, output_options, pass_session, print_json
+from rbee.keeper.session import Session
+
+__all__ = ["hive", "worker", "model", "queen"]
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+# -- hives -----------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def hive() -> None:
+    """The hives: one per machine, each running that machine's workers and keeping its models.
+
+    \b
+    Examples:
+      rbee hive list                                     # every hive the queen knows
+      rbee hive start --host 127.0.0.2 --hive-id beta    # another hive on this machine
+      rbee hive status --hive-id beta
+      rbee hive stop --hive-id beta
+
+    On another machine, run `rbee hive start --host 0.0.0.0 --queen-url http://QUEEN:7833`
+    with RBEE_TOKEN set (a hive reachable from the network requires a token).
+    """
+
+
+@hive.command("list", context_settings=CONTEXT)
+@output_options
+@pass_session
+def hive_list(session: Session) -> None:
+    """List the hives that send heartbeats to the queen: state, address, devices, workers, models.
+
+    \b
+    Examples:
+      rbee hive list
+      rbee hive list --json
+    """
+    session.run({"operation": "hive_list"})
+
+
+@hive.command("check", context_settings=CONTEXT)
+@click.argument("hive_id", default="localhost")
+@output_options
+@pass_session
+def hive_check(session: Session, hive_id: str) -> None:
+    """Run a hive's self-check through the queen (HIVE_ID defaults to localhost).
+
+    \b
+    Example:
+      rbee hive check beta
+    """
+    session.run({"operation": "hive_check", "hive_id": hive_id})
+
+
+@hive.command("start", context_settings=CONTEXT)
+@click.option("--hive-id", metavar="NAME", help="This hive's name in the cluster. Default: this machine's host name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (its workers bind it too).")
+@click.option("--port", default=HIVE_PORT, show_default=True, type=click.IntRange(1, 65535), help="Port to bind.")
+@click.option(
+    "--queen-url", "hive_queen_url", metavar="URL", help="The queen to join. Default: the keeper's queen URL."
+)
+@click.option("--worker-engine", type=click.Choice(["llama", "fake"]), default=None, hidden=True)
+@output_options
+@pass_session
+def hive_start(
+    session: Session,
+    hive_id: str | None,
+    host: str,
+    port: int,
+    hive_queen_url: str | None,
+    worker_engine: str | None,
+) -> None:
+    """Start a hive on this machine, in the background, and join it to the queen.
+
+    Its output goes to $RBEE_HOME/logs/hive-NAME.log and its pid to
+    $RBEE_HOME/hives/NAME/hive.pid. A hive bound to an address other than
+    loopback requires a token (--token or RBEE_TOKEN, the queen's token).
+
+    \b
+    Examples:
+      rbee hive start --host 127.0.0.2 --hive-id beta
+      RBEE_TOKEN=... rbee hive start --host 0.0.0.0 --queen-url http://queen-host:7833 --hive-id gpu-box
+    """
+    from rbee.keeper.hive_daemon import check_hive_id, default_hive_id, start_hive
+
+    name = check_hive_id(hive_id) if hive_id else default_hive_id()
+    queen_url = (hive_queen_url or session.url).rstrip("/")
+    started = start_hive(
+        hive_id=name, queen_url=queen_url, host=host, port=port, token=session.token, worker_engine=worker_engine
+    )
+    if session.json_mode:
+        print_json(
+            {
+                "hive_id": started.hive_id,
+                "url": started.url,
+                "pid": started.pid,
+                "log": str(started.log),
+                "queen_url": started.queen_url,
+                "started": not started.already_running,
+                "heartbeats_ok": started.heartbeats_ok,
+            }
+        )
+        return
+    if started.already_running:
+        click.echo(f"rbee-hive {started.hive_id} is already running at {started.url} (pid {started.pid})")
+        return
+    click.echo(
+        f"rbee-hive {started.hive_id} is running at {started.url} (pid {started.pid}, log: {started.log}), "
+        f"joined to the queen at {started.queen_url}"
+    )
+    if started.heartbeats_ok is False:
+        session.renderer.notice(f"warning: {started.heartbeat_problem}: {started.log}")
+    elif started.heartbeats_ok:
+        session.renderer.notice(f"See it with: rbee hive list; use it with: rbee infer --hive {started.hive_id} ...")
+
+
+@hive.command("stop", context_settings=CONTEXT)
+@click.option("--hive-id", metavar="NAME", help="Which hive. Default: the one running here.")
+@output_options
+@pass_session
+def hive_stop(session: Session, hive_id: str | None) -> None:
+    """Stop a hive started on this machine with `rbee hive start`, and its workers.
+
+    \b
+    Example:
+      rbee hive stop --hive-id beta
+    """
+    from rbee.keeper.hive_daemon import pick_hive_id, stop_hive
+
+    stopped = stop_hive(pick_hive_id(hive_id))
+    if session.json_mode:
+        print_json({"hive_id": stopped.hive_id, "pid": stopped.pid, "stopped": stopped.was_running})
+    elif not stopped.was_running:
+        click.echo(f"rbee-hive {stopped.hive_id} is not running on this machine")
+    else:
+        how = " (it did not stop in time and was killed)" if stopped.killed else ""
+        click.echo(f"Stopped rbee-hive {stopped.hive_id} (pid {stopped.pid}){how}")
+
+
+@hive.command("status", context_settings=CONTEXT)
+@click.option("--hive-id", metavar="NAME", help="Which hive. Default: the one running here.")
+@output_options
+@pass_session
+def hive_status(session: Session, hive_id: str | None) -> None:
+    """Show whether a hive runs on this machine: address, pid, queen, heartbeats (exit 1 when not running).
+
+    \b
+    Example:
+      rbee hive status --hive-id beta
+    """
+    from rbee.keeper.hive_daemon import hive_info, pick_hive_id
+
+    name = pick_hive_id(hive_id)
+    info = hive_info(name, token=session.token)
+    if info is None:
+        raise KeeperError(f"rbee-hive {name} is not running on this machine (start it with `rbee hive start`)")
+    if session.json_mode:
+        print_json(info)
+        return
+    from rbee.keeper.tables import print_mapping
+
+    click.echo(f"rbee-hive {name} is running at {info.get('url')}")
+    shown = {k: v for k, v in info.items() if k not in ("component", "hive_id")}
+    print_mapping(None, shown, out=sys.stdout, colour=session.renderer.colour_out)
+
+
+# -- workers ---------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def worker() -> None:
+    """Workers: one process, one loaded model, on a hive.
+
+    \b
+    Examples:
+      rbee worker list --hive beta
+      rbee worker spawn -m gemma3-270m --hive beta
+      rbee worker stop worker-1a2b3c4d --hive beta
+    """
+
+
+@worker.command("spawn", context_settings=CONTEXT)
+@click.option("-m", "--model", help="Model id or alias. Default: default_model in the config, else gemma3-270m.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
+@hive_option
+@output_options
+@pass_session
+def worker_spawn(session: Session, model: str | None, device: str, hive_id: str) -> None:
+    """Start a worker for a model on a hive (rbee infer also starts one when none serves the model).
+
+    \b
+    Examples:
+      rbee worker spawn -m gemma3-270m
+      rbee worker spawn -m gemma3-270m --device cuda:0 --hive gpu-box
+    """
+    op = {"operation": "worker_spawn", "hive_id": hive_id, "model": model or default_model(session), "device": device}
+    session.run(op)
+
+
+@worker.command("list", context_settings=CONTEXT)
+@hive_option
+@output_options
+@pass_session
+def worker_list(session: Session, hive_id: str) -> None:
+    """List a hive's workers.
+
+    \b
+    Example:
+      rbee worker list --hive beta
+    """
+    session.run({"operation": "worker_list", "hive_id": hive_id})
+
+
+@worker.command("get", context_settings=CONTEXT)
+@click.argument("worker_id")
+@hive_option
+@output_options
+@pass_session
+def worker_get(session: Session, worker_id: str, hive_id: str) -> None:
+    """Show one worker.
+
+    \b
+    Example:
+      rbee worker get worker-1a2b3c4d --hive beta
+    """
+    session.run({"operation": "worker_get", "hive_id": hive_id, "worker_id": worker_id})
+
+
+@worker.command("stop", context_settings=CONTEXT)
+@click.argument("worker_id")
+@hive_option
+@output_options
+@pass_session
+def worker_stop(session: Session, worker_id: str, hive_id: str) -> None:
+    """Stop one worker.
+
+    \b
+    Example:
+      rbee worker stop worker-1a2b3c4d --hive beta
+    """
+    session.run({"operation": "worker_stop", "hive_id": hive_id, "worker_id": worker_id})
+
+
+# -- models ----------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def model() -> None:
+    """The model files (GGUF) each hive has: list, download, delete.
+
+    \b
+    Examples:
+      rbee model list --hive beta
+      rbee model download hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf --alias qwen
+      rbee model delete qwen
+    """
+
+
+@model.command("list", context_settings=CONTEXT)
+@hive_option
+@output_options
+@pass_session
+def model_list(session: Session, hive_id: str) -> None:
+    """List a hive's models.
+
+    \b
+    Example:
+      rbee model list --hive beta
+    """
+    session.run({"operation": "model_list", "hive_id": hive_id})
+
+
+@model.command("get", context_settings=CONTEXT)
+@click.argument("model_id", metavar="MODEL")
+@hive_option
+@output_options
+@pass_session
+def model_get(session: Session, model_id: str, hive_id: str) -> None:
+    """Show one model: file, size, architecture, quantization, context length, checksum.
+
+    \b
+    Example:
+      rbee model get gemma3-270m
+    """
+    session.run({"operation": "model_get", "hive_id": hive_id, "model": model_id})
+
+
+def _check_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _SHA256.match(value):
+        raise click.BadParameter("must be 64 hexadecimal characters (the file's SHA-256)")
+    return value
+
+
+def _source(text: str) -> str:
+    """A path to a file on this machine, made absolute (the hive does not know this shell's directory)."""
+    if text.startswith(("hf:", "http://", "https://", "file:")):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_absolute() and path.exists():
+        return str(path.resolve())
+    if path.is_absolute() or path.exists():
+        return str(path)
+    return text
+
+
+@model.command("download", context_settings=CONTEXT)
+@click.argument("source")
+@click.option("--alias", metavar="NAME", help="A short name to use the model by (rbee infer -m NAME).")
+@click.option("--sha256", metavar="HEX", callback=_check_sha256, help="Refuse the file unless it has this SHA-256.")
+@hive_option
+@output_options
+@pass_session
+def model_download(session: Session, source: str, alias: str | None, sha256: str | None, hive_id: str) -> None:
+    """Download a GGUF model file to a hive, with a progress bar.
+
+    SOURCE is an http(s) URL, a Hugging Face file (hf:ORG/REPO/FILE.gguf, or
+    hf:ORG/REPO@REVISION/FILE.gguf), or a path to a file on the hive's machine.
+    The model's id is the file's name without .gguf. A broken connection is
+    resumed; the file is checked (GGUF header, and SHA-256 when known) before
+    it joins the catalog, and a failed download leaves nothing behind.
+    Ctrl-C cancels it.
+
+    \b
+    Examples:
+      rbee model download https://example.org/models/tiny.gguf --alias tiny --hive beta
+      rbee model download hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf --alias qwen
+      rbee model download ~/models/my-model.gguf --sha256 9f86d0...
+    """
+    op = {
+        "operation": "model_download",
+        "hive_id": hive_id,
+        "source": _source(source),
+        "alias": alias,
+        "sha256": sha256,
+    }
+    session.run({k: v for k, v in op.items() if v is not None})
+
+
+@model.command("delete", context_settings=CONTEXT)
+@click.argument("model_id", metavar="MODEL")
+@hive_option
+@output_options
+@pass_session
+def model_delete(session: Session, model_id: str, hive_id: str) -> None:
+    """Delete a downloaded model from a hive (refused while a worker uses it).
+
+    The bundled model is part of rbee and stays.
+
+    \b
+    Example:
+      rbee model delete tiny --hive beta
+    """
+    session.run({"operation": "model_delete", "hive_id": hive_id, "model": model_id})
+
+
+# -- the queen process -----------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def queen() -> None:
+    """Start, stop and look at the queen on this machine.
+
+    \b
+    Examples:
+      rbee queen start
+      rbee queen status
+      rbee queen stop
+    """
+
+
+@queen.command("start", context_settings=CONTEXT)
+@click.option(
+    "--local-hive/--no-local-hive", default=True, show_default=True, help="Run this machine's hive inside it."
+)
+@output_options
+@pass_session
+def queen_start(session: Session, local_hive: bool) -> None:
+    """Start queen-rbee in the background at the queen URL's host and port.
+
+    Its output goes to $RBEE_HOME/logs/queen.log and its pid to $RBEE_HOME/queen.pid.
+
+    \b
+    Examples:
+      rbee queen start
+      rbee --queen-url http://127.0.0.1:9000 queen start --no-local-hive
+    """
+    from rbee.keeper.daemon import start_queen
+
+    started = start_queen(session.url, token=session.token, local_hive=local_hive)
+    if session.json_mode:
+        print_json(
+            {"url": started.url, "pid": started.pid, "log": str(started.log), "started": not started.already_running}
+        )
+    elif started.already_running:
+        click.echo(f"queen-rbee is already running at {started.url}")
+    else:
+        click.echo(f"queen-rbee is running at {started.url} (pid {started.pid}, log: {started.log})")
+
+
+@queen.command("stop", context_settings=CONTEXT)
+@output_options
+@pass_session
+def queen_stop(session: Session) -> None:
+    """Stop the queen on this machine (SIGTERM, then SIGKILL after 10 s), with its local hive.
+
+    \b
+    Example:
+      rbee queen stop
+    """
+    from rbee.keeper.daemon import stop_queen
+
+    stopped = stop_queen(session.url, token=session.token)
+    if session.json_mode:
+        print_json({"pid": stopped.pid, "stopped": stopped.was_running, "killed": stopped.killed})
+    elif not stopped.was_running:
+        click.echo(f"queen-rbee is not running at {session.url}")
+    else:
+        how = " (it did not stop in time and was killed)" if stopped.killed else ""
+        click.echo(f"Stopped queen-rbee (pid {stopped.pid}){how}")
+
+
+@queen.command("status", context_settings=CONTEXT)
+@output_options
+@pass_session
+def queen_status(session: Session) -> None:
+    """Show whether the queen runs, and its version, pid and address (exit 1 when not running).
+
+    \b
+    Example:
+      rbee queen status
+    """
+    try:
+        info = session.client.info()
+    except QueenUnreachable as exc:
+        hint = "start it with `rbee queen start`" if session.local else "check --queen-url"
+        raise KeeperError(f"queen-rbee is not running at {session.url}: {exc.reason} ({hint})") from None
+    if session.json_mode:
+        print_json(info)
+        return
+    from rbee.keeper.tables import print_mapping
+
+    click.echo(f"queen-rbee is running at {session.url}")
+    print_mapping(None, info, out=sys.stdout, colour=session.renderer.colour_out)

@@ -1,0 +1,1 @@
+"""The fault tier: real processes, killed, stopped, slowed; the documented state, nothing left behind."""

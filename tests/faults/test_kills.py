@@ -1,0 +1,167 @@
+"""``kill -9`` of a worker, a hive and the queen, each in the middle of a stream.
+
+Documented outcomes (DESIGN.md): a worker lost after the first token ends the
+job ``failed`` / ``worker_lost`` within 3 s; a hive's workers die with it and a
+restarted hive stops any its previous run left; a restarted queen marks the
+interrupted jobs ``failed`` / ``queen_restarted``, keeps the finished ones and
+has its hives back within one heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cluster import wait_for
+
+from faults.support import (
+    HEARTBEAT_S,
+    MODEL,
+    SLACK_S,
+    WORKER_LOST_S,
+    Cluster,
+    Event,
+    alive,
+    end_of,
+    follow,
+    kinds,
+    submit,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+# 50 ms a token: a 40-token job streams for 2 s, long enough to strike in the middle.
+SLOW = {"RBEE_FAKE_TOKENS": "64", "RBEE_FAKE_DELAY_MS": "50"}
+INFER = {"operation": "infer", "model": MODEL, "prompt": "hello there", "max_tokens": 40, "temperature": 0}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, {"alpha": SLOW})
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def strike_after(n_tokens: int, action: object) -> tuple[object, list[float]]:
+    """A ``follow(until=...)`` hook that runs ``action()`` once, after ``n_tokens`` tokens."""
+    struck: list[float] = []
+
+    def until(events: list[Event]) -> bool:
+        if not struck and len(kinds(events, "token")) >= n_tokens:
+            action()  # type: ignore[operator]
+            struck.append(time.monotonic())
+        return False
+
+    return until, struck
+
+
+def contiguous(events: list[Event]) -> bool:
+    return [t["i"] for t in kinds(events, "token")] == list(range(len(kinds(events, "token"))))
+
+
+def test_kill_9_of_a_worker_mid_stream_ends_the_job_worker_lost_within_3_s(cluster: Cluster) -> None:
+    worker = cluster.spawn("alpha")
+    before = cluster.tasks()
+    until, struck = strike_after(3, lambda: os.kill(worker["pid"], signal.SIGKILL))
+
+    events = follow(cluster.url, submit(cluster.url, INFER), until=until)
+
+    end = end_of(events)
+    assert end["status"] == "failed" and end["error"]["kind"] == "worker_lost", end
+    assert events[-1].at - struck[0] <= WORKER_LOST_S
+    assert contiguous(events) and len(kinds(events, "token")) < 40
+    # The hive saw its worker die and said so; nothing of it is left.
+    wait_for(lambda: not cluster.workers("alpha"), 5)
+    assert not alive(worker["pid"])
+    cluster.assert_settled(before)
+    # The cluster serves again: a new worker is started on demand.
+    again = end_of(follow(cluster.url, submit(cluster.url, {**INFER, "max_tokens": 3})))
+    assert again["status"] == "completed" and again["worker_id"] != worker["worker_id"]
+
+
+def test_kill_9_of_a_hive_mid_stream_fails_the_job_and_leaves_no_worker(cluster: Cluster) -> None:
+    worker = cluster.spawn("alpha")
+    queen_tasks = {"queen": cluster.tasks()["queen"]}
+    hive = cluster.hives["alpha"]
+    until, struck = strike_after(3, lambda: hive.kill(signal.SIGKILL))
+
+    events = follow(cluster.url, submit(cluster.url, INFER), until=until)
+
+    # The worker dies with its hive (the kernel tells it), so the job cannot finish.
+    end = end_of(events)
+    assert end["status"] == "failed" and end["error"]["kind"] == "worker_lost", end
+    assert events[-1].at - struck[0] <= WORKER_LOST_S
+    assert contiguous(events)
+    wait_for(lambda: not alive(worker["pid"]), 10)
+    # Restarted on the same data directory, the hive comes back with no worker and no stale record.
+    cluster.start_hive("alpha")
+    wait_for(lambda: cluster.hive_state("alpha") == "online" and not cluster.workers("alpha"), 10)
+    cluster.assert_settled(queen_tasks)
+    again = end_of(follow(cluster.url, submit(cluster.url, {**INFER, "max_tokens": 3})))
+    assert again["status"] == "completed" and again["hive_id"] == "alpha"
+
+
+def test_a_restarted_hive_stops_the_workers_its_previous_run_left(cluster: Cluster) -> None:
+    worker = cluster.spawn("alpha")
+    pid = worker["pid"]
+    try:
+        # Frozen, the worker cannot act on the SIGTERM its hive's death sends: it outlives the hive.
+        os.kill(pid, signal.SIGSTOP)
+        hive = cluster.hives["alpha"]
+        hive.kill(signal.SIGKILL)
+        assert hive.proc is not None
+        hive.proc.wait(10)
+        time.sleep(0.2)
+        assert alive(pid), "the orphan is there before the restart"
+
+        restarted = cluster.start_hive("alpha")
+
+        wait_for(lambda: not alive(pid), 10)
+        assert "worker_orphan" in restarted.log()
+        wait_for(lambda: cluster.hive_state("alpha") == "online" and not cluster.workers("alpha"), 10)
+        cluster.assert_settled()
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_kill_9_of_the_queen_mid_stream_then_restart(cluster: Cluster) -> None:
+    worker = cluster.spawn("alpha")
+    finished = submit(cluster.url, {**INFER, "max_tokens": 3})
+    assert end_of(follow(cluster.url, finished))["status"] == "completed"
+    assert cluster.queen is not None
+    queen = cluster.queen
+    interrupted = submit(cluster.url, INFER)
+    until, struck = strike_after(3, lambda: queen.kill(signal.SIGKILL))
+
+    with pytest.raises(httpx.HTTPError):  # the stream breaks; it never pretends to have ended
+        follow(cluster.url, interrupted, until=until)
+
+    # The worker's stream to the queen broke, which cancels its job: it stops generating.
+    ready_url = worker["url"] + "/v1/ready"
+    wait_for(lambda: httpx.get(ready_url, timeout=2).json()["busy_slots"] == 0, WORKER_LOST_S)
+    worker_job = httpx.get(worker["url"] + "/v1/jobs", timeout=5).json()["jobs"][0]
+    assert worker_job["status"] == "cancelled" and worker_job["tokens_out"] < 40
+
+    assert queen.proc is not None
+    queen.proc.wait(10)
+    cluster.start_queen()
+    up = time.monotonic()
+    wait_for(lambda: cluster.hive_state("alpha") == "online", HEARTBEAT_S + 5)
+    assert time.monotonic() - up <= HEARTBEAT_S + SLACK_S
+    # The interrupted job is failed/queen_restarted; the finished one is still there.
+    record = httpx.get(f"{cluster.url}/v1/jobs/{interrupted}", timeout=5).json()
+    assert record["status"] == "failed" and record["error"]["kind"] == "queen_restarted", record
+    assert httpx.get(f"{cluster.url}/v1/jobs/{finished}", timeout=5).json()["status"] == "completed"
+    # The hive brought its worker back with it: the next job runs there, nothing was restarted.
+    wait_for(lambda: any(w["worker_id"] == worker["worker_id"] for w in cluster.workers("alpha")), 5)
+    again = end_of(follow(cluster.url, submit(cluster.url, {**INFER, "max_tokens": 3})))
+    assert again["status"] == "completed" and again["worker_id"] == worker["worker_id"]
+    cluster.assert_settled()
