@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbee.errors import InvalidOperation, PayloadTooLarge, QueueFull, RbeeError
@@ -84,6 +85,17 @@ async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
     return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Routing's own answers (no such path, wrong method) in the same error shape as everything else."""
+    assert isinstance(exc, StarletteHTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    body: dict[str, Any] = {"error": {"kind": kind, "message": message}}
+    if _is_openai_path(request.url.path):
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": kind}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -185,9 +197,8 @@ class BearerAuth:
             message = "a valid bearer token is required (Authorization: Bearer ...)"
             if _is_openai_path(scope["path"]):
                 # OpenAI clients read their own error shape.
-                body = {"error": {"message": message, "type": "invalid_request_error", "param": None}}
-                body["error"]["code"] = "invalid_api_key"
-                await _send_json(send, 401, body, extra_headers=[(b"www-authenticate", b"Bearer")])
+                error = {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+                await _send_json(send, 401, {"error": error}, extra_headers=[(b"www-authenticate", b"Bearer")])
                 return
             await _send_json(
                 send,
@@ -236,5 +247,99 @@ def install_edge(
     """Error mapping, body limit and auth for one server (``token``, ``public``: see :class:`BearerAuth`)."""
     app.add_exception_handler(RbeeError, _rbee_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(BearerAuth, token=token, public=tuple(public))
+    _document_errors(app, auth=bool(token), public=tuple(public))
+
+
+#: The one error shape every server answers with (OpenAPI component ``Error``).
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["kind", "message"],
+            "properties": {
+                "kind": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"type": ["string", "null"]},
+                "problems": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
+                    },
+                },
+            },
+        }
+    },
+}
+
+#: OpenAI's error object, which the OpenAI-compatible endpoints answer with instead.
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_EDGE_ERRORS = {
+    "401": "A valid bearer token is required",
+    "413": "The request body is over the limit",
+    "422": "Invalid input: the field and the reason",
+}
+
+
+def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> None:
+    """Make the OpenAPI schema say what the edge really answers.
+
+    Every error is ``{"error": {"kind", "message", ...}}`` (FastAPI's default
+    422 shape is never sent); 401 is documented wherever a token is checked,
+    413 wherever a body is taken.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Error"] = ERROR_SCHEMA
+        components["OpenAIError"] = OPENAI_ERROR_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        rbee_error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        openai_error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
+        open_paths = {"/health", *(p for p in public if not p.endswith("*"))}
+        for path, item in schema.get("paths", {}).items():
+            for method, operation in item.items():
+                if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                responses = operation["responses"]
+                wanted = {"422"} if operation.get("parameters") or "requestBody" in operation else set()
+                if "requestBody" in operation:
+                    wanted.add("413")
+                if auth and not (path in open_paths and method in ("get", "head")):
+                    wanted.add("401")
+                for status in wanted:
+                    responses.setdefault(status, {"description": _EDGE_ERRORS[status]})
+                content = openai_error if _is_openai_path(path) else rbee_error
+                for status, response in responses.items():
+                    if status[:1] in ("4", "5"):
+                        response["content"] = content
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -17,8 +18,9 @@ def worker(worker_id: str, slots: int = 1) -> WorkerView:
 
 
 @pytest.fixture
-async def scheduler() -> Scheduler:
-    return Scheduler(Telemetry(), httpx.AsyncClient())
+async def scheduler() -> AsyncIterator[Scheduler]:
+    async with httpx.AsyncClient() as http:
+        yield Scheduler(Telemetry(), http)
 
 
 def finished(scheduler: Scheduler, w: WorkerView, seconds: float) -> None:

@@ -13,13 +13,13 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from rbee.contracts.events import DONE
 from rbee.contracts.operations import OperationBase, parse_operation
-from rbee.errors import JobConflict, JobNotFound
+from rbee.errors import InvalidOperation, JobConflict, JobNotFound
 from rbee.jobs.job import Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
@@ -127,7 +127,14 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
                 "content": {"application/json": {"schema": {"type": "object", "required": ["operation"]}}},
             }
         },
-        responses={422: {"description": "invalid operation"}, 413: {"description": "body too large"}},
+        responses={
+            422: {"description": "invalid operation"},
+            413: {"description": "body too large"},
+            403: {"description": "this token may not run the operation"},
+            404: {"description": "unknown hive, model or worker"},
+            429: {"description": "the queue is full (Retry-After)"},
+            503: {"description": "no worker can serve the model"},
+        },
     )
     async def submit_job(request: Request) -> JSONResponse:
         server = get_server(request)
@@ -147,11 +154,23 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
             return {"jobs": server.history_list(limit)}
         return {"jobs": [job.summary() for job in server.registry.list(limit)]}
 
-    @router.get("/v1/jobs/{job_id}", summary="A job's state, timings and result summary")
+    @router.get(
+        "/v1/jobs/{job_id}",
+        summary="A job's state, timings and result summary",
+        responses={404: {"description": "no such job"}},
+    )
     async def get_job(request: Request, job_id: str) -> dict[str, Any]:
         return get_server(request).describe(job_id)
 
-    @router.delete("/v1/jobs/{job_id}", summary="Cancel a job")
+    @router.delete(
+        "/v1/jobs/{job_id}",
+        summary="Cancel a job",
+        responses={
+            202: {"description": "cancelling; the job has not ended yet"},
+            404: {"description": "no such job"},
+            409: {"description": "the job had already finished (its final state)"},
+        },
+    )
     async def cancel_job(request: Request, job_id: str) -> JSONResponse:
         server = get_server(request)
         job = server.registry.find(job_id)
@@ -171,19 +190,24 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
         "/v1/jobs/{job_id}/stream",
         summary="The job's events (text/event-stream)",
         response_class=Response,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            404: {"description": "no such job"},
+            422: {"description": "invalid parameter"},
+        },
+        openapi_extra={"parameters": _STREAM_PARAMETERS},
     )
-    async def stream_job(
-        request: Request,
-        job_id: str,
-        cancel_on_disconnect: bool = Query(False),
-        last_event_id_q: int | None = Query(None, alias="last_event_id", ge=0),
-        last_event_id: str | None = Header(None),
-    ) -> Response:
+    async def stream_job(request: Request, job_id: str) -> Response:
+        # The query and the header are read here rather than declared as
+        # parameters: FastAPI's per-parameter validation costs a few percent
+        # of a short job's whole life.
         server = get_server(request)
-        after = last_event_id_q or 0
-        if last_event_id is not None and last_event_id.strip().isdigit():
-            after = int(last_event_id.strip())
+        query = request.query_params
+        cancel_on_disconnect = _flag("cancel_on_disconnect", query.get("cancel_on_disconnect"))
+        after = _event_id(query.get("last_event_id"))
+        header = request.headers.get("last-event-id")
+        if header is not None and header.strip().isdigit():
+            after = int(header.strip())
         job = server.registry.find(job_id)
         if job is not None:
             return _EventStream(server, job, after, cancel_on_disconnect)
@@ -209,6 +233,52 @@ def _frames(events: list[Event]) -> str:
     # Event data is one line of JSON (json never emits a raw newline), so the
     # frames are built directly rather than through a general encoder.
     return "".join([f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n" for event_id, kind, data in events])
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_STREAM_PARAMETERS = [
+    {
+        "name": "cancel_on_disconnect",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "boolean", "default": False},
+        "description": "Cancel the job if this client disconnects before its end.",
+    },
+    {
+        "name": "last_event_id",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "Resume after this event id (as the Last-Event-ID header does).",
+    },
+    {
+        "name": "last-event-id",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Resume after this event id (what an EventSource sends when it reconnects).",
+    },
+]
+
+
+def _flag(name: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InvalidOperation(f"{name}: expected true or false, not {value!r}", field=name)
+
+
+def _event_id(value: str | None) -> int:
+    if value is None:
+        return 0
+    if not value.strip().isdigit():
+        raise InvalidOperation(f"last_event_id: expected an event id (0 or more), not {value!r}", field="last_event_id")
+    return int(value.strip())
 
 
 def _server_exiting() -> bool:

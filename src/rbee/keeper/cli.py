@@ -24,7 +24,7 @@ import click
 from rbee import __version__
 from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, one_line
 from rbee.keeper.machines import hive, model, queen, worker
-from rbee.keeper.options import CONTEXT, DEFAULT_MODEL, default_model, output_options, pass_session, print_json
+from rbee.keeper.options import CONTEXT, DEFAULT_MODEL, Group, default_model, output_options, pass_session, print_json
 from rbee.keeper.session import Session
 
 __all__ = ["cli", "main", "DEFAULT_MODEL"]
@@ -32,7 +32,7 @@ __all__ = ["cli", "main", "DEFAULT_MODEL"]
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.option(
     "--queen-url",
     metavar="URL",
@@ -74,7 +74,7 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
 # -- infer -------------------------------------------------------------------
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Generate text from a prompt.")
 @click.argument("prompt", required=False)
 @click.option("-m", "--model", help=f"Model id or alias. Default: default_model in the config, else {DEFAULT_MODEL}.")
 @click.option("--max-tokens", type=int, help="Most tokens to generate.")
@@ -148,7 +148,7 @@ def status(session: Session) -> None:
     session.run({"operation": "status"})
 
 
-@cli.command("queen-check", context_settings=CONTEXT)
+@cli.command("queen-check", context_settings=CONTEXT, short_help="Run the queen's self-check.")
 @output_options
 @pass_session
 def queen_check(session: Session) -> None:
@@ -168,7 +168,7 @@ for _group in (hive, worker, model, queen):
 # -- jobs --------------------------------------------------------------------
 
 
-@cli.group(context_settings=CONTEXT)
+@cli.group(cls=Group, context_settings=CONTEXT)
 def jobs() -> None:
     """The queen's jobs: recent history, details, logs, cancel.
 
@@ -266,7 +266,7 @@ def jobs_cancel(session: Session, job_id: str) -> None:
         click.echo(f"{job_id} is being cancelled (now {state})")
 
 
-@jobs.command("logs", context_settings=CONTEXT)
+@jobs.command("logs", context_settings=CONTEXT, short_help="Replay a job's events (--follow: to its end).")
 @click.argument("job_id")
 @click.option("-f", "--follow", is_flag=True, help="Keep reading until the job ends.")
 @output_options
@@ -294,7 +294,7 @@ def jobs_logs(session: Session, job_id: str, follow: bool) -> None:
 # -- the keeper itself ----------------------------------------------------------
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Print a shell completion script.")
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
     """Print the shell completion script for SHELL (commands, options, choices).

@@ -15,7 +15,7 @@ import click
 
 from rbee.config import HIVE_PORT
 from rbee.keeper.errors import KeeperError, QueenUnreachable
-from rbee.keeper.options import CONTEXT, default_model, hive_option, output_options, pass_session, print_json
+from rbee.keeper.options import CONTEXT, Group, default_model, hive_option, output_options, pass_session, print_json
 from rbee.keeper.session import Session
 
 __all__ = ["hive", "worker", "model", "queen"]
@@ -26,9 +26,9 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 # -- hives -----------------------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT, short_help="Hives, one per machine: list, start, stop.")
 def hive() -> None:
-    """The hives: one per machine, each running that machine's workers and keeping its models.
+    """Hives: one per machine, running its workers and keeping its models.
 
     \b
     Examples:
@@ -42,7 +42,7 @@ def hive() -> None:
     """
 
 
-@hive.command("list", context_settings=CONTEXT)
+@hive.command("list", context_settings=CONTEXT, short_help="List the hives the queen knows.")
 @output_options
 @pass_session
 def hive_list(session: Session) -> None:
@@ -56,7 +56,7 @@ def hive_list(session: Session) -> None:
     session.run({"operation": "hive_list"})
 
 
-@hive.command("check", context_settings=CONTEXT)
+@hive.command("check", context_settings=CONTEXT, short_help="Run a hive's self-check.")
 @click.argument("hive_id", default="localhost")
 @output_options
 @pass_session
@@ -70,7 +70,7 @@ def hive_check(session: Session, hive_id: str) -> None:
     session.run({"operation": "hive_check", "hive_id": hive_id})
 
 
-@hive.command("start", context_settings=CONTEXT)
+@hive.command("start", context_settings=CONTEXT, short_help="Start a hive here and join the queen.")
 @click.option("--hive-id", metavar="NAME", help="This hive's name in the cluster. Default: this machine's host name.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (its workers bind it too).")
 @click.option("--port", default=HIVE_PORT, show_default=True, type=click.IntRange(1, 65535), help="Port to bind.")
@@ -132,7 +132,7 @@ def hive_start(
         session.renderer.notice(f"See it with: rbee hive list; use it with: rbee infer --hive {started.hive_id} ...")
 
 
-@hive.command("stop", context_settings=CONTEXT)
+@hive.command("stop", context_settings=CONTEXT, short_help="Stop a hive started here.")
 @click.option("--hive-id", metavar="NAME", help="Which hive. Default: the one running here.")
 @output_options
 @pass_session
@@ -155,7 +155,7 @@ def hive_stop(session: Session, hive_id: str | None) -> None:
         click.echo(f"Stopped rbee-hive {stopped.hive_id} (pid {stopped.pid}){how}")
 
 
-@hive.command("status", context_settings=CONTEXT)
+@hive.command("status", context_settings=CONTEXT, short_help="Show a hive running here.")
 @click.option("--hive-id", metavar="NAME", help="Which hive. Default: the one running here.")
 @output_options
 @pass_session
@@ -185,7 +185,7 @@ def hive_status(session: Session, hive_id: str | None) -> None:
 # -- workers ---------------------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def worker() -> None:
     """Workers: one process, one loaded model, on a hive.
 
@@ -197,7 +197,7 @@ def worker() -> None:
     """
 
 
-@worker.command("spawn", context_settings=CONTEXT)
+@worker.command("spawn", context_settings=CONTEXT, short_help="Start a worker for a model.")
 @click.option("-m", "--model", help="Model id or alias. Default: default_model in the config, else gemma3-270m.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @hive_option
@@ -262,7 +262,7 @@ def worker_stop(session: Session, worker_id: str, hive_id: str) -> None:
 # -- models ----------------------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def model() -> None:
     """The model files (GGUF) each hive has: list, download, delete.
 
@@ -288,7 +288,7 @@ def model_list(session: Session, hive_id: str) -> None:
     session.run({"operation": "model_list", "hive_id": hive_id})
 
 
-@model.command("get", context_settings=CONTEXT)
+@model.command("get", context_settings=CONTEXT, short_help="Show one model.")
 @click.argument("model_id", metavar="MODEL")
 @hive_option
 @output_options
@@ -309,20 +309,23 @@ def _check_sha256(ctx: click.Context, param: click.Parameter, value: str | None)
     return value
 
 
-def _source(text: str) -> str:
+def _source(ctx: click.Context, param: click.Parameter, text: str) -> str:
     """A path to a file on this machine, made absolute (the hive does not know this shell's directory)."""
-    if text.startswith(("hf:", "http://", "https://", "file:")):
+    if re.match(r"^(hf:|[A-Za-z][A-Za-z0-9+.-]+://|file:)", text):
         return text
     path = Path(text).expanduser()
-    if not path.is_absolute() and path.exists():
-        return str(path.resolve())
-    if path.is_absolute() or path.exists():
-        return str(path)
-    return text
+    if path.is_absolute():
+        return str(path)  # perhaps on the hive's machine rather than this one
+    if not path.exists():
+        raise click.BadParameter(
+            f"no file {text!r} here; give an http(s) URL, hf:ORG/REPO/FILE.gguf, "
+            "or a path (absolute for a file on the hive's machine)"
+        )
+    return str(path.resolve())
 
 
-@model.command("download", context_settings=CONTEXT)
-@click.argument("source")
+@model.command("download", context_settings=CONTEXT, short_help="Download a GGUF model to a hive.")
+@click.argument("source", callback=_source)
 @click.option("--alias", metavar="NAME", help="A short name to use the model by (rbee infer -m NAME).")
 @click.option("--sha256", metavar="HEX", callback=_check_sha256, help="Refuse the file unless it has this SHA-256.")
 @hive_option
@@ -347,14 +350,14 @@ def model_download(session: Session, source: str, alias: str | None, sha256: str
     op = {
         "operation": "model_download",
         "hive_id": hive_id,
-        "source": _source(source),
+        "source": source,
         "alias": alias,
         "sha256": sha256,
     }
     session.run({k: v for k, v in op.items() if v is not None})
 
 
-@model.command("delete", context_settings=CONTEXT)
+@model.command("delete", context_settings=CONTEXT, short_help="Delete a model from a hive.")
 @click.argument("model_id", metavar="MODEL")
 @hive_option
 @output_options
@@ -374,7 +377,7 @@ def model_delete(session: Session, model_id: str, hive_id: str) -> None:
 # -- the queen process -----------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def queen() -> None:
     """Start, stop and look at the queen on this machine.
 
@@ -386,7 +389,7 @@ def queen() -> None:
     """
 
 
-@queen.command("start", context_settings=CONTEXT)
+@queen.command("start", context_settings=CONTEXT, short_help="Start the queen here.")
 @click.option(
     "--local-hive/--no-local-hive", default=True, show_default=True, help="Run this machine's hive inside it."
 )
@@ -415,7 +418,7 @@ def queen_start(session: Session, local_hive: bool) -> None:
         click.echo(f"queen-rbee is running at {started.url} (pid {started.pid}, log: {started.log})")
 
 
-@queen.command("stop", context_settings=CONTEXT)
+@queen.command("stop", context_settings=CONTEXT, short_help="Stop the queen here.")
 @output_options
 @pass_session
 def queen_stop(session: Session) -> None:
@@ -437,7 +440,7 @@ def queen_stop(session: Session) -> None:
         click.echo(f"Stopped queen-rbee (pid {stopped.pid}){how}")
 
 
-@queen.command("status", context_settings=CONTEXT)
+@queen.command("status", context_settings=CONTEXT, short_help="Show whether the queen runs.")
 @output_options
 @pass_session
 def queen_status(session: Session) -> None:

@@ -10,13 +10,31 @@ import click
 
 from rbee.keeper.session import Session
 
-__all__ = ["CONTEXT", "DEFAULT_MODEL", "pass_session", "output_options", "hive_option", "print_json", "default_model"]
+__all__ = [
+    "CONTEXT",
+    "DEFAULT_MODEL",
+    "Group",
+    "pass_session",
+    "output_options",
+    "hive_option",
+    "print_json",
+    "default_model",
+]
 
 #: The model ``rbee infer`` asks for unless told (or configured) otherwise.
 DEFAULT_MODEL = "gemma3-270m"
 CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 pass_session = click.make_pass_decorator(Session)
+
+
+class Group(click.Group):
+    """Commands listed in the order they are defined (most used first), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -54,6 +54,7 @@ _process_actor = "rbee"
 _captures: list[list[dict[str, Any]]] = []
 _log_level = logging.INFO
 _configured = False
+_logger: Any = None
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 # structlog 25 renamed ``pad_event`` (now deprecated, a warning) to ``pad_event_to``.
 _PAD_EVENT = (
@@ -76,7 +77,8 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
     ``RBEE_LOG_LEVEL`` (debug, info, warn, error) and ``RBEE_LOG_JSON=1`` are read
     when the arguments are not given.
     """
-    global _log_level, _configured
+    global _log_level, _configured, _logger
+    _logger = None
     level = (level or os.environ.get("RBEE_LOG_LEVEL") or "info").lower()
     _log_level = _LEVELS.get(level, logging.INFO)
     if json_logs is None:
@@ -108,9 +110,14 @@ class _Stderr:
 
 def log() -> Any:
     """The process log (a structlog logger writing to stderr)."""
+    global _logger
     if not _configured:
         configure_logging()
-    return structlog.get_logger()
+    if _logger is None:
+        # One proxy, kept: it caches its configured logger on first use, where a
+        # fresh proxy per call would build the processor chain for every line.
+        _logger = structlog.get_logger()
+    return _logger
 
 
 def current_job() -> JobSink | None:

@@ -576,6 +576,18 @@ def _model_list(state: QueenState) -> list[dict[str, Any]]:
     return sorted(entries.values(), key=lambda e: e["id"])
 
 
+#: What a completion can answer besides 200 (documented in the OpenAPI schema).
+_COMPLETION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid request"},
+    403: {"description": "this token may not do that"},
+    404: {"description": "no such model"},
+    429: {"description": "the queue is full (Retry-After)"},
+    502: {"description": "the worker was lost"},
+    503: {"description": "no worker can serve the model"},
+    504: {"description": "the job ran past its deadline"},
+}
+
+
 def openai_router() -> APIRouter:
     router = APIRouter(tags=["openai"])
 
@@ -583,7 +595,12 @@ def openai_router() -> APIRouter:
     async def list_models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": _model_list(_state(request))}
 
-    @router.get("/v1/models/{model:path}", summary="One model (OpenAI model object)", response_model=None)
+    @router.get(
+        "/v1/models/{model:path}",
+        summary="One model (OpenAI model object)",
+        response_model=None,
+        responses={404: {"description": "no hive has that model"}},
+    )
     async def get_model(request: Request, model: str) -> dict[str, Any] | JSONResponse:
         for found in _model_list(_state(request)):
             if model == found["id"] or model in found["aliases"]:
@@ -594,6 +611,7 @@ def openai_router() -> APIRouter:
         "/v1/completions",
         summary="Text completion (OpenAI)",
         response_model=None,
+        responses=_COMPLETION_ERRORS,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
     )
     async def completions(request: Request) -> Response:
@@ -603,6 +621,7 @@ def openai_router() -> APIRouter:
         "/v1/chat/completions",
         summary="Chat completion (OpenAI)",
         response_model=None,
+        responses=_COMPLETION_ERRORS,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
     )
     async def chat_completions(request: Request) -> Response:
