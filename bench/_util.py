@@ -8,6 +8,7 @@ exact command that produced it, and writes the same figures as JSON to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,16 @@ import psutil
 
 __all__ = [
     "RESULTS_DIR",
+    "Conn",
     "Server",
     "command_line",
     "free_port",
+    "goal",
+    "holds_text",
     "machine",
+    "new_loop",
     "percentile",
+    "print_goals",
     "print_table",
     "start_server",
     "venv_bin",
@@ -194,3 +200,103 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     payload = {"benchmark": name, "command": command_line(), "machine": machine(), "time": time.time(), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+# -- goals ---------------------------------------------------------------------------------------
+
+
+def goal(name: str, target: str, measured: str, holds: bool | None, value: float | None = None) -> dict[str, Any]:
+    """One row of a benchmark's goal table (``holds`` None: a figure with no goal)."""
+    return {"goal": name, "target": target, "measured": measured, "holds": holds, "value": value}
+
+
+def holds_text(holds: bool | None) -> str:
+    return "-" if holds is None else ("yes" if holds else "NO")
+
+
+def print_goals(rows: Sequence[dict[str, Any]]) -> None:
+    print_table(
+        [(r["goal"], r["measured"], r["target"], holds_text(r["holds"])) for r in rows],
+        ("goal", "measured", "target", "holds"),
+    )
+
+
+# -- a minimal HTTP/1.1 keep-alive client ------------------------------------------------
+
+
+class Conn:
+    """One keep-alive connection on asyncio streams; requests on it are sequential.
+
+    The benchmarks measure servers, so the client must cost as little as it
+    can: on two cores an httpx client (about 0.8 ms of CPU per request here)
+    would be a large part of what is measured.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> Conn:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        on_chunk: Callable[[bytes, float], None] | None = None,
+    ) -> tuple[int, bytes]:
+        """Send one request; return the status and the whole body.
+
+        ``on_chunk(chunk, arrival)`` sees each piece of a chunked body as it
+        arrives (``time.perf_counter()`` when it was read).
+        """
+        assert self.reader is not None and self.writer is not None
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + (body or b""))
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(raw.split(b" ", 2)[1])
+        headers = {}
+        for line in raw.split(b"\r\n")[1:]:
+            if line:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip().lower()
+        if headers.get(b"transfer-encoding") == b"chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    break
+                chunk = (await self.reader.readexactly(size + 2))[:-2]
+                if on_chunk is not None:
+                    on_chunk(chunk, time.perf_counter())
+                parts.append(chunk)
+            return status, b"".join(parts)
+        data = await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
+        if on_chunk is not None:
+            on_chunk(data, time.perf_counter())
+        return status, data
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when it is there (uvicorn[standard] brings it): the client's own costs stay small."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()

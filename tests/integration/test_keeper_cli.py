@@ -141,7 +141,7 @@ def test_jobs_list_show_logs_and_cancel(home: Path, queen: str) -> None:
 def test_an_unknown_job_is_one_line(home: Path, queen: str) -> None:
     run = rbee(home, queen, "jobs", "show", "job-nope")
     assert run.returncode == 1
-    assert run.stderr.splitlines() == ["rbee: no job 'job-nope'"]
+    assert run.stderr.splitlines() == ["rbee: no job 'job-nope' (list jobs with `rbee jobs list`)"]
 
 
 def test_an_unreachable_queen_is_one_line_exit_1(home: Path) -> None:

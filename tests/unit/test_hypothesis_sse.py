@@ -10,6 +10,7 @@ the keeper's stdlib reader and by :class:`rbee.jobs.client.JobClient`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -32,7 +33,7 @@ events = st.lists(
     st.one_of(
         st.builds(lambda t, i: ("token", {"t": t, "i": i}), any_text, st.integers(0, 10_000)),
         st.builds(lambda h: ("narration", {"actor": "queen", "action": "x", "human": h}), any_text),
-        st.builds(lambda n: ("progress", {"action": "queue", "done": n, "total": n + 1, "unit": ""}), st.integers(0, 9)),
+        st.builds(lambda n: ("progress", {"action": "queue", "done": n, "total": 9, "unit": ""}), st.integers(0, 9)),
         st.builds(lambda v: ("result", {"value": v}), any_text),
     ),
     max_size=8,
@@ -57,7 +58,7 @@ def encode(body: list[tuple[str, dict[str, Any]]], *, crlf: bool, pings: list[bo
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     at = sorted({p % (len(data) + 1) for p in points} | {0, len(data)})
-    return [data[a:b] for a, b in zip(at, at[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(at) if b > a]
 
 
 stream_cases = st.tuples(
@@ -83,7 +84,7 @@ def test_the_keeper_reader_sees_the_same_events_however_the_bytes_are_cut(case: 
 
     frames = list(_frames(_Chunks(cut(data, points))))  # type: ignore[arg-type]
 
-    assert frames[-1] == ("", "message", "[DONE]")
+    assert frames[-1][1:] == ("message", "[DONE]")  # (its id is the last one seen, as SSE says)
     got = [(int(i), kind, json.loads(raw)) for i, kind, raw in frames[:-1]]
     assert got == expected
 

@@ -374,3 +374,41 @@ def test_jobs_list_shows_the_columns(queen: ScriptedQueen, env: dict[str, Any]) 
     for part in ("id", "operation", "status", "duration", "tokens", "error", "job-a", "1500 ms", "12",
                  "worker_lost: gone", "job-b"):  # fmt: skip
         assert part in result.stdout
+
+
+# -- detached jobs and flags after the command -------------------------------------
+
+
+def test_infer_detach_prints_the_job_id_and_never_opens_the_stream(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    result = invoke(queen, env, "infer", "--detach", "a long story")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{JOB}\n"
+    assert f"rbee jobs logs --follow {JOB}" in result.stderr
+    assert [s.method for s in queen.seen] == ["POST"]  # no stream, so nothing can cancel it
+    assert queen.requests("POST")[0].json()["prompt"] == "a long story"
+    as_json = invoke(queen, env, "infer", "-d", "--json", "again")
+    assert json.loads(as_json.stdout) == {"job_id": JOB, "detached": True}
+    assert as_json.stderr == ""
+
+
+def test_json_and_quiet_work_after_the_command_too(queen: ScriptedQueen, env: dict[str, Any]) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), frame(2, "token", {"t": "x", "i": 0}),
+                                                        end_frame(3), DONE))  # fmt: skip
+    result = invoke(queen, env, "infer", "hi", "--json")
+    assert [json.loads(line)["event"] for line in result.stdout.splitlines()] == ["narration", "token", "end"]
+    quiet = invoke(queen, env, "infer", "hi", "-q")
+    assert (quiet.stdout, quiet.stderr) == ("x", "")
+
+
+def test_jobs_logs_replays_from_the_start_and_says_when_the_job_still_runs(
+    queen: ScriptedQueen, env: dict[str, Any]
+) -> None:
+    queen.route("GET", f"/v1/jobs/{JOB}", lambda seen: (200, {"job_id": JOB, "status": "running", "events": 2}))
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(narr(1, "a"), frame(2, "token", {"t": "x", "i": 0}), 5.0))
+    result = invoke(queen, env, "jobs", "logs", JOB)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "x"
+    assert result.stderr.splitlines() == ["[queen] a", f"{JOB} is still running; watch it to its end with: "
+                                          f"rbee jobs logs --follow {JOB}"]  # fmt: skip
+    stream_request = queen.requests("GET")[-1]
+    assert "Last-Event-ID" not in stream_request.headers and "cancel_on_disconnect" not in stream_request.path

@@ -153,6 +153,9 @@ class Session:
                 renderer.event(event)
                 if until is not None and last >= until and event.kind != "end":
                     renderer.finish()
+                    renderer.notice(
+                        f"{job_id} is still running; watch it to its end with: rbee jobs logs --follow {job_id}"
+                    )
                     return
         except KeyboardInterrupt:
             stream.close()

@@ -99,6 +99,7 @@ class QueenState:
         # Runs inside the request that created the job, so its caller is known.
         principal = current_principal()
         self.store.created(job, owner=principal.id if principal is not None else None)
+        self.scheduler.job_created(job)
 
     def _recent(self, limit: int) -> list[dict[str, Any]]:
         principal = current_principal()
@@ -115,6 +116,7 @@ class QueenState:
         return not known or owner == principal.id
 
     def _job_ended(self, job: Job, end: dict[str, Any]) -> None:
+        self.scheduler.job_ended(job)
         self.store.ended(job, end)
         self.metrics.job_ended(job, end)
 

@@ -87,6 +87,9 @@ class Scheduler:
         self._seq = itertools.count()
         self._leases: set[Lease] = set()
         self._durations: dict[str, deque[float]] = {}
+        # Jobs admitted for a model that hold no worker yet (queued, or about to be): the
+        # queue bound counts them at POST time, so a burst of requests cannot slip past it.
+        self._pending: dict[str, set[str]] = {}
 
     # -- admission -------------------------------------------------------
 
@@ -94,10 +97,10 @@ class Scheduler:
         """Refuse at POST time what can never run, or cannot be queued now."""
         if op.hive_id is not None:
             self.telemetry.hive(op.hive_id)  # 404 for an unknown hive
-        queue = self.queues.get(op.model)
-        if queue is not None and len(queue) >= self.queue_size:
+        waiting = len(self._pending.get(op.model, ()))
+        if waiting >= self.queue_size and waiting >= self.queue_size + self._free_slots(op):
             raise errors.QueueFull(
-                f"{len(queue)} jobs are already waiting for {op.model}; the queue holds {self.queue_size}",
+                f"{waiting} jobs are already waiting for {op.model}; the queue holds {self.queue_size}",
                 retry_after_s=2,
             )
         if not self._candidates(op, set(), fresh_only=False) and not self._spawn_hives(op):
@@ -107,6 +110,26 @@ class Scheduler:
             raise errors.ModelNotFound(
                 f"no hive has a model {op.model!r} (models: {', '.join(known) or 'none'})", model=op.model
             )
+
+    def _free_slots(self, op: Infer) -> int:
+        return sum(
+            max(0, max(1, w.report.slots) - self.inflight.get(w.worker_id, 0)) for w in self._candidates(op, set())
+        )
+
+    def job_created(self, job: Any) -> None:
+        """A job was admitted (its task has not run yet)."""
+        op = job.operation
+        if isinstance(op, Infer):
+            self._pending.setdefault(op.model, set()).add(job.id)
+
+    def job_ended(self, job: Any) -> None:
+        op = job.operation
+        if isinstance(op, Infer):
+            pending = self._pending.get(op.model)
+            if pending is not None:
+                pending.discard(job.id)
+                if not pending:
+                    del self._pending[op.model]
 
     def queue_depths(self) -> dict[str, int]:
         return {model: len(q) for model, q in self.queues.items() if q}
@@ -161,6 +184,7 @@ class Scheduler:
                         self.inflight[pick.worker_id] = self.inflight.get(pick.worker_id, 0) + 1
                         lease = Lease(pick, pick.hive_id)
                         self._leases.add(lease)
+                        self._pending.get(op.model, set()).discard(job.id)
                         narrate(
                             "infer_worker",
                             f"Scheduled on worker {pick.worker_id} on hive {pick.hive_id} ({pick.report.url})",
@@ -169,7 +193,10 @@ class Scheduler:
                         )
                         return lease
                     if waiter is None:
-                        if len(queue) >= self.queue_size:
+                        # An admitted job always gets its place (admission is the bound, counted at
+                        # POST); only a retried one can find the queue full here.
+                        admitted = job.id in self._pending.get(op.model, ())
+                        if len(queue) >= self.queue_size and not admitted:
                             raise errors.QueueFull(f"the queue for {op.model} is full", retry_after_s=2)
                         waiter = _Waiter(job.id, next(self._seq))
                         queue.append(waiter)
