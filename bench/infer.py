@@ -110,8 +110,10 @@ def direct_round(llm: Any, max_tokens: int) -> Round:
     stamps: list[float] = []
     t0 = time.perf_counter()
     for chunk in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, stream=True):
-        stamps.append(time.perf_counter())
-        text.append(chunk["choices"][0]["text"])
+        piece = chunk["choices"][0]["text"]
+        if piece:  # the last chunk carries only the finish reason
+            stamps.append(time.perf_counter())
+            text.append(piece)
     return figures(t0, stamps, "".join(text))
 
 

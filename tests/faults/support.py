@@ -22,8 +22,9 @@ from typing import Any
 
 import httpx
 import psutil
-from cluster import Daemon, free_port, hive, queen, wait_for
 from httpx_sse import connect_sse
+
+from cluster import Daemon, free_port, hive, queen, wait_for
 
 __all__ = [
     "HEARTBEAT_S",

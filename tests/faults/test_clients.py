@@ -14,14 +14,13 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-from cluster import wait_for
 
+from cluster import wait_for
 from faults.support import MODEL, Cluster, Event, end_of, follow, kinds, submit
 
 pytestmark = pytest.mark.timeout(90)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import wait_for
 
+from cluster import wait_for
 from faults.support import (
     HEARTBEAT_S,
     MODEL,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cluster import wait_for
 
+from cluster import wait_for
 from faults.support import (
     HEARTBEAT_S,
     MODEL,
@@ -139,7 +139,7 @@ def test_kill_9_of_the_queen_mid_stream_then_restart(cluster: Cluster) -> None:
     assert cluster.queen is not None
     queen = cluster.queen
     interrupted = submit(cluster.url, INFER)
-    until, struck = strike_after(3, lambda: queen.kill(signal.SIGKILL))
+    until, _ = strike_after(3, lambda: queen.kill(signal.SIGKILL))
 
     with pytest.raises(httpx.HTTPError):  # the stream breaks; it never pretends to have ended
         follow(cluster.url, interrupted, until=until)

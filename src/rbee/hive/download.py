@@ -24,17 +24,13 @@ for LFS files, its SHA-256) at a configurable endpoint (``--hf-endpoint`` /
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import re
 import shutil
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -44,20 +40,13 @@ from rbee.errors import InvalidOperation, JobConflict, ModelNotFound, RbeeError
 from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.gguf import MAGIC, GGUFError, check_complete
 from rbee.hive.source import DEFAULT_HF_ENDPOINT, Source, model_id_for, parse_source, public_url, server_digests
-from rbee.jobs.registry import emit_progress
+from rbee.hive.transfer import WRITE_CHUNK, PartFile, Progress, human_bytes
 from rbee.narration import narrate
 
-__all__ = ["Downloader", "DownloadFailed", "ChecksumMismatch", "human_bytes"]
+__all__ = ["Downloader", "DownloadFailed", "ChecksumMismatch", "RETRIES"]
 
-#: Bytes gathered before one write (and hash) in a thread.
-WRITE_CHUNK = 1 << 20
 #: Consecutive failed attempts (no byte gained) before a download gives up.
 RETRIES = 5
-PROGRESS_INTERVAL_S = 0.25
-#: Past this many progress events, one every few seconds: the job's log stays small.
-PROGRESS_EVENTS_FAST = 600
-PROGRESS_INTERVAL_SLOW_S = 2.0
-RATE_WINDOW_S = 3.0
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -74,123 +63,6 @@ class ChecksumMismatch(RbeeError):
 
     kind = "checksum_mismatch"
     status_code = 502
-
-
-def human_bytes(value: float) -> str:
-    for scale, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if value >= scale:
-            return f"{value / scale:.1f} {name}"
-    return f"{value:.0f} B"
-
-
-# -- progress ------------------------------------------------------------------
-
-
-class _Progress:
-    """Throttled ``progress`` events with a transfer rate over the last seconds."""
-
-    def __init__(self, *, model: str, file: str, action: str = "model_download") -> None:
-        self.model = model
-        self.file = file
-        self.action = action
-        self.sent = 0
-        self._last = float("-inf")
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def rate(self, now: float, done: int) -> float:
-        samples = self._samples
-        samples.append((now, done))
-        while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW_S:
-            samples.popleft()
-        t0, d0 = samples[0]
-        return (done - d0) / (now - t0) if now > t0 else 0.0
-
-    def reset(self) -> None:
-        self._samples.clear()
-
-    def __call__(self, done: int, total: int | None, *, final: bool = False) -> None:
-        now = time.monotonic()
-        rate = self.rate(now, done)
-        interval = PROGRESS_INTERVAL_S if self.sent < PROGRESS_EVENTS_FAST else PROGRESS_INTERVAL_SLOW_S
-        if not final and now - self._last < interval:
-            return
-        self._last = now
-        self.sent += 1
-        emit_progress(self.action, done, total, "bytes", rate=round(rate), file=self.file, model=self.model)
-
-
-# -- the file being written ----------------------------------------------------
-
-
-class _PartFile:
-    """The ``.part`` file: appended in threads, hashed as written."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.size = 0
-        self.hasher = hashlib.sha256()
-        self._buf = bytearray()
-        self._fh: Any = None
-
-    async def open(self, *, resume: bool) -> None:
-        """Open for appending; with ``resume``, keep (and hash) what is already there."""
-        self.close()
-        self.hasher = hashlib.sha256()
-        self._buf.clear()
-        self.size = 0
-        if resume and await asyncio.to_thread(self.path.exists):
-            self._fh = await asyncio.to_thread(open, self.path, "r+b")
-            self.size = await self._hash_existing()
-        else:
-            self._fh = await asyncio.to_thread(open, self.path, "wb")
-
-    async def _hash_existing(self) -> int:
-        size = 0
-        while True:
-            block = await asyncio.to_thread(self._fh.read, 8 * WRITE_CHUNK)
-            if not block:
-                return size
-            self.hasher.update(block)
-            size += len(block)
-
-    async def restart(self) -> None:
-        """Throw away what was written: the server sends the file from the start."""
-        self._buf.clear()
-        await asyncio.to_thread(self._truncate)
-        self.hasher = hashlib.sha256()
-        self.size = 0
-
-    def _truncate(self) -> None:
-        self._fh.seek(0)
-        self._fh.truncate()
-
-    async def write(self, data: bytes) -> None:
-        self._buf += data
-        self.size += len(data)
-        if len(self._buf) >= WRITE_CHUNK:
-            await self.flush()
-
-    async def flush(self) -> None:
-        if not self._buf:
-            return
-        data = bytes(self._buf)
-        self._buf.clear()
-        await asyncio.to_thread(self._write, data)
-
-    def _write(self, data: bytes) -> None:
-        self._fh.write(data)
-        self.hasher.update(data)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(OSError):
-                self._fh.close()
-            self._fh = None
-
-    def discard(self) -> None:
-        self.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
 
 
 # -- the downloader ------------------------------------------------------------
@@ -218,7 +90,6 @@ class Downloader:
         http: httpx.AsyncClient | None = None,
         retries: int = RETRIES,
         retry_delay_s: float = 0.5,
-        on_landed: Callable[[ModelEntry], Awaitable[None] | None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.models_dir = models_dir
@@ -232,7 +103,6 @@ class Downloader:
         )
         self.retries = retries
         self.retry_delay_s = retry_delay_s
-        self.on_landed = on_landed
         self._inflight: set[str] = set()
 
     async def aclose(self) -> None:
@@ -291,9 +161,9 @@ class Downloader:
         source = plan.source
         await asyncio.to_thread(self.models_dir.mkdir, parents=True, exist_ok=True)
         key = hashlib.sha256(source.text.encode()).hexdigest()[:12]
-        part = _PartFile(self.models_dir / f".{plan.model_id}.{key}.part")
+        part = PartFile(self.models_dir / f".{plan.model_id}.{key}.part")
         final = self.models_dir / f"{plan.model_id}.gguf"
-        progress = _Progress(model=plan.model_id, file=source.filename)
+        progress = Progress(model=plan.model_id, file=source.filename)
         started = time.monotonic()
         narrate(
             "download_start",
@@ -329,15 +199,11 @@ class Downloader:
             size_bytes=entry.size_bytes,
             duration_ms=round(elapsed * 1000, 1),
         )
-        if self.on_landed is not None:
-            maybe = self.on_landed(entry)
-            if maybe is not None:
-                await maybe
         return entry
 
     # -- sources -------------------------------------------------------------
 
-    async def _copy(self, plan: _Plan, part: _PartFile, progress: _Progress) -> int:
+    async def _copy(self, plan: _Plan, part: PartFile, progress: Progress) -> int:
         path = plan.source.path
         assert path is not None
         try:
@@ -393,7 +259,7 @@ class Downloader:
         return location, headers
 
     async def _fetch(
-        self, plan: _Plan, url: str, headers: dict[str, str], part: _PartFile, progress: _Progress
+        self, plan: _Plan, url: str, headers: dict[str, str], part: PartFile, progress: Progress
     ) -> int | None:
         """GET ``url`` into ``part``, resuming with ``Range`` after a broken connection."""
         where = public_url(url)
@@ -436,8 +302,8 @@ class Downloader:
         plan: _Plan,
         url: str,
         headers: dict[str, str],
-        part: _PartFile,
-        progress: _Progress,
+        part: PartFile,
+        progress: Progress,
         transfer: _Transfer,
     ) -> int | None:
         where = public_url(url)
@@ -522,7 +388,7 @@ class Downloader:
 
     # -- verifying and landing ---------------------------------------------
 
-    async def _verify_and_land(self, plan: _Plan, part: _PartFile, final: Path) -> ModelEntry:
+    async def _verify_and_land(self, plan: _Plan, part: PartFile, final: Path) -> ModelEntry:
         digest = part.hasher.hexdigest()
         for who, expected in plan.expected.items():
             if digest != expected:

@@ -60,20 +60,18 @@ class JobServer:
         self.history_list = history_list
         self.history_events = history_events
         self.ping_interval_s = ping_interval_s
+        #: Open ``/stream`` responses of live jobs.
+        self.active_streams = 0
+        # Streams waiting for events, ended together if the server shuts down.
         self._streams: set[_EventStream] = set()
         self._exit_timer: asyncio.TimerHandle | None = None
 
-    @property
-    def active_streams(self) -> int:
-        """Open ``/stream`` responses of live jobs."""
-        return len(self._streams)
-
-    def _opened(self, stream: _EventStream) -> None:
+    def _watch(self, stream: _EventStream) -> None:
         self._streams.add(stream)
         if self._exit_timer is None:
             self._exit_timer = asyncio.get_running_loop().call_later(_EXIT_POLL_S, self._check_exit)
 
-    def _closed(self, stream: _EventStream) -> None:
+    def _unwatch(self, stream: _EventStream) -> None:
         self._streams.discard(stream)
 
     def _check_exit(self) -> None:
@@ -336,13 +334,14 @@ class _EventStream(_SSEResponse):
 
     A stream is a race between the job's events, the client leaving, a
     keep-alive ping and the server shutting down. The frames are written by
-    the request's task itself; one small task waits for the client's
-    disconnect, a timer marks a ping due after a quiet interval, and the
-    server's exit watch closes the stream: each of them only resolves the
-    future the writer waits on. Every event already in the log goes out as
-    one chunk (one socket write), so a reader that fell behind, or a burst of
-    events, costs one write rather than one per event; the bytes on the wire
-    are the same frames either way.
+    the request's task itself; once it has to wait, one small task waits for
+    the client's disconnect, a timer marks a ping due after a quiet interval,
+    and the server's exit watch may close the stream: each of them only
+    resolves the future the writer waits on (sse-starlette runs four tasks in
+    a task group per stream, more than the rest of a short job costs). Every
+    event already in the log goes out as one chunk (one socket write), so a
+    reader that fell behind, or a burst of events, costs one write rather
+    than one per event; the bytes on the wire are the same frames either way.
     """
 
     def __init__(self, server: JobServer, job: Job, after: int, cancel_on_disconnect: bool) -> None:
@@ -383,13 +382,22 @@ class _EventStream(_SSEResponse):
                 self.close()
                 return
 
+    def _arm(self, receive: Receive) -> asyncio.Task[None]:
+        """Start watching for the client leaving, pings and the server's exit (first wait only).
+
+        A stream whose job has already ended is written out and closed
+        without ever waiting, so it needs none of this.
+        """
+        loop = asyncio.get_running_loop()
+        self.server._watch(self)
+        self._timer = loop.call_later(self.server.ping_interval_s, self._tick)
+        return loop.create_task(self._listen(receive), name=f"{self.job.id}:disconnect")
+
     async def stream(self, receive: Receive, send: Send) -> None:
         job, server = self.job, self.server
-        loop = asyncio.get_running_loop()
         cursor = job.attach(self.after)
-        server._opened(self)
-        listener = loop.create_task(self._listen(receive), name=f"{job.id}:disconnect")
-        self._timer = loop.call_later(server.ping_interval_s, self._tick)
+        server.active_streams += 1
+        listener: asyncio.Task[None] | None = None
         done = False
         try:
             while not self._closed:
@@ -407,6 +415,8 @@ class _EventStream(_SSEResponse):
                     self._ping_due = False
                     await send({"type": "http.response.body", "body": _PING_FRAME, "more_body": True})
                 else:
+                    if listener is None:
+                        listener = self._arm(receive)
                     fut = self._waiting = job.next_event()
                     try:
                         await fut
@@ -415,13 +425,16 @@ class _EventStream(_SSEResponse):
                         job.forget(fut)
         finally:
             self._closed = True
-            self._timer.cancel()
-            listener.cancel()
+            server.active_streams -= 1
             job.detach(cursor)
-            server._closed(self)
+            if listener is not None:
+                self._timer.cancel()  # type: ignore[union-attr]
+                listener.cancel()
+                server._unwatch(self)
             if self.cancel_on_disconnect and not job.done and job.cancel_reason is None:
                 server.registry.cancel(job.id, "client disconnected")
             if not done:
                 # Closed before the end (the client left, the server is exiting): finish the body.
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            await asyncio.wait([listener])  # no task outlives its response
+            if listener is not None:
+                await asyncio.wait([listener])  # no task outlives its response

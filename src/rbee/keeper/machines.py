@@ -179,6 +179,10 @@ def hive_status(session: Session, hive_id: str | None) -> None:
 
     click.echo(f"rbee-hive {name} is running at {info.get('url')}")
     shown = {k: v for k, v in info.items() if k not in ("component", "hive_id")}
+    beats = info.get("heartbeats")
+    if isinstance(beats, dict):
+        state = "failing: see the log" if beats.get("failing") else "reaching the queen"
+        shown["heartbeats"] = f"{beats.get('sent', 0)} sent, every {beats.get('interval_s', 0):g} s, {state}"
     print_mapping(None, shown, out=sys.stdout, colour=session.renderer.colour_out)
 
 

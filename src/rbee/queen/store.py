@@ -4,13 +4,13 @@ A record is written when a job is created and completed when it ends, so a
 queen that dies mid-job finds the interrupted jobs at its next start and marks
 them ``failed`` with ``error.kind = "queen_restarted"``.
 
-Writes are gathered and committed together on the event loop's next turn
-(WAL, ``synchronous=NORMAL``): a transaction costs about 60 µs however many
-rows it carries, so giving each of a short job's two writes its own would
-cost the queen more than the rest of the job. A job that starts and ends
-within one turn is written once, already finished. Every read (and
-:meth:`close`) commits what is pending first, so callers never see the delay;
-a queen killed in the very turn a job was created loses that one record.
+Writes are gathered for :data:`FLUSH_DELAY_S` and committed together (WAL,
+``synchronous=NORMAL``): a transaction costs about 60 µs however many rows it
+carries, so giving each of a short job's two writes its own would cost the
+queen more than the rest of the job. A job that starts and ends within that
+time is written once, already finished. Every read (and :meth:`close`)
+commits what is pending first, so callers never see the delay; a queen
+killed within 10 ms of a job's creation loses that one record.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from rbee.jobs.job import Job
 
-__all__ = ["JobStore", "MAX_STORED_EVENTS"]
+__all__ = ["JobStore", "MAX_STORED_EVENTS", "FLUSH_DELAY_S"]
 
 StoredEvent = tuple[int, str, str]
 
@@ -52,6 +52,8 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 
 #: Events kept per job in the history (the end event is always kept).
 MAX_STORED_EVENTS = 5_000
+#: How long writes wait to be committed together.
+FLUSH_DELAY_S = 0.01
 
 _INSERT = (
     "INSERT INTO jobs (job_id, operation, payload, status, created_at, owner, started_at, finished_at,"
@@ -79,7 +81,7 @@ class JobStore:
         # if the job ends first) and the outcomes of jobs already written.
         self._inserts: dict[str, list[Any]] = {}
         self._updates: list[tuple[Any, ...]] = []
-        self._flush_soon: asyncio.Handle | None = None
+        self._flush_soon: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
         self.flush()
@@ -113,7 +115,7 @@ class JobStore:
         except RuntimeError:  # no event loop (a script, a synchronous test): write now
             self.flush()
             return
-        self._flush_soon = loop.call_soon(self._flush_now)
+        self._flush_soon = loop.call_later(FLUSH_DELAY_S, self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_soon = None
