@@ -205,7 +205,7 @@ def test_a_source_that_is_not_a_whole_model_fails_in_one_line_and_leaves_nothing
         (("model", "download", "/no/such/file.gguf", "--hive", "beta"), 1, "no such file"),
         (("model", "download", "URL", "--hive", "beta", "--alias", "gemma3-270m"), 1, "already has a model"),
         (("model", "delete", "no-such-model", "--hive", "beta"), 1, "no model 'no-such-model'"),
-        (("model", "delete", "gemma3-270m", "--hive", "beta"), 1, "always available"),
+        (("model", "delete", "gemma3-270m", "--hive", "beta"), 2, "always available"),
         (("infer", "-m", "no-such-model", "--hive", "beta", "hi"), 1, "no-such-model"),
         (("infer", "--hive", "nowhere", "hi"), 1, "nowhere"),
         (("infer", "--max-tokens", "many", "hi"), 2, "--max-tokens"),

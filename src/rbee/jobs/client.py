@@ -15,16 +15,21 @@ block without data (a keep-alive ``: ping``) never dispatched.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
 from rbee import errors
 from rbee.contracts.events import DONE
 from rbee.contracts.operations import OperationBase
+from rbee.jobs import _http1
 
 __all__ = ["JobClient", "StreamEvent", "StreamBroken", "Unreachable", "error_from_response", "parse_sse"]
 
@@ -86,8 +91,35 @@ class StreamEvent:
         return self._data
 
 
+#: One pool of plain HTTP/1.1 connections per httpx client (and event loop), for the hot requests.
+_POOLS: weakref.WeakKeyDictionary[httpx.AsyncClient, _http1.Pool] = weakref.WeakKeyDictionary()
+
+
+def _direct_target(base_url: str, client: httpx.AsyncClient) -> tuple[tuple[str, int], str] | None:
+    """``((host, port), path prefix)`` when requests to ``base_url`` may skip httpx, else None.
+
+    Only a plain ``http://`` URL reached through httpx's default transport
+    qualifies: a proxy, TLS or a mounted transport (an ASGI app in tests)
+    keeps every request on httpx.
+    """
+    parts = urlsplit(base_url)
+    transport = getattr(client, "_transport", None)
+    mounts = getattr(client, "_mounts", None)
+    if parts.scheme != "http" or not parts.hostname or type(transport) is not httpx.AsyncHTTPTransport:
+        return None
+    if mounts is None or any(t is not None for t in mounts.values()):
+        return None
+    return (parts.hostname, parts.port or 80), parts.path
+
+
 class JobClient:
-    """Talk to one server's job API."""
+    """Talk to one server's job API.
+
+    Submitting a job and following its stream, the two requests on the path
+    from prompt to token, skip httpx for a small HTTP/1.1 client
+    (:mod:`rbee.jobs._http1`) when the server is a plain ``http://`` URL; the
+    other requests, and every server reached another way, use ``client``.
+    """
 
     def __init__(
         self,
@@ -103,10 +135,28 @@ class JobClient:
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(connect_timeout_s, read=None), limits=httpx.Limits(max_keepalive_connections=32)
         )
+        self._direct = _direct_target(self.base_url, self.client)
 
     async def aclose(self) -> None:
         if self._own:
+            pool = _POOLS.pop(self.client, None)
+            if pool is not None:
+                pool.close()
             await self.client.aclose()
+
+    def _pool(self) -> _http1.Pool | None:
+        if self._direct is None or self.client.is_closed:
+            return None
+        pool = _POOLS.get(self.client)
+        loop = asyncio.get_running_loop()
+        if pool is None or pool.loop is not loop:
+            timeout = self.client.timeout
+            pool = _http1.Pool(connect_timeout_s=timeout.connect, read_timeout_s=timeout.read)
+            _POOLS[self.client] = pool
+        return pool
+
+    def _unreachable(self, why: str) -> Unreachable:
+        return Unreachable(f"{self.base_url} did not answer: {why}", url=self.base_url)
 
     async def __aenter__(self) -> JobClient:
         return self
@@ -122,7 +172,20 @@ class JobClient:
 
     async def submit(self, operation: OperationBase | dict[str, Any]) -> str:
         body = operation.to_wire() if isinstance(operation, OperationBase) else operation
-        response = await self._request("POST", "/v1/jobs", json=body)
+        pool = self._pool()
+        if pool is None:
+            response = await self._request("POST", "/v1/jobs", json=body)
+        else:
+            assert self._direct is not None
+            key, prefix = self._direct
+            headers = {**self.headers, "Content-Type": "application/json"}
+            try:
+                answer = await pool.request(key, "POST", prefix + "/v1/jobs", headers, json.dumps(body).encode())
+            except _http1.WireError as exc:
+                raise self._unreachable(str(exc)) from None
+            if answer.status == 201:
+                return str(json.loads(answer.body)["job_id"])
+            response = httpx.Response(answer.status, headers=answer.headers, content=answer.body)
         if response.status_code != 201:
             raise error_from_response(response)
         return str(response.json()["job_id"])
@@ -156,17 +219,11 @@ class JobClient:
         headers = {**self.headers, "Accept": "text/event-stream", "Cache-Control": "no-store"}
         if after:
             headers["Last-Event-ID"] = str(after)
-        url = f"{self.base_url}/v1/jobs/{job_id}/stream"
+        path = f"/v1/jobs/{job_id}/stream"
         got_end = False
         try:
-            async with self.client.stream("GET", url, params=params, headers=headers) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise error_from_response(response)
-                content_type = response.headers.get("content-type", "")
-                if not content_type.startswith("text/event-stream"):
-                    raise StreamBroken(f"{self.base_url} answered {content_type or 'no content type'}, not events")
-                blocks = parse_sse(response.aiter_bytes())
+            async with self._stream(path, params, headers) as chunks:
+                blocks = parse_sse(chunks)
                 try:
                     async for event_id, kind, data in blocks:
                         if kind == "message" and data == DONE:
@@ -177,11 +234,43 @@ class JobClient:
                         yield event
                 finally:
                     await blocks.aclose()
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, _http1.WireError) as exc:
             if not got_end:
                 raise StreamBroken(f"the stream from {self.base_url} broke: {_why(exc)}", url=self.base_url) from None
         if not got_end:
             raise StreamBroken(f"the stream from {self.base_url} closed before the job's end", url=self.base_url)
+
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self, path: str, params: dict[str, str], headers: dict[str, str]
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The body of ``GET path`` as it arrives, after checking that it is an event stream."""
+        pool = self._pool()
+        if pool is None:
+            async with self.client.stream("GET", self.base_url + path, params=params, headers=headers) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise error_from_response(response)
+                self._check_event_stream(response.headers.get("content-type", ""))
+                yield response.aiter_bytes()
+            return
+        assert self._direct is not None
+        key, prefix = self._direct
+        target = prefix + path + (f"?{urlencode(params)}" if params else "")
+        try:
+            async with pool.stream(key, "GET", target, headers) as answer:
+                assert answer.chunks is not None
+                if answer.status != 200:
+                    body = b"".join([piece async for piece in answer.chunks])
+                    raise error_from_response(httpx.Response(answer.status, headers=answer.headers, content=body))
+                self._check_event_stream(answer.headers.get("content-type", ""))
+                yield answer.chunks
+        except _http1.WireError as exc:
+            raise self._unreachable(str(exc)) if not isinstance(exc, _StreamStarted) else exc from None
+
+    def _check_event_stream(self, content_type: str) -> None:
+        if not content_type.startswith("text/event-stream"):
+            raise StreamBroken(f"{self.base_url} answered {content_type or 'no content type'}, not events")
 
 
 async def parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str, str]]:

@@ -46,6 +46,7 @@ async def relay_job(
     where: str,
     lost: type[errors.RbeeError] = errors.HiveUnreachable,
     results: bool = True,
+    remote_id: str | None = None,
 ) -> RemoteEnd:
     """Run ``operation`` on the server behind ``client`` and relay its events.
 
@@ -54,9 +55,17 @@ async def relay_job(
     job is cancelled too before the cancellation propagates.
     """
     job = current_job()
+    if remote_id is None:
+        remote_id = await _submit(client, operation, where, lost)
+    return await _follow(client, job, remote_id, where=where, lost=lost, results=results)
+
+
+async def _submit(
+    client: JobClient, operation: OperationBase | dict[str, Any], where: str, lost: type[errors.RbeeError]
+) -> str:
     submitting = asyncio.ensure_future(client.submit(operation))
     try:
-        remote_id = await asyncio.shield(submitting)
+        return await asyncio.shield(submitting)
     except Unreachable as exc:
         raise lost(f"{where} did not answer: {exc.message}") from None
     except asyncio.CancelledError:
@@ -69,6 +78,11 @@ async def relay_job(
             raise asyncio.CancelledError from None
         await _cancel_remote(client, remote_id)
         raise
+
+
+async def _follow(
+    client: JobClient, job: Any, remote_id: str, *, where: str, lost: type[errors.RbeeError], results: bool
+) -> RemoteEnd:
     try:
         async for event in client.events(remote_id, cancel_on_disconnect=True):
             kind = event.kind

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import time
+from collections.abc import Awaitable
 
 import httpx
 
@@ -17,7 +19,7 @@ from rbee.contracts.operations import (
     Status,
 )
 from rbee.http import is_admin
-from rbee.jobs.client import JobClient
+from rbee.jobs.client import JobClient, Unreachable
 from rbee.jobs.registry import emit_progress, emit_result
 from rbee.narration import narrate
 from rbee.queen.relay import raise_for_end, relay_job
@@ -36,8 +38,9 @@ class QueenRouter:
         self.scheduler = scheduler
         self.http = http
         self.token = token
+        self._presubmitted: dict[int, tuple[str, float]] = {}
 
-    def admit(self, op: OperationBase) -> None:
+    def admit(self, op: OperationBase) -> Awaitable[None] | None:
         """Checks done at POST time, before a job exists."""
         if op.name in ADMIN_OPERATIONS and not is_admin():
             raise errors.Forbidden(f"{op.name} changes the cluster for everyone; it needs the admin token")
@@ -45,6 +48,34 @@ class QueenRouter:
             self.scheduler.admit(op)
         elif op.forwarded_to_hive:
             self.telemetry.hive(getattr(op, "hive_id", "localhost"))
+            return self._presubmit(op)
+        return None
+
+    async def _presubmit(self, op: OperationBase) -> None:
+        """Submit a hive operation to its hive while the client's POST is open.
+
+        The hive validates the operation against its own state (a model in use,
+        an unknown worker, a source that is not a model); its 4xx then becomes
+        this POST's answer instead of a failed job. The executor follows the
+        hive job that was started here.
+        """
+        hive_id = str(getattr(op, "hive_id", "localhost"))
+        hive = self.telemetry.hive(hive_id)
+        if self.telemetry.state_of(hive) != "online":
+            raise errors.HiveUnreachable(f"hive {hive_id} has not sent a heartbeat for {hive.age_s():.0f} s")
+        client = JobClient(hive.url, token=self.token, client=self.http)
+        try:
+            remote_id = await client.submit(op)
+        except Unreachable as exc:
+            raise errors.HiveUnreachable(f"hive {hive_id} did not answer: {exc.message}") from None
+        self._presubmitted[id(op)] = (remote_id, time.monotonic())
+        self._forget_stale()
+
+    def _forget_stale(self) -> None:
+        # An admitted operation whose job was then never created leaves an entry behind.
+        cutoff = time.monotonic() - 60.0
+        for key in [k for k, (_, at) in self._presubmitted.items() if at < cutoff]:
+            del self._presubmitted[key]
 
     async def __call__(self, op: OperationBase) -> None:
         narrate("route_job", f"Executing operation: {op.name}", operation=op.name)
@@ -79,11 +110,13 @@ class QueenRouter:
     async def forward(self, op: OperationBase) -> None:
         hive_id = str(getattr(op, "hive_id", "localhost"))
         hive = self.telemetry.hive(hive_id)
-        if self.telemetry.state_of(hive) != "online":
+        presubmitted = self._presubmitted.pop(id(op), None)
+        if presubmitted is None and self.telemetry.state_of(hive) != "online":
             raise errors.HiveUnreachable(f"hive {hive_id} has not sent a heartbeat for {hive.age_s():.0f} s")
         narrate("forward_start", f"Forwarding {op.name} to hive {hive_id} at {hive.url}", hive_id=hive_id)
         client = JobClient(hive.url, token=self.token, client=self.http)
-        end = await relay_job(client, op, where=f"hive {hive_id}")
+        remote_id = presubmitted[0] if presubmitted is not None else None
+        end = await relay_job(client, op, where=f"hive {hive_id}", remote_id=remote_id)
         raise_for_end(end, f"hive {hive_id}")
         narrate("forward_complete", f"{op.name} completed on hive {hive_id}", hive_id=hive_id)
 

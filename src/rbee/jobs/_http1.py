@@ -1,0 +1,236 @@
+"""A small HTTP/1.1 client for rbee's own job API, on asyncio streams.
+
+The queen submits each job to a worker (or a hive) and relays its stream:
+two requests per job and one read per token. httpx spends about two thousand
+Python calls on a request (its pool, anyio cancel scopes, h11, cookies, the
+auth flow): close to a millisecond of CPU on a small machine, more than the
+rest of the relay, and all of it in the time to first token. :class:`JobClient`
+sends those two requests through this client when the server is a plain
+``http://`` URL reached through httpx's default transport; everything else
+(proxies, TLS, tests that mount an ASGI app) stays on httpx.
+
+What it does: keep-alive connections pooled per host (closed after
+:data:`IDLE_S` idle, before uvicorn's own keep-alive timeout of 5 s), a
+connect timeout, ``Content-Length`` and chunked bodies, one retry on a fresh
+connection when a pooled one turns out to have been closed before any answer
+came (the server had not read the request). A connection is reused only
+after a response was read to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+__all__ = ["IDLE_S", "Pool", "Response", "WireError"]
+
+#: An idle connection is closed after this long (uvicorn closes them after 5 s).
+IDLE_S = 2.0
+_MAX_IDLE_PER_HOST = 32
+_MAX_HEAD = 65_536
+
+
+class WireError(Exception):
+    """The connection failed (refused, reset, closed mid-answer, malformed answer)."""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    #: A streamed body's pieces as they arrive (``stream`` only).
+    chunks: AsyncIterator[bytes] | None = field(default=None, repr=False)
+
+
+class _Conn:
+    __slots__ = ("expiry", "key", "reader", "reusable", "writer")
+
+    def __init__(self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.key = key
+        self.reader = reader
+        self.writer = writer
+        self.reusable = False
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        self.writer.close()
+
+    @property
+    def usable(self) -> bool:
+        return not self.reader.at_eof() and not self.writer.is_closing()
+
+    async def head(self) -> tuple[int, dict[str, str]]:
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise WireError(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        self.reusable = headers.get("connection", "").lower() != "close" and parts[0] == "HTTP/1.1"
+        return int(parts[1]), headers
+
+    async def body(self, headers: dict[str, str]) -> bytes:
+        return b"".join([piece async for piece in self.pieces(headers)])
+
+    async def pieces(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        """The body as it arrives: each chunk of a chunked body, else the whole."""
+        reader = self.reader
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                line = await reader.readuntil(b"\r\n")
+                size = int(line.split(b";", 1)[0], 16)
+                if size == 0:
+                    # Trailers (none expected) up to the blank line.
+                    while await reader.readuntil(b"\r\n") != b"\r\n":
+                        pass
+                    return
+                data = await reader.readexactly(size + 2)
+                yield data[:-2]
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if length:
+                yield await reader.readexactly(length)
+        else:  # delimited by the end of the connection
+            self.reusable = False
+            data = await reader.read()
+            if data:
+                yield data
+
+
+class Pool:
+    """Keep-alive connections to rbee daemons, for the loop that created the pool."""
+
+    def __init__(self, *, connect_timeout_s: float | None = 5.0, read_timeout_s: float | None = None) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.loop = asyncio.get_running_loop()
+        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    async def _connect(self, key: tuple[str, int]) -> _Conn:
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(key[0], key[1], limit=_MAX_HEAD)
+        except TimeoutError:
+            raise WireError(f"no connection within {self.connect_timeout_s:g} s") from None
+        except OSError as exc:
+            raise WireError(exc.strerror or str(exc) or type(exc).__name__) from None
+        return _Conn(key, reader, writer)
+
+    def _checkout(self, key: tuple[str, int]) -> _Conn | None:
+        conns = self._idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+                conn.expiry = None
+            if conn.usable:
+                return conn
+            conn.close()
+        return None
+
+    def _checkin(self, conn: _Conn) -> None:
+        conns = self._idle.setdefault(conn.key, [])
+        if self._closed or not conn.reusable or not conn.usable or len(conns) >= _MAX_IDLE_PER_HOST:
+            conn.close()
+            return
+        conn.reusable = False
+        conn.expiry = self.loop.call_later(IDLE_S, self._expire, conn)
+        conns.append(conn)
+
+    def _expire(self, conn: _Conn) -> None:
+        conn.expiry = None
+        with contextlib.suppress(ValueError):
+            self._idle.get(conn.key, []).remove(conn)
+        conn.close()
+
+    async def _send(
+        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[_Conn, int, dict[str, str]]:
+        """Write the request and read the answer's head, on a pooled connection or a new one."""
+        head = [f"{method} {target} HTTP/1.1", f"Host: {key[0]}:{key[1]}"]
+        head.extend(f"{name}: {value}" for name, value in headers.items())
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        pooled = self._checkout(key)
+        for conn in (pooled, None) if pooled is not None else (None,):
+            fresh = conn is None
+            if conn is None:
+                conn = await self._connect(key)
+            try:
+                conn.writer.write(data)
+                async with asyncio.timeout(self.read_timeout_s):
+                    status, answer = await conn.head()
+                return conn, status, answer
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                conn.close()
+                if fresh or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                    raise WireError("the connection closed before an answer came") from None
+                # A pooled connection the server had already closed: once more, on a new one.
+            except TimeoutError:
+                conn.close()
+                raise WireError(f"no answer within {self.read_timeout_s:g} s") from None
+            except BaseException:
+                conn.close()
+                raise
+        raise WireError("no connection")  # pragma: no cover - the loop returns or raises
+
+    async def request(
+        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], body: bytes | None = None
+    ) -> Response:
+        conn, status, answer = await self._send(key, method, target, headers, body)
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                content = await conn.body(answer)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, asyncio.IncompleteReadError | ConnectionError | ValueError | asyncio.LimitOverrunError):
+                raise WireError(f"the answer broke off: {type(exc).__name__}") from None
+            if isinstance(exc, TimeoutError):
+                raise WireError(f"no answer within {self.read_timeout_s:g} s") from None
+            raise
+        self._checkin(conn)
+        return Response(status, answer, content)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str]
+    ) -> AsyncIterator[Response]:
+        """The answer with its body to be read from ``chunks``; the connection is reused only if it was read to the end."""
+        conn, status, answer = await self._send(key, method, target, headers, None)
+        finished = False
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal finished
+            try:
+                async for piece in conn.pieces(answer):
+                    yield piece
+            except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
+                raise WireError(f"the stream broke off: {type(exc).__name__}") from None
+            finished = True
+
+        try:
+            yield Response(status, answer, chunks=chunks())
+        finally:
+            if finished:
+                self._checkin(conn)
+            else:
+                conn.close()  # the server sees the client leave
