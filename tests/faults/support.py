@@ -38,6 +38,7 @@ __all__ = [
     "alive",
     "submit",
     "follow",
+    "still_seen_until",
     "kinds",
     "end_of",
 ]
@@ -110,6 +111,27 @@ def end_of(events: list[Event]) -> dict[str, Any]:
     assert events[-1].kind == "end"
     end: dict[str, Any] = ends[0]
     return end
+
+
+def still_seen_until(probe: Any, want: Any, timeout_s: float, interval_s: float = 0.1) -> float:
+    """Poll ``probe()`` until it returns ``want``; return when the old state was last seen.
+
+    That is the start of the last poll that did not yet see ``want`` (or -inf if
+    the first did). The server answered that poll at or after its start, so
+    "the old state was still in effect at that time" holds however slowly the
+    polls themselves ran: a timing bound checked against it cannot fail
+    because the machine is busy, only because the server was late.
+    """
+    last = float("-inf")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        started = time.monotonic()
+        if probe() == want:
+            return last
+        last = started
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{probe} did not become {want!r} within {timeout_s} s")
+        time.sleep(interval_s)
 
 
 @dataclass

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster import wait_for
 from faults.support import (
     HEARTBEAT_S,
     MODEL,
-    SLACK_S,
     STALE_S,
     Cluster,
     DelayProxy,
     end_of,
     follow,
+    still_seen_until,
     submit,
 )
 
@@ -57,8 +56,7 @@ def test_a_frozen_hive_leaves_scheduling_within_6_s_and_is_used_again_when_it_th
     os.kill(hive.pid, signal.SIGSTOP)
     frozen = time.monotonic()
     try:
-        wait_for(lambda: pair.hive_state("alpha") == "stale", STALE_S + 5, interval_s=0.1)
-        assert time.monotonic() - frozen <= STALE_S + SLACK_S
+        assert still_seen_until(lambda: pair.hive_state("alpha"), "stale", STALE_S + 10) - frozen <= STALE_S
         # Its worker is out of scheduling: every job goes to the other hive.
         for _ in range(3):
             end = infer(pair)
@@ -66,8 +64,7 @@ def test_a_frozen_hive_leaves_scheduling_within_6_s_and_is_used_again_when_it_th
     finally:
         os.kill(hive.pid, signal.SIGCONT)
     thawed = time.monotonic()
-    wait_for(lambda: pair.hive_state("alpha") == "online", HEARTBEAT_S + 5, interval_s=0.1)
-    assert time.monotonic() - thawed <= HEARTBEAT_S + SLACK_S
+    assert still_seen_until(lambda: pair.hive_state("alpha"), "online", HEARTBEAT_S + 10) - thawed <= HEARTBEAT_S
     # Back, with the same worker: nothing was restarted.
     end = infer(pair, hive_id="alpha")
     assert end["status"] == "completed" and end["worker_id"] == a["worker_id"], end
@@ -97,8 +94,7 @@ def test_a_hive_behind_a_slow_then_cut_network_stays_online_goes_stale_and_comes
             # Cut: nothing arrives. Stale within 6 s of the last heartbeat that did.
             proxy.blackhole = True
             cut = time.monotonic()
-            wait_for(lambda: c.hive_state("far") == "stale", STALE_S + 5, interval_s=0.1)
-            assert time.monotonic() - cut <= STALE_S + SLACK_S
+            assert still_seen_until(lambda: c.hive_state("far"), "stale", STALE_S + 10) - cut <= STALE_S
             # Nothing hangs meanwhile: a job that only this hive could run fails at once, typed.
             end = infer(c)
             assert end["status"] == "failed" and end["error"]["kind"] == "no_worker", end
@@ -108,8 +104,8 @@ def test_a_hive_behind_a_slow_then_cut_network_stays_online_goes_stale_and_comes
             proxy.blackhole = False
             proxy.delay_s = 0.0
             healed = time.monotonic()
-            wait_for(lambda: c.hive_state("far") == "online", DELIVERY_TIMEOUT_S + HEARTBEAT_S + 5, interval_s=0.1)
-            assert time.monotonic() - healed <= DELIVERY_TIMEOUT_S + HEARTBEAT_S + SLACK_S
+            back = still_seen_until(lambda: c.hive_state("far"), "online", DELIVERY_TIMEOUT_S + HEARTBEAT_S + 10)
+            assert back - healed <= DELIVERY_TIMEOUT_S + HEARTBEAT_S
             end = infer(c)
             assert end["status"] == "completed" and end["worker_id"] == worker["worker_id"], end
             c.assert_settled()

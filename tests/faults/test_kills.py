@@ -22,7 +22,6 @@ from cluster import wait_for
 from faults.support import (
     HEARTBEAT_S,
     MODEL,
-    SLACK_S,
     WORKER_LOST_S,
     Cluster,
     Event,
@@ -30,6 +29,7 @@ from faults.support import (
     end_of,
     follow,
     kinds,
+    still_seen_until,
     submit,
 )
 
@@ -50,16 +50,22 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def strike_after(n_tokens: int, action: object) -> tuple[object, list[float]]:
-    """A ``follow(until=...)`` hook that runs ``action()`` once, after ``n_tokens`` tokens."""
+    """A ``follow(until=...)`` hook that runs ``action()`` once, after ``n_tokens`` tokens (wall time kept)."""
     struck: list[float] = []
 
     def until(events: list[Event]) -> bool:
         if not struck and len(kinds(events, "token")) >= n_tokens:
+            struck.append(time.time())
             action()  # type: ignore[operator]
-            struck.append(time.monotonic())
         return False
 
     return until, struck
+
+
+def finished_at(cluster: Cluster, job_id: str) -> float:
+    """When the queen ended the job (its own clock), so a busy test machine cannot blur the bound."""
+    finished: float = httpx.get(f"{cluster.url}/v1/jobs/{job_id}", timeout=5).json()["finished_at"]
+    return finished
 
 
 def contiguous(events: list[Event]) -> bool:
@@ -71,11 +77,12 @@ def test_kill_9_of_a_worker_mid_stream_ends_the_job_worker_lost_within_3_s(clust
     before = cluster.tasks()
     until, struck = strike_after(3, lambda: os.kill(worker["pid"], signal.SIGKILL))
 
-    events = follow(cluster.url, submit(cluster.url, INFER), until=until)
+    job_id = submit(cluster.url, INFER)
+    events = follow(cluster.url, job_id, until=until)
 
     end = end_of(events)
     assert end["status"] == "failed" and end["error"]["kind"] == "worker_lost", end
-    assert events[-1].at - struck[0] <= WORKER_LOST_S
+    assert finished_at(cluster, job_id) - struck[0] <= WORKER_LOST_S
     assert contiguous(events) and len(kinds(events, "token")) < 40
     # The hive saw its worker die and said so; nothing of it is left.
     wait_for(lambda: not cluster.workers("alpha"), 5)
@@ -92,12 +99,13 @@ def test_kill_9_of_a_hive_mid_stream_fails_the_job_and_leaves_no_worker(cluster:
     hive = cluster.hives["alpha"]
     until, struck = strike_after(3, lambda: hive.kill(signal.SIGKILL))
 
-    events = follow(cluster.url, submit(cluster.url, INFER), until=until)
+    job_id = submit(cluster.url, INFER)
+    events = follow(cluster.url, job_id, until=until)
 
     # The worker dies with its hive (the kernel tells it), so the job cannot finish.
     end = end_of(events)
     assert end["status"] == "failed" and end["error"]["kind"] == "worker_lost", end
-    assert events[-1].at - struck[0] <= WORKER_LOST_S
+    assert finished_at(cluster, job_id) - struck[0] <= WORKER_LOST_S
     assert contiguous(events)
     wait_for(lambda: not alive(worker["pid"]), 10)
     # Restarted on the same data directory, the hive comes back with no worker and no stale record.
@@ -154,8 +162,7 @@ def test_kill_9_of_the_queen_mid_stream_then_restart(cluster: Cluster) -> None:
     queen.proc.wait(10)
     cluster.start_queen()
     up = time.monotonic()
-    wait_for(lambda: cluster.hive_state("alpha") == "online", HEARTBEAT_S + 5)
-    assert time.monotonic() - up <= HEARTBEAT_S + SLACK_S
+    assert still_seen_until(lambda: cluster.hive_state("alpha"), "online", HEARTBEAT_S + 10) - up <= HEARTBEAT_S
     # The interrupted job is failed/queen_restarted; the finished one is still there.
     record = httpx.get(f"{cluster.url}/v1/jobs/{interrupted}", timeout=5).json()
     assert record["status"] == "failed" and record["error"]["kind"] == "queen_restarted", record

@@ -185,6 +185,9 @@ class Pool:
                 if fresh or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
                     raise WireError("the connection closed before an answer came") from None
                 # A pooled connection the server had already closed: once more, on a new one.
+            except (asyncio.LimitOverrunError, ValueError) as exc:
+                conn.close()
+                raise WireError(f"a malformed answer: {type(exc).__name__}") from None
             except TimeoutError:
                 conn.close()
                 raise WireError(f"no answer within {self.read_timeout_s:g} s") from None
@@ -214,7 +217,10 @@ class Pool:
     async def stream(
         self, key: tuple[str, int], method: str, target: str, headers: dict[str, str]
     ) -> AsyncIterator[Response]:
-        """The answer with its body to be read from ``chunks``; the connection is reused only if it was read to the end."""
+        """The answer, its body to be read from ``chunks``.
+
+        The connection is reused only if the body was read to its end.
+        """
         conn, status, answer = await self._send(key, method, target, headers, None)
         finished = False
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -224,9 +224,11 @@ class JobClient:
         try:
             async with self._stream(path, params, headers) as chunks:
                 blocks = parse_sse(chunks)
+                done = False
                 try:
                     async for event_id, kind, data in blocks:
                         if kind == "message" and data == DONE:
+                            done = True
                             break
                         event = StreamEvent(int(event_id) if event_id.isdigit() else 0, kind, data)
                         if kind == "end":
@@ -234,6 +236,8 @@ class JobClient:
                         yield event
                 finally:
                     await blocks.aclose()
+                if done:
+                    await _drain(chunks)
         except (httpx.TransportError, _http1.WireError) as exc:
             if not got_end:
                 raise StreamBroken(f"the stream from {self.base_url} broke: {_why(exc)}", url=self.base_url) from None
@@ -257,23 +261,32 @@ class JobClient:
         assert self._direct is not None
         key, prefix = self._direct
         target = prefix + path + (f"?{urlencode(params)}" if params else "")
-        try:
-            async with pool.stream(key, "GET", target, headers) as answer:
-                assert answer.chunks is not None
-                if answer.status != 200:
-                    body = b"".join([piece async for piece in answer.chunks])
-                    raise error_from_response(httpx.Response(answer.status, headers=answer.headers, content=body))
-                self._check_event_stream(answer.headers.get("content-type", ""))
-                yield answer.chunks
-        except _http1.WireError as exc:
-            raise self._unreachable(str(exc)) if not isinstance(exc, _StreamStarted) else exc from None
+        async with pool.stream(key, "GET", target, headers) as answer:
+            assert answer.chunks is not None
+            if answer.status != 200:
+                body = b"".join([piece async for piece in answer.chunks])
+                raise error_from_response(httpx.Response(answer.status, headers=answer.headers, content=body))
+            self._check_event_stream(answer.headers.get("content-type", ""))
+            yield answer.chunks
 
     def _check_event_stream(self, content_type: str) -> None:
         if not content_type.startswith("text/event-stream"):
             raise StreamBroken(f"{self.base_url} answered {content_type or 'no content type'}, not events")
 
 
-async def parse_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str, str]]:
+#: How long the rest of a stream after ``[DONE]`` (the end of the body) may take to arrive.
+_DRAIN_S = 1.0
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read the body's end after ``[DONE]`` (it comes in the same write), so its connection can be reused."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError, _http1.WireError):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in chunks:
+                pass
+
+
+async def parse_sse(chunks: AsyncIterator[bytes]) -> AsyncGenerator[tuple[str, str, str], None]:
     """``(last event id, event name, data)`` of each event in a ``text/event-stream`` body.
 
     The body is split at blank lines (after any ``\\r\\n`` or ``\\r`` line ends

@@ -83,6 +83,7 @@ async def _submit(
 async def _follow(
     client: JobClient, job: Any, remote_id: str, *, where: str, lost: type[errors.RbeeError], results: bool
 ) -> RemoteEnd:
+    end: RemoteEnd | None = None
     try:
         async for event in client.events(remote_id, cancel_on_disconnect=True):
             kind = event.kind
@@ -94,8 +95,9 @@ async def _follow(
                 data["job_id"] = job.id
                 job.add_narration(data)
             elif kind == "end":
-                end: RemoteEnd = event.data
-                return end
+                # Not returned at once: the stream ends right after it ([DONE]), and
+                # reading that far lets the connection be reused for the next job.
+                end = event.data
             elif kind == "result":
                 if results:
                     job.add_result(event.data)
@@ -106,7 +108,9 @@ async def _follow(
     except asyncio.CancelledError:
         await _cancel_remote(client, remote_id)
         raise
-    raise lost(f"{where} closed the stream without an end")  # pragma: no cover - events() raises first
+    if end is None:  # pragma: no cover - events() raises first
+        raise lost(f"{where} closed the stream without an end")
+    return end
 
 
 _TOKEN_HEAD = '{"t":"'
