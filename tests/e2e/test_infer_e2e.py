@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Daemon, free_port, hive, queen, wait_for
 
+from cluster import Daemon, free_port, hive, queen, wait_for
 from rbee.jobs.client import JobClient
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
@@ -164,9 +164,7 @@ def test_two_hives_each_get_work(cluster: dict[str, Daemon], home: Path) -> None
     second = hive(home / "hive-b", free_port("127.0.0.2"), q.url, "beta", host="127.0.0.2").start()
     try:
         wait_for(lambda: _hive_ids(q.url) >= {"alpha", "beta"}, 15)
-        spawn = asyncio.run(
-            asyncio.wait_for(_run(q.url, {"operation": "worker_spawn", "hive_id": "beta"}), 120)
-        )
+        spawn = asyncio.run(asyncio.wait_for(_run(q.url, {"operation": "worker_spawn", "hive_id": "beta"}), 120))
         assert _end(spawn)["status"] == "completed"
         worker = next(e.data for e in spawn if e.kind == "result")["worker"]
         assert worker["url"].startswith("http://127.0.0.2:")

@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from cluster import Daemon, free_port, hive, queen, wait_for
 
+from cluster import Daemon, free_port, hive, queen, wait_for
 from rbee.jobs.client import JobClient
 
 pytestmark = pytest.mark.timeout(120)

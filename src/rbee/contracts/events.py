@@ -28,7 +28,7 @@ __all__ = [
 DONE = "[DONE]"
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     NARRATION = "narration"
     TOKEN = "token"
     PROGRESS = "progress"
@@ -36,7 +36,7 @@ class EventKind(str, enum.Enum):
     END = "end"
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"

@@ -359,10 +359,7 @@ def validation_problems(exc: ValidationError, *, strip_tag: bool = True) -> list
 def parse_operation(raw: bytes | str | dict[str, Any]) -> OperationBase:
     """Parse and validate an operation, or raise :class:`InvalidOperation`."""
     try:
-        if isinstance(raw, dict):
-            op = _ADAPTER.validate_python(raw)
-        else:
-            op = _ADAPTER.validate_json(raw)
+        op = _ADAPTER.validate_python(raw) if isinstance(raw, dict) else _ADAPTER.validate_json(raw)
     except ValidationError as exc:
         problems = validation_problems(exc)
         if problems and problems[0]["reason"].startswith("Invalid JSON"):
