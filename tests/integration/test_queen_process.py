@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster import Daemon, queen, wait_for
+from cluster import Daemon, StallingHive, queen, wait_for
 
 TOKEN = "process-test-token-0123456789"
 
@@ -117,12 +116,10 @@ def test_history_survives_a_restart(tmp_path: Path, port: int) -> None:
 
 def test_job_running_when_the_queen_is_killed_is_failed_queen_restarted(tmp_path: Path, port: int) -> None:
     home = tmp_path / "home"
-    hang = socket.socket()
-    hang.bind(("127.0.0.1", 0))
-    hang.listen(8)  # a "hive" that accepts and never answers keeps the job running
+    hang = StallingHive().__enter__()  # a "hive" that never ends its jobs keeps the job running
     first = queen(home, port).start()
     try:
-        beat = {"hive_id": "stuck", "url": f"http://127.0.0.1:{hang.getsockname()[1]}"}
+        beat = {"hive_id": "stuck", "url": hang.url}
         assert httpx.post(f"{first.url}/v1/hives/heartbeat", json=beat, timeout=10).status_code == 200
         job_id = submit(first.url, {"operation": "hive_check", "hive_id": "stuck"})
         wait_for(lambda: httpx.get(f"{first.url}/v1/jobs/{job_id}").json()["status"] == "running")
@@ -138,7 +135,7 @@ def test_job_running_when_the_queen_is_killed_is_failed_queen_restarted(tmp_path
         assert record["error"]["kind"] == "queen_restarted"
     finally:
         second.stop()
-        hang.close()
+        hang.__exit__()
 
 
 def test_queen_with_a_token_refuses_requests_without_it(tmp_path: Path, port: int) -> None:

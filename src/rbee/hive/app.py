@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
 from rbee import __version__
 from rbee.config import HIVE_PORT, rbee_home
@@ -182,6 +183,12 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "component": "hive", "hive_id": settings.hive_id}
+
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse, summary="Prometheus metrics (rbee_hive_*)")
+    async def metrics(request: Request) -> PlainTextResponse:
+        from rbee.hive import metrics as hive_metrics
+
+        return PlainTextResponse(hive_metrics.render(hive(request)), media_type=hive_metrics.CONTENT_TYPE)
 
     @app.get("/v1/info", tags=["meta"])
     async def info(request: Request) -> dict[str, Any]:

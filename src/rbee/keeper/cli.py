@@ -237,9 +237,9 @@ def jobs_show(session: Session, job_id: str) -> None:
     if session.json_mode:
         print_json(job)
         return
-    from rbee.keeper.tables import print_mapping
+    from rbee.keeper.tables import print_job
 
-    print_mapping(job_id, job, out=sys.stdout, colour=session.renderer.colour_out)
+    print_job(job_id, job, out=sys.stdout, colour=session.renderer.colour_out)
 
 
 @jobs.command("cancel", context_settings=CONTEXT)

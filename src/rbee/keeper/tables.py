@@ -14,7 +14,7 @@ import json
 import time
 from typing import IO, Any
 
-__all__ = ["print_result", "print_rows", "print_mapping", "cell", "JOB_COLUMNS"]
+__all__ = ["print_result", "print_rows", "print_mapping", "print_job", "cell", "JOB_COLUMNS"]
 
 Column = tuple[str, str]  # (key, header)
 
@@ -177,6 +177,37 @@ def print_mapping(title: str | None, mapping: dict[str, Any], *, out: IO[str], c
     for key, value in mapping.items():
         table.add_row(key.replace("_", " "), _styled(key, cell(key, value, mapping), colour))
     console.print(table)
+
+
+def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -> None:
+    """``rbee jobs show``: the job's fields, then its timeline with the time spent in each step.
+
+    The timeline (``[{"step", "at_ms", "took_ms"}]`` from ``GET /v1/jobs/{id}``)
+    is drawn as its own table, one step a row: when it began after the job was
+    created, how long until the next step, and that time's share of the whole.
+    """
+    from rich.table import Table
+
+    fields = {k: v for k, v in job.items() if k != "timeline"}
+    print_mapping(job_id, fields, out=out, colour=colour)
+    steps = [row for row in job.get("timeline") or [] if isinstance(row, dict)]
+    if not steps:
+        return
+
+    def ms(value: Any) -> str:
+        if not isinstance(value, int | float):
+            return "-"
+        return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+
+    whole = max((r["at_ms"] for r in steps if isinstance(r.get("at_ms"), int | float)), default=0.0)
+    table = Table(title="timeline", title_justify="left", header_style="bold" if colour else "")
+    for header, justify in (("step", "left"), ("at", "right"), ("took", "right"), ("share", "right")):
+        table.add_column(header, justify=justify)
+    for row in steps:
+        took = row.get("took_ms")
+        share = f"{100 * took / whole:.0f}%" if isinstance(took, int | float) and whole > 0 else "-"
+        table.add_row(str(row.get("step", "?")), ms(row.get("at_ms")), ms(took), share)
+    _console(out, colour).print(table)
 
 
 def print_result(data: Any, *, out: IO[str], colour: bool) -> None:

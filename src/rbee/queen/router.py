@@ -29,6 +29,9 @@ from rbee.queen.telemetry import Telemetry
 __all__ = ["QueenRouter", "ADMIN_OPERATIONS"]
 
 #: Operations that change the cluster for everyone: with several tokens, only the admin token runs them.
+#: How long a client's POST waits for a hive to take a forwarded operation.
+PRESUBMIT_TIMEOUT_S = 10.0
+
 ADMIN_OPERATIONS = frozenset({"worker_spawn", "worker_stop", "model_download", "model_delete"})
 
 
@@ -65,9 +68,14 @@ class QueenRouter:
             raise errors.HiveUnreachable(f"hive {hive_id} has not sent a heartbeat for {hive.age_s():.0f} s")
         client = JobClient(hive.url, token=self.token, client=self.http)
         try:
-            remote_id = await client.submit(op)
+            async with asyncio.timeout(PRESUBMIT_TIMEOUT_S):
+                remote_id = await client.submit(op)
         except Unreachable as exc:
             raise errors.HiveUnreachable(f"hive {hive_id} did not answer: {exc.message}") from None
+        except TimeoutError:
+            raise errors.HiveUnreachable(
+                f"hive {hive_id} did not take the operation within {PRESUBMIT_TIMEOUT_S:g} s"
+            ) from None
         self._presubmitted[id(op)] = (remote_id, time.monotonic())
         self._forget_stale()
 
