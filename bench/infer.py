@@ -56,6 +56,8 @@ N_CTX = 4096
 GOAL_RATIO = 0.98
 GOAL_ADDED_TTFT_MS = 5.0
 GOAL_CLI_MS = 200.0
+#: Pause before each round, so neither side starts while the other's threads still spin.
+SETTLE_S = 0.3
 
 
 @dataclass
@@ -203,12 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             direct_round(llm, 8)
             for i in range(args.rounds):
                 print(f"round {i + 1}/{args.rounds} ...", flush=True)
-                if i % 2 == 0:
-                    direct.append(direct_round(llm, args.max_tokens))
-                    rbee.append(runner.run(rbee_round(port, args.max_tokens)))
-                else:
-                    rbee.append(runner.run(rbee_round(port, args.max_tokens)))
-                    direct.append(direct_round(llm, args.max_tokens))
+                for side in ("direct", "rbee") if i % 2 == 0 else ("rbee", "direct"):
+                    # llama.cpp's threads spin a while after their work: let the other side's go idle first.
+                    time.sleep(SETTLE_S)
+                    if side == "direct":
+                        direct.append(direct_round(llm, args.max_tokens))
+                    else:
+                        rbee.append(runner.run(rbee_round(port, args.max_tokens)))
         print(f"`rbee infer`, {args.cli_rounds} runs ...", flush=True)
         cli_round(queen.url)  # warm the page cache for the keeper's imports
         cli = [cli_round(queen.url) for _ in range(args.cli_rounds)]

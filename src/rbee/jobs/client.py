@@ -289,43 +289,52 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
 async def parse_sse(chunks: AsyncIterator[bytes]) -> AsyncGenerator[tuple[str, str, str], None]:
     """``(last event id, event name, data)`` of each event in a ``text/event-stream`` body.
 
-    The body is split at blank lines (after any ``\\r\\n`` or ``\\r`` line ends
-    are made ``\\n``); each block's fields are read as the SSE specification
-    says: ``data`` lines joined with ``\\n``, the event name ``message`` unless
-    given, the last ``id`` kept across events, comments and unknown fields
-    ignored, and a block without data not dispatched.
+    The body is split at blank lines (after any CRLF or CR line ends are made
+    LF); each block's fields are read as the SSE specification says: ``data``
+    lines joined with LF, the event name ``message`` unless given, the last
+    ``id`` kept across events, comments and unknown fields ignored, and a
+    block without data not dispatched (nor one the body ends in the middle of).
     """
     last_id = ""
     pending = b""
+    held_cr = False  # a CR at the end of a chunk may be the first half of a CRLF
     async for chunk in chunks:
-        buf = pending + chunk if pending else chunk
+        buf = pending + (b"\r" if held_cr else b"") + chunk
+        held_cr = buf.endswith(b"\r")
+        if held_cr:
+            buf = buf[:-1]
         if b"\r" in buf:
-            # A \r at the very end may be the first half of a \r\n: keep it for the next chunk.
-            held = buf.endswith(b"\r")
-            if held:
-                buf = buf[:-1]
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if held:
-                buf += b"\r"
         blocks = buf.split(b"\n\n")
         pending = blocks.pop()
         for block in blocks:
-            event = ""
-            data: list[str] = []
-            for line in block.decode("utf-8", errors="replace").split("\n"):
-                if not line or line[0] == ":":
-                    continue
-                name, _, value = line.partition(":")
-                if value[:1] == " ":
-                    value = value[1:]
-                if name == "data":
-                    data.append(value)
-                elif name == "event":
-                    event = value
-                elif name == "id" and "\0" not in value:
-                    last_id = value
-            if data:
-                yield last_id, event or "message", "\n".join(data)
+            event, data, last_id = _block(block, last_id)
+            if data is not None:
+                yield last_id, event, data
+    if held_cr and pending.endswith(b"\n"):
+        # The body ended: its last CR was a line end, the one that ends the last event.
+        event, data, last_id = _block(pending[:-1], last_id)
+        if data is not None:
+            yield last_id, event, data
+
+
+def _block(block: bytes, last_id: str) -> tuple[str, str | None, str]:
+    """One event block's (name, data or None without data lines, last id)."""
+    event = ""
+    data: list[str] = []
+    for line in block.decode("utf-8", errors="replace").split("\n"):
+        if not line or line[0] == ":":
+            continue
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id" and "\0" not in value:
+            last_id = value
+    return event or "message", "\n".join(data) if data else None, last_id
 
 
 def _why(exc: Exception) -> str:
