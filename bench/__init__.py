@@ -1,1 +1,4 @@
-"""Benchmarks of rbee, each runnable as ``python -m bench.<name>``; results go to ``bench/results/``."""
+"""Benchmarks of rbee: ``python -m bench`` runs the suite, each also runnable as ``python -m bench.<name>``.
+
+Results go to ``bench/results/`` (git-ignored); ``docs/benchmarks.md`` reports them.
+"""

@@ -58,6 +58,8 @@ GOAL_ADDED_TTFT_MS = 5.0
 GOAL_CLI_MS = 200.0
 #: Pause before each round, so neither side starts while the other's threads still spin.
 SETTLE_S = 0.3
+#: Tokens of the short rounds that measure time to first token.
+TTFT_TOKENS = 2
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Round:
     tokens_per_s: float
     tokens: int
     text: str
+    #: rbee only: the worker's own time to first token (its job created -> first piece).
+    worker_ttft_ms: float | None = None
 
 
 def figures(t0: float, stamps: list[float], text: str) -> Round:
@@ -141,10 +145,12 @@ async def rbee_round(port: int, max_tokens: int) -> Round:
         status, stream = await conn.request("GET", f"/v1/jobs/{job_id}/stream", on_chunk=on_chunk)
     finally:
         await conn.close()
-    end = stream.rsplit(b"event: end\ndata: ", 1)[-1].split(b"\n", 1)[0]
-    if json.loads(end).get("status") != "completed":
-        raise RuntimeError(f"the job did not complete: {end[:300]!r}")
-    return figures(t0, stamps, "".join(text))
+    end = json.loads(stream.rsplit(b"event: end\ndata: ", 1)[-1].split(b"\n", 1)[0])
+    if end.get("status") != "completed":
+        raise RuntimeError(f"the job did not complete: {end}")
+    result = figures(t0, stamps, "".join(text))
+    result.worker_ttft_ms = end.get("worker_ttft_ms")
+    return result
 
 
 def cli_round(url: str) -> float:
@@ -173,8 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per side")
+    parser.add_argument("--rounds", type=int, default=8, help="decode-rate rounds per side")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ttft-rounds", type=int, default=30, help="short rounds per side for time to first token")
     parser.add_argument("--cli-rounds", type=int, default=5)
     parser.add_argument("--src", default=None, help="run the queen (and its hive and worker) from this source tree")
     args = parser.parse_args(argv)
@@ -197,21 +204,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     direct: list[Round] = []
     rbee: list[Round] = []
+    direct_short: list[Round] = []
+    rbee_short: list[Round] = []
     cli: list[float] = []
+
+    def alternate(runner: asyncio.Runner, llm: Any, i: int, max_tokens: int, a: list[Round], b: list[Round]) -> None:
+        for side in ("direct", "rbee") if i % 2 == 0 else ("rbee", "direct"):
+            # llama.cpp's threads spin a while after their work: let the other side's go idle first.
+            time.sleep(SETTLE_S)
+            if side == "direct":
+                a.append(direct_round(llm, max_tokens))
+            else:
+                b.append(runner.run(rbee_round(port, max_tokens)))
+
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             print("warming up (the first job starts the worker and loads the model) ...", flush=True)
             runner.run(rbee_round(port, 8))
             direct_round(llm, 8)
             for i in range(args.rounds):
-                print(f"round {i + 1}/{args.rounds} ...", flush=True)
-                for side in ("direct", "rbee") if i % 2 == 0 else ("rbee", "direct"):
-                    # llama.cpp's threads spin a while after their work: let the other side's go idle first.
-                    time.sleep(SETTLE_S)
-                    if side == "direct":
-                        direct.append(direct_round(llm, args.max_tokens))
-                    else:
-                        rbee.append(runner.run(rbee_round(port, args.max_tokens)))
+                print(f"decode round {i + 1}/{args.rounds} ...", flush=True)
+                alternate(runner, llm, i, args.max_tokens, direct, rbee)
+            print(f"time to first token: {args.ttft_rounds} short rounds per side ...", flush=True)
+            for i in range(args.ttft_rounds):
+                alternate(runner, llm, i, TTFT_TOKENS, direct_short, rbee_short)
         print(f"`rbee infer`, {args.cli_rounds} runs ...", flush=True)
         cli_round(queen.url)  # warm the page cache for the keeper's imports
         cli = [cli_round(queen.url) for _ in range(args.cli_rounds)]
@@ -220,6 +236,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del llm
 
     pairs = pair_figures(direct, rbee)
+    # The time to first token from the short rounds: many more pairs, so a
+    # burst of load on the shared machine moves the median less.
+    short = pair_figures(direct_short, rbee_short) if direct_short else pairs
+    pairs["added_ttft_ms"] = short["added_ttft_ms"]
+    pairs["added_ttft_min_ms"] = short["added_ttft_min_ms"]
+    pairs["added_ttft_max_ms"] = short["added_ttft_max_ms"]
+    pairs["ttft_pairs"] = len(direct_short) or len(direct)
     same_text = all(a.text == b.text for a, b in zip(direct, rbee, strict=True))
     cli_ms = float(statistics.median(cli))
     goals = [
@@ -248,11 +271,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     print(f"\n$ {command_line()}\n")
     d_tps, r_tps = _median(direct, "tokens_per_s"), _median(rbee, "tokens_per_s")
-    d_ttft, r_ttft = _median(direct, "ttft_ms"), _median(rbee, "ttft_ms")
+    ttft_d, ttft_r = direct_short or direct, rbee_short or rbee
+    d_ttft, r_ttft = _median(ttft_d, "ttft_ms"), _median(ttft_r, "ttft_ms")
+    worker_ttft = float(statistics.median(r.worker_ttft_ms or 0.0 for r in ttft_r))
     print_table(
         [
             ("decode tokens/s (median)", f"{d_tps:.1f}", f"{r_tps:.1f}"),
-            ("time to first token (median)", f"{d_ttft:.1f} ms", f"{r_ttft:.1f} ms"),
+            (f"time to first token (median of {len(ttft_d)})", f"{d_ttft:.1f} ms", f"{r_ttft:.1f} ms"),
+            ("  of which in the worker (its own ttft)", "", f"{worker_ttft:.1f} ms"),
             ("tokens per answer", f"{_median(direct, 'tokens'):.0f}", f"{_median(rbee, 'tokens'):.0f}"),
             ("same text", "", "yes" if same_text else "NO"),
         ],
@@ -268,18 +294,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "n_ctx": N_CTX,
             "threads": threads,
             "rounds": args.rounds,
+            "ttft_rounds": args.ttft_rounds,
+            "ttft_round_tokens": TTFT_TOKENS,
             "model_file": model_path.name,
             "src": args.src,
             "client": "raw HTTP/1.1 on asyncio streams (uvloop)",
         },
         "direct": {
             "tokens_per_s": _median(direct, "tokens_per_s"),
-            "ttft_ms": _median(direct, "ttft_ms"),
+            "ttft_ms": d_ttft,
             "tokens": _median(direct, "tokens"),
         },
         "rbee": {
             "tokens_per_s": _median(rbee, "tokens_per_s"),
-            "ttft_ms": _median(rbee, "ttft_ms"),
+            "ttft_ms": r_ttft,
+            "worker_ttft_ms": worker_ttft,
             "tokens": _median(rbee, "tokens"),
         },
         "pairs": pairs,
@@ -288,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw": {
             "direct": [r.__dict__ for r in direct],
             "rbee": [r.__dict__ for r in rbee],
+            "direct_ttft": [r.__dict__ for r in direct_short],
+            "rbee_ttft": [r.__dict__ for r in rbee_short],
             "cli_ms": cli,
         },
         "goals": goals,

@@ -201,8 +201,9 @@ def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -
 
     whole = max((r["at_ms"] for r in steps if isinstance(r.get("at_ms"), int | float)), default=0.0)
     table = Table(title="timeline", title_justify="left", header_style="bold" if colour else "")
-    for header, justify in (("step", "left"), ("at", "right"), ("took", "right"), ("share", "right")):
-        table.add_column(header, justify=justify)
+    table.add_column("step")
+    for header in ("at", "took", "share"):
+        table.add_column(header, justify="right")
     for row in steps:
         took = row.get("took_ms")
         share = f"{100 * took / whole:.0f}%" if isinstance(took, int | float) and whole > 0 else "-"
