@@ -123,6 +123,22 @@ def _is_queen(pid: int) -> bool:
     return "rbee.queen.main" in cmdline or "queen-rbee" in cmdline
 
 
+def spawn_logged(cmd: list[str], log: Path, env: dict[str, str], what: str) -> subprocess.Popen[bytes]:
+    """Start a daemon in its own session, its output appended to ``log`` after a header line."""
+    with log.open("ab") as log_fh:
+        log_fh.write(f"--- {what}: {' '.join(cmd[1:])} at {time.ctime()}\n".encode())
+        log_fh.flush()
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=log_fh,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
 def start_queen(
     url: str,
     *,
@@ -146,21 +162,10 @@ def start_queen(
         env = dict(os.environ)
         if token:
             env["RBEE_TOKEN"] = token  # the environment, not argv: other users can read argv
-        with log.open("ab") as log_fh:
-            log_fh.write(f"--- rbee queen start: {' '.join(cmd[1:])} at {time.ctime()}\n".encode())
-            log_fh.flush()
-            try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=log_fh,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise QueenStartFailed(f"cannot run {sys.executable}: {exc.strerror or exc}") from None
+        try:
+            proc = spawn_logged(cmd, log, env, "rbee queen start")
+        except OSError as exc:
+            raise QueenStartFailed(f"cannot run {sys.executable}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + timeout_s
         while True:
             if client.health() is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from rbee.config import HIVE_PORT, BindRefused, check_bind, rbee_home
 from rbee.keeper.client import QueenClient
-from rbee.keeper.daemon import alive, last_log_line, read_pid, terminate
+from rbee.keeper.daemon import alive, last_log_line, read_pid, spawn_logged, terminate
 from rbee.keeper.errors import BadSetting, KeeperError
 
 __all__ = [
@@ -185,21 +185,10 @@ def start_hive(
         env.pop("RBEE_TOKEN", None)
         if token:
             env["RBEE_TOKEN"] = token  # the environment, not argv: other users can read argv
-        with log.open("ab") as log_fh:
-            log_fh.write(f"--- rbee hive start: {' '.join(cmd[1:])} at {time.ctime()}\n".encode())
-            log_fh.flush()
-            try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=log_fh,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise KeeperError(f"cannot run {sys.executable}: {exc.strerror or exc}") from None
+        try:
+            proc = spawn_logged(cmd, log, env, "rbee hive start")
+        except OSError as exc:
+            raise KeeperError(f"cannot run {sys.executable}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + timeout_s
         while client.health() is None:
             code = proc.poll()
