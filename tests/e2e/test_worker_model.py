@@ -21,6 +21,8 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from modelref import reference_llama, visible
+
 N_CTX = 1024
 THREADS = max(1, os.cpu_count() or 1)
 MODEL_ID = "gemma3-270m"
@@ -44,11 +46,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="module")
 def reference(model_path: Path) -> Iterator[Any]:
     """llama-cpp-python on its own, loaded once for the module."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        model_path=str(model_path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, verbose=False
-    )
+    llm = reference_llama(str(model_path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS)
     yield llm
     llm.close()
 
@@ -141,7 +139,7 @@ def _report(label: str, end: dict[str, Any]) -> None:
     ["The capital of France is", "Here is a short poem about the sea:\n"],
 )
 async def test_greedy_output_equals_create_completion(worker_url: str, reference: Any, prompt: str) -> None:
-    expected = reference.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"]
+    expected = visible(reference.create_completion(prompt, max_tokens=24, temperature=0)["choices"][0]["text"])
     async with httpx.AsyncClient(base_url=worker_url, timeout=httpx.Timeout(30.0, read=120.0)) as client:
         text, end = await _run_job(client, prompt=prompt, temperature=0)
     _report("greedy", end)
@@ -155,7 +153,9 @@ async def test_greedy_output_equals_create_completion(worker_url: str, reference
 @pytest.mark.model
 async def test_stop_string_ends_with_reason_stop_and_no_stop_text(worker_url: str, reference: Any) -> None:
     prompt = "The capital of France is"
-    expected = reference.create_completion(prompt, max_tokens=24, temperature=0, stop=["."])["choices"][0]["text"]
+    expected = visible(
+        reference.create_completion(prompt, max_tokens=24, temperature=0, stop=["."])["choices"][0]["text"]
+    )
     async with httpx.AsyncClient(base_url=worker_url, timeout=httpx.Timeout(30.0, read=120.0)) as client:
         text, end = await _run_job(client, prompt=prompt, temperature=0, stop=["."])
     assert end["status"] == "completed"

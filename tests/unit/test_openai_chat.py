@@ -22,7 +22,7 @@ from llama_cpp import llama_chat_format
 from rbee.contracts.operations import Infer, parse_operation
 from rbee.errors import InvalidOperation
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine, GenerationOutcome, GenerationRequest, LlamaEngine
+from rbee.worker.engine import FakeEngine, GenerationOutcome, GenerationRequest, LlamaEngine, generate
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,7 +103,7 @@ def _jinja(template: str) -> dict[str, Any]:
 
 def _generate(engine: Any, req: GenerationRequest) -> tuple[str, GenerationOutcome]:
     outcome = GenerationOutcome()
-    text = "".join(engine.generate(req, lambda: False, outcome))
+    text = "".join(generate(engine, req, outcome))
     return text, outcome
 
 
@@ -136,37 +136,6 @@ def test_a_chat_the_template_refuses_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="first turn must be user"):
         engine.count_chat_tokens(MESSAGES)
     assert engine.count_chat_tokens([{"role": "user", "content": "hi"}]) == 1
-
-
-def test_chat_generation_uses_the_chat_tokens_stops_and_criteria() -> None:
-    stub = _StubLlama("chat_template.default", _jinja(TEMPLATE), script=[b"Hi", b" you", b"</s>", b"more"])
-    text, outcome = _generate(_engine(stub), GenerationRequest(prompt="", messages=MESSAGES, temperature=0))
-    prompt = "<s><system>Be brief.</s><user>Hello there</s><assistant>"
-    [(tokens, sampling)] = stub.generated_with
-    assert tokens == list(prompt.encode())
-    assert sampling["stopping_criteria"] is not None
-    assert text == "Hi you"  # cut at the template's stop string
-    assert outcome.stop_reason == "stop" and outcome.tokens_in == len(tokens)
-    assert stub.resets == 1  # greedy: evaluated from a clean state, never on the last request's cache
-
-
-@pytest.mark.parametrize(
-    ("temperature", "seed", "resets"),
-    [(0.0, None, 1), (0.8, 42, 1), (0.8, None, 0)],
-)
-def test_only_reproducible_requests_give_up_the_prefix_cache(temperature: float, seed: int | None, resets: int) -> None:
-    stub = _StubLlama("llama-2", script=[b"a"])
-    _generate(_engine(stub), GenerationRequest(prompt="x", temperature=temperature, seed=seed))
-    assert stub.resets == resets
-
-
-def test_stopping_criteria_that_end_generation_finish_with_stop() -> None:
-    stub = _StubLlama("chat_template.default", _jinja(TEMPLATE), script=[b"a", b"b"])
-    # The criteria fire on the end-of-sequence id only; make the stub's second piece that id.
-    stub.pieces = {1000: b"a", _EOS: b"", 1001: b"b"}
-    text, outcome = _generate(_engine(stub), GenerationRequest(prompt="", messages=MESSAGES))
-    assert text == "a"
-    assert outcome.stop_reason == "stop"
 
 
 def test_fake_engine_chats_with_a_plain_template() -> None:

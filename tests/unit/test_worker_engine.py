@@ -1,21 +1,25 @@
-"""Engines without a model: stop strings, the scripted engine, and the llama
-engine's decoding loop driven by a stand-in for ``llama_cpp.Llama``."""
+"""Engines without a model: stop strings, the scripted engine and its slots, the repack choice.
+
+The batching engine with the real model is in tests/e2e/test_batch_engine.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from types import SimpleNamespace
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rbee.worker.engine import (
     FakeEngine,
+    Finished,
     GenerationOutcome,
     GenerationRequest,
     LlamaEngine,
     StopScanner,
+    generate,
     parse_device,
+    repack_default,
 )
 
 
@@ -69,7 +73,7 @@ def test_parse_device_refuses_other_devices(device: str) -> None:
 def _run(engine: Any, req: GenerationRequest, stop_after: int | None = None) -> tuple[list[str], GenerationOutcome]:
     outcome = GenerationOutcome()
     pieces: list[str] = []
-    for piece in engine.generate(req, lambda: stop_after is not None and len(pieces) >= stop_after, outcome):
+    for piece in generate(engine, req, outcome, lambda: stop_after is not None and len(pieces) >= stop_after):
         pieces.append(piece)
     return pieces, outcome
 
@@ -83,12 +87,12 @@ def test_fake_engine_scripts_pieces_and_counts_them() -> None:
 
 
 def test_fake_engine_honours_max_tokens_stop_and_cancel() -> None:
-    engine = FakeEngine(pieces=["a", "b", "c", "d"])
+    engine = FakeEngine(pieces=["a", "b", "c", "d"], delay_ms=20)
     assert _run(engine, GenerationRequest(prompt="p", max_tokens=2))[1].stop_reason == "max_tokens"
     pieces, outcome = _run(engine, GenerationRequest(prompt="p", stop=["c"]))
     assert (pieces, outcome.stop_reason) == (["a", "b"], "stop")
     pieces, outcome = _run(engine, GenerationRequest(prompt="p"), stop_after=1)
-    assert (pieces, outcome.tokens_out, outcome.stop_reason) == (["a"], 1, "cancelled")
+    assert pieces == ["a"] and outcome.tokens_out <= 2 and outcome.stop_reason == "cancelled"
 
 
 def test_fake_engine_fails_after_k_tokens() -> None:
@@ -96,72 +100,34 @@ def test_fake_engine_fails_after_k_tokens() -> None:
     outcome = GenerationOutcome()
     seen = []
     with pytest.raises(RuntimeError, match="after 3"):
-        for piece in engine.generate(GenerationRequest(prompt="p"), lambda: False, outcome):
+        for piece in generate(engine, GenerationRequest(prompt="p"), outcome):
             seen.append(piece)
     assert len(seen) == outcome.tokens_out == 3
 
 
-# -- the llama engine's loop, against a stand-in for llama_cpp.Llama ---------
-
-_BOS, _EOS = 1, 2
-
-
-class _StubLlama:
-    """Just the surface LlamaEngine uses: tokens map to fixed byte pieces."""
-
-    def __init__(self, pieces: list[bytes], then_eos: bool = True) -> None:
-        self.vocab = {10 + i: piece for i, piece in enumerate(pieces)}
-        self.script = list(self.vocab)
-        self.then_eos = then_eos
-        self.seed: int | None = None
-        self.prompts: list[list[int]] = []
-        self.closed = 0
-        self._model = SimpleNamespace(
-            vocab="vocab",
-            token_cls=lambda: -1,
-            token_sep=lambda: -1,
-            add_bos_token=lambda: True,
-            add_eos_token=lambda: False,
-        )
-
-    def token_bos(self) -> int:
-        return _BOS
-
-    def token_eos(self) -> int:
-        return _EOS
-
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        assert not add_bos and special
-        return [100 + b for b in text.split()[0]] if text.strip() else []
-
-    def detokenize(self, tokens: list[int]) -> bytes:
-        return b"".join(self.vocab[t] for t in tokens)
-
-    def set_seed(self, seed: int) -> None:
-        self.seed = seed
-
-    def reset(self) -> None:
-        pass
-
-    def generate(self, tokens: list[int], **sampling: Any) -> Iterator[int]:
-        assert sampling["min_p"] == 0.05 and sampling["repeat_penalty"] == 1.0
-        self.prompts.append(list(tokens))
-        try:
-            yield from self.script
-            while self.then_eos:
-                yield _EOS
-            while True:
-                yield self.script[-1]
-        finally:
-            self.closed += 1
+def test_fake_engine_runs_its_slots_at_once_and_refuses_more() -> None:
+    engine = FakeEngine(tokens=5, delay_ms=50, slots=2)
+    outcomes = [GenerationOutcome() for _ in range(2)]
+    sinks = [_Collect() for _ in range(2)]
+    for outcome, sink in zip(outcomes, sinks, strict=True):
+        engine.submit(GenerationRequest(prompt="p"), outcome, sink)
+    with pytest.raises(RuntimeError, match="busy"):
+        engine.submit(GenerationRequest(prompt="p"), GenerationOutcome(), _Collect())
+    for sink in sinks:
+        assert sink.done.wait(5)
+    assert engine.peak == 2 and engine.running == 0
+    assert [o.stop_reason for o in outcomes] == ["eos", "eos"]
 
 
-def _llama(pieces: list[bytes], then_eos: bool = True) -> tuple[LlamaEngine, _StubLlama]:
-    engine = LlamaEngine("/models/stub.gguf")
-    stub = _StubLlama(pieces, then_eos)
-    engine._llm = stub
-    engine._llama_cpp = SimpleNamespace(llama_vocab_is_eog=lambda vocab, token: token == _EOS)
-    return engine, stub
+class _Collect:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.done = threading.Event()
+
+    def post(self, items: list[Any]) -> None:
+        self.items += items
+        if any(isinstance(i, Finished) for i in items):
+            self.done.set()
 
 
 def test_llama_engine_model_id_defaults_to_the_file_stem() -> None:
@@ -169,54 +135,11 @@ def test_llama_engine_model_id_defaults_to_the_file_stem() -> None:
     assert LlamaEngine("/m/x.gguf", model_id="gemma3-270m").model_id == "gemma3-270m"
 
 
-def test_llama_engine_tokenizes_like_create_completion() -> None:
-    engine, stub = _llama([b"a"])
-    assert engine.count_tokens("hi") == 1 + 2  # BOS + one token per byte of the first word
-    _run(engine, GenerationRequest(prompt="hi", seed=7))
-    assert stub.prompts == [[_BOS, 100 + ord("h"), 100 + ord("i")]]
-    assert stub.seed == 7
-
-
-def test_llama_engine_keeps_a_split_multibyte_character_whole() -> None:
-    snowman = "\u2603".encode()  # three bytes, one per token
-    engine, _ = _llama([b"A ", snowman[:1], snowman[1:2], snowman[2:], b" B"])
-    pieces, outcome = _run(engine, GenerationRequest(prompt="x"))
-    assert "".join(pieces) == "A \u2603 B"
-    assert all("\ufffd" not in p for p in pieces)
-    assert (outcome.tokens_out, outcome.stop_reason) == (5, "eos")
-
-
-def test_llama_engine_does_not_emit_eos_and_closes_the_generator() -> None:
-    engine, stub = _llama([b"one", b" two"])
-    pieces, outcome = _run(engine, GenerationRequest(prompt="x", max_tokens=10))
-    assert pieces == ["one", " two"]
-    assert (outcome.tokens_out, outcome.stop_reason) == (2, "eos")
-    assert stub.closed == 1
-
-
-def test_llama_engine_stops_at_max_tokens() -> None:
-    engine, _ = _llama([b"a", b"b", b"c"], then_eos=False)
-    pieces, outcome = _run(engine, GenerationRequest(prompt="x", max_tokens=5))
-    assert "".join(pieces) == "abccc"
-    assert (outcome.tokens_out, outcome.stop_reason) == (5, "max_tokens")
-
-
-def test_llama_engine_never_emits_a_stop_string() -> None:
-    engine, _ = _llama([b"Hello", b" wor", b"ld", b"\n\n", b"Next"])
-    pieces, outcome = _run(engine, GenerationRequest(prompt="x", stop=["\n\n"]))
-    assert "".join(pieces) == "Hello world"
-    assert (outcome.tokens_out, outcome.stop_reason) == (4, "stop")
-
-
-def test_llama_engine_checks_the_stop_flag_before_every_token() -> None:
-    engine, _ = _llama([b"a", b"b", b"c", b"d"])
-    pieces, outcome = _run(engine, GenerationRequest(prompt="x"), stop_after=2)
-    assert pieces == ["a", "b"]
-    assert (outcome.tokens_out, outcome.stop_reason) == (2, "cancelled")
-
-
-def test_llama_engine_strips_the_leading_space_after_an_empty_prompt() -> None:
-    engine, stub = _llama([b" Once", b" upon"])
-    pieces, _ = _run(engine, GenerationRequest(prompt=""))
-    assert "".join(pieces) == "Once upon"
-    assert stub.prompts == [[_BOS]]
+def test_repack_is_off_on_amx_cpus(tmp_path: Path) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t\t: fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n")
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert repack_default(amx) is False
+    assert repack_default(plain) is True
+    assert repack_default(tmp_path / "missing") is True

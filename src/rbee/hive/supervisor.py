@@ -44,6 +44,7 @@ import psutil
 
 from rbee.contracts.cluster import WorkerReport
 from rbee.errors import WorkerFailed, WorkerNotFound
+from rbee.hive.capacity import plan_slots
 from rbee.hive.catalog import ModelEntry
 from rbee.jobs.registry import emit_progress
 from rbee.narration import current_job, narrate
@@ -282,6 +283,16 @@ class Supervisor:
             model=model.id,
             device=device,
         )
+        plan = plan_slots(model.path)
+        narrate(
+            "worker_slots",
+            f"Worker {worker_id} gets {plan.reason}",
+            actor="hive",
+            worker_id=worker_id,
+            slots=plan.slots,
+            n_ctx=plan.n_ctx,
+            kv_bytes_per_slot=plan.kv_bytes_per_slot,
+        )
         sock = listen_socket(self.host)
         try:
             url = f"http://{url_host(self.advertise_host)}:{sock.getsockname()[1]}"
@@ -302,7 +313,11 @@ class Supervisor:
                 device,
                 "--engine",
                 self.engine,
-                *self.extra_args,
+                "--slots",
+                str(plan.slots),
+                "--n-ctx",
+                str(plan.n_ctx),
+                *self.extra_args,  # last: a --slots here wins
             ]
             token = secrets.token_urlsafe(24) if self.token else None
             proc = await self._start_process(argv, log_path, sock.fileno(), token)
@@ -310,6 +325,7 @@ class Supervisor:
             # The child holds its own copy; ours would keep the port open after the worker dies.
             sock.close()
         worker = WorkerProcess(worker_id, model.id, names, device, url, log_path, proc, token=token)
+        worker.slots = plan.slots
         self.workers[worker_id] = worker
         self._record(worker)
         watcher = asyncio.get_running_loop().create_task(

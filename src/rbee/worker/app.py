@@ -31,7 +31,7 @@ from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.registry import JobRegistry, current_job, emit_progress, set_end_fields
 from rbee.narration import bound, narrate
 from rbee.worker.bridge import run_generation
-from rbee.worker.engine import Engine, GenerationOutcome, GenerationRequest
+from rbee.worker.engine import Engine, GenerationOutcome, GenerationRequest, SlotStart
 
 __all__ = ["WorkerSettings", "Worker", "create_worker_app", "new_worker_id"]
 
@@ -78,9 +78,9 @@ class Worker:
         self.error: str | None = None
         self.busy = 0
         self.started_at = time.time()
-        # One generation thread per slot (one by default): llama.cpp's
-        # blocking calls never run on the event loop.
-        self.executor = ThreadPoolExecutor(max_workers=settings.slots, thread_name_prefix="rbee-gen")
+        # Loading and closing the model block: they run on this thread, never
+        # on the event loop. Generation runs on the engine's own thread.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbee-load")
         self._slots = asyncio.Semaphore(settings.slots)
         self.registry = JobRegistry(actor="worker", ttl_s=settings.job_ttl_s)
         self.jobs = JobServer(self.registry, self.execute, admit=self.admit, ping_interval_s=settings.ping_interval_s)
@@ -151,8 +151,7 @@ class Worker:
     async def close(self) -> None:
         close = getattr(self.engine, "close", None)
         if close is not None:
-            # Queued behind any generation still in the thread, so the model
-            # is never freed under it.
+            # The engine stops its own thread first, so the model is never freed under a step.
             done = asyncio.get_running_loop().run_in_executor(self.executor, close)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(done, _CLOSE_TIMEOUT_S)
@@ -238,11 +237,24 @@ class Worker:
                         max_tokens=op.max_tokens,
                     )
 
+                    def slot_start(start: SlotStart) -> None:
+                        if start.reused:
+                            narrate(
+                                "infer_prefix_reused",
+                                f"Slot {start.slot} already holds {start.reused} of the {start.tokens_in} prompt"
+                                f" tokens; evaluating the other {start.tokens_in - start.reused}",
+                                slot=start.slot,
+                                tokens_reused=start.reused,
+                                tokens_in=start.tokens_in,
+                            )
+
                     def first_piece() -> None:
                         ttft = job.end_fields.get("ttft_ms", 0.0)
                         narrate("infer_first_token", f"First token after {ttft:g} ms", ttft_ms=ttft)
 
-                    await run_generation(self.engine, req, self.executor, outcome=outcome, on_first_piece=first_piece)
+                    await run_generation(
+                        self.engine, req, outcome=outcome, on_start=slot_start, on_first_piece=first_piece
+                    )
                 finally:
                     gen_ms = (time.perf_counter() - started) * 1000.0
                     self.busy -= 1
@@ -271,6 +283,8 @@ def _numbers(outcome: GenerationOutcome, gen_ms: float) -> dict[str, Any]:
         "tokens_in": outcome.tokens_in,
         "tokens_out": outcome.tokens_out,
         "stop_reason": outcome.stop_reason,
+        "tokens_reused": outcome.tokens_reused,
+        "slot": outcome.slot,
         "prefill_ms": round(outcome.prefill_ms, 3),
         "decode_ms": round(decode_ms, 3),
         "tokens_per_s": round(tokens_per_s, 2),

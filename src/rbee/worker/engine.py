@@ -1,27 +1,29 @@
-"""The engine seam: what the worker needs from whatever generates tokens.
+"""The engines: what generates tokens for a worker.
 
-An :class:`Engine` loads once, counts prompt tokens (cheap, used at admission)
-and generates text pieces for one request at a time. ``generate`` is a
-blocking iterator; it runs in the worker's generation thread behind
-:func:`rbee.worker.bridge.run_generation`, which is the only code that
-touches threads.
+An engine loads once, counts prompt tokens (cheap, used at admission) and
+runs many generations at once. :meth:`Engine.submit` hands it one request
+with a :class:`Sink`; the engine's own thread calls ``sink.post`` with what
+happened in each step (a :class:`SlotStart`, text pieces, one
+:class:`Finished`), and :meth:`SequenceHandle.cancel` asks it to stop.
+:func:`rbee.worker.bridge.run_generation` is the asyncio side of that seam.
 
-* :class:`LlamaEngine` drives llama-cpp-python at token level with exactly the
-  sampler settings ``Llama.create_completion`` uses by default, so greedy
-  output through rbee equals ``create_completion(prompt, temperature=0)``.
+* :class:`LlamaEngine` is a continuous-batching engine on llama.cpp's batch
+  API (:mod:`rbee.worker.batch`): one thread owns the ``llama_context`` and
+  decodes one token for every running sequence plus a chunk of a starting
+  prompt in each step; a slot keeps the KV of its last job for the next
+  prompt that shares its prefix.
 * A chat (``messages``) is turned into a prompt by llama-cpp-python's own
   chat machinery, the handler ``Llama.create_chat_completion`` would use for
-  the model (its ``chat_format``, the GGUF's template, or the fallback), so
-  greedy chat output through rbee equals ``create_chat_completion``.
+  the model (its ``chat_format``, the GGUF's template, or the fallback).
 * :class:`FakeEngine` is a scripted engine (pieces, per-token delay, failure
-  after K tokens) for fast tests and overhead benchmarks. It is never the
-  default.
+  after K tokens, slots) for fast tests and overhead benchmarks. It is never
+  the default.
 """
 
 from __future__ import annotations
 
-import codecs
-import random
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,10 +36,15 @@ __all__ = [
     "ChatPrompt",
     "Engine",
     "FakeEngine",
+    "Finished",
     "GenerationOutcome",
     "GenerationRequest",
     "LlamaEngine",
+    "SequenceHandle",
+    "Sink",
+    "SlotStart",
     "StopScanner",
+    "generate",
     "parse_device",
 ]
 
@@ -52,6 +59,7 @@ class GenerationRequest:
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
+    min_p: float = 0.05
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     #: A chat (``[{"role", "content"}]``) instead of ``prompt``; the engine applies the model's template.
@@ -71,23 +79,57 @@ class ChatPrompt:
 
 @dataclass
 class GenerationOutcome:
-    """Filled in by the engine while it generates (read after it returns or is stopped)."""
+    """Filled in by the engine while it generates (read after :class:`Finished` arrived)."""
 
     tokens_in: int = 0
     tokens_out: int = 0
     stop_reason: str = "cancelled"
-    #: Time from the start of ``generate`` until the first token was sampled
-    #: (prompt evaluation), so the decode rate can leave it out.
+    #: Time from submission until the first token was sampled (prompt
+    #: evaluation), so the decode rate can leave it out.
     prefill_ms: float = 0.0
+    #: Prompt tokens whose KV was already in the slot (not evaluated again).
+    tokens_reused: int = 0
+    slot: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStart:
+    """The sequence has a slot; ``reused`` of its ``tokens_in`` prompt tokens come from the slot's cache."""
+
+    slot: int
+    reused: int
+    tokens_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last item of a sequence. ``error`` is set when the engine failed it."""
+
+    error: BaseException | None = None
+
+
+class Sink(Protocol):
+    def post(self, items: list[Any]) -> None:
+        """Called on the engine's thread with one step's items for this sequence, in order."""
+        ...
+
+
+class SequenceHandle(Protocol):
+    def cancel(self) -> None:
+        """Stop the sequence; the engine frees its slot within one step and posts :class:`Finished`."""
+        ...
 
 
 class Engine(Protocol):
     model_id: str
+    #: The context of one slot, in tokens: a prompt plus ``max_tokens`` must fit in it.
     n_ctx: int
     #: How many generations may run at once on this engine.
     max_slots: int
 
     def load(self) -> None: ...
+
+    def close(self) -> None: ...
 
     def count_tokens(self, prompt: str) -> int: ...
 
@@ -95,9 +137,7 @@ class Engine(Protocol):
         """Prompt tokens of a chat; raises ``ValueError`` for a chat the model's template refuses."""
         ...
 
-    def generate(
-        self, req: GenerationRequest, should_stop: Callable[[], bool], outcome: GenerationOutcome
-    ) -> Iterator[str]: ...
+    def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle: ...
 
 
 def parse_device(device: str) -> tuple[int, int]:
@@ -108,6 +148,21 @@ def parse_device(device: str) -> tuple[int, int]:
     if prefix == "cuda" and index.isdigit():
         return -1, int(index)
     raise ValueError(f"device must be 'cpu' or 'cuda:N', not {device!r}")
+
+
+def repack_default(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Repack weights, except on CPUs with Intel AMX.
+
+    On an AMX CPU llama.cpp repacks into its AMX layout, and the AMX matrix
+    kernels of the llama.cpp that llama-cpp-python 0.3.36 vendors crash the
+    process at the first decode (seen on a 2-core Xeon VM, in llama-cpp-python
+    and in llama.cpp's own ``llama-batched-bench`` alike; ``--no-repack`` runs).
+    """
+    try:
+        flags = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return True
+    return " amx_tile" not in flags and " amx_int8" not in flags
 
 
 class StopScanner:
@@ -148,10 +203,58 @@ class StopScanner:
         return tail
 
 
-class LlamaEngine:
-    """One GGUF model in llama-cpp-python, generating at token level."""
+class _QueueSink:
+    """A sink for blocking callers (tests, in-process benchmarks): items land in a ``queue.Queue``."""
 
-    max_slots = 1  # a llama_context serves one sequence here; concurrent use is unsafe
+    def __init__(self) -> None:
+        self.items: queue.Queue[Any] = queue.Queue()
+
+    def post(self, items: list[Any]) -> None:
+        for item in items:
+            self.items.put(item)
+
+
+def generate(
+    engine: Engine,
+    req: GenerationRequest,
+    outcome: GenerationOutcome | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[str]:
+    """Run one request on ``engine`` from a plain thread: yields its pieces, raises what the engine raised."""
+    outcome = outcome if outcome is not None else GenerationOutcome()
+    sink = _QueueSink()
+    handle = engine.submit(req, outcome, sink)
+    finished = False
+    try:
+        while True:
+            try:
+                item = sink.items.get(timeout=0.05)
+            except queue.Empty:
+                if should_stop():
+                    handle.cancel()
+                continue
+            if isinstance(item, Finished):
+                finished = True
+                if item.error is not None:
+                    raise item.error
+                return
+            if isinstance(item, str):
+                yield item
+                if should_stop():
+                    handle.cancel()
+    finally:
+        if not finished:
+            handle.cancel()
+
+
+class LlamaEngine:
+    """One GGUF model in llama.cpp, serving ``slots`` sequences at once from one batch loop.
+
+    The model's tokenizer and chat machinery come from a ``llama_cpp.Llama``
+    with a minimal context of its own; generation runs in a separate
+    ``llama_context`` with one KV stream per slot, driven by
+    :class:`rbee.worker.batch.BatchLoop` on the engine's thread.
+    """
 
     def __init__(
         self,
@@ -159,40 +262,92 @@ class LlamaEngine:
         *,
         model_id: str | None = None,
         n_ctx: int = 4096,
+        slots: int = 4,
         n_threads: int | None = None,
         device: str = "cpu",
+        chunk: int = 512,
+        repack: bool | None = None,
+        batch_invariant: bool = True,
     ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.stem
         self.n_ctx = n_ctx
+        self.max_slots = slots
         self.n_threads = n_threads
         self.device = device
+        self.chunk = chunk
+        #: Weight repacking into llama.cpp's faster CPU layouts (its "extra buffer types").
+        self.repack = repack_default() if repack is None else repack
+        self.batch_invariant = batch_invariant
         self.n_gpu_layers, self.main_gpu = parse_device(device)
         self._llm: Any = None
-        self._llama_cpp: Any = None
+        self._model: Any = None
+        self._loop: Any = None
 
     def load(self) -> None:
         import llama_cpp
 
-        self._llama_cpp = llama_cpp
+        from rbee.worker.batch import BatchLoop
+
         if self.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
             # Without this check llama.cpp quietly runs on the CPU instead.
             raise RuntimeError(f"device {self.device} was asked for, but this llama-cpp-python has no GPU support")
+        if self.batch_invariant:
+            # ggml's tiled CPU matmul, taken for batches of several rows, sums in another
+            # order than the one-row path, so a greedy answer would depend on which other
+            # sequences shared its steps (3 of 8 prompts changed with three neighbours).
+            # Without it the answer is the same alone, warm and in any batch; prompt
+            # evaluation is about 20 % slower, generation is not (docs/benchmarks.md).
+            # ggml reads the switch once, at the process's first matmul.
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+        # The tokenizer and chat templates: the vocabulary only, no weights.
         self._llm = llama_cpp.Llama(
-            model_path=str(self.model_path),
-            n_ctx=self.n_ctx,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            n_gpu_layers=self.n_gpu_layers,
-            main_gpu=self.main_gpu,
-            verbose=False,
+            model_path=str(self.model_path), vocab_only=True, n_ctx=64, n_batch=8, n_threads=1, verbose=False
         )
-        self.n_ctx = int(self._llm.n_ctx())
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = self.n_gpu_layers
+        params.main_gpu = self.main_gpu
+        params.use_extra_bufts = self.repack
+        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
+        if not model:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not load {self.model_path}")
+        self._model = model
+        try:
+            self._loop = BatchLoop(
+                model,
+                slots=self.max_slots,
+                n_ctx_slot=self.n_ctx,
+                n_threads=self.n_threads,
+                chunk=self.chunk,
+                name=f"rbee-engine:{self.model_id}",
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.n_ctx = self._loop.n_ctx_slot
 
     def close(self) -> None:
+        import llama_cpp
+
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+
+    @property
+    def batch(self) -> Any:
+        """The batch loop (its step trace and slot caches are what the tests look at)."""
+        if self._loop is None:
+            raise RuntimeError("the model is not loaded")
+        return self._loop
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         """The prompt as ``create_completion`` tokenizes it (BOS/CLS, special tokens, EOS/SEP)."""
@@ -253,91 +408,23 @@ class LlamaEngine:
     def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.chat_prompt(messages).tokens)
 
-    def generate(
-        self, req: GenerationRequest, should_stop: Callable[[], bool], outcome: GenerationOutcome
-    ) -> Iterator[str]:
-        llm = self._llm
-        if llm is None:
+    def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError("the model is not loaded")
-        is_eog = self._llama_cpp.llama_vocab_is_eog
-        vocab = llm._model.vocab
-        stopping_criteria = None
+        criteria = None
         if req.messages is not None:
             chat = self.chat_prompt(req.messages, req.stop)
-            tokens, stop_strings, stopping_criteria = chat.tokens, chat.stop, chat.stopping_criteria
+            tokens, stops, criteria = chat.tokens, chat.stop, chat.stopping_criteria
         else:
-            tokens, stop_strings = self.prompt_tokens(req.prompt), req.stop
-        outcome.tokens_in = len(tokens)
-        outcome.stop_reason = "cancelled"
-        llm.set_seed(req.seed if req.seed is not None else random.randint(0, 2**32 - 1))
-        if req.temperature == 0 or req.seed is not None:
-            # A request that asks for a reproducible answer (greedy, or seeded) is
-            # evaluated from a clean state. llama.cpp's logits depend on how the
-            # prompt is batched, so reusing the previous request's cached prefix
-            # (what Llama.generate does) would make the answer depend on whatever
-            # ran before; from scratch it equals a fresh create_completion. Other
-            # requests keep the prefix cache, which spares long shared prompts
-            # (a growing chat) their re-evaluation.
-            llm.reset()
-        # Decoding errors are dropped, as create_completion does with the full text.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        stops = StopScanner(stop_strings)
+            tokens, stops = self.prompt_tokens(req.prompt), list(req.stop)
         # create_completion starts an empty prompt's completion with BOS, and
-        # detokenize() then drops one leading space of the text.
+        # its detokenisation then drops one leading space of the text.
         strip_space = req.messages is None and not req.prompt
-        started = time.perf_counter()
-        extra: dict[str, Any] = {} if stopping_criteria is None else {"stopping_criteria": stopping_criteria}
-        tokens_iter = llm.generate(
-            tokens,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            min_p=0.05,
-            typical_p=1.0,
-            temp=req.temperature,
-            repeat_penalty=1.0,
-            frequency_penalty=0.0,
-            presence_penalty=0.0,
-            tfs_z=1.0,
-            mirostat_mode=0,
-            mirostat_tau=5.0,
-            mirostat_eta=0.1,
-            **extra,
+        handle: SequenceHandle = loop.submit(
+            req, tokens, stops, outcome, sink, stopping_criteria=criteria, strip_space=strip_space
         )
-        try:
-            while True:
-                if outcome.tokens_out >= req.max_tokens:
-                    outcome.stop_reason = "max_tokens"
-                    break
-                if should_stop():
-                    outcome.stop_reason = "cancelled"
-                    return
-                token = next(tokens_iter, None)
-                if token is None:  # the chat format's stopping criteria ended it
-                    outcome.stop_reason = "stop"
-                    break
-                if outcome.tokens_out == 0:
-                    outcome.prefill_ms = (time.perf_counter() - started) * 1000.0
-                if is_eog(vocab, token):
-                    outcome.stop_reason = "eos"
-                    break
-                outcome.tokens_out += 1
-                raw = llm.detokenize([token])
-                if strip_space and outcome.tokens_out == 1 and raw.startswith(b" "):
-                    raw = raw[1:]
-                text, hit = stops.feed(decoder.decode(raw))
-                if text:
-                    yield text
-                if hit:
-                    outcome.stop_reason = "stop"
-                    return
-            text, hit = stops.feed(decoder.decode(b"", final=True))
-            tail = text if hit else text + stops.flush()
-            if hit:
-                outcome.stop_reason = "stop"
-            if tail:
-                yield tail
-        finally:
-            tokens_iter.close()
+        return handle
 
 
 class _CompletionRecorder:
@@ -355,15 +442,25 @@ class _CompletionRecorder:
         return iter(())
 
 
+class _FakeSequence:
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
 class FakeEngine:
-    """A scripted engine: deterministic pieces, optional delay and failure.
+    """A scripted engine: deterministic pieces, optional delay and failure, ``slots`` at once.
 
-    For tests and for measuring rbee's own overhead; never a default.
+    For tests and for measuring rbee's own overhead; never a default. Each
+    sequence runs on a thread of its own (named ``rbee-fake:N``).
     ``generated`` counts every piece produced across all requests, so a test
-    can check that a cancelled generation really stopped.
+    can check that a cancelled generation really stopped; ``running`` and
+    ``peak`` count sequences in flight.
     """
-
-    max_slots = 1 << 16
 
     def __init__(
         self,
@@ -374,6 +471,7 @@ class FakeEngine:
         fail_after: int | None = None,
         model_id: str = "fake-model",
         n_ctx: int = 4096,
+        slots: int = 1 << 16,
         load_gate: threading.Event | None = None,
         fail_load: str | None = None,
     ) -> None:
@@ -382,11 +480,15 @@ class FakeEngine:
         self.fail_after = fail_after
         self.model_id = model_id
         self.n_ctx = n_ctx
+        self.max_slots = slots
         self.load_gate = load_gate
         self.fail_load = fail_load
         self.loaded = False
         self.generated = 0
+        self.running = 0
+        self.peak = 0
         self._lock = threading.Lock()
+        self._count = 0
 
     def load(self) -> None:
         if self.load_gate is not None:
@@ -394,6 +496,9 @@ class FakeEngine:
         if self.fail_load is not None:
             raise RuntimeError(self.fail_load)
         self.loaded = True
+
+    def close(self) -> None:
+        pass
 
     def count_tokens(self, prompt: str) -> int:
         return len(prompt.split())
@@ -406,13 +511,40 @@ class FakeEngine:
     def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
         return self.count_tokens(self.chat_text(messages))
 
-    def generate(
-        self, req: GenerationRequest, should_stop: Callable[[], bool], outcome: GenerationOutcome
-    ) -> Iterator[str]:
-        if req.messages is not None:
-            outcome.tokens_in = self.count_chat_tokens(req.messages)
-        else:
-            outcome.tokens_in = self.count_tokens(req.prompt)
+    def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle:
+        seq = _FakeSequence()
+        with self._lock:
+            if self.running >= self.max_slots:
+                raise RuntimeError(f"all {self.max_slots} slots of the fake engine are busy")
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self._count += 1
+            slot = self._count
+        thread = threading.Thread(
+            target=self._run, args=(req, outcome, sink, seq, slot), name=f"rbee-fake:{slot}", daemon=True
+        )
+        thread.start()
+        return seq
+
+    def _run(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink, seq: _FakeSequence, n: int) -> None:
+        error: BaseException | None = None
+        try:
+            if req.messages is not None:
+                outcome.tokens_in = self.count_chat_tokens(req.messages)
+            else:
+                outcome.tokens_in = self.count_tokens(req.prompt)
+            outcome.slot = (n - 1) % min(self.max_slots, 1 << 10)
+            sink.post([SlotStart(outcome.slot, 0, outcome.tokens_in)])
+            self._script(req, outcome, sink, seq)
+        except BaseException as exc:
+            error = exc
+            outcome.stop_reason = "error"
+        finally:
+            with self._lock:
+                self.running -= 1
+            sink.post([Finished(error)])
+
+    def _script(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink, seq: _FakeSequence) -> None:
         outcome.stop_reason = "cancelled"
         stops = StopScanner(req.stop)
         started = time.perf_counter()
@@ -420,10 +552,12 @@ class FakeEngine:
             if outcome.tokens_out >= req.max_tokens:
                 outcome.stop_reason = "max_tokens"
                 break
-            if should_stop():
+            if seq.cancelled.is_set():
                 return
             if self.delay_s:
-                time.sleep(self.delay_s)
+                seq.cancelled.wait(self.delay_s)
+                if seq.cancelled.is_set():
+                    return
             if self.fail_after is not None and outcome.tokens_out >= self.fail_after:
                 raise RuntimeError(f"scripted failure after {self.fail_after} tokens")
             if outcome.tokens_out == 0:
@@ -433,7 +567,7 @@ class FakeEngine:
                 self.generated += 1
             text, hit = stops.feed(piece)
             if text:
-                yield text
+                sink.post([text])
             if hit:
                 outcome.stop_reason = "stop"
                 return
@@ -441,4 +575,4 @@ class FakeEngine:
             outcome.stop_reason = "eos"
         tail = stops.flush()
         if tail:
-            yield tail
+            sink.post([tail])

@@ -1,0 +1,393 @@
+"""Continuous batching on llama.cpp's batch API: one thread, one ``llama_context``, many sequences.
+
+:class:`BatchLoop` owns a ``llama_context`` with one KV stream per slot
+(``n_seq_max = slots``, not unified, so a slot's attention never sees another
+slot's cells) and runs the step loop on a thread of its own. Each step:
+
+1. takes in new sequences (each into the free slot whose cached tokens share
+   the longest prefix with its prompt; only the rest of the prompt is
+   evaluated) and drops cancelled ones, freeing their slot;
+2. builds one ``llama_batch``: the last sampled token of every generating
+   sequence, then prompt tokens of starting sequences up to ``chunk`` tokens
+   in all (chunked prefill: a 2 000-token prompt joins over four steps and
+   never holds the others back for more than one chunk);
+3. decodes it, samples one token for each sequence that asked for logits
+   with the sequence's own native sampler chain (``llama_sampler_sample``:
+   no logits row is copied into Python), renders it with
+   ``llama_token_to_piece`` (control tokens and the model's media markers
+   never become text), cuts stop strings and posts the step's pieces to each
+   sequence's sink in one call.
+
+Everything llama.cpp is touched from this thread only; :meth:`BatchLoop.submit`
+and the handles' ``cancel`` only put things in the inbox.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, Sink, SlotStart, StopScanner
+
+__all__ = ["BatchLoop", "Step"]
+
+#: User-defined tokens that mark media in multimodal vocabularies (``<start_of_image>``,
+#: ``[multimodal]``); they are not text, though the GGUF types them like ``<table>``.
+_MARKER = re.compile(rb"<[a-z]+(?:_[a-z]+)+>|\[[a-z]+\]")
+#: How long, after a step that produced some sequence's first token, the loop steps aside
+#: so that the token's trip through the event loops is not stuck behind llama.cpp's threads.
+FIRST_PIECE_PAUSE_S = 0.0015
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One decode, for the tests and the bench: who was in it and how long it took."""
+
+    decoding: tuple[int, ...]  # slots that decoded one token
+    prefill: tuple[tuple[int, int], ...]  # (slot, prompt tokens) evaluated in this step
+    ms: float
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: GenerationRequest
+    prompt: list[int]
+    stops: list[str]
+    outcome: GenerationOutcome
+    sink: Sink
+    criteria: Any
+    strip_space: bool
+    submitted: float = field(default_factory=time.perf_counter)
+    slot: _Slot | None = None
+    fed: int = 0  # prompt tokens in the KV
+    last: int = -1  # the sampled token to feed next (-1: still in the prompt)
+    generated: list[int] = field(default_factory=list)
+    sampler: Any = None
+    cancelled: bool = False
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="ignore"))
+    scanner: StopScanner | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the loop between steps; a bool store is atomic
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    #: The tokens whose KV is in this slot's stream, in order (positions 0..len-1).
+    cached: list[int] = field(default_factory=list)
+    seq: _Seq | None = None
+    used: int = 0  # when it last took a sequence (a counter)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class BatchLoop:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        slots: int,
+        n_ctx_slot: int,
+        n_threads: int | None,
+        chunk: int = 512,
+        name: str = "rbee-engine",
+    ) -> None:
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = slots * n_ctx_slot
+        params.n_batch = chunk
+        params.n_ubatch = chunk
+        params.n_seq_max = slots
+        params.kv_unified = False
+        # A slot's prefix can be cut anywhere only if the sliding-window layers keep every cell.
+        params.swa_full = True
+        params.no_perf = True
+        if n_threads:
+            params.n_threads = n_threads
+            params.n_threads_batch = n_threads
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {slots} x {n_ctx_slot} tokens")
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.chunk = chunk
+        self.n_ctx_slot = int(llama_cpp.llama_n_ctx_seq(ctx))
+        self.batch = llama_cpp.llama_batch_init(chunk, 0, 1)
+        self.slots = [_Slot(i) for i in range(slots)]
+        self.eog = llama_cpp.llama_vocab_is_eog
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._markers: dict[int, bool] = {}
+        #: The last steps (newest last), for tests and the bench.
+        self.trace: deque[Step] = deque(maxlen=4096)
+        self.steps = 0
+        self._uses = 0
+        self._inbox: deque[_Seq] = deque()
+        self._waiting: deque[_Seq] = deque()  # taken in, no slot free yet
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- the other threads' side -----------------------------------------------
+
+    def submit(
+        self,
+        req: GenerationRequest,
+        prompt: list[int],
+        stops: list[str],
+        outcome: GenerationOutcome,
+        sink: Sink,
+        *,
+        stopping_criteria: Any = None,
+        strip_space: bool = False,
+    ) -> _Seq:
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        outcome.tokens_in = len(prompt)
+        outcome.stop_reason = "cancelled"
+        seq = _Seq(req, prompt, stops, outcome, sink, stopping_criteria, strip_space)
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            self._inbox.append(seq)
+            self._wake.notify()
+        return seq
+
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.seq is not None)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(10.0)
+        if self._thread.is_alive():
+            return  # never free the context under a step still running
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._inbox and not self._active():
+                    self._wake.wait()
+                if self._closing:
+                    break
+                while self._inbox:
+                    self._waiting.append(self._inbox.popleft())
+            try:
+                self._step()
+            except BaseException as exc:  # the model failed: every sequence in flight ends with it
+                for slot in self.slots:
+                    if slot.seq is not None:
+                        self._finish(slot.seq, "error", [], error=exc)
+                        slot.cached = []
+                        llama_cpp.llama_memory_seq_rm(self.mem, slot.index, -1, -1)
+        for seq in [*self._waiting, *self._inbox, *(s.seq for s in self.slots if s.seq is not None)]:
+            self._finish(seq, "cancelled", [], error=RuntimeError("the engine closed"))
+
+    def _active(self) -> bool:
+        return bool(self._waiting) or any(s.seq is not None for s in self.slots)
+
+    def _step(self) -> None:
+        seq: _Seq | None
+        # Cancelled sequences leave first (also those still waiting and those mid-prompt).
+        for gone in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(gone)
+            self._finish(gone, "cancelled", [])
+        for slot in self.slots:
+            if slot.seq is not None and slot.seq.cancelled:
+                self._finish(slot.seq, "cancelled", [])
+        while self._waiting and any(s.seq is None for s in self.slots):
+            self._place(self._waiting.popleft())
+        running = [s for s in self.slots if s.seq is not None]
+        if not running:
+            return
+
+        batch = self.batch
+        n = 0
+        sample_rows: list[tuple[int, _Seq]] = []
+        decoding: list[int] = []
+        prefill: list[tuple[int, int]] = []
+        for slot in running:
+            seq = slot.seq
+            assert seq is not None
+            if seq.last >= 0:
+                self._add(n, seq.last, len(slot.cached), slot.index, True)
+                slot.cached.append(seq.last)
+                sample_rows.append((n, seq))
+                decoding.append(slot.index)
+                n += 1
+        budget = self.chunk - n
+        for slot in running:
+            seq = slot.seq
+            assert seq is not None
+            if seq.last >= 0 or budget <= 0:
+                continue
+            take = min(budget, len(seq.prompt) - seq.fed)
+            for i in range(take):
+                token = seq.prompt[seq.fed + i]
+                self._add(n, token, len(slot.cached), slot.index, False)
+                slot.cached.append(token)
+                n += 1
+            seq.fed += take
+            budget -= take
+            prefill.append((slot.index, take))
+            if seq.fed == len(seq.prompt):
+                batch.logits[n - 1] = 1
+                sample_rows.append((n - 1, seq))
+        batch.n_tokens = n
+        started = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        self.steps += 1
+        self.trace.append(Step(tuple(decoding), tuple(prefill), (time.perf_counter() - started) * 1000.0))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
+
+        firsts = False
+        for row, seq in sample_rows:
+            token = int(llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, row))
+            if not seq.generated and seq.outcome.tokens_out == 0:
+                seq.outcome.prefill_ms = (time.perf_counter() - seq.submitted) * 1000.0
+                firsts = True
+            self._advance(seq, token)
+        if firsts:
+            time.sleep(FIRST_PIECE_PAUSE_S)
+
+    def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _place(self, seq: _Seq) -> None:
+        """Put ``seq`` into the free slot whose cache shares the longest prefix with its prompt."""
+        free = [s for s in self.slots if s.seq is None]
+        shared = {s.index: _common_prefix(s.cached, seq.prompt) for s in free}
+        best = max(free, key=lambda s: shared[s.index])
+        if shared[best.index] <= 1:
+            # Nothing worth keeping in common (a BOS at most): take the slot used least recently,
+            # so that the other slots' caches wait for their own next turn.
+            best = min(free, key=lambda s: s.used)
+        self._uses += 1
+        best.used = self._uses
+        # At least the last prompt token is evaluated: its logits give the first token.
+        reuse = min(shared[best.index], len(seq.prompt) - 1)
+        if not llama_cpp.llama_memory_seq_rm(self.mem, best.index, reuse, -1):
+            llama_cpp.llama_memory_seq_rm(self.mem, best.index, -1, -1)
+            reuse = 0
+        del best.cached[reuse:]
+        best.seq = seq
+        seq.slot = best
+        seq.fed = reuse
+        seq.sampler = self._sampler(seq.req)
+        seq.scanner = StopScanner(seq.stops)
+        seq.outcome.tokens_reused = reuse
+        seq.outcome.slot = best.index
+        seq.sink.post([SlotStart(best.index, reuse, len(seq.prompt))])
+
+    def _sampler(self, req: GenerationRequest) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if req.temperature <= 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if req.top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(req.top_k))
+        if req.top_p < 1.0:
+            add(chain, llama_cpp.llama_sampler_init_top_p(req.top_p, 1))
+        if req.min_p > 0.0:
+            add(chain, llama_cpp.llama_sampler_init_min_p(req.min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(req.temperature))
+        seed = req.seed if req.seed is not None else random.randint(0, 2**32 - 2)
+        add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _piece(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        raw = buf.raw[:n]
+        marker = self._markers.get(token)
+        if marker is None:
+            attr = llama_cpp.llama_vocab_get_attr(self.vocab, token)
+            marker = bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED) and _MARKER.fullmatch(raw) is not None
+            self._markers[token] = marker
+        return b"" if marker else raw
+
+    def _advance(self, seq: _Seq, token: int) -> None:
+        """Take the token sampled for ``seq``: end it, or render it and feed it next step."""
+        out = seq.outcome
+        if self.eog(self.vocab, token):
+            self._finish(seq, "eos", [])
+            return
+        if seq.criteria is not None:
+            import numpy as np
+
+            ids = np.array([*seq.prompt, *seq.generated, token], dtype=np.intc)
+            if seq.criteria(ids, np.empty(0, dtype=np.single)):
+                self._finish(seq, "stop", [], flush=True)
+                return
+        seq.generated.append(token)
+        out.tokens_out += 1
+        raw = self._piece(token)
+        if seq.strip_space and out.tokens_out == 1 and raw.startswith(b" "):
+            raw = raw[1:]
+        assert seq.scanner is not None
+        text, hit = seq.scanner.feed(seq.decoder.decode(raw))
+        items: list[Any] = [text] if text else []
+        if hit:
+            self._finish(seq, "stop", items)
+        elif out.tokens_out >= seq.req.max_tokens:
+            self._finish(seq, "max_tokens", items)
+        elif seq.slot is not None and len(seq.slot.cached) + 1 > self.n_ctx_slot:
+            self._finish(seq, "max_tokens", items)  # the slot's context is full
+        else:
+            seq.last = token
+            if items:
+                seq.sink.post(items)
+
+    def _finish(
+        self, seq: _Seq, reason: str, items: list[Any], error: BaseException | None = None, flush: bool = False
+    ) -> None:
+        out = seq.outcome
+        out.stop_reason = "error" if error is not None and reason != "cancelled" else reason
+        if error is None and (flush or reason in ("eos", "max_tokens")) and seq.scanner is not None:
+            text, hit = seq.scanner.feed(seq.decoder.decode(b"", final=True))
+            tail = text if hit else text + seq.scanner.flush()
+            if hit:
+                out.stop_reason = "stop"
+            if tail:
+                items.append(tail)
+        if seq.sampler is not None:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        if seq.slot is not None:
+            seq.slot.seq = None
+            seq.slot = None
+        items.append(Finished(error if reason != "cancelled" or error is not None else None))
+        seq.sink.post(items)

