@@ -5,6 +5,8 @@
   ``Llama`` has no parameter for it, so its model parameters are patched while it loads.
 * ggml's tiled CPU matmul off, as in the worker (batch-invariant sums); ggml reads the
   switch once per process, so it is set before any model runs here.
+* Flash attention on, as llama.cpp's default (``auto``) resolves on the CPU and the
+  worker leaves it (``Llama`` turns it off unless asked).
 * :func:`visible` drops the media markers (``<start_of_image>``) that llama-cpp-python
   renders as text and rbee never emits.
 """
@@ -36,7 +38,7 @@ def reference_llama(model_path: str, **kwargs: Any) -> Any:
 
     low.llama_model_default_params = params
     try:
-        return Llama(model_path=model_path, verbose=False, **kwargs)
+        return Llama(model_path=model_path, verbose=False, **{"flash_attn": True, **kwargs})
     finally:
         low.llama_model_default_params = defaults
 

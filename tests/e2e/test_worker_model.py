@@ -121,8 +121,10 @@ async def _run_job(client: httpx.AsyncClient, **fields: Any) -> tuple[str, dict[
         async for sse in source.aiter_sse():
             if sse.event == "token":
                 text.append(json.loads(sse.data)["t"])
+            elif sse.event == "narration":
+                end.setdefault("narration", []).append(json.loads(sse.data))
             elif sse.event == "end":
-                end = json.loads(sse.data)
+                end = {**json.loads(sse.data), "narration": end.get("narration", [])}
     return "".join(text), end
 
 
@@ -162,6 +164,24 @@ async def test_stop_string_ends_with_reason_stop_and_no_stop_text(worker_url: st
     assert end["stop_reason"] == "stop"
     assert "." not in text
     assert text == expected
+
+
+@pytest.mark.model
+async def test_a_chats_second_turn_reuses_the_first_and_answers_as_cold(worker_url: str) -> None:
+    turn1 = [{"role": "user", "content": "Name three colours."}]
+    async with httpx.AsyncClient(base_url=worker_url, timeout=httpx.Timeout(30.0, read=120.0)) as client:
+        answer, _ = await _run_job(client, messages=turn1, temperature=0, max_tokens=16)
+        turn2 = [*turn1, {"role": "assistant", "content": answer}, {"role": "user", "content": "And three animals?"}]
+        cold, cold_end = await _run_job(client, messages=turn2, temperature=0, max_tokens=16)
+        # Push the chat's slot to other work, then the first turn and the second again, as a chat goes.
+        await _run_job(client, prompt="Unrelated text to fill a slot with.", temperature=0, max_tokens=4)
+        await _run_job(client, messages=turn1, temperature=0, max_tokens=16)
+        warm, warm_end = await _run_job(client, messages=turn2, temperature=0, max_tokens=16)
+    assert warm_end["status"] == cold_end["status"] == "completed"
+    assert warm == cold
+    assert warm_end["tokens_reused"] > 0
+    reused = [n for n in warm_end["narration"] if n["action"] == "infer_prefix_reused"]
+    assert len(reused) == 1 and reused[0]["tokens_reused"] == warm_end["tokens_reused"]
 
 
 @pytest.mark.model

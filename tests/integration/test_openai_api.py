@@ -33,7 +33,10 @@ def _pieces(n: int) -> str:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
     home = tmp_path_factory.mktemp("openai")
     q = queen(home / "queen", free_port(), "--queue-size", "1").start()
-    h = hive(home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", env=FAKE).start()
+    # One slot: the queue tests below need a worker that runs one job at a time.
+    h = hive(
+        home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", "--worker-arg=--slots=1", env=FAKE
+    ).start()
     try:
         wait_for(lambda: _models(q.url), 15)
         # One request up front, so the worker exists before the tests race it.
