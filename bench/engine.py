@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 
 from bench._util import (
     Server,
@@ -367,9 +368,7 @@ def start_rbee(slots: int, threads: int, home: Path, servers: list[Server]) -> S
     return queen
 
 
-def start_llama_server(
-    bin_dir: Path, model_path: str, slots: int, threads: int, repack: bool, home: Path
-) -> Server:
+def start_llama_server(bin_dir: Path, model_path: str, slots: int, threads: int, repack: bool, home: Path) -> Server:
     port = free_port()
     args = [
         *(str(bin_dir / "llama-server"), "-m", model_path, "--alias", MODEL),
@@ -591,6 +590,11 @@ def print_level(n: int, figures: dict[str, dict[str, float]], limit: float | Non
     print_table(rows, headers=headers)
 
 
+def busy_cores(interval_s: float = 1.0) -> float:
+    """How many cores' worth of CPU other processes use now (the figures mean little when it is high)."""
+    return float(psutil.cpu_percent(interval=interval_s) / 100.0 * (psutil.cpu_count() or 1))
+
+
 def _dump_logs(home: Path) -> None:
     """The tail of every log under ``home``: why a server or a worker failed."""
     for path in sorted(home.rglob("*.log")):
@@ -628,6 +632,9 @@ def main() -> None:
     started = time.perf_counter()
     version = package_version("llama-cpp-python")
     bin_dir = peer_binaries(version) if {"llama-server", "batched-bench"} & set(only) else None
+    busy_before = busy_cores()
+    if busy_before > 0.25:
+        print(f"warning: other processes use {busy_before:.1f} cores' worth of CPU now; the figures will be noisy")
 
     home = Path(tempfile.mkdtemp(prefix="rbee-bench-engine-"))
     servers: list[Server] = []
@@ -685,6 +692,7 @@ def main() -> None:
             assert bin_dir is not None
             batched = run_batched_bench(bin_dir, model_path, levels, threads, repack)
         failed = False
+        busy_after = busy_cores()
     finally:
         for server in reversed(servers):
             server.stop()
@@ -711,6 +719,11 @@ def main() -> None:
             ],
             headers=["B", "PP", "TG", "S_PP t/s", "S_TG t/s", "S t/s"],
         )
+    if max(busy_before, busy_after) > 0.25:
+        print(
+            f"warning: other processes used {busy_before:.1f} cores' worth of CPU before the run and"
+            f" {busy_after:.1f} after it: these figures are not clean"
+        )
     goals = [row for n in levels for row in level_goals(n, figures[str(n)])]
     if goals:
         print()
@@ -727,6 +740,8 @@ def main() -> None:
         "repack": repack,
         "llama_cpp_python": version,
         "model_file": Path(model_path).name,
+        "busy_cores_before": round(busy_before, 2),
+        "busy_cores_after": round(busy_after, 2),
     }
     path = write_results(
         "engine",

@@ -25,7 +25,10 @@ FAKE = {"RBEE_FAKE_TOKENS": "12", "RBEE_FAKE_DELAY_MS": "50"}
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
     home = tmp_path_factory.mktemp("sched")
     q = queen(home / "queen", free_port(), "--queue-size", "2").start()
-    h = hive(home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", env=FAKE).start()
+    # One slot a worker: the queueing tests below need a worker that runs one job at a time.
+    h = hive(
+        home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", "--worker-arg=--slots=1", env=FAKE
+    ).start()
     try:
         wait_for(lambda: _online(q.url), 15)
         yield {"queen": q, "hive": h}
@@ -198,3 +201,40 @@ def test_job_timeline_shows_each_step_with_its_time(cluster: dict[str, Daemon]) 
     ats = [row["at_ms"] for row in timeline]
     assert ats == sorted(ats)
     assert all(row["took_ms"] is not None for row in timeline[:-1])
+
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+    """A hive whose workers have three slots each (the hive's own choice is overridden)."""
+    home = tmp_path_factory.mktemp("slots")
+    q = queen(home / "queen", free_port(), "--queue-size", "4").start()
+    h = hive(
+        home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", "--worker-arg=--slots=3", env=FAKE
+    ).start()
+    try:
+        wait_for(lambda: _online(q.url), 15)
+        yield {"queen": q, "hive": h}
+    finally:
+        h.stop()
+        q.stop()
+
+
+def test_one_worker_runs_as_many_jobs_as_it_has_slots_and_queues_the_rest(slotted: dict[str, Daemon]) -> None:
+    url = slotted["queen"].url
+
+    async def five() -> tuple[list[list[Any]], dict[str, Any]]:
+        first = await _run(url, {**INFER, "max_tokens": 1})  # the worker exists and is warm
+        assert _end(first)["status"] == "completed"
+        runs = [asyncio.create_task(_run(url, {**INFER, "max_tokens": 12})) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        status = await _run(url, {"operation": "worker_list", "hive_id": "alpha"})
+        return list(await asyncio.gather(*runs)), next(e.data for e in status if e.kind == "result")
+
+    results, listing = asyncio.run(asyncio.wait_for(five(), 60))
+    assert all(_end(r)["status"] == "completed" for r in results)
+    workers = {_end(r)["worker_id"] for r in results}
+    assert len(workers) == 1, "one worker with three slots serves them all"
+    queued = [r for r in results if any(e.kind == "progress" and e.data["action"] == "queue" for e in r)]
+    assert len(queued) == 1, "only the fourth job waits: three run at once"
+    [worker] = [w for w in listing["workers"] if w["worker_id"] in workers]
+    assert worker["slots"] == 3
