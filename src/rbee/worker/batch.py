@@ -48,6 +48,12 @@ _MARKER = re.compile(rb"<[a-z]+(?:_[a-z]+)+>|\[[a-z]+\]")
 FIRST_PIECE_PAUSE_S = 0.0015
 
 
+#: From idle, the first step waits until no request arrived for this long...
+GATHER_QUIET_S = 0.003
+#: ...but never longer than this.
+GATHER_MAX_S = 0.012
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """One decode, for the tests and the bench: who was in it and how long it took."""
@@ -189,8 +195,11 @@ class BatchLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
+                idle = not self._active()
                 while not self._closing and not self._inbox and not self._active():
                     self._wake.wait()
+                if idle and not self._closing:
+                    self._gather()
                 if self._closing:
                     break
                 while self._inbox:
@@ -205,6 +214,24 @@ class BatchLoop:
                         llama_cpp.llama_memory_seq_rm(self.mem, slot.index, -1, -1)
         for seq in [*self._waiting, *self._inbox, *(s.seq for s in self.slots if s.seq is not None)]:
             self._finish(seq, "cancelled", [], error=RuntimeError("the engine closed"))
+
+    def _gather(self) -> None:
+        """Woken from idle: let requests that are arriving together start in the same first step.
+
+        Clients that send several requests at once reach the worker a few ms apart
+        (each crosses the queen first); evaluating the first prompt alone would make
+        the others wait a whole prefill step for their first token.
+        """
+        deadline = time.perf_counter() + GATHER_MAX_S
+        seen = len(self._inbox)
+        while not self._closing:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.wait(min(GATHER_QUIET_S, left))
+            if len(self._inbox) == seen:
+                return  # quiet for GATHER_QUIET_S: nobody else is coming
+            seen = len(self._inbox)
 
     def _active(self) -> bool:
         return bool(self._waiting) or any(s.seq is not None for s in self.slots)
