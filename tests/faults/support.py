@@ -171,7 +171,9 @@ class Cluster:
         port = self.hive_ports.setdefault(hive_id, free_port())
         queen_url = self.queen_url_for.get(hive_id, self.url)
         env = self.hive_env[hive_id]
-        extra = ("--worker-engine", "fake", *self.hive_args.get(hive_id, ()))
+        # One slot a worker, so that a second job queues (the scenarios here are about queues
+        # and failures; slots are tested in tests/integration/test_scheduling.py).
+        extra = ("--worker-engine", "fake", "--worker-arg=--slots=1", *self.hive_args.get(hive_id, ()))
         daemon = hive(self.root / hive_id, port, queen_url, hive_id, *extra, env=env)
         self.hives[hive_id] = daemon.start()
         return daemon
