@@ -34,6 +34,8 @@ __all__ = [
     "Server",
     "command_line",
     "free_port",
+    "llama_cpp_server_command",
+    "llama_like_rbee",
     "goal",
     "holds_text",
     "machine",
@@ -300,3 +302,66 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover
         return asyncio.new_event_loop()
+
+
+# -- llama-cpp-python, set up as rbee's worker runs llama.cpp -------------------------------
+
+#: ``llama_cpp.server`` with weight repacking off (``use_extra_bufts = False``); argv: its flags.
+_LLAMA_CPP_SERVER_NO_REPACK = """\
+import runpy, sys
+import llama_cpp.llama_cpp as C
+_default = C.llama_model_default_params
+def _params():
+    params = _default()
+    params.use_extra_bufts = False
+    return params
+C.llama_model_default_params = _params
+sys.argv = ["llama_cpp.server", *sys.argv[1:]]
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
+def llama_cpp_server_command() -> list[str]:
+    """How to start ``llama_cpp.server`` here (add its flags after).
+
+    On Intel AMX CPUs llama.cpp repacks weights for its AMX kernels, which crash at the
+    first decode in the llama.cpp that llama-cpp-python 0.3.36 vendors; the server has no
+    flag to turn repacking off, so it is started through a patch of its model parameters,
+    as rbee's worker loads the model (:func:`rbee.worker.engine.repack_default`).
+    """
+    from rbee.worker.engine import repack_default
+
+    if repack_default():
+        return [sys.executable, "-m", "llama_cpp.server"]
+    return [sys.executable, "-c", _LLAMA_CPP_SERVER_NO_REPACK]
+
+
+def llama_like_rbee(model_path: str, **kwargs: Any) -> Any:
+    """llama-cpp-python's ``Llama``, running llama.cpp as rbee's worker does.
+
+    * weight repacking as the worker chooses it (off on AMX CPUs, see above; ``Llama``
+      has no parameter for it, so its model parameters are patched while it loads);
+    * ggml's tiled CPU matmul off, as the worker's ``--batch-invariant`` has it (ggml
+      reads the switch once per process, so it is set before any model runs here);
+    * flash attention on, as llama.cpp's default (``auto``) resolves it on the CPU
+      (``Llama`` turns it off unless asked).
+    """
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    import llama_cpp.llama_cpp as low
+    from llama_cpp import Llama
+
+    from rbee.worker.engine import repack_default
+
+    defaults = low.llama_model_default_params
+    repack = repack_default()
+
+    def params() -> Any:
+        p = defaults()
+        p.use_extra_bufts = repack
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return Llama(model_path=model_path, verbose=False, **{"flash_attn": True, **kwargs})
+    finally:
+        low.llama_model_default_params = defaults

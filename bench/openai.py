@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +50,16 @@ from typing import Any
 
 import httpx
 
-from bench._util import Server, command_line, free_port, print_table, start_server, venv_bin, write_results
+from bench._util import (
+    Server,
+    command_line,
+    free_port,
+    llama_cpp_server_command,
+    print_table,
+    start_server,
+    venv_bin,
+    write_results,
+)
 
 PROMPT = "The sky is blue because"
 MODEL = "gemma3-270m"
@@ -172,7 +180,8 @@ def main() -> None:
         servers.append(rbee)
         port = free_port()
         peer_args = [
-            *(sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", MODEL),
+            *llama_cpp_server_command(),
+            *("--model", model_path, "--model_alias", MODEL),
             *("--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch", str(threads)),
             *("--host", "127.0.0.1", "--port", str(port)),
             # By default a new request cuts off the one being streamed; here they wait their turn.

@@ -166,6 +166,8 @@ class BatchLoop:
     ) -> _Seq:
         if not prompt:
             raise ValueError("the prompt has no tokens")
+        if len(prompt) >= self.n_ctx_slot:
+            raise ValueError(f"the prompt is {len(prompt)} tokens; a slot holds {self.n_ctx_slot}")
         outcome.tokens_in = len(prompt)
         outcome.stop_reason = "cancelled"
         seq = _Seq(req, prompt, stops, outcome, sink, stopping_criteria, strip_space)
