@@ -57,8 +57,13 @@ def kv_bytes_per_token(metadata: dict[str, object]) -> int | None:
     return layers * kv_heads * (key + value) * _KV_BYTES
 
 
-def plan_slots(model_path: str | Path, *, n_ctx: int = DEFAULT_N_CTX, available: int | None = None) -> SlotPlan:
-    """The slots for a worker of ``model_path`` with ``n_ctx`` tokens a slot."""
+def plan_slots(
+    model_path: str | Path, *, n_ctx: int | None = DEFAULT_N_CTX, slots: int | None = None, available: int | None = None
+) -> SlotPlan:
+    """The slots for a worker of ``model_path`` with ``n_ctx`` tokens a slot (``slots``: asked for by the operator)."""
+    n_ctx = n_ctx or DEFAULT_N_CTX
+    if slots is not None:
+        return SlotPlan(max(1, slots), n_ctx, None, f"{max(1, slots)} slot(s) of {n_ctx} tokens, as the hive was told")
     try:
         info = read_gguf(model_path)
     except (GGUFError, OSError) as exc:

@@ -44,7 +44,7 @@ import psutil
 
 from rbee.contracts.cluster import WorkerReport
 from rbee.errors import WorkerFailed, WorkerNotFound
-from rbee.hive.capacity import plan_slots
+from rbee.hive.capacity import DEFAULT_N_CTX, plan_slots
 from rbee.hive.catalog import ModelEntry
 from rbee.jobs.registry import emit_progress
 from rbee.narration import current_job, narrate
@@ -207,6 +207,18 @@ class WorkerProcess:
         self.current_job = job if isinstance(job, str) else None
 
 
+def _int_arg(args: Sequence[str], name: str, default: int | None = None) -> int | None:
+    """The value of ``name`` in worker arguments (``--name=N`` or ``--name N``; the last one wins)."""
+    value = default
+    for i, arg in enumerate(args):
+        text = arg.partition("=")[2] if arg.startswith(name + "=") else None
+        if arg == name and i + 1 < len(args):
+            text = args[i + 1]
+        if text is not None and text.isdigit():
+            value = int(text)
+    return value
+
+
 def _progress(done: int, total: int) -> None:
     if current_job() is not None:
         emit_progress("worker_start", done, total, "steps")
@@ -283,7 +295,11 @@ class Supervisor:
             model=model.id,
             device=device,
         )
-        plan = plan_slots(model.path)
+        plan = plan_slots(
+            model.path,
+            n_ctx=_int_arg(self.extra_args, "--n-ctx", DEFAULT_N_CTX),
+            slots=_int_arg(self.extra_args, "--slots"),
+        )
         narrate(
             "worker_slots",
             f"Worker {worker_id} gets {plan.reason}",
