@@ -395,3 +395,29 @@ async def test_a_model_that_cannot_load_puts_the_worker_in_error() -> None:
         assert "not a GGUF file" in ready["error"]
         resp = await w.submit()
         assert resp.status_code == 503
+
+
+async def test_jobs_run_at_once_up_to_the_slots_and_the_next_one_waits() -> None:
+    engine = FakeEngine(tokens=10_000, delay_ms=20, slots=3)
+    async with running(engine, slots=3, queue=2) as w:
+        jobs = [await w.start() for _ in range(3)]
+        for job in jobs:
+            await w.wait_tokens(job, 2)  # all three generate at once
+        assert engine.running == 3
+        waiting = await w.start()
+        ready = await w.ready()
+        assert (ready["state"], ready["slots"], ready["busy_slots"], ready["queue"]) == ("busy", 3, 3, 1)
+        assert (await w.client.delete(f"/v1/jobs/{jobs[0]}")).json()["status"] == "cancelled"
+        await w.wait_tokens(waiting, 1)  # the freed slot takes it
+        for job in [*jobs[1:], waiting]:
+            assert (await w.client.delete(f"/v1/jobs/{job}")).json()["status"] == "cancelled"
+        events = await w.events(waiting)
+        assert "infer_queued" in [data["action"] for kind, data in events if kind == "narration"]
+        assert engine.peak == 3
+        end = _end(events)
+        assert end["slot"] >= 0 and end["tokens_reused"] == 0
+
+
+def test_a_worker_cannot_have_more_slots_than_its_engine() -> None:
+    with pytest.raises(ValueError, match="at most 2"):
+        Worker(WorkerSettings(slots=3), FakeEngine(slots=2))
