@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -36,6 +37,7 @@ __all__ = [
     "free_port",
     "llama_cpp_server_command",
     "llama_like_rbee",
+    "visible",
     "goal",
     "holds_text",
     "machine",
@@ -365,3 +367,12 @@ def llama_like_rbee(model_path: str, **kwargs: Any) -> Any:
         return Llama(model_path=model_path, verbose=False, **{"flash_attn": True, **kwargs})
     finally:
         low.llama_model_default_params = defaults
+
+
+_MARKERS = re.compile(r"<start_of_image>|<end_of_image>|\[multimodal\]")
+
+
+def visible(text: str) -> str:
+    """Text as rbee renders it: without the media markers (``<start_of_image>``) that the
+    bundled model emits and llama-cpp-python prints (rbee's engine never makes them text)."""
+    return _MARKERS.sub("", text)

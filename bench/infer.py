@@ -45,6 +45,7 @@ from bench._util import (
     print_table,
     start_server,
     venv_bin,
+    visible,
     write_results,
 )
 
@@ -118,8 +119,9 @@ def direct_round(llm: Any, max_tokens: int) -> Round:
     stamps: list[float] = []
     t0 = time.perf_counter()
     for chunk in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, stream=True):
-        piece = chunk["choices"][0]["text"]
-        if piece:  # the last chunk carries only the finish reason
+        # The last chunk carries only the finish reason; a media marker is no text in rbee either.
+        piece = visible(chunk["choices"][0]["text"])
+        if piece:
             stamps.append(time.perf_counter())
             text.append(piece)
     return figures(t0, stamps, "".join(text))
