@@ -58,6 +58,7 @@ from bench._util import (
     print_table,
     start_server,
     venv_bin,
+    visible,
     write_results,
 )
 
@@ -69,9 +70,17 @@ async def stream_round(
     url: str, model: str, max_tokens: int, client: httpx.AsyncClient, temperature: float = 0.0
 ) -> dict[str, float]:
     """One streamed completion; times are client-side."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "stream": True}
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     stamps: list[float] = []
+    usage: int | None = None
     done = False
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -85,7 +94,10 @@ async def stream_round(
                 chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     raise RuntimeError(f"{url}: {chunk['error']}")
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"].get("completion_tokens")
+                # A media marker the peer prints is no text in rbee: neither side counts it.
+                if chunk.get("choices") and visible(chunk["choices"][0].get("text") or ""):
                     stamps.append(time.perf_counter())
     except httpx.HTTPError as exc:
         raise RuntimeError(f"{url}: {type(exc).__name__}: {exc}") from None
@@ -94,10 +106,13 @@ async def stream_round(
     if not stamps:
         raise RuntimeError(f"{url}: no text came back")
     decode_s = stamps[-1] - stamps[0]
+    # Tokens as the server counts them where it says (rbee does; llama_cpp.server ignores
+    # include_usage), else text chunks: rbee sends no chunk for a token that is no text.
+    tokens = usage if isinstance(usage, int) and usage > 0 else len(stamps)
     return {
         "ttft_ms": (stamps[0] - t0) * 1000.0,
-        "tokens_per_s": (len(stamps) - 1) / decode_s if decode_s > 0 else 0.0,
-        "tokens": len(stamps),
+        "tokens_per_s": (tokens - 1) / decode_s if decode_s > 0 else 0.0,
+        "tokens": tokens,
         "wall_s": stamps[-1] - t0,
     }
 
