@@ -2,7 +2,9 @@
 
 The whole session runs with ``RBEE_HOME`` in a temporary directory, so no test
 ever reads or writes the user's real rbee data, and with the keeper's queen
-auto-start off unless a test turns it on.
+auto-start off unless a test turns it on. In-process apps are reached through
+httpx's and Starlette's test transports, whose made-up host names
+(``testserver``, ``worker``...) the servers' host check is told to accept.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from cluster import free_port
+
+# Set at import, before any test module builds an app (schemathesis loads its schemas then).
+os.environ["RBEE_ALLOW_HOSTS"] = "testserver,worker,queen,hive,test"
 
 
 @pytest.fixture(autouse=True, scope="session")

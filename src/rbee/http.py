@@ -5,6 +5,11 @@ errors become ``422`` naming the field and the reason; bodies over 1 MiB are
 refused with ``413``; when the server has a token every endpoint but
 ``/health`` requires ``Authorization: Bearer``, compared in constant time.
 
+Every server refuses what a web page on another site could send it
+(:class:`BrowserGuard`): a ``Host`` it does not serve (DNS rebinding), an
+``Origin`` other than its own page's or a configured one, and a body that is
+not ``application/json`` (a browser's "simple" cross-site POST).
+
 A server may accept several tokens (the queen does). The first is the admin
 token; the one a request presented is its :class:`Principal`, readable inside
 the request (and inside every job it creates, through the job's copied
@@ -16,9 +21,13 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import ipaddress
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +42,7 @@ __all__ = [
     "error_body",
     "BodyLimit",
     "BearerAuth",
+    "BrowserGuard",
     "MAX_BODY_BYTES",
     "Principal",
     "current_principal",
@@ -215,6 +225,127 @@ class BearerAuth:
             _principal.reset(reset)
 
 
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _host_name(value: str) -> str:
+    """``Host`` without its port, lower case (``[::1]:80`` -> ``::1``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class BrowserGuard:
+    """What a web page on another site could make a browser send here is refused.
+
+    * ``Host`` must be one this server serves: an IP address (a rebinding
+      attack needs a name that resolves to one), ``localhost``, this machine's
+      names, or one in ``allowed_hosts`` (``--allow-host``, ``RBEE_ALLOW_HOSTS``).
+      Otherwise ``403``: a page that rebound its own name to 127.0.0.1 reads nothing.
+    * An ``Origin`` header (browsers send it on cross-origin requests and on every
+      POST) must be this server's own (``scheme://Host``) or one in
+      ``allowed_origins`` (``--allow-origin``, ``RBEE_ALLOW_ORIGINS``); ``*`` allows
+      any. Clients that are not browsers send none.
+    * A request body must be ``Content-Type: application/json`` (``415``
+      otherwise): a cross-site ``text/plain`` form POST needs no preflight, so it
+      would reach the handler.
+
+    Allowed origins get CORS answers (preflight included); others get none.
+    ``/health`` is exempt from the host check, so probes by address always work.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()) -> None:
+        self.app = app
+        names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+        self.hosts = frozenset(
+            names | {h.lower() for h in allowed_hosts} | {h.lower() for h in _env_list("RBEE_ALLOW_HOSTS")}
+        )
+        origins = [*allowed_origins, *_env_list("RBEE_ALLOW_ORIGINS")]
+        self.any_origin = "*" in origins
+        self.origins = frozenset(o.rstrip("/").lower() for o in origins if o != "*")
+
+    def _host_ok(self, host: str) -> bool:
+        name = _host_name(host)
+        return _is_ip(name) or name in self.hosts or name.endswith(".localhost")
+
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if self.any_origin or origin in self.origins:
+            return True
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and parts.netloc == host.strip().lower()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
+        host = headers.get("host", "")
+        path = scope["path"]
+        openai = _is_openai_path(path)
+        if path != "/health" and not self._host_ok(host):
+            await _refuse(send, 403, "forbidden", f"this server does not answer for the host {host!r}", openai)
+            return
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_ok(origin, host):
+            await _refuse(send, 403, "forbidden", f"requests from the web origin {origin!r} are not allowed", openai)
+            return
+        cors = [] if origin is None else [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
+        method = scope.get("method", "GET")
+        if origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
+            allow = [
+                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                (b"access-control-allow-headers", b"authorization, content-type, last-event-id"),
+                (b"access-control-max-age", b"600"),
+            ]
+            await send({"type": "http.response.start", "status": 204, "headers": cors + allow})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if method in ("POST", "PUT", "PATCH") and _has_body(headers):
+            kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if kind != "application/json":
+                shown = kind or "none"
+                await _refuse(
+                    send, 415, "unsupported_media_type", f"the body must be application/json, not {shown}", openai
+                )
+                return
+        if not cors:
+            await self.app(scope, receive, send)
+            return
+
+        async def with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, with_cors)
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    length = headers.get("content-length")
+    if length is not None:
+        return length.strip() not in ("", "0")
+    return "transfer-encoding" in headers
+
+
+async def _refuse(send: Send, status: int, kind: str, message: str, openai: bool) -> None:
+    if openai:
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": kind}
+        await _send_json(send, status, {"error": error})
+        return
+    await _send_json(send, status, {"error": {"kind": kind, "message": message}})
+
+
 def _is_openai_path(path: str) -> bool:
     return path in ("/v1/completions", "/v1/chat/completions", "/v1/models") or path.startswith("/v1/models/")
 
@@ -243,13 +374,21 @@ def install_edge(
     token: str | Sequence[str] | None = None,
     max_body: int = MAX_BODY_BYTES,
     public: Iterable[str] = (),
+    allowed_hosts: Iterable[str] = (),
+    allowed_origins: Iterable[str] = (),
 ) -> None:
-    """Error mapping, body limit and auth for one server (``token``, ``public``: see :class:`BearerAuth`)."""
+    """Error mapping, body limit, browser guard and auth for one server.
+
+    ``token``, ``public``: see :class:`BearerAuth`; ``allowed_hosts``, ``allowed_origins``:
+    see :class:`BrowserGuard`.
+    """
     app.add_exception_handler(RbeeError, _rbee_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(BearerAuth, token=token, public=tuple(public))
+    # Added last, so it runs first: a refused page never reaches auth or a handler.
+    app.add_middleware(BrowserGuard, allowed_hosts=tuple(allowed_hosts), allowed_origins=tuple(allowed_origins))
     _document_errors(app, auth=bool(token), public=tuple(public))
 
 

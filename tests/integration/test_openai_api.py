@@ -259,7 +259,11 @@ def test_bad_completion_field_is_400_naming_the_param(client: openai.OpenAI) -> 
 
 
 def test_malformed_body_is_400_in_openai_shape(cluster: dict[str, Daemon]) -> None:
-    r = httpx.post(cluster["queen"].url + "/v1/chat/completions", content=b"{not json")
+    r = httpx.post(
+        cluster["queen"].url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 

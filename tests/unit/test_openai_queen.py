@@ -69,6 +69,9 @@ def _worker(worker_id: str, model: str = "gemma-3-270m-q4_k_m", **extra: Any) ->
     }
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def _error(r: httpx.Response, status: int) -> dict[str, Any]:
     assert r.status_code == status, r.text
     body: dict[str, Any] = r.json()
@@ -178,7 +181,7 @@ async def test_bad_completion_request_is_400_naming_the_param(
 
 
 async def test_body_that_is_not_json_or_not_an_object_is_400(client: httpx.AsyncClient) -> None:
-    _error(await client.post("/v1/completions", content=b"{oops"), 400)
+    _error(await client.post("/v1/completions", content=b"{oops", headers=JSON), 400)
     _error(await client.post("/v1/chat/completions", json=[1, 2]), 400)
 
 
@@ -187,7 +190,7 @@ async def test_oversized_body_is_413_in_openai_shape(client: httpx.AsyncClient) 
         for _ in range(3):
             yield b"x" * 500_000
 
-    error = _error(await client.post("/v1/completions", content=chunks()), 413)
+    error = _error(await client.post("/v1/completions", content=chunks(), headers=JSON), 413)
     assert error["code"] == "payload_too_large"
 
 

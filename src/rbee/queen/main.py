@@ -31,6 +31,18 @@ from rbee.config import QUEEN_PORT
 @click.option("--local-hive-port", default=0, type=click.IntRange(0, 65535), help="Port of the local hive (0: any).")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--home", type=click.Path(path_type=Path), default=None, help="Data directory (default $RBEE_HOME).")
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    help="A web origin (https://chat.example) whose pages may call this queen; '*' for any (repeatable).",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    help="A host name this queen answers for besides its addresses, localhost and this machine's name (repeatable).",
+)
 def main(
     host: str,
     port: int,
@@ -40,6 +52,8 @@ def main(
     local_hive_port: int,
     queue_size: int,
     home: Path | None,
+    allow_origins: tuple[str, ...],
+    allow_hosts: tuple[str, ...],
 ) -> None:
     """Run the queen: job server, scheduler and telemetry registry of an rbee cluster."""
     from rbee.config import MIN_TOKEN_CHARS
@@ -57,6 +71,10 @@ def main(
     preflight("queen", host, token)
     if home is not None:
         os.environ["RBEE_HOME"] = str(home)
+    # Through the environment, so the local hive and the workers it starts take them too.
+    for name, values in (("RBEE_ALLOW_ORIGINS", allow_origins), ("RBEE_ALLOW_HOSTS", allow_hosts)):
+        if values:
+            os.environ[name] = ",".join([*filter(None, os.environ.get(name, "").split(",")), *values])
     from rbee.queen.app import QueenSettings, create_queen_app
 
     settings = QueenSettings(
