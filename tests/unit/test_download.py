@@ -231,6 +231,22 @@ async def test_a_server_that_cannot_resume_is_read_again_from_the_start(
     assert of(events, "result")[0]["model"]["sha256"] == SHA
 
 
+async def test_a_refused_source_never_echoes_what_it_holds(
+    hive: httpx.AsyncClient, server: ModelServer, tmp_path: Path
+) -> None:
+    # A service the hive can reach, and a file it can read: neither shows up in the error.
+    server.add("/v1/jobs", b'{"jobs":[{"job_id":"job-secret"}]}', content_type="application/json")
+    secret = tmp_path / "passwd"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    for source in (server.url("/v1/jobs"), str(secret)):
+        _, end = await run(hive, download(source))
+        assert end["status"] == "failed" and end["error"]["kind"] == "invalid_model_file"
+        message = end["error"]["message"]
+        assert "does not start with 'GGUF'" in message
+        assert "jobs" not in message.replace("/v1/jobs", "") and "root" not in message.replace(str(tmp_path), "")
+    assert files(hive) == []
+
+
 async def test_a_web_page_is_refused_before_anything_is_written(hive: httpx.AsyncClient, server: ModelServer) -> None:
     page = b"<!DOCTYPE html><html><body>" + b"x" * 200_000 + b"</body></html>"
     server.add("/model", page, content_type="text/html; charset=utf-8")

@@ -438,15 +438,18 @@ class _Retry(Exception):
 
 
 def _check_magic(head: bytes, source: str, content_type: str | None) -> None:
+    """Refuse what is not a GGUF file, without saying what it holds instead.
+
+    The message never shows the bytes read: a download source can point at any file
+    the hive can read or any service it can reach, and its error reaches the caller.
+    """
     if head[: len(MAGIC)] == MAGIC:
         return
-    shown = head[:16].decode("ascii", errors="replace")
-    shown = "".join(ch if ch.isprintable() else "." for ch in shown)
     hint = ""
-    if (content_type and "html" in content_type.lower()) or shown.lstrip().lower().startswith(("<!doctype", "<html")):
+    if content_type is not None and "html" in content_type.lower():
         hint = " (the server sent a web page, not a model file: use the file's direct download link"
         hint += ", for Hugging Face the /resolve/ URL or hf:ORG/REPO/FILE.gguf)"
-    raise GGUFError(f"{source} is not a GGUF model file: it starts with {shown!r}, expected 'GGUF'{hint}")
+    raise GGUFError(f"{source} is not a GGUF model file: it does not start with 'GGUF'{hint}")
 
 
 def _range_start(content_range: str | None) -> int | None:
