@@ -141,7 +141,11 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await _send_json(send, 413, error_body(PayloadTooLarge(f"the body is over {self.limit} bytes")))
+                    message = f"the body is over {self.limit} bytes"
+                    if _is_openai_path(scope["path"]):
+                        await _refuse(send, 413, "payload_too_large", message, True)
+                    else:
+                        await _send_json(send, 413, error_body(PayloadTooLarge(message)))
                     return
         seen = 0
 
@@ -200,7 +204,9 @@ class BearerAuth:
         given = b""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
-                given = value.strip()
+                # The scheme is case-insensitive (RFC 9110): "bearer x" is "Bearer x".
+                scheme, _, credentials = value.strip().partition(b" ")
+                given = b"Bearer " + credentials.strip() if scheme.lower() == b"bearer" else value.strip()
                 break
         principal = self._match(given)
         if principal is None:

@@ -141,3 +141,9 @@ async def test_configured_origins_and_hosts_get_in_and_get_cors(monkeypatch: pyt
         assert (await client.post("/v1/jobs/x", headers={"Content-Length": "0"})).status_code == 200
         r = await client.post("/v1/jobs", content=b"{}", headers={"Content-Type": "application/json; charset=utf-8"})
         assert r.status_code == 200
+
+
+async def test_no_redirect_is_built_from_a_foreign_host() -> None:
+    async with served(_queen) as client:
+        r = await client.get("/static/app.js/", headers={"Host": "evil.example"})
+        assert r.status_code == 403 and "location" not in r.headers

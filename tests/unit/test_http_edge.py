@@ -212,3 +212,12 @@ async def test_unauthorized_request_body_is_not_read() -> None:
         assert response.status_code == 401
         listed = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
     assert listed.json()["jobs"] == []
+
+
+async def test_the_bearer_scheme_is_case_insensitive_and_the_token_is_not() -> None:
+    async with await client_for(make_app(token=TOKEN)) as client:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            r = await client.get("/v1/jobs", headers={"Authorization": f"{scheme} {TOKEN}"})
+            assert r.status_code == 200, scheme
+        for wrong in (f"Bearer {TOKEN.upper()}", f"Basic {TOKEN}", TOKEN, "bearer"):
+            assert (await client.get("/v1/jobs", headers={"Authorization": wrong})).status_code == 401, wrong

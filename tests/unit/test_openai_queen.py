@@ -192,6 +192,9 @@ async def test_oversized_body_is_413_in_openai_shape(client: httpx.AsyncClient) 
 
     error = _error(await client.post("/v1/completions", content=chunks(), headers=JSON), 413)
     assert error["code"] == "payload_too_large"
+    # With a Content-Length the edge answers before reading; in OpenAI's shape too.
+    error = _error(await client.post("/v1/chat/completions", content=b"x" * 1_500_000, headers=JSON), 413)
+    assert error["code"] == "payload_too_large"
 
 
 # -- a job that fails before its first token ------------------------------------------------
