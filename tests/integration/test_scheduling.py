@@ -238,3 +238,9 @@ def test_one_worker_runs_as_many_jobs_as_it_has_slots_and_queues_the_rest(slotte
     assert len(queued) == 1, "only the fourth job waits: three run at once"
     [worker] = [w for w in listing["workers"] if w["worker_id"] in workers]
     assert worker["slots"] == 3
+
+
+def test_an_infer_pinned_to_an_unknown_worker_is_404_at_post(cluster: dict[str, Daemon]) -> None:
+    r = httpx.post(cluster["queen"].url + "/v1/jobs", json={**INFER, "worker_id": "worker-nope"}, timeout=10)
+    assert r.status_code == 404
+    assert r.json()["error"]["kind"] == "worker_not_found" and "worker-nope" in r.json()["error"]["message"]

@@ -196,3 +196,11 @@ async def test_a_token_is_required_when_set(tmp_path: Path) -> None:
             assert (await c.post("/v1/jobs", json={"operation": "worker_list"})).status_code == 401
             ok = await c.get("/v1/info", headers={"Authorization": f"Bearer {TOKEN}"})
             assert ok.status_code == 200 and ok.json()["auth"] is True
+
+
+async def test_an_operation_for_another_hive_is_refused_and_one_for_this_hive_runs(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/jobs", json={"operation": "model_list", "hive_id": "other-hive"})
+    assert r.status_code == 404
+    assert r.json()["error"]["kind"] == "hive_not_found" and "other-hive" in r.json()["error"]["message"]
+    assert (await client.post("/v1/jobs", json={"operation": "model_list", "hive_id": "test-hive"})).status_code == 201
+    assert (await client.post("/v1/jobs", json={"operation": "model_list"})).status_code == 201  # not addressed

@@ -66,6 +66,10 @@ class HiveRouter:
             raise errors.UnsupportedOperation(
                 f"a hive does not run {op.name!r}; it takes: {', '.join(sorted(HIVE_OPERATIONS))}"
             )
+        named = getattr(op, "hive_id", None)
+        if "hive_id" in op.model_fields_set and named != self.hive_id:
+            # Addressed to another hive: running it here would act on the wrong machine.
+            raise errors.HiveNotFound(f"this is hive {self.hive_id!r}, not {named!r}", hive_id=named)
         if isinstance(op, WorkerSpawn | ModelGet):
             await self.catalog.resolve(op.model)
         elif isinstance(op, WorkerGet | WorkerStop):

@@ -97,6 +97,14 @@ class Scheduler:
         """Refuse at POST time what can never run, or cannot be queued now."""
         if op.hive_id is not None:
             self.telemetry.hive(op.hive_id)  # 404 for an unknown hive
+        if op.worker_id is not None and all(
+            w.worker_id != op.worker_id for w in self.telemetry.workers(fresh_only=False)
+        ):
+            workers = ", ".join(sorted(w.worker_id for w in self.telemetry.workers(fresh_only=False))) or "none"
+            raise errors.WorkerNotFound(
+                f"worker_id: no worker {op.worker_id!r} is known to the queen (workers: {workers})",
+                worker_id=op.worker_id,
+            )
         waiting = len(self._pending.get(op.model, ()))
         if waiting >= self.queue_size and waiting >= self.queue_size + self._free_slots(op):
             raise errors.QueueFull(
