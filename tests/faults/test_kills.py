@@ -166,6 +166,9 @@ def test_kill_9_of_the_queen_mid_stream_then_restart(cluster: Cluster) -> None:
     # The interrupted job is failed/queen_restarted; the finished one is still there.
     record = httpx.get(f"{cluster.url}/v1/jobs/{interrupted}", timeout=5).json()
     assert record["status"] == "failed" and record["error"]["kind"] == "queen_restarted", record
+    # ...and it replays: a narration saying what happened, then exactly one end.
+    replay = end_of(follow(cluster.url, interrupted))
+    assert replay["status"] == "failed" and replay["error"]["kind"] == "queen_restarted"
     assert httpx.get(f"{cluster.url}/v1/jobs/{finished}", timeout=5).json()["status"] == "completed"
     # The hive brought its worker back with it: the next job runs there, nothing was restarted.
     wait_for(lambda: any(w["worker_id"] == worker["worker_id"] for w in cluster.workers("alpha")), 5)

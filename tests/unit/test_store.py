@@ -159,10 +159,70 @@ def test_stored_events_are_bounded_but_keep_the_end(store: JobStore) -> None:
     store.created(job)
     job.transition(JobStatus.RUNNING)
     for n in range(MAX_STORED_EVENTS + 100):
-        job.add_raw("result", json.dumps({"n": n}))
+        job.add_raw("narration", json.dumps({"n": n}))
     end = job.finish(JobStatus.COMPLETED, None)
     store.ended(job, end)
     events = store.events("job-big")
     assert events is not None
     assert len(events) == MAX_STORED_EVENTS
     assert events[-1][1] == "end"
+    # Never silently: the stored end says what was left out.
+    assert json.loads(events[-1][2])["history_dropped"] == {"narration": 101}
+    assert store.get("job-big")["history_dropped"] == {"narration": 101}  # type: ignore[index]
+
+
+def test_every_token_of_a_long_job_is_kept(store: JobStore) -> None:
+    job = Job("job-long", Infer(prompt="long"))
+    store.created(job)
+    job.transition(JobStatus.RUNNING)
+    for n in range(6_000):
+        job.add_raw("token", json.dumps({"t": f"w{n} ", "i": n}))
+        if n % 10 == 0:
+            job.add_raw("narration", json.dumps({"n": n}))
+    store.ended(job, job.finish(JobStatus.COMPLETED, None))
+    events = store.events("job-long")
+    assert events is not None
+    tokens = [json.loads(data)["i"] for _, kind, data in events if kind == "token"]
+    assert tokens == list(range(6_000))
+    assert events[-1][1] == "end" and json.loads(events[-1][2])["history_dropped"] == {"narration": 600}
+    # Replay from an id in the middle still has the tokens after it.
+    assert [e for e in events if e[0] > 5_500 and e[1] == "token"]
+
+
+def test_an_interrupted_job_has_a_log_to_replay(db: Path) -> None:
+    first = JobStore(db)
+    running = Job("job-running", Infer(prompt="long"))
+    first.created(running)
+    first.close()  # the queen dies here
+    second = JobStore(db)
+    try:
+        assert second.mark_interrupted() == 1
+        events = second.events("job-running")
+        assert events is not None and [kind for _, kind, _ in events] == ["narration", "end"]
+        end = json.loads(events[-1][2])
+        assert end["status"] == "failed" and end["error"]["kind"] == "queen_restarted"
+        assert json.loads(events[0][2])["action"] == "job_interrupted"
+        assert second.get("job-running")["error"]["kind"] == "queen_restarted"  # type: ignore[index]
+    finally:
+        second.close()
+
+
+async def test_a_job_is_committed_before_its_post_is_answered(store: JobStore, db: Path) -> None:
+    import sqlite3
+
+    from rbee.jobs.api import JobServer
+
+    async def executor(op: OperationBase) -> None:
+        await asyncio.sleep(10)
+
+    registry = registry_for(store)
+    server = JobServer(registry, executor, durable=store.durable)
+    jobs = await asyncio.gather(*(server.submit(Status()) for _ in range(5)))
+    # Another connection (another process, after a crash) already sees every one of them.
+    other = sqlite3.connect(str(db))
+    try:
+        found = {row[0] for row in other.execute("SELECT job_id FROM jobs")}
+    finally:
+        other.close()
+    assert {job.id for job in jobs} <= found
+    await registry.aclose()

@@ -39,7 +39,9 @@ class JobServer:
 
     ``admit`` runs at ``POST`` time, before a job exists: it raises for
     operations this server does not take (422) or cannot take now (429, 503),
-    so bad input is answered there and never later in the stream.
+    so bad input is answered there and never later in the stream. ``durable``
+    (the queen's history) is awaited after the job exists and before the
+    ``POST`` is answered, so an accepted job is on record.
     """
 
     def __init__(
@@ -51,11 +53,13 @@ class JobServer:
         history: Callable[[str], dict[str, Any] | None] | None = None,
         history_list: Callable[[int], list[dict[str, Any]]] | None = None,
         history_events: Callable[[str], list[tuple[int, str, str]] | None] | None = None,
+        durable: Callable[[], Awaitable[None]] | None = None,
         ping_interval_s: float = PING_INTERVAL_S,
     ) -> None:
         self.registry = registry
         self.executor = executor
         self.admit = admit
+        self.durable = durable
         self.history = history
         self.history_list = history_list
         self.history_events = history_events
@@ -96,7 +100,10 @@ class JobServer:
             if maybe is not None:
                 await maybe
         timeout_s = getattr(operation, "timeout_s", None)
-        return self.registry.submit(operation, self.executor, timeout_s=timeout_s)
+        job = self.registry.submit(operation, self.executor, timeout_s=timeout_s)
+        if self.durable is not None:
+            await self.durable()  # the job's record is committed before anyone hears of the job
+        return job
 
     def describe(self, job_id: str) -> dict[str, Any]:
         job = self.registry.find(job_id)

@@ -90,6 +90,7 @@ class QueenState:
             history=self.store.get,
             history_list=self._recent,
             history_events=self.store.events,
+            durable=self.store.durable,
             ping_interval_s=settings.ping_interval_s,
         )
         self.started_at = time.time()

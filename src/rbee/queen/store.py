@@ -4,13 +4,20 @@ A record is written when a job is created and completed when it ends, so a
 queen that dies mid-job finds the interrupted jobs at its next start and marks
 them ``failed`` with ``error.kind = "queen_restarted"``.
 
-Writes are gathered for :data:`FLUSH_DELAY_S` and committed together (WAL,
-``synchronous=NORMAL``): a transaction costs about 60 µs however many rows it
-carries, so giving each of a short job's two writes its own would cost the
-queen more than the rest of the job. A job that starts and ends within that
-time is written once, already finished. Every read (and :meth:`close`)
-commits what is pending first, so callers never see the delay; a queen
-killed within 10 ms of a job's creation loses that one record.
+Writes are gathered and committed together (WAL, ``synchronous=NORMAL``): a
+transaction costs about 60 µs however many rows it carries, so giving each of a
+short job's two writes its own would cost the queen more than the rest of the
+job. A new job's record is committed before its ``POST`` is answered
+(:meth:`JobStore.durable`: every job created in the same turn of the event loop
+shares one commit), so an accepted job is never lost with the queen; outcomes
+wait up to :data:`FLUSH_DELAY_S` for company. Every read (and :meth:`close`)
+commits what is pending first, so callers never see the delay.
+
+The history keeps every token and result of a job. Past :data:`MAX_STORED_EVENTS`
+events, narration and progress are dropped from the middle, and the stored
+``end`` says how many (``history_dropped``). A job the queen was running when it
+died gets a replayable log at the next start: a narration saying so and its
+``end`` (``failed``, ``queen_restarted``).
 """
 
 from __future__ import annotations
@@ -81,7 +88,9 @@ class JobStore:
         # if the job ends first) and the outcomes of jobs already written.
         self._inserts: dict[str, list[Any]] = {}
         self._updates: list[tuple[Any, ...]] = []
-        self._flush_soon: asyncio.TimerHandle | None = None
+        self._flush_soon: asyncio.TimerHandle | asyncio.Handle | None = None
+        #: Callers waiting for their job's record to be committed (see :meth:`durable`).
+        self._waiters: list[asyncio.Future[None]] = []
 
     def close(self) -> None:
         self.flush()
@@ -92,20 +101,45 @@ class JobStore:
         if self._flush_soon is not None:
             self._flush_soon.cancel()
             self._flush_soon = None
+        waiters, self._waiters = self._waiters, []
+        try:
+            if not self._inserts and not self._updates:
+                return
+            inserts, self._inserts = list(self._inserts.values()), {}
+            updates, self._updates = self._updates, []
+            self.db.execute("BEGIN")
+            try:
+                if inserts:
+                    self.db.executemany(_INSERT, inserts)
+                if updates:
+                    self.db.executemany(_UPDATE, updates)
+            except BaseException as exc:
+                self.db.execute("ROLLBACK")
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                waiters = []
+                raise
+            self.db.execute("COMMIT")
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def durable(self) -> None:
+        """Return once every record written so far is committed (group commit at the next loop turn)."""
         if not self._inserts and not self._updates:
             return
-        inserts, self._inserts = list(self._inserts.values()), {}
-        updates, self._updates = self._updates, []
-        self.db.execute("BEGIN")
-        try:
-            if inserts:
-                self.db.executemany(_INSERT, inserts)
-            if updates:
-                self.db.executemany(_UPDATE, updates)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        soon = self._flush_soon
+        if soon is None or isinstance(soon, asyncio.TimerHandle):
+            # Sooner than the outcome timer: at the next turn, after the other POSTs of this one.
+            if soon is not None:
+                soon.cancel()
+            self._flush_soon = loop.call_soon(self._flush_now)
+        await waiter
 
     def _later(self) -> None:
         if self._flush_soon is not None:
@@ -122,15 +156,39 @@ class JobStore:
         self.flush()
 
     def mark_interrupted(self) -> int:
-        """Jobs left running by a previous queen process end as failed."""
+        """Jobs left running by a previous queen process end as failed, with a log to replay."""
         self.flush()
-        cur = self.db.execute(
-            "UPDATE jobs SET status='failed', error_kind='queen_restarted',"
-            " error_message='the queen restarted while the job was running', finished_at=?"
-            " WHERE status IN ('queued', 'running')",
-            (time.time(),),
+        now = time.time()
+        message = "the queen restarted while the job was running"
+        rows = self.db.execute("SELECT job_id, created_at FROM jobs WHERE status IN ('queued', 'running')").fetchall()
+        updates = []
+        for job_id, created_at in rows:
+            end = {
+                "job_id": job_id,
+                "status": "failed",
+                "error": {"kind": "queen_restarted", "message": message},
+                "duration_ms": round(max(0.0, now - created_at) * 1000.0, 3),
+                "narration_dropped": 0,
+            }
+            narration = {
+                "actor": "queen",
+                "action": "job_interrupted",
+                "human": "The queen stopped while this job ran; what it streamed until then was not kept",
+                "job_id": job_id,
+                "level": "error",
+                "ts": now,
+            }
+            events = [[1, "narration", json.dumps(narration)], [2, "end", json.dumps(end)]]
+            updates.append((now, end["duration_ms"], json.dumps(end), json.dumps(events), job_id))
+        self.db.execute("BEGIN")
+        self.db.executemany(
+            "UPDATE jobs SET status='failed', error_kind='queen_restarted', error_message='"
+            + message
+            + "', finished_at=?, duration_ms=?, end_event=?, events=? WHERE job_id=?",
+            updates,
         )
-        return cur.rowcount
+        self.db.execute("COMMIT")
+        return len(updates)
 
     def created(self, job: Job, owner: str | None = None) -> None:
         """Record a new job; ``owner`` is the fingerprint of the token that created it."""
@@ -147,9 +205,14 @@ class JobStore:
 
     def ended(self, job: Job, end: dict[str, Any]) -> None:
         error = end.get("error") or {}
-        events = job.events
+        events = list(job.events)
         if len(events) > MAX_STORED_EVENTS:
-            events = events[: MAX_STORED_EVENTS - 1] + events[-1:]
+            events, dropped = _bounded(events)
+            if dropped:
+                end = {**end, "history_dropped": dropped}
+                last = events[-1]
+                if last[1] == "end":
+                    events[-1] = (last[0], last[1], json.dumps({**json.loads(last[2]), "history_dropped": dropped}))
         outcome = (
             job.status.value,
             job.started_at,
@@ -206,7 +269,7 @@ class JobStore:
             record["text"] = text
         if end:
             end_event = json.loads(end)
-            for key in ("ttft_ms", "tokens_per_s", "stop_reason", "worker_id", "hive_id"):
+            for key in ("ttft_ms", "tokens_per_s", "stop_reason", "worker_id", "hive_id", "history_dropped"):
                 if key in end_event:
                     record[key] = end_event[key]
         return record
@@ -238,3 +301,25 @@ class JobStore:
         if row is None or row[0] is None:
             return None
         return [tuple(e) for e in json.loads(row[0])]  # type: ignore[misc]
+
+
+#: Events the history never drops: what the job produced.
+_KEPT = frozenset({"token", "result", "end"})
+
+
+def _bounded(events: list[Any]) -> tuple[list[Any], dict[str, int]]:
+    """At most :data:`MAX_STORED_EVENTS` events where that can be done without losing output:
+    every token, result and end stays; narration and progress fill what room is left, oldest first."""
+    kept = sum(1 for e in events if e[1] in _KEPT)
+    room = max(0, MAX_STORED_EVENTS - kept)
+    out = []
+    dropped: dict[str, int] = {}
+    for event in events:
+        if event[1] in _KEPT:
+            out.append(event)
+        elif room > 0:
+            out.append(event)
+            room -= 1
+        else:
+            dropped[event[1]] = dropped.get(event[1], 0) + 1
+    return out, dropped
