@@ -439,3 +439,10 @@ async def test_a_model_in_use_is_not_deleted_until_its_worker_stops(
     assert files(hive) == []
     assert await model_names(hive) == {DEFAULT_MODEL}
     assert "tiny" not in [m.id for m in beats[-1].models]
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".gguf", "\u00e9" * 130 + ".gguf"])
+async def test_a_file_name_no_file_system_takes_is_422_at_post(hive: httpx.AsyncClient, name: str) -> None:
+    r = await hive.post("/v1/jobs", json={"operation": "model_download", "source": f"https://example.org/{name}"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "source" and "bytes" in r.json()["error"]["message"]

@@ -61,8 +61,21 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+#: The longest file name a file system takes (ext4, APFS, NTFS: 255 bytes).
+MAX_NAME_BYTES = 255
+
+
 def parse_source(text: str, *, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> Source:
     """Parse a download source, or raise :class:`InvalidOperation` naming ``source``."""
+    source = _parse_source(text, hf_endpoint=hf_endpoint)
+    if len(source.filename.encode("utf-8")) > MAX_NAME_BYTES - len(".part"):
+        raise _invalid(f"the file name is over {MAX_NAME_BYTES - len('.part')} bytes; no file system here can hold it")
+    if not source.filename or source.filename in (".", "..") or "\x00" in source.filename:
+        raise _invalid(f"{text.strip()!r} names no file")
+    return source
+
+
+def _parse_source(text: str, *, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> Source:
     text = text.strip()
     if not text:
         raise _invalid("must not be empty")
