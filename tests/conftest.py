@@ -10,6 +10,7 @@ httpx's and Starlette's test transports, whose made-up host names
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from cluster import free_port
 
 # Set at import, before any test module builds an app (schemathesis loads its schemas then).
 os.environ["RBEE_ALLOW_HOSTS"] = "testserver,worker,queen,hive,test"
+# The tests' model servers listen on loopback and their model files lie in temporary
+# directories: the hives' download policy lets both in (tests/unit/test_download_policy.py
+# checks the policy itself, without these).
+os.environ["RBEE_ALLOW_DOWNLOAD_FROM"] = "127.0.0.0/8"
+os.environ["RBEE_MODEL_DIRS"] = tempfile.gettempdir()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -50,7 +50,9 @@ class Person:
         self.queen_port = free_port()
         self.hive_port = free_port("127.0.0.2")
         self.http_port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RBEE_TOKEN", "NO_COLOR")}
+        # As a person runs it: none of the test session's allowances (the README says what to allow).
+        unset = ("RBEE_TOKEN", "NO_COLOR", "RBEE_ALLOW_DOWNLOAD_FROM", "RBEE_MODEL_DIRS", "RBEE_ALLOW_HOSTS")
+        self.env = {k: v for k, v in os.environ.items() if k not in unset}
         self.env.update(
             PATH=f"{BIN}:{os.environ.get('PATH', '')}",
             RBEE_HOME=str(self.home),

@@ -202,7 +202,7 @@ def test_a_source_that_is_not_a_whole_model_fails_in_one_line_and_leaves_nothing
         (("model", "download", "URL", "--hive", "nowhere"), 1, "no hive 'nowhere'"),
         (("model", "download", "URL", "--hive", "beta", "--sha256", "xyz"), 2, "--sha256"),
         (("model", "download", "not/here.gguf", "--hive", "beta"), 2, "no file 'not/here.gguf' here"),
-        (("model", "download", "/no/such/file.gguf", "--hive", "beta"), 1, "no such file"),
+        (("model", "download", "/no/such/file.gguf", "--hive", "beta"), 1, "only under"),
         (("model", "download", "URL", "--hive", "beta", "--alias", "gemma3-270m"), 1, "already has a model"),
         (("model", "delete", "no-such-model", "--hive", "beta"), 1, "no model 'no-such-model'"),
         (("model", "delete", "gemma3-270m", "--hive", "beta"), 2, "always available"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -358,7 +359,8 @@ async def test_a_local_file_is_copied_and_the_original_stays(hive: httpx.AsyncCl
     [
         (download("relative/m.gguf"), 422, "invalid_operation"),
         (download("ftp://example.org/m.gguf"), 422, "invalid_operation"),
-        (download("/nowhere/m.gguf"), 404, "model_not_found"),
+        (download("/nowhere/m.gguf"), 403, "download_refused"),  # outside the model directories
+        (download(f"{tempfile.gettempdir()}/rbee-nowhere/m.gguf"), 404, "model_not_found"),  # inside, missing
         (download("http://127.0.0.1:9/x.gguf", alias=DEFAULT_MODEL), 409, "conflict"),
         (download("http://127.0.0.1:9/x.gguf", alias="../up"), 422, "invalid_operation"),
         (download("http://127.0.0.1:9/x.gguf", sha256="abc"), 422, "invalid_operation"),

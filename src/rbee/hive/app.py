@@ -20,6 +20,7 @@ from rbee.config import HIVE_PORT, rbee_home
 from rbee.hive.catalog import ModelCatalog
 from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import Deliver, DeviceProbe, HeartbeatLoop, HttpDelivery
+from rbee.hive.policy import DownloadPolicy
 from rbee.hive.router import HiveRouter
 from rbee.hive.supervisor import WORKER_COMMAND, Supervisor, reachable_host, url_host
 from rbee.http import install_edge
@@ -53,6 +54,10 @@ class HiveSettings:
     worker_command: tuple[str, ...] = WORKER_COMMAND
     #: Where ``hf:`` sources are looked up; default ``$HF_ENDPOINT``, else https://huggingface.co.
     hf_endpoint: str | None = None
+    #: Download sources let in besides the default policy (CIDRs or host names; see rbee.hive.policy).
+    allow_download_from: tuple[str, ...] = ()
+    #: Directories local model files may be downloaded from, besides $RBEE_HOME/models.
+    model_dirs: tuple[Path, ...] = ()
 
 
 class HiveState:
@@ -100,8 +105,13 @@ class HiveState:
                 target=target,
             )
         self.models_dir = self.home / "models" / settings.hive_id
+        policy = DownloadPolicy(allow=settings.allow_download_from, model_dirs=settings.model_dirs, home=self.home)
         self.downloads = Downloader(
-            catalog=self.catalog, models_dir=self.models_dir, hive_id=settings.hive_id, hf_endpoint=settings.hf_endpoint
+            catalog=self.catalog,
+            models_dir=self.models_dir,
+            hive_id=settings.hive_id,
+            hf_endpoint=settings.hf_endpoint,
+            policy=policy,
         )
         self.router = HiveRouter(
             hive_id=settings.hive_id,

@@ -39,6 +39,7 @@ from rbee.contracts.operations import ModelDownload, check_model_ref
 from rbee.errors import InvalidOperation, JobConflict, ModelNotFound, RbeeError
 from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.gguf import MAGIC, GGUFError, check_complete
+from rbee.hive.policy import DownloadPolicy
 from rbee.hive.source import DEFAULT_HF_ENDPOINT, Source, model_id_for, parse_source, public_url, server_digests
 from rbee.hive.transfer import WRITE_CHUNK, PartFile, Progress, human_bytes
 from rbee.narration import narrate
@@ -90,20 +91,29 @@ class Downloader:
         http: httpx.AsyncClient | None = None,
         retries: int = RETRIES,
         retry_delay_s: float = 0.5,
+        policy: DownloadPolicy | None = None,
     ) -> None:
         self.catalog = catalog
         self.models_dir = models_dir
         self.hive_id = hive_id
         self.hf_endpoint = (hf_endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+        self.policy = policy or DownloadPolicy(model_dirs=[models_dir.parent])
+        # The hub the operator configured is theirs to trust, wherever it is.
+        self.policy.hosts.add((urlsplit(self.hf_endpoint).hostname or "").lower())
         self._own_http = http is None
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(30.0, connect=10.0),
             follow_redirects=True,
             headers={"User-Agent": "rbee-hive"},
+            # Every request, redirects included, goes through the policy with its addresses as resolved then.
+            event_hooks={"request": [self._check_request]},
         )
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self._inflight: set[str] = set()
+
+    async def _check_request(self, request: httpx.Request) -> None:
+        await self.policy.check_url(str(request.url))
 
     async def aclose(self) -> None:
         if self._own_http:
@@ -114,6 +124,10 @@ class Downloader:
     def plan(self, op: ModelDownload) -> _Plan:
         """Check what can be checked without the network; raise the error POST answers with."""
         source = parse_source(op.source, hf_endpoint=self.hf_endpoint)
+        if source.kind == "path" and source.path is not None:
+            self.policy.check_path(source.path)
+        elif source.kind == "http" and source.url is not None:
+            self.policy.check_host(urlsplit(source.url).hostname or "")
         model_id = model_id_for(source.filename)
         try:
             check_model_ref(model_id)

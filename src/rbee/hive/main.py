@@ -47,6 +47,20 @@ def _check_hive_id(ctx: click.Context, param: click.Parameter, value: str) -> st
     metavar="URL",
     help="Where hf:ORG/REPO/FILE.gguf sources are fetched (default $HF_ENDPOINT, else https://huggingface.co).",
 )
+@click.option(
+    "--allow-download-from",
+    "allow_download_from",
+    multiple=True,
+    metavar="CIDR|HOST",
+    help="Let downloads reach these addresses or hosts too (loopback and this machine are refused by default).",
+)
+@click.option(
+    "--model-dir",
+    "model_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="A directory local model files may be downloaded from, besides $RBEE_HOME/models (repeatable).",
+)
 def main(
     host: str,
     port: int,
@@ -58,6 +72,8 @@ def main(
     worker_args: tuple[str, ...],
     heartbeat_interval: float,
     hf_endpoint: str | None,
+    allow_download_from: tuple[str, ...],
+    model_dirs: tuple[Path, ...],
 ) -> None:
     """Run a hive: the workers and model files of this machine, reporting to a queen.
 
@@ -95,6 +111,8 @@ def main(
         worker_args=worker_args,
         heartbeat_interval_s=heartbeat_interval,
         hf_endpoint=hf_endpoint,
+        allow_download_from=allow_download_from,
+        model_dirs=model_dirs,
     )
     serve(create_hive_app(settings), host, port, sock=sock)
 

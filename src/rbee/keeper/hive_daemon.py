@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,7 @@ def start_hive(
     worker_engine: str | None = None,
     home: Path | None = None,
     timeout_s: float = START_TIMEOUT_S,
+    extra_args: Sequence[str] = (),
 ) -> HiveProcess:
     """Start a hive daemon that joins the queen at ``queen_url``, or find the one already running."""
     check_hive_id(hive_id)
@@ -181,6 +183,7 @@ def start_hive(
         cmd += ["--queen-url", queen_url]
         if worker_engine:
             cmd += ["--worker-engine", worker_engine]
+        cmd += list(extra_args)
         env = dict(os.environ)
         env.pop("RBEE_TOKEN", None)
         if token:

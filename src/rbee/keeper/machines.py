@@ -7,6 +7,7 @@ and ``hive start|stop|status`` manage daemons on this machine.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -77,6 +78,20 @@ def hive_check(session: Session, hive_id: str) -> None:
 @click.option(
     "--queen-url", "hive_queen_url", metavar="URL", help="The queen to join. Default: the keeper's queen URL."
 )
+@click.option(
+    "--allow-download-from",
+    "allow_download_from",
+    multiple=True,
+    metavar="CIDR|HOST",
+    help="Let its downloads reach these addresses or hosts too (loopback and this machine are refused by default).",
+)
+@click.option(
+    "--model-dir",
+    "model_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="A directory it may read local model files from, besides $RBEE_HOME/models (repeatable).",
+)
 @click.option("--worker-engine", type=click.Choice(["llama", "fake"]), default=None, hidden=True)
 @output_options
 @pass_session
@@ -86,6 +101,8 @@ def hive_start(
     host: str,
     port: int,
     hive_queen_url: str | None,
+    allow_download_from: tuple[str, ...],
+    model_dirs: tuple[str, ...],
     worker_engine: str | None,
 ) -> None:
     """Start a hive on this machine, in the background, and join it to the queen.
@@ -103,8 +120,16 @@ def hive_start(
 
     name = check_hive_id(hive_id) if hive_id else default_hive_id()
     queen_url = (hive_queen_url or session.url).rstrip("/")
+    extra = [*(f"--allow-download-from={a}" for a in allow_download_from)]
+    extra += [f"--model-dir={os.path.abspath(os.path.expanduser(d))}" for d in model_dirs]
     started = start_hive(
-        hive_id=name, queen_url=queen_url, host=host, port=port, token=session.token, worker_engine=worker_engine
+        hive_id=name,
+        queen_url=queen_url,
+        host=host,
+        port=port,
+        token=session.token,
+        worker_engine=worker_engine,
+        extra_args=extra,
     )
     if session.json_mode:
         print_json(
