@@ -193,6 +193,9 @@ def test_an_interrupted_job_has_a_log_to_replay(db: Path) -> None:
     first = JobStore(db)
     running = Job("job-running", Infer(prompt="long"))
     first.created(running)
+    first.flush()
+    running.transition(JobStatus.RUNNING)
+    first.started(running)
     first.close()  # the queen dies here
     second = JobStore(db)
     try:
@@ -202,7 +205,9 @@ def test_an_interrupted_job_has_a_log_to_replay(db: Path) -> None:
         end = json.loads(events[-1][2])
         assert end["status"] == "failed" and end["error"]["kind"] == "queen_restarted"
         assert json.loads(events[0][2])["action"] == "job_interrupted"
-        assert second.get("job-running")["error"]["kind"] == "queen_restarted"  # type: ignore[index]
+        record = second.get("job-running")
+        assert record is not None and record["error"]["kind"] == "queen_restarted"
+        assert record["started_at"] == running.started_at is not None  # when it began is kept
     finally:
         second.close()
 

@@ -20,11 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from rbee import __version__, errors
 from rbee.config import QUEEN_PORT, rbee_home
 from rbee.contracts.cluster import Heartbeat
+from rbee.contracts.operations import OperationBase
 from rbee.errors import RbeeError
 from rbee.http import current_principal, error_body, install_edge, is_admin
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.job import Job
-from rbee.jobs.registry import JobRegistry
+from rbee.jobs.registry import JobRegistry, current_job
 from rbee.narration import narrate
 from rbee.queen.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rbee.queen.metrics import QueenMetrics
@@ -85,7 +86,7 @@ class QueenState:
         )
         self.jobs = JobServer(
             self.registry,
-            self.router,
+            self._execute,
             admit=self.router.admit,
             history=self.store.get,
             history_list=self._recent,
@@ -95,6 +96,11 @@ class QueenState:
         )
         self.started_at = time.time()
         self.local_hive: Any = None
+
+    async def _execute(self, op: OperationBase) -> None:
+        # The start is on record too: a queen that dies now leaves a job that says when it began.
+        self.store.started(current_job())
+        await self.router(op)
 
     def _job_created(self, job: Job) -> None:
         # Runs inside the request that created the job, so its caller is known.

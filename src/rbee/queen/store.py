@@ -88,6 +88,7 @@ class JobStore:
         # if the job ends first) and the outcomes of jobs already written.
         self._inserts: dict[str, list[Any]] = {}
         self._updates: list[tuple[Any, ...]] = []
+        self._starts: list[tuple[Any, ...]] = []
         self._flush_soon: asyncio.TimerHandle | asyncio.Handle | None = None
         #: Callers waiting for their job's record to be committed (see :meth:`durable`).
         self._waiters: list[asyncio.Future[None]] = []
@@ -103,14 +104,19 @@ class JobStore:
             self._flush_soon = None
         waiters, self._waiters = self._waiters, []
         try:
-            if not self._inserts and not self._updates:
+            if not self._inserts and not self._updates and not self._starts:
                 return
             inserts, self._inserts = list(self._inserts.values()), {}
             updates, self._updates = self._updates, []
+            starts, self._starts = self._starts, []
             self.db.execute("BEGIN")
             try:
                 if inserts:
                     self.db.executemany(_INSERT, inserts)
+                if starts:  # before outcomes: a job that started and ended in one batch ends finished
+                    self.db.executemany(
+                        "UPDATE jobs SET status=?, started_at=? WHERE job_id=? AND finished_at IS NULL", starts
+                    )
                 if updates:
                     self.db.executemany(_UPDATE, updates)
             except BaseException as exc:
@@ -195,6 +201,16 @@ class JobStore:
         payload = json.dumps(job.operation.to_wire())
         self._inserts[job.id] = [job.id, job.operation.name, payload, job.status.value, job.created_at, owner]
         self._inserts[job.id].extend([None] * 10)
+        self._later()
+
+    def started(self, job: Job) -> None:
+        """The job began running (its record gets ``started_at``, with the next commit)."""
+        row = self._inserts.get(job.id)
+        if row is not None:
+            row[3] = job.status.value
+            row[6] = job.started_at
+        else:
+            self._starts.append((job.status.value, job.started_at, job.id))
         self._later()
 
     def owner(self, job_id: str) -> tuple[bool, str | None]:
