@@ -90,6 +90,7 @@ class JobStore:
         self._updates: list[tuple[Any, ...]] = []
         self._starts: list[tuple[Any, ...]] = []
         self._flush_soon: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._flush_next_turn = False
         #: Callers waiting for their job's record to be committed (see :meth:`durable`).
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -102,6 +103,7 @@ class JobStore:
         if self._flush_soon is not None:
             self._flush_soon.cancel()
             self._flush_soon = None
+        self._flush_next_turn = False
         waiters, self._waiters = self._waiters, []
         try:
             if not self._inserts and not self._updates and not self._starts:
@@ -139,12 +141,13 @@ class JobStore:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        soon = self._flush_soon
-        if soon is None or isinstance(soon, asyncio.TimerHandle):
+        if not self._flush_next_turn:
             # Sooner than the outcome timer: at the next turn, after the other POSTs of this one.
-            if soon is not None:
-                soon.cancel()
+            # (A flag, not the handle's type: uvloop's handles are not asyncio's classes.)
+            if self._flush_soon is not None:
+                self._flush_soon.cancel()
             self._flush_soon = loop.call_soon(self._flush_now)
+            self._flush_next_turn = True
         await waiter
 
     def _later(self) -> None:
