@@ -444,6 +444,8 @@ _EDGE_ERRORS = {
     "401": "A valid bearer token is required",
     "413": "The request body is over the limit",
     "422": "Invalid input: the field and the reason",
+    "403": "Forbidden (also: a Host or a web Origin this server does not serve)",
+    "415": "The body is not application/json",
 }
 
 
@@ -452,7 +454,8 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
 
     Every error is ``{"error": {"kind", "message", ...}}`` (FastAPI's default
     422 shape is never sent); 401 is documented wherever a token is checked,
-    413 wherever a body is taken.
+    413 and 415 wherever a body is taken, 403 everywhere but ``/health``
+    (:class:`BrowserGuard`).
     """
     generate = app.openapi
 
@@ -475,7 +478,9 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
                 responses = operation["responses"]
                 wanted = {"422"} if operation.get("parameters") or "requestBody" in operation else set()
                 if "requestBody" in operation:
-                    wanted.add("413")
+                    wanted |= {"413", "415"}
+                if path != "/health":
+                    wanted.add("403")  # BrowserGuard
                 if auth and not (path in open_paths and method in ("get", "head")):
                     wanted.add("401")
                 for status in wanted:
