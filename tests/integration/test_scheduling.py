@@ -244,3 +244,20 @@ def test_an_infer_pinned_to_an_unknown_worker_is_404_at_post(cluster: dict[str, 
     r = httpx.post(cluster["queen"].url + "/v1/jobs", json={**INFER, "worker_id": "worker-nope"}, timeout=10)
     assert r.status_code == 404
     assert r.json()["error"]["kind"] == "worker_not_found" and "worker-nope" in r.json()["error"]["message"]
+
+
+def test_max_tokens_over_every_workers_context_is_422_at_post(cluster: dict[str, Daemon]) -> None:
+    url = cluster["queen"].url
+    # A worker exists and has reported its context (the fake engine's default, 4096 a slot).
+    assert _end(asyncio.run(_run(url, {**INFER, "max_tokens": 1})))["status"] == "completed"
+
+    def reported() -> bool:
+        events = asyncio.run(_run(url, {"operation": "worker_list", "hive_id": "alpha"}))
+        workers = next(e.data for e in events if e.kind == "result")["workers"]
+        return any(w.get("n_ctx") for w in workers)
+
+    wait_for(reported, 10)
+    r = httpx.post(url + "/v1/jobs", json={**INFER, "max_tokens": 100_000}, timeout=10)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "max_tokens" and "4096" in r.json()["error"]["message"]
+    assert httpx.post(url + "/v1/jobs", json={**INFER, "max_tokens": 8}, timeout=10).status_code == 201

@@ -30,6 +30,8 @@ class WorkerReport(BaseModel):
     slots: int = 1
     busy_slots: int = 0
     queue: int = 0
+    #: The context of one slot, in tokens (None: not known yet).
+    n_ctx: int | None = None
     started_at: float | None = None
     current_job: str | None = None
 

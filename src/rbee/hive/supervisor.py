@@ -162,6 +162,7 @@ class WorkerProcess:
     slots: int = 1
     busy_slots: int = 0
     queue: int = 0
+    n_ctx: int | None = None
     current_job: str | None = None
     exit_code: int | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -184,6 +185,7 @@ class WorkerProcess:
             slots=self.slots,
             busy_slots=self.busy_slots,
             queue=self.queue,
+            n_ctx=self.n_ctx,
             started_at=self.started_at,
             current_job=self.current_job,
         )
@@ -199,7 +201,7 @@ class WorkerProcess:
             self.state = "ready"
         elif isinstance(state, str) and state in _STATES:
             self.state = _STATES[state]
-        for name in ("slots", "busy_slots", "queue"):
+        for name in ("slots", "busy_slots", "queue", "n_ctx"):
             value = ready.get(name)
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, value)

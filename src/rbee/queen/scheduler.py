@@ -105,6 +105,15 @@ class Scheduler:
                 f"worker_id: no worker {op.worker_id!r} is known to the queen (workers: {workers})",
                 worker_id=op.worker_id,
             )
+        contexts = [w.report.n_ctx for w in self._candidates(op, set(), fresh_only=False) if w.report.n_ctx]
+        if contexts and all(op.max_tokens >= n for n in contexts):
+            # The prompt is counted by the worker; max_tokens alone can already never fit.
+            raise errors.InvalidOperation(
+                f"max_tokens: {op.max_tokens} does not fit the context of any worker of {op.model}"
+                f" (at most {max(contexts)} tokens, prompt included)",
+                field="max_tokens",
+                n_ctx=max(contexts),
+            )
         waiting = len(self._pending.get(op.model, ()))
         if waiting >= self.queue_size and waiting >= self.queue_size + self._free_slots(op):
             raise errors.QueueFull(
