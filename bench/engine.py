@@ -370,7 +370,7 @@ def start_llama_server(
     return start_server(args, port=port, home=home, env=env, timeout_s=120)
 
 
-def start_llama_cpp_server(model_path: str, threads: int, repack: bool, home: Path) -> Server:
+def start_llama_cpp_server(model_path: str, threads: int, home: Path) -> Server:
     port = free_port()
     flags = [
         *("--model", model_path, "--model_alias", MODEL),
@@ -647,7 +647,7 @@ def main() -> None:
         peer_one = None
         if "llama-cpp-python" in only:
             (home / "llama-cpp-python").mkdir()
-            peer_one = start_llama_cpp_server(model_path, threads, repack, home / "llama-cpp-python")
+            peer_one = start_llama_cpp_server(model_path, threads, home / "llama-cpp-python")
             servers.append(peer_one)
         round_no = 0
         for n in levels:

@@ -272,7 +272,8 @@ class BrowserGuard:
 
     def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()) -> None:
         self.app = app
-        names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+        # The host name only: getfqdn() would ask DNS, which can take seconds on a machine without it.
+        names = {"localhost", socket.gethostname().lower()}
         self.hosts = frozenset(
             names | {h.lower() for h in allowed_hosts} | {h.lower() for h in _env_list("RBEE_ALLOW_HOSTS")}
         )

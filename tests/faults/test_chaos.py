@@ -19,7 +19,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -101,20 +100,20 @@ class Soak:
         while not self.stop.wait(FAULT_EVERY_S):
             kind = rng.choice(["worker", "worker", "hive", "queen"])
             try:
-                self._strike(kind)
+                self._strike(kind, rng)
             except (httpx.HTTPError, OSError, AssertionError, TimeoutError):
                 continue
             self.faults[kind] += 1
 
-    def _strike(self, kind: str) -> None:
+    def _strike(self, kind: str, rng: random.Random) -> None:
         c = self.cluster
         if kind == "worker":
             workers = [w for h in c.hives for w in c.workers(h)]
             if not workers:
                 raise OSError("no worker yet")
-            os.kill(rng_choice(workers)["pid"], signal.SIGKILL)
+            os.kill(rng.choice(workers)["pid"], signal.SIGKILL)
         elif kind == "hive":
-            hive_id = rng_choice(sorted(c.hives))
+            hive_id = rng.choice(sorted(c.hives))
             daemon = c.hives[hive_id]
             daemon.kill(signal.SIGKILL)
             assert daemon.proc is not None
@@ -129,10 +128,6 @@ class Soak:
             queen.proc.wait(10)
             c.start_queen()
             self.queen_down.clear()
-
-
-def rng_choice(items: list[Any]) -> Any:
-    return random.choice(items)
 
 
 def test_chaos_keeps_every_accepted_job(tmp_path: Path) -> None:

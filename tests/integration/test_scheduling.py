@@ -21,13 +21,10 @@ pytestmark = pytest.mark.timeout(120)
 FAKE = {"RBEE_FAKE_TOKENS": "12", "RBEE_FAKE_DELAY_MS": "50"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
-    home = tmp_path_factory.mktemp("sched")
-    q = queen(home / "queen", free_port(), "--queue-size", "2").start()
-    # One slot a worker: the queueing tests below need a worker that runs one job at a time.
+def _cluster(home: Path, queue_size: int, slots: int) -> Iterator[dict[str, Daemon]]:
+    q = queen(home / "queen", free_port(), "--queue-size", str(queue_size)).start()
     h = hive(
-        home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", "--worker-arg=--slots=1", env=FAKE
+        home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", f"--worker-arg=--slots={slots}", env=FAKE
     ).start()
     try:
         wait_for(lambda: _online(q.url), 15)
@@ -35,6 +32,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daem
     finally:
         h.stop()
         q.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+    # One slot a worker: the queueing tests below need a worker that runs one job at a time.
+    yield from _cluster(tmp_path_factory.mktemp("sched"), queue_size=2, slots=1)
 
 
 def _online(url: str) -> bool:
@@ -206,17 +209,7 @@ def test_job_timeline_shows_each_step_with_its_time(cluster: dict[str, Daemon]) 
 @pytest.fixture(scope="module")
 def slotted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
     """A hive whose workers have three slots each (the hive's own choice is overridden)."""
-    home = tmp_path_factory.mktemp("slots")
-    q = queen(home / "queen", free_port(), "--queue-size", "4").start()
-    h = hive(
-        home / "hive", free_port(), q.url, "alpha", "--worker-engine", "fake", "--worker-arg=--slots=3", env=FAKE
-    ).start()
-    try:
-        wait_for(lambda: _online(q.url), 15)
-        yield {"queen": q, "hive": h}
-    finally:
-        h.stop()
-        q.stop()
+    yield from _cluster(tmp_path_factory.mktemp("slots"), queue_size=4, slots=3)
 
 
 def test_one_worker_runs_as_many_jobs_as_it_has_slots_and_queues_the_rest(slotted: dict[str, Daemon]) -> None:

@@ -188,12 +188,11 @@ class JobStore:
                 "ts": now,
             }
             events = [[1, "narration", json.dumps(narration)], [2, "end", json.dumps(end)]]
-            updates.append((now, end["duration_ms"], json.dumps(end), json.dumps(events), job_id))
+            updates.append((message, now, end["duration_ms"], json.dumps(end), json.dumps(events), job_id))
         self.db.execute("BEGIN")
         self.db.executemany(
-            "UPDATE jobs SET status='failed', error_kind='queen_restarted', error_message='"
-            + message
-            + "', finished_at=?, duration_ms=?, end_event=?, events=? WHERE job_id=?",
+            "UPDATE jobs SET status='failed', error_kind='queen_restarted', error_message=?,"
+            " finished_at=?, duration_ms=?, end_event=?, events=? WHERE job_id=?",
             updates,
         )
         self.db.execute("COMMIT")
@@ -224,7 +223,7 @@ class JobStore:
 
     def ended(self, job: Job, end: dict[str, Any]) -> None:
         error = end.get("error") or {}
-        events = list(job.events)
+        events = job.events
         if len(events) > MAX_STORED_EVENTS:
             events, dropped = _bounded(events)
             if dropped:

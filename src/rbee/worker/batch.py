@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, Sink, SlotStart, StopScanner
 
@@ -375,8 +376,6 @@ class BatchLoop:
             self._finish(seq, "eos", [])
             return
         if seq.criteria is not None:
-            import numpy as np
-
             ids = np.array([*seq.prompt, *seq.generated, token], dtype=np.intc)
             if seq.criteria(ids, np.empty(0, dtype=np.single)):
                 self._finish(seq, "stop", [], flush=True)

@@ -533,7 +533,7 @@ class FakeEngine:
                 outcome.tokens_in = self.count_chat_tokens(req.messages)
             else:
                 outcome.tokens_in = self.count_tokens(req.prompt)
-            outcome.slot = (n - 1) % min(self.max_slots, 1 << 10)
+            outcome.slot = (n - 1) % self.max_slots
             sink.post([SlotStart(outcome.slot, 0, outcome.tokens_in)])
             self._script(req, outcome, sink, seq)
         except BaseException as exc:
