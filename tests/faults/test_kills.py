@@ -1,7 +1,8 @@
 """``kill -9`` of a worker, a hive and the queen, each in the middle of a stream.
 
-Documented outcomes (DESIGN.md): a worker lost after the first token ends the
-job ``failed`` / ``worker_lost`` within 3 s; a hive's workers die with it and a
+Documented outcomes (DESIGN.md): a worker lost after the first token ends a
+sampled job ``failed`` / ``worker_lost`` within 3 s, and a greedy one goes on
+on another worker with the next token index; a hive's workers die with it and a
 restarted hive stops any its previous run left; a restarted queen marks the
 interrupted jobs ``failed`` / ``queen_restarted``, keeps the finished ones and
 has its hives back within one heartbeat interval.
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.timeout(90)
 # 50 ms a token: a 40-token job streams for 2 s, long enough to strike in the middle.
 SLOW = {"RBEE_FAKE_TOKENS": "64", "RBEE_FAKE_DELAY_MS": "50"}
 INFER = {"operation": "infer", "model": MODEL, "prompt": "hello there", "max_tokens": 40, "temperature": 0}
+SAMPLED = {**INFER, "temperature": 0.7}
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def test_kill_9_of_a_worker_mid_stream_ends_the_job_worker_lost_within_3_s(clust
     before = cluster.tasks()
     until, struck = strike_after(3, lambda: os.kill(worker["pid"], signal.SIGKILL))
 
-    job_id = submit(cluster.url, INFER)
+    job_id = submit(cluster.url, SAMPLED)
     events = follow(cluster.url, job_id, until=until)
 
     end = end_of(events)
@@ -93,13 +95,56 @@ def test_kill_9_of_a_worker_mid_stream_ends_the_job_worker_lost_within_3_s(clust
     assert again["status"] == "completed" and again["worker_id"] != worker["worker_id"]
 
 
+def test_kill_9_of_the_worker_of_a_greedy_job_carries_it_over_to_another_worker(cluster: Cluster) -> None:
+    worker = cluster.spawn("alpha")
+    before = cluster.tasks()
+    until, _ = strike_after(5, lambda: os.kill(worker["pid"], signal.SIGKILL))
+
+    job_id = submit(cluster.url, INFER)
+    events = follow(cluster.url, job_id, until=until)
+
+    end = end_of(events)
+    assert end["status"] == "completed", end
+    tokens = kinds(events, "token")
+    # No gap, no repeat: the scripted text, every index once, in order.
+    assert contiguous(events) and len(tokens) == 40
+    assert "".join(t["t"] for t in tokens) == "".join(f"tok{i} " for i in range(40))
+    assert [t["ids"] for t in tokens] == [[i] for i in range(40)]
+    (failover,) = end["failovers"]
+    assert failover["worker_id"] == worker["worker_id"] and failover["after_tokens"] >= 5
+    assert end["worker_id"] != worker["worker_id"] and end["tokens_out"] == 40
+    said = [n for n in kinds(events, "narration") if n.get("action") == "infer_failover"]
+    assert len(said) == 1 and said[0]["worker_id"] == worker["worker_id"]
+    # The history says so too.
+    record = httpx.get(f"{cluster.url}/v1/jobs/{job_id}", timeout=5).json()
+    assert record["failovers"] == end["failovers"]
+    wait_for(lambda: not alive(worker["pid"]), 5)
+    cluster.assert_settled(before)
+
+
+def test_a_greedy_job_whose_hive_died_with_its_worker_ends_worker_lost(cluster: Cluster) -> None:
+    cluster.spawn("alpha")
+    hive = cluster.hives["alpha"]
+    until, struck = strike_after(3, lambda: hive.kill(signal.SIGKILL))
+
+    job_id = submit(cluster.url, INFER)
+    events = follow(cluster.url, job_id, until=until)
+
+    # Nobody is left to take it over, so it ends as what happened to it, as quickly.
+    end = end_of(events)
+    assert end["status"] == "failed" and end["error"]["kind"] == "worker_lost", end
+    assert "no other worker could take the job over" in end["error"]["message"]
+    assert finished_at(cluster, job_id) - struck[0] <= WORKER_LOST_S
+    assert contiguous(events)
+
+
 def test_kill_9_of_a_hive_mid_stream_fails_the_job_and_leaves_no_worker(cluster: Cluster) -> None:
     worker = cluster.spawn("alpha")
     queen_tasks = {"queen": cluster.tasks()["queen"]}
     hive = cluster.hives["alpha"]
     until, struck = strike_after(3, lambda: hive.kill(signal.SIGKILL))
 
-    job_id = submit(cluster.url, INFER)
+    job_id = submit(cluster.url, SAMPLED)
     events = follow(cluster.url, job_id, until=until)
 
     # The worker dies with its hive (the kernel tells it), so the job cannot finish.

@@ -14,7 +14,7 @@ from rbee.errors import GenerationError
 from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry
 from rbee.worker.bridge import run_generation
-from rbee.worker.engine import FakeEngine, Finished, GenerationOutcome, GenerationRequest, SlotStart
+from rbee.worker.engine import FakeEngine, Finished, GenerationOutcome, GenerationRequest, Piece, SlotStart
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,7 +103,7 @@ async def test_items_of_one_step_arrive_in_order_and_the_slot_start_is_reported(
             outcome.stop_reason = "eos"
             for start in range(0, 1_000, 7):
                 items: list[Any] = [SlotStart(3, 2, 5)] if start == 0 else []
-                sink.post([*items, *(f"{i}," for i in range(start, min(start + 7, 1_000)))])
+                sink.post([*items, *(Piece(f"{i},", (i,)) for i in range(start, min(start + 7, 1_000)))])
             sink.post([Finished()])
             return self
 
@@ -116,5 +116,7 @@ async def test_items_of_one_step_arrive_in_order_and_the_slot_start_is_reported(
     job = _submit(registry, Batched(), outcome, on_start=starts.append)
     await asyncio.wait_for(registry.wait(job), 10)
     assert "".join(job.text) == "".join(f"{i}," for i in range(1_000))
+    frames = [json.loads(data) for _, kind, data in job.events if kind == "token"]
+    assert [(f["i"], f["ids"]) for f in frames] == [(i, [i]) for i in range(1_000)]
     assert starts == [SlotStart(3, 2, 5)]
     assert outcome.stop_reason == "eos"

@@ -12,7 +12,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rbee.errors import InvalidOperation
 
@@ -175,11 +184,25 @@ class Infer(OperationBase):
     timeout_s: float | None = Field(default=None, gt=0, le=LIMITS.timeout_s)
     #: Accepted for compatibility with the seed's clients; rbee always streams.
     stream: bool = True
+    #: Token ids already generated for this input (the ``ids`` of its token events so far):
+    #: the worker puts them after the prompt, counts them in ``max_tokens`` and streams only
+    #: what follows. The queen uses it to carry a greedy job over to another worker.
+    resume_tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        default_factory=list, max_length=LIMITS.max_tokens
+    )
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_ref(v)
+
+    @model_validator(mode="after")
+    def _resume_fits(self) -> Infer:
+        if len(self.resume_tokens) >= self.max_tokens:
+            raise ValueError(
+                f"resume_tokens: {len(self.resume_tokens)} tokens already reach max_tokens ({self.max_tokens})"
+            )
+        return self
 
     @field_validator("messages")
     @classmethod

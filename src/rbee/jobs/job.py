@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from rbee.contracts.events import TERMINAL, JobStatus
@@ -186,14 +186,15 @@ class Job:
         """Append an already-serialised event (relays pass frames through)."""
         self._append(kind, data)
 
-    async def add_token(self, text: str) -> None:
-        """Append a token; waits while readers are far behind (lossless)."""
+    async def add_token(self, text: str, ids: Sequence[int] = ()) -> None:
+        """Append a token (with the model's token ``ids`` behind it, if given);
+        waits while readers are far behind (lossless)."""
         index = self.tokens
         if index == 0:
             self.end_fields["ttft_ms"] = round(self.elapsed_ms(), 3)
         self.tokens += 1
         self.text.append(text)
-        self._append("token", _dumps({"t": text, "i": index}))
+        self._append("token", _dumps({"t": text, "i": index, "ids": list(ids)} if ids else {"t": text, "i": index}))
         if self._cursors and self._lag() > TOKEN_WINDOW:
             await self._wait_for_space()
 

@@ -14,7 +14,7 @@ import contextvars
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from rbee import narration
@@ -38,9 +38,12 @@ def current_job() -> Job:
     return job
 
 
-async def emit_token(text: str) -> None:
-    """Send one piece of generated text on the current job's stream (lossless)."""
-    await current_job().add_token(text)
+async def emit_token(text: str, ids: Sequence[int] = ()) -> None:
+    """Send one piece of generated text on the current job's stream (lossless).
+
+    ``ids`` are the model's token ids behind it (sent as the event's ``ids``).
+    """
+    await current_job().add_token(text, ids)
 
 
 def emit_progress(action: str, done: float, total: float | None = None, unit: str = "", **fields: Any) -> None:

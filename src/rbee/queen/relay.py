@@ -18,9 +18,24 @@ from rbee.contracts.operations import OperationBase
 from rbee.jobs.client import JobClient, StreamBroken, Unreachable
 from rbee.jobs.registry import current_job
 
-__all__ = ["relay_job", "raise_for_end", "RemoteEnd"]
+__all__ = ["relay_job", "raise_for_end", "RemoteEnd", "TokenTrail"]
 
 RemoteEnd = dict[str, Any]
+
+
+class TokenTrail:
+    """The model's token ids behind the text a job has sent so far (from its token events' ``ids``).
+
+    Following them costs one JSON parse per token, so only jobs that may be
+    carried over to another worker (greedy ones) keep a trail. ``complete`` turns
+    false for good if a token event came without ids.
+    """
+
+    __slots__ = ("ids", "complete")
+
+    def __init__(self, ids: list[int] | None = None) -> None:
+        self.ids: list[int] = list(ids or ())
+        self.complete = True
 
 
 def raise_for_end(end: RemoteEnd, where: str) -> None:
@@ -47,17 +62,21 @@ async def relay_job(
     lost: type[errors.RbeeError] = errors.HiveUnreachable,
     results: bool = True,
     remote_id: str | None = None,
+    trail: TokenTrail | None = None,
 ) -> RemoteEnd:
     """Run ``operation`` on the server behind ``client`` and relay its events.
 
     Returns the remote ``end`` data. A connection that fails before or during
     the stream raises ``lost``. If the current job is cancelled, the remote
-    job is cancelled too before the cancellation propagates.
+    job is cancelled too before the cancellation propagates. With ``trail``,
+    token ids are collected into it and every token's index is the current
+    job's own (the remote job may have started after earlier tokens, on
+    another worker).
     """
     job = current_job()
     if remote_id is None:
         remote_id = await _submit(client, operation, where, lost)
-    return await _follow(client, job, remote_id, where=where, lost=lost, results=results)
+    return await _follow(client, job, remote_id, where=where, lost=lost, results=results, trail=trail)
 
 
 async def _submit(
@@ -81,14 +100,25 @@ async def _submit(
 
 
 async def _follow(
-    client: JobClient, job: Any, remote_id: str, *, where: str, lost: type[errors.RbeeError], results: bool
+    client: JobClient,
+    job: Any,
+    remote_id: str,
+    *,
+    where: str,
+    lost: type[errors.RbeeError],
+    results: bool,
+    trail: TokenTrail | None = None,
 ) -> RemoteEnd:
     end: RemoteEnd | None = None
     try:
         async for event in client.events(remote_id, cancel_on_disconnect=True):
             kind = event.kind
             if kind == "token":
-                await job.add_token_raw(_token_text(event.raw), event.raw)
+                if trail is None:
+                    await job.add_token_raw(_token_text(event.raw), event.raw)
+                else:
+                    text, raw = _trail_token(event.raw, job.tokens, trail)
+                    await job.add_token_raw(text, raw)
             elif kind == "narration":
                 data = event.data
                 data["remote_job_id"] = data.get("job_id")
@@ -130,6 +160,23 @@ def _token_text(raw: str) -> str:
             return raw[6:end]
     data = json.loads(raw)
     return str(data.get("t", "")) if isinstance(data, dict) else ""
+
+
+def _trail_token(raw: str, index: int, trail: TokenTrail) -> tuple[str, str]:
+    """A token event's text and frame, its ids added to ``trail``, its index made ``index``."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        trail.complete = False
+        return "", raw
+    ids = data.get("ids")
+    if isinstance(ids, list) and all(type(t) is int for t in ids):
+        trail.ids.extend(ids)
+    else:
+        trail.complete = False
+    if data.get("i") != index:
+        data["i"] = index
+        raw = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return str(data.get("t", "")), raw
 
 
 async def _cancel_remote(client: JobClient, remote_id: str) -> None:

@@ -9,10 +9,16 @@ durations of the model's recent jobs); past the bound, ``429``. A queued job
 that is cancelled (DELETE, or its client gone with ``cancel_on_disconnect``)
 leaves the queue at once.
 
-A worker lost before the first token is retried once on another worker; after
-the first token the job ends ``failed`` with ``worker_lost``. A worker that
-ends the job ``cancelled`` when nobody here cancelled it (it is shutting down,
-e.g. because its hive died) is lost too.
+A worker lost before the first token is retried once on another worker. A
+greedy job (``temperature`` 0) whose worker is lost after its first token
+goes on on another worker: the token ids behind the text already sent (the
+``ids`` of its token events) are sent as ``resume_tokens``, the new worker puts
+them after the prompt and generates what follows, and the client's stream
+goes on with the next token index, no gap and no repeat (``infer_failover``;
+``end.failovers`` lists each). A sampled job ends ``failed`` with
+``worker_lost``: its continuation would not be the answer it was getting.
+A worker that ends the job ``cancelled`` when nobody here cancelled it (it is
+shutting down, e.g. because its hive died) is lost too.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from rbee.contracts.operations import Infer, WorkerSpawn
 from rbee.jobs.client import JobClient
 from rbee.jobs.registry import current_job, emit_progress, set_end_fields
 from rbee.narration import narrate
-from rbee.queen.relay import raise_for_end, relay_job
+from rbee.queen.relay import TokenTrail, raise_for_end, relay_job
 from rbee.queen.telemetry import Telemetry, WorkerView
 
 __all__ = ["Scheduler", "Lease"]
@@ -44,6 +50,8 @@ _READY = ("ready", "busy")
 
 #: Recent job durations kept per model for the queue's estimated start.
 DURATIONS_KEPT = 32
+#: How many times a greedy job may move to another worker after its first token.
+MAX_FAILOVERS = 3
 
 
 @dataclass(eq=False)
@@ -311,16 +319,47 @@ class Scheduler:
         narrate("infer_start", f"Starting inference with {op.model}", model=op.model, prompt_chars=op.input_chars)
         excluded: set[str] = set()
         retried = False
+        # Greedy output is a function of the tokens so far, so it can be carried over.
+        trail = TokenTrail(op.resume_tokens) if op.temperature <= 0 else None
+        failovers: list[dict[str, Any]] = []
+        run = op
+        lost: errors.WorkerLost | None = None
         while True:
-            lease = await self.acquire(op, excluded)
+            try:
+                lease = await self.acquire(run, excluded)
+            except errors.RbeeError as exc:
+                if lost is None:
+                    raise
+                # Nobody can take the job over: it ends as what happened to it.
+                raise errors.WorkerLost(f"{lost.message}; no other worker could take the job over: {exc.message}")
             completed = False
             try:
-                await self._run_on(lease, op)
+                await self._run_on(lease, run, trail)
                 completed = True
                 return
             except errors.WorkerLost as exc:
                 excluded.add(lease.worker_id)
                 self.telemetry.drop_worker(lease.hive_id, lease.worker_id)
+                if job.tokens and trail is not None and trail.complete and len(failovers) < MAX_FAILOVERS:
+                    failovers.append({"worker_id": lease.worker_id, "after_tokens": len(trail.ids)})
+                    set_end_fields(failovers=failovers)
+                    if len(trail.ids) >= op.max_tokens:
+                        # Every token was sent; only the worker's end was lost.
+                        set_end_fields(tokens_out=len(trail.ids), stop_reason="max_tokens")
+                        completed = True
+                        return
+                    narrate(
+                        "infer_failover",
+                        f"Worker {lease.worker_id} was lost after {job.tokens} tokens ({exc.message});"
+                        f" the greedy answer goes on on another worker from its {len(trail.ids)} token ids",
+                        level="warn",
+                        worker_id=lease.worker_id,
+                        tokens_sent=job.tokens,
+                        tokens_resumed=len(trail.ids),
+                    )
+                    run = op.model_copy(update={"resume_tokens": list(trail.ids)})
+                    lost = exc
+                    continue
                 if job.tokens == 0 and not retried:
                     retried = True
                     narrate(
@@ -335,7 +374,7 @@ class Scheduler:
             finally:
                 self.release(lease, op.model, completed)
 
-    async def _run_on(self, lease: Lease, op: Infer) -> None:
+    async def _run_on(self, lease: Lease, op: Infer, trail: TokenTrail | None = None) -> None:
         job = current_job()
         url = lease.worker.report.url
         if not url:
@@ -349,7 +388,9 @@ class Scheduler:
         worker_op = op.model_copy(update=update)
         narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
         started = time.perf_counter()
-        end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost)
+        end = await relay_job(
+            client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail
+        )
         fields: dict[str, Any] = {
             k: end[k]
             for k in ("tokens_in", "tokens_out", "stop_reason", "ttft_ms", "tokens_per_s", "decode_ms")

@@ -172,6 +172,12 @@ class Worker:
             raise NoWorkerAvailable(f"worker {self.settings.worker_id} could not load its model: {self.error}")
         if not self.loaded:
             raise NoWorkerAvailable(f"worker {self.settings.worker_id} is still loading {self.model_id}")
+        bad = next((t for t in op.resume_tokens if t >= self.engine.n_vocab), None)
+        if bad is not None:
+            raise InvalidOperation(
+                f"resume_tokens: {bad} is not a token of {self.model_id} (ids are below {self.engine.n_vocab})",
+                field="resume_tokens",
+            )
         tokens_in = self._count_input(op)
         n_ctx = self.engine.n_ctx
         if tokens_in + op.max_tokens > n_ctx:
@@ -216,6 +222,7 @@ class Worker:
             top_k=op.top_k,
             seed=op.seed,
             stop=list(op.stop),
+            resume=list(op.resume_tokens),
         )
         outcome = GenerationOutcome(tokens_in=self._count_input(op))
         gen_ms = 0.0
@@ -236,6 +243,12 @@ class Worker:
                         tokens_in=outcome.tokens_in,
                         max_tokens=op.max_tokens,
                     )
+                    if op.resume_tokens:
+                        narrate(
+                            "infer_resume",
+                            f"Continuing after {len(op.resume_tokens)} tokens generated before (not sent again)",
+                            tokens_resumed=len(op.resume_tokens),
+                        )
 
                     def slot_start(start: SlotStart) -> None:
                         if start.reused:
@@ -277,9 +290,11 @@ def _numbers(outcome: GenerationOutcome, gen_ms: float) -> dict[str, Any]:
     """End fields. ``decode_ms`` leaves out prompt evaluation (up to the first
     token); ``tokens_per_s`` is the decode rate over the tokens after the first."""
     decode_ms = max(0.0, gen_ms - outcome.prefill_ms) if outcome.tokens_out else 0.0
-    decoded = outcome.tokens_out - 1
+    decoded = outcome.tokens_out - outcome.tokens_resumed - 1
     tokens_per_s = decoded / (decode_ms / 1000.0) if decoded > 0 and decode_ms > 0 else 0.0
+    resumed = {"tokens_resumed": outcome.tokens_resumed} if outcome.tokens_resumed else {}
     return {
+        **resumed,
         "tokens_in": outcome.tokens_in,
         "tokens_out": outcome.tokens_out,
         "stop_reason": outcome.stop_reason,

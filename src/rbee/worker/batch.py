@@ -37,7 +37,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, Sink, SlotStart, StopScanner
+from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, Piece, Sink, SlotStart, StopScanner
 
 __all__ = ["BatchLoop", "Step"]
 
@@ -75,9 +75,12 @@ class _Seq:
     strip_space: bool
     submitted: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
-    fed: int = 0  # prompt tokens in the KV
+    #: What goes into the KV before the first sample: the prompt, then the tokens resumed.
+    feed: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens of ``feed`` in the KV
     last: int = -1  # the sampled token to feed next (-1: still in the prompt)
     generated: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # generated since the last piece was posted
     sampler: Any = None
     cancelled: bool = False
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="ignore"))
@@ -167,11 +170,12 @@ class BatchLoop:
     ) -> _Seq:
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        if len(prompt) >= self.n_ctx_slot:
-            raise ValueError(f"the prompt is {len(prompt)} tokens; a slot holds {self.n_ctx_slot}")
+        feed = [*prompt, *req.resume]
+        if len(feed) >= self.n_ctx_slot:
+            raise ValueError(f"the prompt is {len(feed)} tokens; a slot holds {self.n_ctx_slot}")
         outcome.tokens_in = len(prompt)
         outcome.stop_reason = "cancelled"
-        seq = _Seq(req, prompt, stops, outcome, sink, stopping_criteria, strip_space)
+        seq = _Seq(req, prompt, stops, outcome, sink, stopping_criteria, strip_space, feed=feed)
         with self._wake:
             if self._closing:
                 raise RuntimeError("the engine is closed")
@@ -274,16 +278,16 @@ class BatchLoop:
             assert seq is not None
             if seq.last >= 0 or budget <= 0:
                 continue
-            take = min(budget, len(seq.prompt) - seq.fed)
+            take = min(budget, len(seq.feed) - seq.fed)
             for i in range(take):
-                token = seq.prompt[seq.fed + i]
+                token = seq.feed[seq.fed + i]
                 self._add(n, token, len(slot.cached), slot.index, False)
                 slot.cached.append(token)
                 n += 1
             seq.fed += take
             budget -= take
             prefill.append((slot.index, take))
-            if seq.fed == len(seq.prompt):
+            if seq.fed == len(seq.feed):
                 batch.logits[n - 1] = 1
                 sample_rows.append((n - 1, seq))
         batch.n_tokens = n
@@ -297,7 +301,7 @@ class BatchLoop:
         firsts = False
         for row, seq in sample_rows:
             token = int(llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, row))
-            if not seq.generated and seq.outcome.tokens_out == 0:
+            if seq.last < 0:  # the first token after the prompt
                 seq.outcome.prefill_ms = (time.perf_counter() - seq.submitted) * 1000.0
                 firsts = True
             self._advance(seq, token)
@@ -315,7 +319,7 @@ class BatchLoop:
     def _place(self, seq: _Seq) -> None:
         """Put ``seq`` into the free slot whose cache shares the longest prefix with its prompt."""
         free = [s for s in self.slots if s.seq is None]
-        shared = {s.index: _common_prefix(s.cached, seq.prompt) for s in free}
+        shared = {s.index: _common_prefix(s.cached, seq.feed) for s in free}
         best = max(free, key=lambda s: shared[s.index])
         if shared[best.index] <= 1:
             # Nothing worth keeping in common (a BOS at most): take the slot used least recently,
@@ -324,7 +328,7 @@ class BatchLoop:
         self._uses += 1
         best.used = self._uses
         # At least the last prompt token is evaluated: its logits give the first token.
-        reuse = min(shared[best.index], len(seq.prompt) - 1)
+        reuse = min(shared[best.index], len(seq.feed) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.mem, best.index, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, best.index, -1, -1)
             reuse = 0
@@ -334,6 +338,7 @@ class BatchLoop:
         seq.fed = reuse
         seq.sampler = self._sampler(seq.req)
         seq.scanner = StopScanner(seq.stops)
+        self._replay(seq)
         seq.outcome.tokens_reused = reuse
         seq.outcome.slot = best.index
         seq.sink.post([SlotStart(best.index, reuse, len(seq.prompt))])
@@ -369,6 +374,18 @@ class BatchLoop:
             self._markers[token] = marker
         return b"" if marker else raw
 
+    def _replay(self, seq: _Seq) -> None:
+        """Bring a resumed sequence's text state to where it was: the text of its resumed
+        tokens was sent already, but what the decoder and the stop scanner hold back is not."""
+        assert seq.scanner is not None
+        for token in seq.req.resume:
+            raw = self._piece(token)
+            if seq.strip_space and not seq.generated and raw.startswith(b" "):
+                raw = raw[1:]
+            seq.generated.append(token)
+            seq.scanner.feed(seq.decoder.decode(raw))
+        seq.outcome.tokens_out = seq.outcome.tokens_resumed = len(seq.generated)
+
     def _advance(self, seq: _Seq, token: int) -> None:
         """Take the token sampled for ``seq``: end it, or render it and feed it next step."""
         out = seq.outcome
@@ -381,13 +398,17 @@ class BatchLoop:
                 self._finish(seq, "stop", [], flush=True)
                 return
         seq.generated.append(token)
+        seq.pending.append(token)
         out.tokens_out += 1
         raw = self._piece(token)
         if seq.strip_space and out.tokens_out == 1 and raw.startswith(b" "):
             raw = raw[1:]
         assert seq.scanner is not None
         text, hit = seq.scanner.feed(seq.decoder.decode(raw))
-        items: list[Any] = [text] if text else []
+        items: list[Any] = []
+        if text:
+            items.append(Piece(text, tuple(seq.pending)))
+            seq.pending.clear()
         if hit:
             self._finish(seq, "stop", items)
         elif out.tokens_out >= seq.req.max_tokens:
@@ -410,7 +431,8 @@ class BatchLoop:
             if hit:
                 out.stop_reason = "stop"
             if tail:
-                items.append(tail)
+                items.append(Piece(tail, tuple(seq.pending)))
+                seq.pending.clear()
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None

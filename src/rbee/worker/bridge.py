@@ -2,7 +2,7 @@
 
 :func:`run_generation` submits a request to the engine and awaits what the
 engine's thread posts for it: a :class:`~rbee.worker.engine.SlotStart`, the
-text pieces (each step's pieces for a sequence arrive in one
+:class:`~rbee.worker.engine.Piece` s (each step's pieces for a sequence arrive in one
 ``call_soon_threadsafe``), then one :class:`~rbee.worker.engine.Finished`.
 Every piece reaches the job's stream through :func:`rbee.jobs.emit_token`
 (lossless). The engine never waits for a reader: what a slow stream has not
@@ -24,7 +24,7 @@ from typing import Any
 from rbee.errors import GenerationError
 from rbee.jobs.registry import emit_token
 from rbee.narration import log
-from rbee.worker.engine import Engine, Finished, GenerationOutcome, GenerationRequest, SlotStart
+from rbee.worker.engine import Engine, Finished, GenerationOutcome, GenerationRequest, Piece, SlotStart
 
 __all__ = ["JOIN_TIMEOUT_S", "run_generation"]
 
@@ -74,8 +74,8 @@ async def run_generation(
     try:
         while finished is None:
             for item in await items.get():
-                if isinstance(item, str):
-                    await emit_token(item)
+                if isinstance(item, Piece):
+                    await emit_token(item.text, item.ids)
                     if first:
                         first = False
                         if on_first_piece is not None:

@@ -3,7 +3,7 @@
 An engine loads once, counts prompt tokens (cheap, used at admission) and
 runs many generations at once. :meth:`Engine.submit` hands it one request
 with a :class:`Sink`; the engine's own thread calls ``sink.post`` with what
-happened in each step (a :class:`SlotStart`, text pieces, one
+happened in each step (a :class:`SlotStart`, text :class:`Piece` s, one
 :class:`Finished`), and :meth:`SequenceHandle.cancel` asks it to stop.
 :func:`rbee.worker.bridge.run_generation` is the asyncio side of that seam.
 
@@ -40,6 +40,7 @@ __all__ = [
     "GenerationOutcome",
     "GenerationRequest",
     "LlamaEngine",
+    "Piece",
     "SequenceHandle",
     "Sink",
     "SlotStart",
@@ -64,6 +65,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     #: A chat (``[{"role", "content"}]``) instead of ``prompt``; the engine applies the model's template.
     messages: list[dict[str, str]] | None = None
+    #: Tokens already generated for this prompt (elsewhere): they go into the KV after the
+    #: prompt, count towards ``max_tokens`` and are not sent again; generation goes on after them.
+    resume: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +93,8 @@ class GenerationOutcome:
     prefill_ms: float = 0.0
     #: Prompt tokens whose KV was already in the slot (not evaluated again).
     tokens_reused: int = 0
+    #: Of ``tokens_out``, those given as ``resume`` (generated before, elsewhere).
+    tokens_resumed: int = 0
     slot: int = -1
 
 
@@ -99,6 +105,19 @@ class SlotStart:
     slot: int
     reused: int
     tokens_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Text to send, and the ids of the tokens generated since the previous piece.
+
+    The ids include tokens whose text is still held back (a possible stop
+    string, an unfinished UTF-8 character), so the ids of all pieces sent so
+    far, given back as ``resume``, put a sequence exactly where it was.
+    """
+
+    text: str
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +145,8 @@ class Engine(Protocol):
     n_ctx: int
     #: How many generations may run at once on this engine.
     max_slots: int
+    #: Token ids are ``0 <= id < n_vocab``.
+    n_vocab: int
 
     def load(self) -> None: ...
 
@@ -238,8 +259,8 @@ def generate(
                 if item.error is not None:
                     raise item.error
                 return
-            if isinstance(item, str):
-                yield item
+            if isinstance(item, Piece):
+                yield item.text
                 if should_stop():
                     handle.cancel()
     finally:
@@ -275,6 +296,7 @@ class LlamaEngine:
         self.model_id = model_id or self.model_path.stem
         self.n_ctx = n_ctx
         self.max_slots = slots
+        self.n_vocab = 0
         self.n_threads = n_threads
         self.device = device
         self.chunk = chunk
@@ -328,6 +350,7 @@ class LlamaEngine:
             self.close()
             raise
         self.n_ctx = self._loop.n_ctx_slot
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._loop.vocab))
 
     def close(self) -> None:
         import llama_cpp
@@ -480,6 +503,7 @@ class FakeEngine:
         self.fail_after = fail_after
         self.model_id = model_id
         self.n_ctx = n_ctx
+        self.n_vocab = len(self.pieces)
         self.max_slots = slots
         self.load_gate = load_gate
         self.fail_load = fail_load
@@ -545,10 +569,16 @@ class FakeEngine:
             sink.post([Finished(error)])
 
     def _script(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink, seq: _FakeSequence) -> None:
+        """Piece ``k`` of the script is token id ``k``; ``resume`` picks up after its ids."""
         outcome.stop_reason = "cancelled"
         stops = StopScanner(req.stop)
+        start = len(req.resume)
+        for piece in self.pieces[:start]:  # already sent elsewhere: only the scanner's state matters
+            stops.feed(piece)
+        outcome.tokens_out = outcome.tokens_resumed = start
         started = time.perf_counter()
-        for piece in self.pieces:
+        pending: list[int] = []
+        for k, piece in enumerate(self.pieces[start:], start):
             if outcome.tokens_out >= req.max_tokens:
                 outcome.stop_reason = "max_tokens"
                 break
@@ -560,14 +590,16 @@ class FakeEngine:
                     return
             if self.fail_after is not None and outcome.tokens_out >= self.fail_after:
                 raise RuntimeError(f"scripted failure after {self.fail_after} tokens")
-            if outcome.tokens_out == 0:
+            if outcome.tokens_out == start:
                 outcome.prefill_ms = (time.perf_counter() - started) * 1000.0
             outcome.tokens_out += 1
             with self._lock:
                 self.generated += 1
+            pending.append(k)
             text, hit = stops.feed(piece)
             if text:
-                sink.post([text])
+                sink.post([Piece(text, tuple(pending))])
+                pending = []
             if hit:
                 outcome.stop_reason = "stop"
                 return
@@ -575,4 +607,4 @@ class FakeEngine:
             outcome.stop_reason = "eos"
         tail = stops.flush()
         if tail:
-            sink.post([tail])
+            sink.post([Piece(tail, tuple(pending))])
