@@ -31,7 +31,7 @@ class TokenTrail:
     false for good if a token event came without ids.
     """
 
-    __slots__ = ("ids", "complete")
+    __slots__ = ("complete", "ids")
 
     def __init__(self, ids: list[int] | None = None) -> None:
         self.ids: list[int] = list(ids or ())

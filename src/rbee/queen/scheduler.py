@@ -331,7 +331,9 @@ class Scheduler:
                 if lost is None:
                     raise
                 # Nobody can take the job over: it ends as what happened to it.
-                raise errors.WorkerLost(f"{lost.message}; no other worker could take the job over: {exc.message}")
+                raise errors.WorkerLost(
+                    f"{lost.message}; no other worker could take the job over: {exc.message}"
+                ) from None
             completed = False
             try:
                 await self._run_on(lease, run, trail)
@@ -388,9 +390,7 @@ class Scheduler:
         worker_op = op.model_copy(update=update)
         narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
         started = time.perf_counter()
-        end = await relay_job(
-            client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail
-        )
+        end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail)
         fields: dict[str, Any] = {
             k: end[k]
             for k in ("tokens_in", "tokens_out", "stop_reason", "ttft_ms", "tokens_per_s", "decode_ms")

@@ -287,7 +287,15 @@ class JobStore:
             record["text"] = text
         if end:
             end_event = json.loads(end)
-            for key in ("ttft_ms", "tokens_per_s", "stop_reason", "worker_id", "hive_id", "history_dropped", "failovers"):
+            for key in (
+                "ttft_ms",
+                "tokens_per_s",
+                "stop_reason",
+                "worker_id",
+                "hive_id",
+                "history_dropped",
+                "failovers",
+            ):
                 if key in end_event:
                     record[key] = end_event[key]
         return record
