@@ -170,6 +170,13 @@ class HiveUnreachable(RbeeError):
     status_code = 502
 
 
+class HiveOffline(RbeeError):
+    """The hive has stopped sending heartbeats."""
+
+    kind = "hive_offline"
+    status_code = 409
+
+
 class WorkerNotFound(RbeeError):
     """No such worker."""
 

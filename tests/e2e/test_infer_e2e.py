@@ -166,6 +166,44 @@ def test_worker_killed_mid_stream_ends_worker_lost_and_next_job_gets_new_worker(
     assert end["worker_id"] != dead_worker
 
 
+def test_greedy_job_whose_worker_is_killed_after_50_tokens_goes_on_on_another_worker(
+    cluster: dict[str, Daemon],
+) -> None:
+    url = cluster["queen"].url
+    op = {"operation": "infer", "prompt": PROMPT, "max_tokens": 200, "temperature": 0}
+
+    async def scenario() -> tuple[list[Any], list[Any], str]:
+        async with JobClient(url) as client:
+            undisturbed = [e async for e in client.events(await client.submit(op))]
+            job_id = await client.submit(op)
+            events: list[Any] = []
+            worker_id = ""
+            async for event in client.events(job_id):
+                events.append(event)
+                if event.kind == "narration" and event.data.get("action") == "infer_worker" and not worker_id:
+                    worker_id = event.data["worker_id"]
+                if event.kind == "token" and event.data["i"] == 49:
+                    worker = await _worker_job(url, worker_id)
+                    os.kill(worker["pid"], signal.SIGKILL)
+            return undisturbed, events, worker_id
+
+    undisturbed, events, killed = asyncio.run(asyncio.wait_for(scenario(), 240))
+    reference = [e.data for e in undisturbed if e.kind == "token"]
+    assert _end(undisturbed)["tokens_out"] == 200
+    end = _end(events)
+    assert end["status"] == "completed", end
+    tokens = [e.data for e in events if e.kind == "token"]
+    # Every index once, in order; the first 50 exactly as sent before the kill.
+    assert [t["i"] for t in tokens] == list(range(len(tokens)))
+    assert tokens[:50] == reference[:50]
+    assert end["tokens_out"] == 200
+    assert end["worker_id"] != killed and end["failovers"][0]["worker_id"] == killed
+    # Greedy: the rest is the undisturbed answer too (with ggml's tiled matmul off, the
+    # batch that re-evaluates the tokens so far gives the same logits as decoding them did).
+    assert _text(events) == _text(undisturbed)
+    assert [t["ids"] for t in tokens] == [t["ids"] for t in reference]
+
+
 def test_two_hives_each_get_work(cluster: dict[str, Daemon], home: Path) -> None:
     q = cluster["queen"]
     second = hive(home / "hive-b", free_port("127.0.0.2"), q.url, "beta", host="127.0.0.2").start()

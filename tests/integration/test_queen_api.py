@@ -150,6 +150,25 @@ async def test_forward_to_a_hive_that_is_gone_ends_failed(client: httpx.AsyncCli
     assert len((await client.get("/v1/jobs")).json()["jobs"]) == before
 
 
+async def test_an_operation_pinned_to_an_offline_hive_is_409_at_post(tmp_path: Path) -> None:
+    async with queen(tmp_path, heartbeat_interval_s=0.05) as (app, client):
+        models = [{"id": "gemma3-270m", "path": "/m.gguf", "size_bytes": 1}]
+        beat = {"hive_id": "old", "url": "http://127.0.0.1:9", "models": models}
+        assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
+        await asyncio.sleep(0.3)  # three intervals without a heartbeat: stale
+        before = len((await client.get("/v1/jobs")).json()["jobs"])
+        for op in (
+            {"operation": "infer", "prompt": "hi", "hive_id": "old"},
+            {"operation": "worker_list", "hive_id": "old"},
+        ):
+            response = await client.post("/v1/jobs", json=op)
+            assert response.status_code == 409, response.text
+            error = response.json()["error"]
+            assert error["kind"] == "hive_offline" and error["message"].startswith("hive_id: ")
+            assert "'old' has not sent a heartbeat" in error["message"]
+        assert len((await client.get("/v1/jobs")).json()["jobs"]) == before
+
+
 # -- cancel and lookups -------------------------------------------------------------------------
 
 

@@ -137,7 +137,9 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
             413: {"description": "body too large"},
             403: {"description": "this token may not run the operation"},
             404: {"description": "unknown hive, model or worker"},
+            409: {"description": "the hive the operation names is offline (no recent heartbeat)"},
             429: {"description": "the queue is full (Retry-After)"},
+            502: {"description": "the hive the operation was handed to did not answer"},
             503: {"description": "no worker can serve the model"},
         },
     )

@@ -63,6 +63,7 @@ HINTS: dict[str, str] = {
     "model_not_found": "list models with `rbee model list --hive HIVE`; add one with `rbee model download SOURCE`",
     "hive_not_found": "list hives with `rbee hive list`; add one with `rbee hive start`",
     "hive_unreachable": "is its rbee-hive still running? see `rbee hive list`",
+    "hive_offline": "is its rbee-hive still running? see `rbee hive list`",
     "no_worker": "see `rbee status` for the hives and workers",
     "worker_not_found": "list workers with `rbee worker list --hive HIVE`",
     "job_not_found": "list jobs with `rbee jobs list`",

@@ -65,7 +65,7 @@ class QueenRouter:
         hive_id = str(getattr(op, "hive_id", "localhost"))
         hive = self.telemetry.hive(hive_id)
         if self.telemetry.state_of(hive) != "online":
-            raise errors.HiveUnreachable(f"hive {hive_id} has not sent a heartbeat for {hive.age_s():.0f} s")
+            raise self.telemetry.offline(hive)
         client = JobClient(hive.url, token=self.token, client=self.http)
         try:
             async with asyncio.timeout(PRESUBMIT_TIMEOUT_S):
@@ -120,7 +120,7 @@ class QueenRouter:
         hive = self.telemetry.hive(hive_id)
         presubmitted = self._presubmitted.pop(id(op), None)
         if presubmitted is None and self.telemetry.state_of(hive) != "online":
-            raise errors.HiveUnreachable(f"hive {hive_id} has not sent a heartbeat for {hive.age_s():.0f} s")
+            raise self.telemetry.offline(hive)
         narrate("forward_start", f"Forwarding {op.name} to hive {hive_id} at {hive.url}", hive_id=hive_id)
         client = JobClient(hive.url, token=self.token, client=self.http)
         remote_id = presubmitted[0] if presubmitted is not None else None

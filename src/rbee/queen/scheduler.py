@@ -104,7 +104,9 @@ class Scheduler:
     def admit(self, op: Infer) -> None:
         """Refuse at POST time what can never run, or cannot be queued now."""
         if op.hive_id is not None:
-            self.telemetry.hive(op.hive_id)  # 404 for an unknown hive
+            hive = self.telemetry.hive(op.hive_id)  # 404 for an unknown hive
+            if self.telemetry.state_of(hive) != "online":
+                raise self.telemetry.offline(hive)
         if op.worker_id is not None and all(
             w.worker_id != op.worker_id for w in self.telemetry.workers(fresh_only=False)
         ):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbee.contracts.cluster import Heartbeat, ModelReport, WorkerReport
-from rbee.errors import HiveNotFound
+from rbee.errors import HiveNotFound, HiveOffline
 
 __all__ = ["Telemetry", "HiveView", "WorkerView", "Heartbeat", "WorkerReport", "ModelReport"]
 
@@ -100,6 +100,14 @@ class Telemetry:
 
     def state_of(self, hive: HiveView, now: float | None = None) -> str:
         return "online" if hive.age_s(now) <= self.stale_after_s else "stale"
+
+    def offline(self, hive: HiveView) -> HiveOffline:
+        """The error for an operation that names a hive whose heartbeats stopped."""
+        return HiveOffline(
+            f"hive_id: hive {hive.hive_id!r} has not sent a heartbeat for {hive.age_s():.0f} s;"
+            " it is offline (`rbee hive list` shows the hives)",
+            hive_id=hive.hive_id,
+        )
 
     def hive(self, hive_id: str) -> HiveView:
         hive = self._hives.get(hive_id)
