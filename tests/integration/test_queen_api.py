@@ -151,7 +151,7 @@ async def test_forward_to_a_hive_that_is_gone_ends_failed(client: httpx.AsyncCli
 
 
 async def test_an_operation_pinned_to_an_offline_hive_is_409_at_post(tmp_path: Path) -> None:
-    async with queen(tmp_path, heartbeat_interval_s=0.05) as (app, client):
+    async with queen(tmp_path, heartbeat_interval_s=0.05) as (_, client):
         models = [{"id": "gemma3-270m", "path": "/m.gguf", "size_bytes": 1}]
         beat = {"hive_id": "old", "url": "http://127.0.0.1:9", "models": models}
         assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
