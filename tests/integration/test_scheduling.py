@@ -254,3 +254,25 @@ def test_max_tokens_over_every_workers_context_is_422_at_post(cluster: dict[str,
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "max_tokens" and "4096" in r.json()["error"]["message"]
     assert httpx.post(url + "/v1/jobs", json={**INFER, "max_tokens": 8}, timeout=10).status_code == 201
+
+
+def test_a_prompt_and_max_tokens_over_the_context_is_422_at_post_on_every_route(cluster: dict[str, Daemon]) -> None:
+    url = cluster["queen"].url
+    assert _end(asyncio.run(_run(url, {**INFER, "max_tokens": 1})))["status"] == "completed"
+    jobs_before = len(httpx.get(url + "/v1/jobs", timeout=10).json()["jobs"])
+    # The fake engine counts words: 3 000 words and 2 000 more tokens exceed its 4 096.
+    long = {**INFER, "prompt": "word " * 3_000, "max_tokens": 2_000}
+    r = httpx.post(url + "/v1/jobs", json=long, timeout=10)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "max_tokens" and "3000 tokens" in error["message"] and "4096" in error["message"]
+    # The same input on the OpenAI route, in OpenAI's shape.
+    body = {"model": "gemma3-270m", "prompt": long["prompt"], "max_tokens": 2_000}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=10)
+    assert r.status_code == 400 and "3000 tokens" in r.json()["error"]["message"], r.text
+    assert len(httpx.get(url + "/v1/jobs", timeout=10).json()["jobs"]) == jobs_before
+    # 3 000 bytes but 1 500 words: too long to pass without counting, short enough to fit.
+    fits = {**INFER, "prompt": "w " * 1_500, "max_tokens": 2_000}
+    r = httpx.post(url + "/v1/jobs", json=fits, timeout=10)
+    assert r.status_code == 201, r.text
+    httpx.delete(url + f"/v1/jobs/{r.json()['job_id']}", timeout=10)

@@ -48,8 +48,8 @@ class QueenRouter:
         if op.name in ADMIN_OPERATIONS and not is_admin():
             raise errors.Forbidden(f"{op.name} changes the cluster for everyone; it needs the admin token")
         if isinstance(op, Infer):
-            self.scheduler.admit(op)
-        elif op.forwarded_to_hive:
+            return self.scheduler.admit(op)
+        if op.forwarded_to_hive:
             self.telemetry.hive(getattr(op, "hive_id", "localhost"))
             return self._presubmit(op)
         return None

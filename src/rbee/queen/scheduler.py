@@ -29,6 +29,7 @@ import itertools
 import statistics
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,16 @@ _READY = ("ready", "busy")
 DURATIONS_KEPT = 32
 #: How many times a greedy job may move to another worker after its first token.
 MAX_FAILOVERS = 3
+#: How long a POST waits for a worker to count a long prompt's tokens.
+COUNT_TIMEOUT_S = 2.0
+
+
+def _input_bound(op: Infer) -> int:
+    """At least as many tokens as ``op``'s input can have (a token is at least one byte)."""
+    if op.messages is None:
+        return len((op.prompt or "").encode()) + 8
+    # The template's own text: role markers, turn separators, a default system prompt.
+    return sum(len(m.content.encode()) + 16 for m in op.messages) + 256
 
 
 @dataclass(eq=False)
@@ -101,8 +112,12 @@ class Scheduler:
 
     # -- admission -------------------------------------------------------
 
-    def admit(self, op: Infer) -> None:
-        """Refuse at POST time what can never run, or cannot be queued now."""
+    def admit(self, op: Infer) -> Awaitable[None] | None:
+        """Refuse at POST time what can never run, or cannot be queued now.
+
+        What needs a worker's answer (the prompt's tokens) is returned as an
+        awaitable for the POST to wait on.
+        """
         if op.hive_id is not None:
             hive = self.telemetry.hive(op.hive_id)  # 404 for an unknown hive
             if self.telemetry.state_of(hive) != "online":
@@ -136,6 +151,54 @@ class Scheduler:
                 raise errors.NoWorkerAvailable(f"no hive that has {op.model!r} is online")
             raise errors.ModelNotFound(
                 f"no hive has a model {op.model!r} (models: {', '.join(known) or 'none'})", model=op.model
+            )
+        return self._context_check(op)
+
+    def _context_check(self, op: Infer) -> Awaitable[None] | None:
+        """The prompt plus ``max_tokens`` must fit some worker's context.
+
+        A token covers at least one byte of its text, so a prompt whose bytes
+        (with room for the special tokens and a chat template's own text) leave
+        room for ``max_tokens`` always fits, and is not counted. Otherwise a
+        worker of the model counts it (``POST /v1/tokens/count``); a worker that
+        does not answer in time leaves the check to the worker that runs the job.
+        """
+        workers = [w for w in self._candidates(op, set()) if w.report.n_ctx and w.report.url]
+        if not workers:
+            return None
+        best = max(workers, key=lambda w: w.report.n_ctx or 0)
+        if _input_bound(op) + op.max_tokens <= (best.report.n_ctx or 0):
+            return None
+        return self._count_and_check(op, best)
+
+    async def _count_and_check(self, op: Infer, worker: WorkerView) -> None:
+        token = worker.token or self.token
+        headers = {"content-type": "application/json"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        body = op.model_copy(update={"hive_id": None, "worker_id": None, "device": None}).model_dump_json()
+        try:
+            response = await self.http.post(
+                f"{worker.report.url}/v1/tokens/count", content=body, headers=headers, timeout=COUNT_TIMEOUT_S
+            )
+        except httpx.HTTPError:
+            return
+        if response.status_code == 422:
+            error = response.json().get("error") or {}
+            raise errors.InvalidOperation(
+                str(error.get("message") or "the worker refused the input"), field=error.get("field")
+            )
+        if response.status_code != 200:
+            return
+        counted = response.json()
+        tokens_in, n_ctx = int(counted["tokens_in"]), int(counted["n_ctx"])
+        if tokens_in + op.max_tokens > n_ctx:
+            raise errors.InvalidOperation(
+                f"max_tokens: the prompt is {tokens_in} tokens and max_tokens is {op.max_tokens}; "
+                f"together they exceed the context of {n_ctx} tokens",
+                field="max_tokens",
+                tokens_in=tokens_in,
+                n_ctx=n_ctx,
             )
 
     def _free_slots(self, op: Infer) -> int:

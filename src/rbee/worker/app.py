@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from rbee import __version__
-from rbee.contracts.operations import Infer, OperationBase
+from rbee.contracts.operations import Infer, OperationBase, parse_operation
 from rbee.errors import InvalidOperation, NoWorkerAvailable, QueueFull, UnsupportedOperation
 from rbee.http import install_edge
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
@@ -178,7 +178,7 @@ class Worker:
                 f"resume_tokens: {bad} is not a token of {self.model_id} (ids are below {self.engine.n_vocab})",
                 field="resume_tokens",
             )
-        tokens_in = self._count_input(op)
+        tokens_in = self.count_input(op)
         n_ctx = self.engine.n_ctx
         if tokens_in + op.max_tokens > n_ctx:
             raise InvalidOperation(
@@ -196,7 +196,7 @@ class Worker:
                 retry_after_s=1,
             )
 
-    def _count_input(self, op: Infer) -> int:
+    def count_input(self, op: Infer) -> int:
         """Prompt tokens of ``op``; a chat the model's template refuses is bad input."""
         if op.messages is None:
             return self.engine.count_tokens(op.prompt or "")
@@ -224,7 +224,7 @@ class Worker:
             stop=list(op.stop),
             resume=list(op.resume_tokens),
         )
-        outcome = GenerationOutcome(tokens_in=self._count_input(op))
+        outcome = GenerationOutcome(tokens_in=self.count_input(op))
         gen_ms = 0.0
         try:
             if self._slots.locked():
@@ -340,5 +340,31 @@ def create_worker_app(engine: Engine, settings: WorkerSettings | None = None) ->
     @app.get("/v1/ready", tags=["meta"])
     async def ready(request: Request) -> dict[str, Any]:
         return worker_of(request).ready_report()
+
+    @app.post(
+        "/v1/tokens/count",
+        tags=["inference"],
+        summary="Count the prompt tokens of an infer operation",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object", "required": ["operation"]}}},
+            }
+        },
+        responses={
+            422: {"description": "not a valid infer operation, or a chat the model's template refuses"},
+            503: {"description": "the model is not loaded (yet)"},
+        },
+    )
+    async def count_tokens(request: Request) -> dict[str, Any]:
+        """The prompt tokens of an ``infer`` body (its prompt, or its messages through the model's
+        chat template) and the context of one slot: what the queen checks before it accepts a job."""
+        worker = worker_of(request)
+        op = parse_operation(await request.body())
+        if not isinstance(op, Infer):
+            raise InvalidOperation(f"operation: only an infer operation has prompt tokens, not {op.name!r}")
+        if not worker.loaded:
+            raise NoWorkerAvailable(f"worker {settings.worker_id} has not loaded {worker.model_id} yet")
+        return {"tokens_in": worker.count_input(op), "n_ctx": worker.engine.n_ctx}
 
     return app
