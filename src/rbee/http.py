@@ -100,6 +100,12 @@ async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Routing's own answers (no such path, wrong method) in the same error shape as everything else."""
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer to a body that is not UTF-8 where a model is declared: bad input like any other.
+        problem = {"field": "body", "reason": "not valid JSON (UTF-8)"}
+        message = "body: not valid JSON (UTF-8)"
+        error = {"kind": "invalid_request", "message": message, "field": "body", "problems": [problem]}
+        return JSONResponse({"error": error}, status_code=422)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     body: dict[str, Any] = {"error": {"kind": kind, "message": message}}
@@ -450,6 +456,13 @@ _EDGE_ERRORS = {
 }
 
 
+def _edge_shaped(response: dict[str, Any]) -> bool:
+    """An error response whose body is the edge's error shape: all but those a route
+    declared a body of its own for (a refused cancel answers with the job's record)."""
+    declared = response.get("content", {}).get("application/json", {}).get("schema")
+    return declared is None or str(declared.get("$ref", "")).endswith("/HTTPValidationError")
+
+
 def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> None:
     """Make the OpenAPI schema say what the edge really answers.
 
@@ -469,6 +482,11 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
         components["OpenAIError"] = OPENAI_ERROR_SCHEMA
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                if isinstance(operation, dict):
+                    body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+                    components.update(body.get("schema", {}).pop("$defs", {}))
         rbee_error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         openai_error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
         open_paths = {"/health", *(p for p in public if not p.endswith("*"))}
@@ -488,7 +506,7 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
                     responses.setdefault(status, {"description": _EDGE_ERRORS[status]})
                 content = openai_error if _is_openai_path(path) else rbee_error
                 for status, response in responses.items():
-                    if status[:1] in ("4", "5"):
+                    if status[:1] in ("4", "5") and _edge_shaped(response):
                         response["content"] = content
         app.openapi_schema = schema
         return schema

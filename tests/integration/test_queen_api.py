@@ -128,6 +128,13 @@ async def test_infer_with_no_hive_is_refused_at_post(client: httpx.AsyncClient) 
     assert response.json()["error"]["kind"] in ("no_worker", "model_not_found")
 
 
+async def test_a_heartbeat_body_that_is_not_utf8_is_422_naming_the_body(client: httpx.AsyncClient) -> None:
+    headers = {"content-type": "application/json"}
+    response = await client.post("/v1/hives/heartbeat", content=b"#\xfft", headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["kind"] == "invalid_request" and response.json()["error"]["field"] == "body"
+
+
 async def test_invalid_operation_is_422(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/jobs", json={"operation": "infer", "prompt": "hi", "temperature": 9})
     assert response.status_code == 422

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LIMITS",
     "Operation",
+    "HiveOperation",
     "OperationBase",
     "Status",
     "Infer",
@@ -111,10 +112,39 @@ def _check_device(value: str) -> str:
     raise ValueError("must be 'cpu' or 'cuda:N'")
 
 
+#: What the validators above check, said in the JSON schema too (OpenAPI clients and
+#: generated tests see the rules; the validators stay the ones that give the messages).
+_STRING_RULES: dict[str, dict[str, Any]] = {
+    "model": {"pattern": _MODEL_REF.pattern, "maxLength": LIMITS.model_ref_chars},
+    "alias": {"pattern": _MODEL_REF.pattern, "maxLength": LIMITS.model_ref_chars},
+    "hive_id": {"pattern": r"^[A-Za-z0-9._:-]{1,128}$"},
+    "worker_id": {"pattern": r"^[A-Za-z0-9._:-]{1,128}$"},
+    "device": {"pattern": r"^(cpu|cuda:[0-9]{1,2})$"},
+    "prompt": {"pattern": "^[^" + _BAD_PROMPT_CHARS.pattern[1:-1] + "]*$"},
+    "content": {"pattern": "^[^" + _BAD_PROMPT_CHARS.pattern[1:-1] + "]*$"},
+}
+
+
+def _schema_rules(schema: dict[str, Any]) -> None:
+    """``operation`` is required on the wire (it picks the model), and strings carry their rules."""
+    properties = schema.get("properties", {})
+    if "operation" in properties:
+        required = schema.setdefault("required", [])
+        if "operation" not in required:
+            required.insert(0, "operation")
+    for name, rules in _STRING_RULES.items():
+        prop = properties.get(name)
+        if prop is None:
+            continue
+        for branch in [prop, *prop.get("anyOf", ())]:
+            if branch.get("type") == "string":
+                branch.update(rules)
+
+
 class OperationBase(BaseModel):
     """Fields and behaviour common to every operation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_schema_rules)
 
     #: Operations the queen forwards to the hive named by ``hive_id``.
     forwarded_to_hive: ClassVar[bool] = False
@@ -153,7 +183,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 class ChatMessage(BaseModel):
     """One turn of a conversation; the worker applies the model's chat template."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_schema_rules)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -164,8 +194,15 @@ class ChatMessage(BaseModel):
         return check_prompt(v)
 
 
+def _infer_schema(schema: dict[str, Any]) -> None:
+    _schema_rules(schema)
+    schema["anyOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+
+
 class Infer(OperationBase):
     """Generate text from ``prompt`` (raw text) or ``messages`` (a chat): exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_infer_schema)
 
     operation: Literal["infer"] = "infer"
     model: str = DEFAULT_MODEL
@@ -337,6 +374,12 @@ Operation = Annotated[
     | ModelGet
     | ModelDownload
     | ModelDelete,
+    Field(discriminator="operation"),
+]
+
+#: What a hive runs (the queen forwards these to it).
+HiveOperation = Annotated[
+    HiveCheck | WorkerSpawn | WorkerList | WorkerGet | WorkerStop | ModelList | ModelGet | ModelDownload | ModelDelete,
     Field(discriminator="operation"),
 ]
 

@@ -17,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 
 from rbee import __version__
 from rbee.config import HIVE_PORT, rbee_home
+from rbee.contracts.operations import HiveOperation
 from rbee.hive.catalog import ModelCatalog
 from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import Deliver, DeviceProbe, HeartbeatLoop, HttpDelivery
@@ -188,7 +189,7 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
         state: HiveState = request.app.state.hive
         return state
 
-    app.include_router(job_router(lambda request: hive(request).jobs))
+    app.include_router(job_router(lambda request: hive(request).jobs, HiveOperation))
 
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:

@@ -119,20 +119,49 @@ class JobServer:
         raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
 
 
-def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
+_ANY_OPERATION = {"type": "object", "required": ["operation"]}
+_JOB_RECORD = {
+    "type": "object",
+    "required": ["job_id", "status"],
+    "properties": {"job_id": {"type": "string"}, "status": {"type": "string"}, "detail": {"type": "string"}},
+}
+_CREATED = {
+    "type": "object",
+    "required": ["job_id", "sse_url"],
+    "properties": {"job_id": {"type": "string"}, "sse_url": {"type": "string"}},
+}
+#: OpenAPI links from a created job to what can be done with it (followed by stateful clients and tests).
+_JOB_LINKS = {
+    name: {"operationId": op, "parameters": {"job_id": "$response.body#/job_id"}}
+    for name, op in (("GetJob", "get_job"), ("StreamJob", "stream_job"), ("CancelJob", "cancel_job"))
+}
+
+
+def operation_body_schema(operations: Any) -> dict[str, Any]:
+    """The JSON schema of the operations a server takes (a model or a union of them), for
+    its OpenAPI request body; its ``$defs`` are hoisted into the components by the edge."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(operations).json_schema(ref_template="#/components/schemas/{model}")
+
+
+def job_router(get_server: Callable[[Request], JobServer], operations: Any = None) -> APIRouter:
+    """The job API. ``operations`` (a model or a union) documents the bodies ``POST /v1/jobs`` takes."""
     router = APIRouter(tags=["jobs"])
+    body = operation_body_schema(operations) if operations is not None else _ANY_OPERATION
 
     @router.post(
         "/v1/jobs",
         status_code=201,
+        operation_id="submit_job",
         summary="Submit an operation as a job",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"type": "object", "required": ["operation"]}}},
-            }
-        },
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}},
         responses={
+            201: {
+                "description": "the job was accepted",
+                "content": {"application/json": {"schema": _CREATED}},
+                "links": _JOB_LINKS,
+            },
             422: {"description": "invalid operation"},
             413: {"description": "body too large"},
             403: {"description": "this token may not run the operation"},
@@ -154,7 +183,7 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
             headers={"Location": f"/v1/jobs/{job.id}"},
         )
 
-    @router.get("/v1/jobs", summary="Recent jobs")
+    @router.get("/v1/jobs", operation_id="list_jobs", summary="Recent jobs")
     async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
         server = get_server(request)
         if server.history_list is not None:
@@ -163,6 +192,7 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
 
     @router.get(
         "/v1/jobs/{job_id}",
+        operation_id="get_job",
         summary="A job's state, timings and result summary",
         responses={404: {"description": "no such job"}},
     )
@@ -171,11 +201,15 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
 
     @router.delete(
         "/v1/jobs/{job_id}",
+        operation_id="cancel_job",
         summary="Cancel a job",
         responses={
             202: {"description": "cancelling; the job has not ended yet"},
             404: {"description": "no such job"},
-            409: {"description": "the job had already finished (its final state)"},
+            409: {
+                "description": "the job had already finished: its record, with its final state",
+                "content": {"application/json": {"schema": _JOB_RECORD}},
+            },
         },
     )
     async def cancel_job(request: Request, job_id: str) -> JSONResponse:
@@ -195,6 +229,7 @@ def job_router(get_server: Callable[[Request], JobServer]) -> APIRouter:
 
     @router.get(
         "/v1/jobs/{job_id}/stream",
+        operation_id="stream_job",
         summary="The job's events (text/event-stream)",
         response_class=Response,
         responses={

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from rbee import __version__, errors
 from rbee.config import QUEEN_PORT, rbee_home
 from rbee.contracts.cluster import Heartbeat
-from rbee.contracts.operations import OperationBase
+from rbee.contracts.operations import Operation, OperationBase
 from rbee.errors import RbeeError
 from rbee.http import current_principal, error_body, install_edge, is_admin
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
@@ -214,7 +214,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
         state: QueenState = request.app.state.queen
         return state
 
-    app.include_router(job_router(lambda request: queen(request).jobs))
+    app.include_router(job_router(lambda request: queen(request).jobs, Operation))
     app.include_router(openai_router())
     app.include_router(web_router(queen))
 

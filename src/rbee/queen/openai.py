@@ -467,6 +467,42 @@ async def _stream(
 # -- endpoints -----------------------------------------------------------------
 
 
+#: The request bodies' main fields (the full rules are OpenAI's; what rbee refuses is a 400 naming the field).
+_SAMPLING = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "seed": {"type": ["integer", "null"]},
+    "stream": {"type": ["boolean", "null"]},
+}
+_COMPLETION_BODY = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {"prompt": {"type": "string"}, **_SAMPLING},
+}
+_CHAT_BODY = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}},
+            },
+        },
+        **_SAMPLING,
+    },
+}
+
+
+def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _state(request: Request) -> QueenState:
     state: QueenState = request.app.state.queen
     return state
@@ -612,7 +648,7 @@ def openai_router() -> APIRouter:
         summary="Text completion (OpenAI)",
         response_model=None,
         responses=_COMPLETION_ERRORS,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
+        openapi_extra=_body_schema(_COMPLETION_BODY),
     )
     async def completions(request: Request) -> Response:
         return await _complete(request, chat=False)
@@ -622,7 +658,7 @@ def openai_router() -> APIRouter:
         summary="Chat completion (OpenAI)",
         response_model=None,
         responses=_COMPLETION_ERRORS,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
+        openapi_extra=_body_schema(_CHAT_BODY),
     )
     async def chat_completions(request: Request) -> Response:
         return await _complete(request, chat=True)

@@ -331,7 +331,7 @@ def create_worker_app(engine: Engine, settings: WorkerSettings | None = None) ->
         worker: Worker = request.app.state.worker
         return worker
 
-    app.include_router(job_router(lambda request: worker_of(request).jobs))
+    app.include_router(job_router(lambda request: worker_of(request).jobs, Infer))
 
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:
