@@ -4,7 +4,9 @@ Eight clients submit ``infer`` jobs (job API and OpenAI streams), follow them,
 cancel some, hang up on some; meanwhile a random worker, hive or the queen
 gets ``kill -9`` every :data:`FAULT_EVERY_S` and whatever was killed is started
 again. Afterwards the invariants: every job that got its ``201`` is in the
-history with a final state and replays with exactly one ``end``, the database
+history with a final state and replays with exactly one ``end`` and contiguous
+token indices (half the jobs are greedy: carried over to another worker when
+theirs is killed, their text must still be the script, once, in order), the database
 passes ``PRAGMA integrity_check``, and nothing is left behind (the cluster's
 leftover check). ``RBEE_CHAOS_S`` sets the length (default 75 s); the figures
 are printed.
@@ -24,7 +26,7 @@ import httpx
 import pytest
 
 from cluster import wait_for
-from faults.support import MODEL, Cluster, end_of, follow
+from faults.support import MODEL, Cluster, end_of, follow, kinds
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -41,6 +43,8 @@ class Soak:
         self.accepted: list[str] = []
         self.refused = 0
         self.broken = 0
+        self.failovers = 0
+        self.violations: list[str] = []
         self.faults: dict[str, int] = {"worker": 0, "hive": 0, "queen": 0}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -61,8 +65,19 @@ class Soak:
                         self.broken += 1
                     time.sleep(0.1)
 
+    def violation(self, what: str) -> None:
+        with self.lock:
+            self.violations.append(what)
+
     def _job(self, http: httpx.Client, url: str, rng: random.Random) -> None:
-        op = {"operation": "infer", "model": MODEL, "prompt": "chaos", "max_tokens": rng.randint(1, 12)}
+        greedy = rng.random() < 0.5
+        op = {
+            "operation": "infer",
+            "model": MODEL,
+            "prompt": "chaos",
+            "max_tokens": rng.randint(1, 12),
+            "temperature": 0 if greedy else 0.7,
+        }
         r = http.post(url + "/v1/jobs", json=op)
         if r.status_code != 201:
             with self.lock:
@@ -78,7 +93,17 @@ class Soak:
         elif roll < 0.2:
             return  # gone without reading
         events = follow(url, job_id, timeout_s=30)
-        end_of(events)
+        end = end_of(events)
+        tokens = kinds(events, "token")
+        text = "".join(t["t"] for t in tokens)
+        if end.get("failovers"):
+            with self.lock:
+                self.failovers += 1
+        if [t["i"] for t in tokens] != list(range(len(tokens))):
+            self.violation(f"{job_id}: token indices not contiguous")
+        elif greedy and end["status"] == "completed" and text != "".join(f"tok{k} " for k in range(len(tokens))):
+            # Carried over or not, a greedy answer is the script, in order, once.
+            self.violation(f"{job_id}: greedy text {text[:120]!r}")
 
     def _openai(self, http: httpx.Client, url: str, rng: random.Random) -> None:
         body = {"model": MODEL, "prompt": "chaos", "max_tokens": rng.randint(1, 12), "stream": True}
@@ -147,7 +172,7 @@ def test_chaos_keeps_every_accepted_job(tmp_path: Path) -> None:
         wait_for(lambda: all(cluster.hive_state(h) == "online" for h in cluster.hives), 20)
 
         # Every accepted job is on record, ends, and replays with exactly one end.
-        violations: list[str] = []
+        violations: list[str] = list(soak.violations)
         with httpx.Client(timeout=10) as http:
             for job_id in soak.accepted:
 
@@ -163,7 +188,11 @@ def test_chaos_keeps_every_accepted_job(tmp_path: Path) -> None:
                     continue
             for job_id in soak.accepted[:: max(1, len(soak.accepted) // 300)]:
                 try:
-                    end_of(follow(cluster.url, job_id, timeout_s=15))
+                    replayed = follow(cluster.url, job_id, timeout_s=15)
+                    end_of(replayed)
+                    indices = [t["i"] for t in kinds(replayed, "token")]
+                    if indices != list(range(len(indices))):
+                        violations.append(f"{job_id}: token indices not contiguous: {indices[:20]}")
                 except (AssertionError, httpx.HTTPError) as exc:
                     violations.append(f"{job_id}: replay: {exc}")
         db = sqlite3.connect(str(tmp_path / "queen" / "queen.sqlite"))
@@ -174,7 +203,8 @@ def test_chaos_keeps_every_accepted_job(tmp_path: Path) -> None:
         elapsed = time.monotonic() - started
         print(
             f"\nchaos: {len(soak.accepted)} jobs accepted, {soak.refused} refused, {soak.broken} streams broken,"
-            f" faults {soak.faults} in {elapsed:.0f} s; violations {len(violations)}; integrity {integrity}"
+            f" faults {soak.faults} in {elapsed:.0f} s; {soak.failovers} greedy jobs carried over to"
+            f" another worker; violations {len(violations)}; integrity {integrity}"
         )
         assert integrity == "ok"
         assert not violations, violations[:10]
