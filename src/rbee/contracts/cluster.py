@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-__all__ = ["Heartbeat", "WorkerReport", "ModelReport"]
+__all__ = ["Heartbeat", "HostMemory", "GpuMemory", "WorkerReport", "ModelReport"]
 
 
 class WorkerReport(BaseModel):
@@ -34,6 +34,31 @@ class WorkerReport(BaseModel):
     n_ctx: int | None = None
     started_at: float | None = None
     current_job: str | None = None
+    #: How long the worker is kept once idle, in seconds (-1: for ever; 0: stopped after its job).
+    keep_alive_s: float | None = None
+    #: Wall-clock time the worker became idle (None while it has a job).
+    idle_since: float | None = None
+    #: Wall-clock time its hive will stop it if it stays idle (None: never, or busy).
+    unloads_at: float | None = None
+    #: Memory the worker holds (resident set), in bytes, when the hive measured it.
+    memory_bytes: int | None = None
+
+
+class GpuMemory(BaseModel):
+    index: int
+    name: str | None = None
+    total_bytes: int
+    free_bytes: int
+
+
+class HostMemory(BaseModel):
+    """A hive's memory: RAM and, per GPU, VRAM."""
+
+    total_bytes: int
+    available_bytes: int
+    gpus: list[GpuMemory] = Field(default_factory=list)
+    #: The hive's own cap on what its workers may use (a setting, e.g. for tests), if any.
+    limit_bytes: int | None = None
 
 
 class ModelReport(BaseModel):
@@ -42,6 +67,11 @@ class ModelReport(BaseModel):
     size_bytes: int | None = None
     architecture: str | None = None
     quantization: str | None = None
+    #: The model's trained context (GGUF ``context_length``).
+    context_length: int | None = None
+    #: The chat template a chat with this model uses: ``gguf`` (its own), a family's
+    #: (``gemma``, ``llama3``...) or ``chatml``.
+    chat_template: str | None = None
 
 
 class Heartbeat(BaseModel):
@@ -52,4 +82,5 @@ class Heartbeat(BaseModel):
     devices: list[dict[str, Any]] = Field(default_factory=list)
     workers: list[WorkerReport] = Field(default_factory=list)
     models: list[ModelReport] = Field(default_factory=list)
+    memory: HostMemory | None = None
     worker_tokens: dict[str, str] = Field(default_factory=dict, repr=False)

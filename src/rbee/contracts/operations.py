@@ -67,6 +67,7 @@ class _Limits:
     top_k = 1_000
     model_ref_chars = 256
     timeout_s = 86_400.0
+    keep_alive_s = 30 * 86_400.0
 
 
 LIMITS = _Limits()
@@ -221,6 +222,9 @@ class Infer(OperationBase):
     timeout_s: float | None = Field(default=None, gt=0, le=LIMITS.timeout_s)
     #: Accepted for compatibility with the seed's clients; rbee always streams.
     stream: bool = True
+    #: How long the worker stays loaded once idle after this job, in seconds: -1 for ever,
+    #: 0 stops it right after; None keeps the hive's default (5 minutes).
+    keep_alive: float | None = Field(default=None, ge=-1, le=LIMITS.keep_alive_s)
     #: Token ids already generated for this input (the ``ids`` of its token events so far):
     #: the worker puts them after the prompt, counts them in ``max_tokens`` and streams only
     #: what follows. The queen uses it to carry a greedy job over to another worker.
@@ -232,6 +236,13 @@ class Infer(OperationBase):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_ref(v)
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: float | None) -> float | None:
+        if v is not None and v < 0 and v != -1:
+            raise ValueError("must be -1 (for ever), 0 (stop after this job) or a number of seconds")
+        return v
 
     @model_validator(mode="after")
     def _resume_fits(self) -> Infer:
