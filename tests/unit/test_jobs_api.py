@@ -566,3 +566,56 @@ async def test_slow_reader_over_a_real_connection_gets_every_token() -> None:
                 if sse.data == "[DONE]":
                     break
     assert got == list(range(n_tokens))
+
+
+# -- short job ids ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shorten", [lambda j: j[:12], lambda j: j.removeprefix("job-")[:8], lambda j: j[:8].upper()])
+async def test_a_unique_start_of_an_id_finds_the_job(client: httpx.AsyncClient, shorten: Any) -> None:
+    job_id, frames = await run_job(client, "tok 2")
+    short = shorten(job_id)
+    state = await client.get(f"/v1/jobs/{short}")
+    assert state.status_code == 200 and state.json()["job_id"] == job_id
+    replay = await read_stream(client, short)
+    assert [f.id for f in events_of(replay)] == [f.id for f in events_of(frames)]
+    cancel = await client.delete(f"/v1/jobs/{short}")
+    assert cancel.status_code == 409 and cancel.json()["job_id"] == job_id
+
+
+async def test_a_short_id_needs_four_hex_characters(client: httpx.AsyncClient) -> None:
+    job_id, _ = await run_job(client, "tok 1")
+    response = await client.get(f"/v1/jobs/{job_id[:7]}")  # "job-" and three
+    assert response.status_code == 404
+    assert response.json()["error"]["kind"] == "job_not_found"
+
+
+async def test_an_ambiguous_short_id_is_400_naming_the_candidates(client: httpx.AsyncClient, env: Env) -> None:
+    job_id, _ = await run_job(client, "tok 1")
+    twin = job_id[:13] + "0000-0000-0000-000000000000"  # the same first 8 hex characters
+    env.registry._jobs[twin] = env.registry.get(job_id)
+    try:
+        for method, path in (
+            ("GET", f"/v1/jobs/{job_id[:8]}"),
+            ("DELETE", f"/v1/jobs/{job_id[4:12]}"),
+            ("GET", f"/v1/jobs/{job_id[:12]}/stream"),
+        ):
+            response = await client.request(method, path)
+            assert response.status_code == 400, path
+            error = response.json()["error"]
+            assert error["kind"] == "ambiguous_job_id"
+            assert job_id in error["message"] and twin in error["message"]
+        assert (await client.get(f"/v1/jobs/{job_id[:14]}")).json()["job_id"] == job_id  # more of it: unique
+    finally:
+        del env.registry._jobs[twin]
+
+
+async def test_a_short_id_resolves_only_among_the_jobs_the_caller_may_see(client: httpx.AsyncClient, env: Env) -> None:
+    job_id, _ = await run_job(client, "tok 1")
+    server: JobServer = env.server
+    server.visible = lambda jid: jid != job_id
+    try:
+        response = await client.get(f"/v1/jobs/{job_id[:12]}")
+        assert response.status_code == 404
+    finally:
+        server.visible = None

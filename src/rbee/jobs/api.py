@@ -9,6 +9,7 @@ report state.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,12 +20,21 @@ from starlette.types import Receive, Scope, Send
 
 from rbee.contracts.events import DONE
 from rbee.contracts.operations import OperationBase, parse_operation
-from rbee.errors import InvalidOperation, JobConflict, JobNotFound
+from rbee.errors import InvalidOperation, JobConflict, JobNotFound, RbeeError
 from rbee.jobs.job import Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
 
-__all__ = ["JobServer", "job_router", "PING_INTERVAL_S", "MAX_BODY_BYTES", "MAX_BATCH"]
+__all__ = [
+    "JobServer",
+    "job_router",
+    "AmbiguousJobId",
+    "job_id_prefix",
+    "PING_INTERVAL_S",
+    "MAX_BODY_BYTES",
+    "MAX_BATCH",
+    "MIN_PREFIX_HEX",
+]
 
 PING_INTERVAL_S = 15.0
 MAX_BODY_BYTES = 1 << 20
@@ -32,6 +42,26 @@ MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 256
 #: How often, while streams are open, the server looks for its own shutdown.
 _EXIT_POLL_S = 0.5
+#: A short job id needs at least this many hex characters after ``job-`` (``job-43d5``, ``43d5b140``).
+MIN_PREFIX_HEX = 4
+#: Candidates named when a short id matches several jobs.
+_CANDIDATES = 5
+_PREFIX = re.compile(r"^(?:job-)?([0-9a-f][0-9a-f-]*)$")
+
+
+class AmbiguousJobId(RbeeError):
+    """A short job id that is the start of more than one job's id."""
+
+    kind = "ambiguous_job_id"
+    status_code = 400
+
+
+def job_id_prefix(given: str) -> str | None:
+    """``job-`` plus the hex start of an id, for a short id (``43d5b140``, ``job-43d5``); else None."""
+    match = _PREFIX.match(given.strip().lower())
+    if match is None or sum(ch != "-" for ch in match.group(1)) < MIN_PREFIX_HEX:
+        return None
+    return f"job-{match.group(1)}"
 
 
 class JobServer:
@@ -53,6 +83,8 @@ class JobServer:
         history: Callable[[str], dict[str, Any] | None] | None = None,
         history_list: Callable[[int], list[dict[str, Any]]] | None = None,
         history_events: Callable[[str], list[tuple[int, str, str]] | None] | None = None,
+        history_prefix: Callable[[str, int], list[str]] | None = None,
+        visible: Callable[[str], bool] | None = None,
         durable: Callable[[], Awaitable[None]] | None = None,
         ping_interval_s: float = PING_INTERVAL_S,
     ) -> None:
@@ -63,6 +95,10 @@ class JobServer:
         self.history = history
         self.history_list = history_list
         self.history_events = history_events
+        #: The ids in the history that start with a prefix (at most ``limit``), for short ids.
+        self.history_prefix = history_prefix
+        #: Whether the caller may see a job (a short id resolves only among the caller's jobs).
+        self.visible = visible
         self.ping_interval_s = ping_interval_s
         #: Open ``/stream`` responses of live jobs.
         self.active_streams = 0
@@ -105,10 +141,46 @@ class JobServer:
             await self.durable()  # the job's record is committed before anyone hears of the job
         return job
 
+    def resolve(self, job_id: str) -> str:
+        """The full id for ``job_id``: itself when a job has it, else the one job whose id it starts.
+
+        A short id (``43d5b140``, ``job-43d5``: at least :data:`MIN_PREFIX_HEX` hex
+        characters) that starts several of the caller's jobs raises
+        :class:`AmbiguousJobId` naming them; one that starts none is returned as
+        given, so the caller answers its usual 404.
+        """
+        if self.registry.find(job_id) is not None:
+            return job_id
+        prefix = job_id_prefix(job_id)
+        if prefix is None:
+            return job_id
+        found = self.registry.matching(prefix, _CANDIDATES + 1)
+        if self.history_prefix is not None:
+            found += [jid for jid in self.history_prefix(prefix, _CANDIDATES + 1) if jid not in found]
+        if self.visible is not None:
+            found = [jid for jid in found if self.visible(jid)]
+        if job_id in found or len(found) == 0:
+            return job_id
+        if len(found) == 1:
+            return found[0]
+        shown = ", ".join(sorted(found)[:_CANDIDATES]) + (", ..." if len(found) > _CANDIDATES else "")
+        raise AmbiguousJobId(
+            f"the job id {job_id!r} is the start of {'more than ' if len(found) > _CANDIDATES else ''}"
+            f"{min(len(found), _CANDIDATES)} jobs' ids ({shown}); give more of it",
+            job_id=job_id,
+        )
+
     def describe(self, job_id: str) -> dict[str, Any]:
         job = self.registry.find(job_id)
         if job is not None:
-            return {**job.summary(), "timeline": timeline(job.events, job.created_at)}
+            live = {
+                **job.summary(),
+                "payload": job.operation.to_wire(),
+                "timeline": timeline(job.events, job.created_at),
+            }
+            if job.text:
+                live["text"] = "".join(job.text)
+            return live
         if self.history is not None:
             record = self.history(job_id)
             if record is not None:
@@ -130,6 +202,7 @@ _CREATED = {
     "required": ["job_id", "sse_url"],
     "properties": {"job_id": {"type": "string"}, "sse_url": {"type": "string"}},
 }
+_AMBIGUOUS = {"description": "a short job id that starts more than one job's id (kind ambiguous_job_id)"}
 #: OpenAPI links from a created job to what can be done with it (followed by stateful clients and tests).
 _JOB_LINKS = {
     name: {"operationId": op, "parameters": {"job_id": "$response.body#/job_id"}}
@@ -186,18 +259,28 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
     @router.get("/v1/jobs", operation_id="list_jobs", summary="Recent jobs")
     async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
         server = get_server(request)
-        if server.history_list is not None:
-            return {"jobs": server.history_list(limit)}
-        return {"jobs": [job.summary() for job in server.registry.list(limit)]}
+        if server.history_list is None:
+            return {"jobs": [job.summary() for job in server.registry.list(limit)]}
+        records = server.history_list(limit)
+        for record in records:
+            # A record is written when its job changes state; a live job's own state is newer.
+            job = server.registry.find(str(record.get("job_id")))
+            if job is not None and not job.ended:
+                summary = job.summary()
+                record["status"] = summary.get("status", record.get("status"))
+                if summary.get("tokens"):
+                    record["tokens_out"] = summary["tokens"]
+        return {"jobs": records}
 
     @router.get(
         "/v1/jobs/{job_id}",
         operation_id="get_job",
         summary="A job's state, timings and result summary",
-        responses={404: {"description": "no such job"}},
+        responses={404: {"description": "no such job"}, 400: _AMBIGUOUS},
     )
     async def get_job(request: Request, job_id: str) -> dict[str, Any]:
-        return get_server(request).describe(job_id)
+        server = get_server(request)
+        return server.describe(server.resolve(job_id))
 
     @router.delete(
         "/v1/jobs/{job_id}",
@@ -205,6 +288,7 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
         summary="Cancel a job",
         responses={
             202: {"description": "cancelling; the job has not ended yet"},
+            400: _AMBIGUOUS,
             404: {"description": "no such job"},
             409: {
                 "description": "the job had already finished: its record, with its final state",
@@ -214,6 +298,7 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
     )
     async def cancel_job(request: Request, job_id: str) -> JSONResponse:
         server = get_server(request)
+        job_id = server.resolve(job_id)
         job = server.registry.find(job_id)
         if job is None:
             record = server.describe(job_id)  # 404 unless in history
@@ -234,6 +319,7 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
         response_class=Response,
         responses={
             200: {"content": {"text/event-stream": {}}},
+            400: _AMBIGUOUS,
             404: {"description": "no such job"},
             422: {"description": "invalid parameter"},
         },
@@ -244,6 +330,7 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
         # parameters: FastAPI's per-parameter validation costs a few percent
         # of a short job's whole life.
         server = get_server(request)
+        job_id = server.resolve(job_id)
         query = request.query_params
         cancel_on_disconnect = _flag("cancel_on_disconnect", query.get("cancel_on_disconnect"))
         after = _event_id(query.get("last_event_id"))

@@ -96,6 +96,16 @@ class JobRegistry:
     def find(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def matching(self, prefix: str, limit: int = 10) -> list[str]:
+        """The ids of jobs held here that start with ``prefix`` (at most ``limit``), for short ids."""
+        found: list[str] = []
+        for job_id in self._jobs:
+            if job_id.startswith(prefix):
+                found.append(job_id)
+                if len(found) >= limit:
+                    break
+        return found
+
     def list(self, limit: int = 100) -> list[Job]:
         jobs = list(self._jobs.values())[-limit:]
         jobs.reverse()

@@ -91,6 +91,8 @@ class QueenState:
             history=self.store.get,
             history_list=self._recent,
             history_events=self.store.events,
+            history_prefix=self.store.matching,
+            visible=self.visible,
             durable=self.store.durable,
             ping_interval_s=settings.ping_interval_s,
         )

@@ -310,6 +310,21 @@ class JobStore:
         row = self.db.execute(f"SELECT {self._COLUMNS} FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return None if row is None else self._row(row)
 
+    def matching(self, prefix: str, limit: int = 10) -> list[str]:
+        """The ids that start with ``prefix`` (at most ``limit``), for short job ids.
+
+        A range on the primary key rather than ``LIKE``, so the index answers it.
+        """
+        self.flush()
+        if not prefix:
+            return []
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self.db.execute(
+            "SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? ORDER BY created_at DESC LIMIT ?",
+            (prefix, upper, limit),
+        )
+        return [row[0] for row in rows.fetchall()]
+
     def recent(self, limit: int = 100, *, owner: str | None = None) -> list[dict[str, Any]]:
         """The newest jobs; with ``owner``, only the jobs that token created."""
         self.flush()
