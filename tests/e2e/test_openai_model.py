@@ -1,9 +1,10 @@
 """The OpenAI endpoints with the real model: greedy output equals llama-cpp-python's own.
 
-The bundled Gemma 3 270M GGUF carries no chat template, so llama-cpp-python
-falls back to its ``llama-2`` chat format; rbee's worker must render chats
-the same way. The messages are ones for which that reference output is not
-empty, so the comparison means something.
+The bundled Gemma 3 270M GGUF carries no chat template, so rbee renders chats
+with Gemma's turn format (rbee.chat_templates); the reference is
+``create_completion`` of that text, ending where rbee's chat ends (``<end_of_turn>``,
+or the model opening the next turn). llama-cpp-python's own fallback for it,
+llama-2's ``[INST]`` format, answers the first two chats with an empty string.
 
 llama.cpp's logits depend on how a prompt is batched, so a ``Llama`` that
 reuses the previous call's cached prefix can answer the same greedy request
@@ -19,11 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
+from llama_cpp import StoppingCriteriaList
 
 import openai
 from cluster import Daemon, free_port, queen, wait_for
 from modelref import reference_llama as reference_llama_for
 from modelref import visible
+from rbee.chat_templates import render
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
 
@@ -68,8 +71,16 @@ def test_greedy_chat_equals_create_chat_completion(
     client: openai.OpenAI, reference_llama: Any, messages: list[dict[str, str]]
 ) -> None:
     reference_llama.reset()
-    expected = reference_llama.create_chat_completion(messages, temperature=0, max_tokens=24)
-    expected_text = visible(expected["choices"][0]["message"]["content"])
+    chat = render("gemma", messages)
+    start_of_turn = reference_llama.tokenize(b"<start_of_turn>", add_bos=False, special=True)
+    expected = reference_llama.create_completion(
+        chat.text,
+        temperature=0,
+        max_tokens=24,
+        stop=chat.stop,
+        stopping_criteria=StoppingCriteriaList([lambda ids, logits: int(ids[-1]) in start_of_turn]),
+    )
+    expected_text = visible(expected["choices"][0]["text"])
     assert expected_text, "pick messages with a non-empty reference answer"
     got = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)  # type: ignore[arg-type]
     assert got.choices[0].message.content == expected_text

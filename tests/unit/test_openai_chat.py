@@ -19,6 +19,7 @@ import pytest
 from httpx_sse import aconnect_sse
 from llama_cpp import llama_chat_format
 
+from rbee.chat_templates import render, template_for
 from rbee.contracts.operations import Infer, parse_operation
 from rbee.errors import InvalidOperation
 from rbee.worker.app import WorkerSettings, create_worker_app
@@ -87,9 +88,10 @@ class _StubLlama:
         yield _EOS
 
 
-def _engine(stub: _StubLlama) -> LlamaEngine:
+def _engine(stub: _StubLlama, template: str = "gguf") -> LlamaEngine:
     engine = LlamaEngine("/models/stub.gguf")
     engine._llm = stub
+    engine.chat_template = template
     engine._llama_cpp = SimpleNamespace(llama_vocab_is_eog=lambda vocab, token: token == _EOS)
     return engine
 
@@ -110,15 +112,39 @@ def _generate(engine: Any, req: GenerationRequest) -> tuple[str, GenerationOutco
 # -- the chat prompt ------------------------------------------------------------------
 
 
-def test_builtin_chat_format_renders_as_create_chat_completion_does() -> None:
+def test_a_gguf_without_a_template_gets_its_family_s_turn_format() -> None:
     stub = _StubLlama("llama-2")
-    chat = _engine(stub).chat_prompt(MESSAGES, ["END"])
-    expected = llama_chat_format.format_llama2(messages=MESSAGES).prompt  # type: ignore[arg-type]
-    # Tokenized with BOS (the format adds no special tokens itself) and special tokens on.
-    assert stub.tokenized == [(expected.encode(), True, True)]
+    engine = _engine(stub, "gemma")
+    chat = engine.chat_prompt(MESSAGES, ["END"])
+    # Gemma has no system role: the system text opens the first user turn.
+    expected = "<start_of_turn>user\nBe brief.\n\nHello there<end_of_turn>\n<start_of_turn>model\n"
+    assert (expected.encode(), False, True) in stub.tokenized
+    assert chat.tokens == [1, *expected.encode()]  # BOS, then the turns with their special tokens
+    assert chat.stop == ["END", "<end_of_turn>"]
+
+
+def test_any_other_family_without_a_template_gets_chatml() -> None:
+    stub = _StubLlama("llama-2")
+    chat = _engine(stub, "chatml").chat_prompt([*MESSAGES, {"role": "assistant", "content": "Hi."}])
+    expected = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n"
+        "<|im_start|>assistant\nHi.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert chat.tokens == [1, *expected.encode()]
-    assert chat.stop == ["END"]
-    assert chat.stopping_criteria is None
+    assert chat.stop == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_the_template_is_chosen_from_the_gguf() -> None:
+    assert template_for("gemma3", has_own_template=False) == "gemma"
+    assert template_for("gemma2", has_own_template=False) == "gemma"
+    assert template_for("qwen2", has_own_template=False) == "chatml"
+    assert template_for(None, has_own_template=False) == "chatml"
+    assert template_for("gemma3", has_own_template=True) == "gguf"
+
+
+def test_a_lone_system_message_is_the_user_s_turn_in_gemma_s_format() -> None:
+    chat = render("gemma", [{"role": "system", "content": "Hi"}])
+    assert chat.text == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
 def test_gguf_template_renders_with_its_stop_string_and_criteria() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rbee.chat_templates import template_for
 from rbee.contracts.cluster import ModelReport
 from rbee.contracts.operations import DEFAULT_MODEL, check_model_ref
 from rbee.errors import InvalidOperation, JobConflict, ModelNotFound
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS models (
     quantization TEXT,
     name TEXT,
     source TEXT NOT NULL DEFAULT 'local',
-    added_at REAL NOT NULL
+    added_at REAL NOT NULL,
+    chat_template TEXT
 )
 """
 _COLUMNS = (
@@ -60,6 +62,7 @@ _COLUMNS = (
     "name",
     "source",
     "added_at",
+    "chat_template",
 )
 
 
@@ -76,6 +79,8 @@ class ModelEntry:
     name: str | None
     source: str
     added_at: float
+    #: The chat template its chats use (rbee.chat_templates.template_for).
+    chat_template: str | None = None
 
     def names(self) -> list[str]:
         return [self.id] + ([self.alias] if self.alias else [])
@@ -95,6 +100,7 @@ class ModelEntry:
             "sha256": self.sha256,
             "source": self.source,
             "added_at": self.added_at,
+            "chat_template": self.chat_template,
         }
 
     def to_report(self) -> ModelReport:
@@ -104,6 +110,8 @@ class ModelEntry:
             size_bytes=self.size_bytes,
             architecture=self.architecture,
             quantization=self.quantization,
+            context_length=self.context_length,
+            chat_template=self.chat_template,
         )
 
 
@@ -155,6 +163,7 @@ def _inspect(
         name=info.name,
         source=source,
         added_at=time.time(),
+        chat_template=template_for(info.architecture, bool(info.metadata.get("tokenizer.chat_template"))),
     )
 
 
@@ -178,6 +187,9 @@ class ModelCatalog:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
+        if "chat_template" not in columns:  # a catalog from before chat templates were recorded
+            self._db.execute("ALTER TABLE models ADD COLUMN chat_template TEXT")
         self._ready: asyncio.Task[None] | None = None
         self.bundled_error: str | None = None
 
@@ -196,6 +208,7 @@ class ModelCatalog:
         await asyncio.shield(self.warm())
 
     async def _register_bundled(self) -> None:
+        await self._fill_chat_templates()
         if self._bundled is None:
             return
         bundled = self._bundled
@@ -216,6 +229,17 @@ class ModelCatalog:
         # A previous row for the same alias (another file, another home) gives way.
         self._db.execute("DELETE FROM models WHERE id = ? OR alias = ?", (entry.id, entry.alias))
         self._insert(entry)
+
+    async def _fill_chat_templates(self) -> None:
+        """Rows recorded before chat templates were: read their GGUF headers once (in a thread)."""
+        rows = self._db.execute("SELECT id, path FROM models WHERE chat_template IS NULL").fetchall()
+        for row in rows:
+            try:
+                info = await asyncio.to_thread(read_gguf, Path(row["path"]))
+            except Exception:  # a file gone or unreadable: its row says so elsewhere
+                continue
+            name = template_for(info.architecture, bool(info.metadata.get("tokenizer.chat_template")))
+            self._db.execute("UPDATE models SET chat_template = ? WHERE id = ?", (name, row["id"]))
 
     def _inspect_bundled(self, bundled: Callable[[], Path]) -> ModelEntry:
         path = bundled()

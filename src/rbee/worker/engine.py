@@ -12,9 +12,10 @@ happened in each step (a :class:`SlotStart`, text :class:`Piece` s, one
   decodes one token for every running sequence plus a chunk of a starting
   prompt in each step; a slot keeps the KV of its last job for the next
   prompt that shares its prefix.
-* A chat (``messages``) is turned into a prompt by llama-cpp-python's own
-  chat machinery, the handler ``Llama.create_chat_completion`` would use for
-  the model (its ``chat_format``, the GGUF's template, or the fallback).
+* A chat (``messages``) is turned into a prompt with the model's own template
+  (the GGUF's ``tokenizer.chat_template``, through llama-cpp-python's chat
+  handler, as ``create_chat_completion`` would) or, for a GGUF without one, its
+  family's turn format (:mod:`rbee.chat_templates`: Gemma's, else ChatML).
 * :class:`FakeEngine` is a scripted engine (pieces, per-token delay, failure
   after K tokens, slots) for fast tests and overhead benchmarks. It is never
   the default.
@@ -30,6 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from rbee.chat_templates import GGUF, render, template_for
 
 __all__ = [
     "STOP_REASONS",
@@ -147,6 +150,8 @@ class Engine(Protocol):
     max_slots: int
     #: Token ids are ``0 <= id < n_vocab``.
     n_vocab: int
+    #: The chat template chats are rendered with (``gguf``, ``gemma``, ``chatml``; see rbee.chat_templates).
+    chat_template: str
 
     def load(self) -> None: ...
 
@@ -297,6 +302,7 @@ class LlamaEngine:
         self.n_ctx = n_ctx
         self.max_slots = slots
         self.n_vocab = 0
+        self.chat_template = "chatml"
         self.n_threads = n_threads
         self.device = device
         self.chunk = chunk
@@ -351,6 +357,10 @@ class LlamaEngine:
             raise
         self.n_ctx = self._loop.n_ctx_slot
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._loop.vocab))
+        metadata = self._llm.metadata
+        self.chat_template = template_for(
+            metadata.get("general.architecture"), bool(metadata.get("tokenizer.chat_template"))
+        )
 
     def close(self) -> None:
         import llama_cpp
@@ -393,16 +403,26 @@ class LlamaEngine:
         return len(self.prompt_tokens(prompt))
 
     def chat_prompt(self, messages: list[dict[str, str]], stop: Sequence[str] = ()) -> ChatPrompt:
-        """Render a chat exactly as ``create_chat_completion`` does for this model.
+        """Render a chat with the model's template (:attr:`chat_template`).
 
-        The model's chat handler runs as it would inside ``create_chat_completion``,
-        against a stand-in for the model that records the ``create_completion``
-        call it makes instead of generating: that call holds the prompt tokens,
-        the stop strings and the stopping criteria.
+        With the GGUF's own template, the model's chat handler runs as it would
+        inside ``create_chat_completion``, against a stand-in for the model that
+        records the ``create_completion`` call it makes instead of generating:
+        that call holds the prompt tokens, the stop strings and the stopping
+        criteria. A family's template is rendered here and tokenized with its
+        special tokens.
         """
         llm = self._llm
         if llm is None:
             raise RuntimeError("the model is not loaded")
+        if self.chat_template != GGUF:
+            chat = render(self.chat_template, messages)
+            ends = {self._special_id(t) for t in chat.stop_tokens} - {None}
+            return ChatPrompt(
+                tokens=self.prompt_tokens(chat.text),
+                stop=[*stop, *chat.stop],
+                stopping_criteria=_EndsWith(ends) if ends else None,
+            )
         from llama_cpp import llama_chat_format
 
         handler: Any = (
@@ -431,6 +451,11 @@ class LlamaEngine:
     def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.chat_prompt(messages).tokens)
 
+    def _special_id(self, text: str) -> int | None:
+        """The id of a special token written as ``text``, if the vocabulary has it as one token."""
+        ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+        return int(ids[0]) if len(ids) == 1 else None
+
     def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle:
         loop = self._loop
         if loop is None:
@@ -448,6 +473,18 @@ class LlamaEngine:
             req, tokens, stops, outcome, sink, stopping_criteria=criteria, strip_space=strip_space
         )
         return handle
+
+
+class _EndsWith:
+    """A token-level stop test: the answer ends when the model samples one of ``ids``."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: set[int | None]) -> None:
+        self.ids = {i for i in ids if i is not None}
+
+    def __call__(self, tokens: Any, logits: Any) -> bool:
+        return len(tokens) > 0 and int(tokens[-1]) in self.ids
 
 
 class _CompletionRecorder:
@@ -504,6 +541,7 @@ class FakeEngine:
         self.model_id = model_id
         self.n_ctx = n_ctx
         self.n_vocab = len(self.pieces)
+        self.chat_template = "fake"
         self.max_slots = slots
         self.load_gate = load_gate
         self.fail_load = fail_load
