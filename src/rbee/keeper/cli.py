@@ -22,17 +22,26 @@ from typing import Any
 import click
 
 from rbee import __version__
-from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, one_line
+from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, one_line
 from rbee.keeper.machines import hive, model, queen, worker
-from rbee.keeper.options import CONTEXT, DEFAULT_MODEL, Group, default_model, output_options, pass_session, print_json
-from rbee.keeper.session import Session
+from rbee.keeper.options import (
+    CONTEXT,
+    DEFAULT_MODEL,
+    Group,
+    default_model,
+    output_options,
+    pass_session,
+    print_json,
+    unescape,
+)
+from rbee.keeper.session import Session, short_id
 
 __all__ = ["cli", "main", "DEFAULT_MODEL"]
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT, invoke_without_command=True)
 @click.option(
     "--queen-url",
     metavar="URL",
@@ -44,11 +53,14 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
     metavar="TOKEN",
     help="Bearer token for a queen that requires one. Default: $RBEE_TOKEN, else the config.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Hide narration, progress and the summary; show only the output.")
+@click.option("-q", "--quiet", is_flag=True, help="Hide progress and the summary; show only the output.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the servers' narration of every step on stderr.")
 @click.option("--json", "json_mode", is_flag=True, help="Print every event as one JSON line on stdout, for scripts.")
 @click.version_option(__version__, "-V", "--version", prog_name="rbee")
 @click.pass_context
-def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: bool, json_mode: bool) -> None:
+def cli(
+    ctx: click.Context, queen_url: str | None, token: str | None, quiet: bool, verbose: bool, json_mode: bool
+) -> None:
     """Run LLM inference on the machines you already own, with every step narrated.
 
     \b
@@ -65,8 +77,14 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
     running (set RBEE_NO_AUTOSTART=1 to prevent that). Settings come from
     flags, then RBEE_QUEEN_URL / RBEE_TOKEN, then ~/.config/rbee/config.toml
     (see `rbee config`). Shell completion: `rbee completion --help`.
+    Output: the result on stdout; on a terminal, `rbee infer` keeps one status
+    line on stderr and ends with a one-line summary; -v shows the narration of
+    every step, -q only the output, --json every event.
     """
-    session = Session(queen_url=queen_url, token=token, quiet=quiet, json_mode=json_mode)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(EXIT_OK)
+    session = Session(queen_url=queen_url, token=token, quiet=quiet, json_mode=json_mode, verbose=verbose)
     ctx.obj = session
     ctx.call_on_close(session.close)
 
@@ -95,9 +113,11 @@ def cli(ctx: click.Context, queen_url: str | None, token: str | None, quiet: boo
 def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any) -> None:
     """Generate text from PROMPT (read from stdin when omitted or "-").
 
-    Tokens go to stdout as they arrive; narration of each step (which hive and
-    worker run it) goes to stderr. Ctrl-C cancels the job. Defaults for the
-    sampling flags come from [sampling] in the config file.
+    Tokens go to stdout as they arrive; on a terminal one status line on
+    stderr says where the job is (queued, loading, generating) and a summary
+    line ends it; -v shows the narration of each step (which hive and worker
+    run it). Ctrl-C cancels the job. Defaults for the sampling flags come from
+    [sampling] in the config file. --stop understands \\n, \\t and \\\\.
 
     \b
     Examples:
@@ -105,6 +125,7 @@ def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any)
       rbee infer -m gemma3-270m --max-tokens 50 --temperature 0 "Count to ten:"
       rbee infer -m tiny --hive beta "Hello"            # on a given hive
       cat notes.txt | rbee infer --stop "###" -
+      rbee infer "List three colours:" --stop "\\n\\n"   # stop at an empty line
       rbee infer "List three colours:" --json           # one JSON event per line
       rbee infer --detach "Write a story" && rbee jobs logs --follow JOB_ID
     """
@@ -116,19 +137,23 @@ def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any)
         raise click.UsageError("the prompt is empty")
     operation: dict[str, Any] = {"operation": "infer", "model": options.pop("model") or default_model(session)}
     sampling = session.config.sampling if session.config.sampling else {}
-    operation.update({k: v for k, v in sampling.items() if k in _SAMPLING_KEYS})
-    options["stop"] = list(options["stop"]) or None
-    operation.update({k: v for k, v in options.items() if v is not None})
+    from_config = {k: v for k, v in sampling.items() if k in _SAMPLING_KEYS}
+    operation.update(from_config)
+    options["stop"] = [unescape(s) for s in options["stop"]] or None
+    given = {k: v for k, v in options.items() if v is not None}
+    operation.update(given)
     operation["prompt"] = prompt
+    # A refusal names the flag a field came from, or the config file's entry.
+    flags = {k: f"{k} (from [sampling] in the config file)" for k in from_config if k not in given}
     if not detach:
-        session.run(operation, summary=True)
+        session.run(operation, summary=True, flags=flags)
         return
-    job_id = session.submit(operation)
+    job_id = session.submit(operation, flags=flags)
     if session.json_mode:
         print_json({"job_id": job_id, "detached": True})
     else:
         click.echo(job_id)
-        session.renderer.notice(f"Running detached; follow it with: rbee jobs logs --follow {job_id}")
+        session.renderer.notice(f"Running detached; follow it with: rbee jobs logs --follow {short_id(job_id)}")
 
 
 # -- cluster -----------------------------------------------------------------
@@ -154,10 +179,13 @@ def status(session: Session) -> None:
 def queen_check(session: Session) -> None:
     """Run the queen's self-check: narration from every path of a job.
 
+    Each step it narrates is a line of its output (-v shows the raw narration instead).
+
     \b
     Example:
       rbee queen-check
     """
+    session.renderer.steps = True
     session.run({"operation": "queen_check"})
 
 
@@ -187,6 +215,8 @@ def _duration(ms: float | None) -> str | None:
 
 
 def _job_row(job: dict[str, Any]) -> dict[str, Any]:
+    from rbee.keeper.tables import age, prompt_of
+
     duration = job.get("duration_ms")
     if duration is None and job.get("finished_at") and (job.get("started_at") or job.get("created_at")):
         duration = (job["finished_at"] - (job.get("started_at") or job["created_at"])) * 1000
@@ -194,8 +224,15 @@ def _job_row(job: dict[str, Any]) -> dict[str, Any]:
     if tokens is None:
         tokens = job.get("tokens") or None
     error = job.get("error")
+    raw_payload = job.get("payload")
+    payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
+    prompt = prompt_of(payload)
     return {
         **job,
+        "short_id": short_id(str(job.get("job_id", ""))),
+        "model": payload.get("model"),
+        "prompt": one_line(prompt, 30) if prompt else None,
+        "age": age(job.get("created_at")),
         "duration": _duration(duration),
         "tokens": tokens,
         "error": one_line(f"{error.get('kind')}: {error.get('message')}", 80) if isinstance(error, dict) else None,
@@ -207,7 +244,7 @@ def _job_row(job: dict[str, Any]) -> dict[str, Any]:
 @output_options
 @pass_session
 def jobs_list(session: Session, limit: int) -> None:
-    """List recent jobs, newest first.
+    """List recent jobs, newest first: id, operation, model, prompt, state, age, tokens.
 
     \b
     Example:
@@ -227,11 +264,14 @@ def jobs_list(session: Session, limit: int) -> None:
 @output_options
 @pass_session
 def jobs_show(session: Session, job_id: str) -> None:
-    """Show a job's state, timings and result.
+    """Show a job's state, timings, prompt, output and timeline.
+
+    JOB_ID is the id or its start (at least 4 hex characters, as `rbee jobs list` shows it).
 
     \b
-    Example:
-      rbee jobs show job-0b9c...
+    Examples:
+      rbee jobs show 0b9c81f2
+      rbee jobs show --json job-0b9c81f2-...
     """
     job = session.client.job(job_id)
     if session.json_mode:
@@ -239,7 +279,7 @@ def jobs_show(session: Session, job_id: str) -> None:
         return
     from rbee.keeper.tables import print_job
 
-    print_job(job_id, job, out=sys.stdout, colour=session.renderer.colour_out)
+    print_job(str(job.get("job_id") or job_id), job, out=sys.stdout, colour=session.renderer.colour_out)
 
 
 @jobs.command("cancel", context_settings=CONTEXT)
@@ -249,21 +289,24 @@ def jobs_show(session: Session, job_id: str) -> None:
 def jobs_cancel(session: Session, job_id: str) -> None:
     """Cancel a job; for a job that already ended, report how it ended.
 
+    JOB_ID is the id or its start (at least 4 hex characters, as `rbee jobs list` shows it).
+
     \b
     Example:
-      rbee jobs cancel job-0b9c...
+      rbee jobs cancel 0b9c81f2
     """
     code, job = session.client.cancel(job_id)
     if session.json_mode:
         print_json(job)
         return
-    state = job.get("status", "unknown")
+    state = str(job.get("status", "unknown"))
+    shown = short_id(str(job.get("job_id") or job_id))
     if code == 409:
-        click.echo(f"{job_id} had already finished: {state}")
+        click.echo(f"job {shown} had already finished: {state}")
     elif state in ("cancelled", "completed", "failed", "timed_out"):
-        click.echo(f"{job_id} is {state}")
+        click.echo(f"job {shown} is {state}")
     else:
-        click.echo(f"{job_id} is being cancelled (now {state})")
+        click.echo(f"job {shown} is being cancelled (now {state})")
 
 
 @jobs.command("logs", context_settings=CONTEXT, short_help="Replay a job's events (--follow: to its end).")
@@ -274,21 +317,24 @@ def jobs_cancel(session: Session, job_id: str) -> None:
 def jobs_logs(session: Session, job_id: str, follow: bool) -> None:
     """Replay a job's events (narration, tokens, results) from its start; exit as the job ended.
 
+    The narration is the output here (stdout, with the tokens and results).
     Without --follow, a job that is still running is shown up to now; with
     --follow, it is shown to its end (and Ctrl-C stops watching, not the job).
+    JOB_ID is the id or its start (at least 4 hex characters, as `rbee jobs list` shows it).
 
     \b
     Examples:
-      rbee jobs logs job-0b9c...
+      rbee jobs logs 0b9c81f2
       rbee infer --detach "Write a long story" | xargs rbee jobs logs --follow
-      rbee jobs logs --follow --json job-0b9c...
+      rbee jobs logs --follow --json 0b9c81f2
     """
+    job = session.client.job(job_id)  # the full id (a short one is resolved once), and where it is now
+    full_id = str(job.get("job_id") or job_id)
     until = None
-    if not follow:
-        job = session.client.job(job_id)
-        if job.get("status") in ("queued", "running") and isinstance(job.get("events"), int):
-            until = job["events"]
-    session.follow(job_id, until=until)
+    if not follow and job.get("status") in ("queued", "running") and isinstance(job.get("events"), int):
+        until = job["events"]
+    session.renderer.logs = True
+    session.follow(full_id, until=until)
 
 
 # -- the keeper itself ----------------------------------------------------------
@@ -386,7 +432,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``rbee``; every outcome becomes an exit code here, never a traceback."""
     try:
         code = cli.main(args=argv, prog_name="rbee", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # A group without its command (`rbee jobs`): its help, as `--help` prints it.
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else cli.get_help(click.Context(cli)))
+        code = EXIT_OK
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("rbee: cancelled", err=True)
         code = EXIT_INTERRUPTED
     except click.UsageError as exc:
         # One line, and where to read more, rather than click's usage block.
@@ -396,8 +447,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (``rbee infer ... | head``); say nothing more.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -22,7 +22,14 @@ from collections.abc import Generator, Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from rbee.keeper.errors import BadSetting, KeeperError, QueenUnreachable, RequestRefused, StreamBroken
+from rbee.keeper.errors import (
+    BadSetting,
+    KeeperError,
+    QueenUnreachable,
+    RequestRefused,
+    StreamBroken,
+    problems_line,
+)
 
 __all__ = ["QueenClient", "Event", "Response", "DONE", "STREAM_READ_TIMEOUT_S", "describe"]
 
@@ -192,10 +199,16 @@ class QueenClient:
             text = body.decode(errors="replace").strip()[:200] or http.client.responses.get(status, "")
             return RequestRefused.of(status, f"the queen answered HTTP {status}: {text}")
         message = str(err.get("message") or f"the queen answered HTTP {status}")
+        raw_problems = err.get("problems")
+        problems = [p for p in raw_problems if isinstance(p, dict)] if isinstance(raw_problems, list) else []
+        if problems:
+            message = problems_line(problems)  # flags and plain words, not field names and pydantic's
         if status == 401:
             message += " (pass --token or set RBEE_TOKEN)"
         field = err.get("field")
-        return RequestRefused.of(status, message, kind=err.get("kind"), field=str(field) if field else None)
+        return RequestRefused.of(
+            status, message, kind=err.get("kind"), field=str(field) if field else None, problems=problems
+        )
 
     def get_json(self, path: str) -> Any:
         response = self.request("GET", path)

@@ -1,4 +1,5 @@
-"""What every ``rbee`` command shares: the context settings, the session, ``--json``, ``--hive``."""
+"""What every ``rbee`` command shares: the context settings, the session, ``--json``, ``-q``, ``-v``,
+``--queen-url`` and ``--token`` after the command as before it, ``--hive``, text flags' escapes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ __all__ = [
     "hive_option",
     "print_json",
     "default_model",
+    "unescape",
+    "GLOBAL_OPTIONS",
 ]
 
 #: The model ``rbee infer`` asks for unless told (or configured) otherwise.
@@ -28,11 +31,57 @@ CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_w
 pass_session = click.make_pass_decorator(Session)
 
 
+def _set_url(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(Session).set_flags(queen_url=value)
+
+
+def _set_token(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(Session).set_flags(token=value)
+
+
+def _global_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["--queen-url", "queen_url_flag"],
+            metavar="URL",
+            expose_value=False,
+            callback=_set_url,
+            help="The queen to talk to (as before the command).",
+        ),
+        click.Option(
+            ["--token", "token_flag"],
+            metavar="TOKEN",
+            expose_value=False,
+            callback=_set_token,
+            help="Bearer token for a queen that requires one (as before the command).",
+        ),
+    ]
+
+
+#: The global options every command that talks to the queen takes after its name as well.
+GLOBAL_OPTIONS = ("--queen-url", "--token")
+
+
 class Group(click.Group):
-    """Commands listed in the order they are defined (most used first), not alphabetically."""
+    """Commands listed in the order they are defined (most used first), not alphabetically.
+
+    A command with the output options (``--json``...) also gets ``--queen-url``
+    and ``--token`` when it has no option of that name itself, so
+    ``rbee hive start --host 0.0.0.0 --token ...`` works as ``rbee --token ... hive start`` does.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not isinstance(cmd, click.Group) and any(p.name == "json_flag" for p in cmd.params):
+            taken = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+            for option in _global_options():
+                if not taken.intersection(option.opts):
+                    cmd.params.append(option)
+        super().add_command(cmd, name)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,8 +97,13 @@ def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(Session).quiet = True
 
 
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Session).verbose = True
+
+
 def output_options(f: F) -> F:
-    """``--json`` and ``-q`` after the command too (``rbee infer ... --json``), as before it."""
+    """``--json``, ``-q`` and ``-v`` after the command too (``rbee infer ... --json``), as before it."""
     f = click.option(
         "--json",
         "json_flag",
@@ -65,7 +119,16 @@ def output_options(f: F) -> F:
         is_flag=True,
         expose_value=False,
         callback=_set_quiet,
-        help="Hide narration, progress and the summary.",
+        help="Hide progress and the summary; show only the output.",
+    )(f)
+    f = click.option(
+        "-v",
+        "--verbose",
+        "verbose_flag",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_verbose,
+        help="Show the servers' narration of every step on stderr.",
     )(f)
     return f
 
@@ -81,3 +144,27 @@ def print_json(value: Any) -> None:
 
 def default_model(session: Session) -> str:
     return session.config.default_model or DEFAULT_MODEL
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` in a flag's text as a newline, a tab and a backslash.
+
+    A shell passes ``--stop "\\n\\n"`` as a backslash and an n, twice; any other
+    backslash stays as it is (``C:\\models`` keeps its backslash).
+    """
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)

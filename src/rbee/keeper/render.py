@@ -1,12 +1,18 @@
 """Rendering a job's events for people (or, with ``--json``, for scripts).
 
-Tokens go to stdout as they arrive; narration goes to stderr, dimmed on a
-terminal and hidden with ``-q``; progress is one updating line on a terminal
-and nothing otherwise, except a download's bytes, which get a bar
-(:mod:`rbee.keeper.progress`, rich, imported on the first such event);
-results become tables (:mod:`rbee.keeper.tables`, which imports rich only when
-a table is drawn). Colour appears only on a terminal
-and only while ``NO_COLOR`` is unset. Event data never carries presentation;
+Tokens go to stdout as they arrive. Narration (the servers' step-by-step
+events) is shown only with ``-v`` (on stderr, dimmed on a terminal), as the
+output of ``rbee jobs logs`` (stdout), or as the steps of ``rbee queen-check``;
+otherwise ``rbee infer`` keeps one live status line on a terminal's stderr
+(queued, loading, generating with its token count) that its one-line summary
+replaces at the end, and the other commands print their results only.
+Progress is one updating line on a terminal and nothing otherwise, except a
+download's bytes, which get a bar (:mod:`rbee.keeper.progress`, rich, imported
+on the first such event); results become tables (:mod:`rbee.keeper.tables`,
+which imports rich only when a table is drawn). Whatever goes to stderr never
+lands inside the generated text when both streams reach the same terminal or
+file: the text's line is ended first. Colour appears only on a terminal and
+only while ``NO_COLOR`` is unset. Event data never carries presentation;
 everything about layout lives here.
 
 This module is on the ``rbee infer`` path: standard library only.
@@ -20,7 +26,16 @@ import sys
 import time
 from typing import IO, Any
 
-__all__ = ["Renderer", "colour_allowed", "format_narration", "format_summary", "format_progress"]
+__all__ = [
+    "Renderer",
+    "colour_allowed",
+    "format_narration",
+    "format_summary",
+    "format_progress",
+    "format_status",
+    "same_output",
+    "BOOKKEEPING_ACTIONS",
+]
 
 DIM = "\x1b[2m"
 YELLOW = "\x1b[33m"
@@ -39,6 +54,72 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def same_output(out: IO[str], err: IO[str]) -> bool:
+    """Whether stdout and stderr reach the same place (one terminal, one file, one pipe: ``2>&1``)."""
+    if _isatty(out) and _isatty(err):
+        return True
+    try:
+        a, b = os.fstat(out.fileno()), os.fstat(err.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+#: Narration that says only that a job runs, was routed or finished: not a step worth a line of its own.
+BOOKKEEPING_ACTIONS = frozenset(
+    {"job_start", "route_job", "job_done", "hive_route", "forward_start", "forward_complete"}
+)
+
+#: The live status line's text for the narration of an inference's journey.
+_STATUS_OF_ACTION = {
+    "infer_start": "waiting for a worker",
+    "infer_schedule": "finding a worker",
+    "infer_spawn": "loading the model",
+    "model_resolved": "loading the model",
+    "worker_spawn_start": "loading the model",
+    "worker_slots": "loading the model",
+    "worker_process": "loading the model",
+    "worker_ready": "the model is loaded",
+    "infer_spawned": "the model is loaded",
+    "infer_worker": "starting on a worker",
+    "infer_dispatch": "starting on a worker",
+}
+
+
+def format_status(data: dict[str, Any], kind: str) -> str | None:
+    """The live status line for a narration or progress event, or None to leave it as it is."""
+    if kind == "progress":
+        action = data.get("action")
+        if action == "queue":
+            done, total = data.get("done"), data.get("total")
+            where = f" {done:g}" if isinstance(done, int | float) else ""
+            of = f" of {total:g}" if isinstance(total, int | float) and total else ""
+            eta = data.get("eta_s")
+            wait = f", about {eta:.0f} s" if isinstance(eta, int | float) and eta >= 1 else ""
+            return f"queued: position{where}{of}{wait}"
+        if action == "worker_start":
+            return "loading the model"
+        return None
+    action = str(data.get("action") or "")
+    if data.get("level") in ("warn", "error") and action not in BOOKKEEPING_ACTIONS and not action.startswith("job_"):
+        return _LINE_UNSAFE.sub(" ", str(data.get("human") or action)).strip()[:200] or None
+    if data.get("actor") == "worker" and action == "infer_start":
+        return "reading the prompt"
+    text = _STATUS_OF_ACTION.get(action)
+    if text is None:
+        return None
+    model = data.get("model")
+    if text == "loading the model" and isinstance(model, str) and model:
+        text = f"loading {model}"
+    hive = data.get("hive_id")
+    if isinstance(hive, str) and hive and text.startswith("loading"):
+        text += f" on hive {hive}"
+    worker = data.get("worker_id")
+    if text == "starting on a worker" and isinstance(worker, str) and worker:
+        text = f"starting on {worker}"
+    return _LINE_UNSAFE.sub(" ", text)
 
 
 def colour_allowed(stream: IO[str]) -> bool:
@@ -109,28 +190,46 @@ def format_summary(end: dict[str, Any], tokens_seen: int) -> str:
 
 
 class Renderer:
-    """Turns one job's events into output; one renderer per command."""
+    """Turns one job's events into output; one renderer per command.
+
+    ``verbose`` shows every narration line on stderr (as ``-v``); ``live`` (set
+    for ``rbee infer``) keeps one status line on a terminal's stderr instead;
+    ``logs`` makes narration part of the output (stdout, ``rbee jobs logs``);
+    ``steps`` shows each narrated step on stdout, without the bookkeeping
+    (``rbee queen-check``). ``shared`` says whether stdout and stderr reach the
+    same terminal or file (found out when not given).
+    """
 
     def __init__(
         self,
         *,
         quiet: bool = False,
         json_mode: bool = False,
+        verbose: bool = False,
         out: IO[str] | None = None,
         err: IO[str] | None = None,
+        shared: bool | None = None,
     ) -> None:
         self.quiet = quiet
         self.json_mode = json_mode
+        self.verbose = verbose
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.out_tty = _isatty(self.out)
         self.err_tty = _isatty(self.err)
+        self.shared = same_output(self.out, self.err) if shared is None else shared
         self.colour_out = colour_allowed(self.out)
         self.colour_err = colour_allowed(self.err)
+        self.live = False
+        self.logs = False
+        self.steps = False
+        #: After Ctrl-C: the job is being cancelled; nothing more of it is shown.
+        self.cancelling = False
         self.tokens = 0
         self.end: dict[str, Any] | None = None
+        self.status = ""  # what the live status line says (kept even where it is not drawn)
         self._mid_line = False  # stdout holds generated text not yet ended by a newline
-        self._progress_shown = False
+        self._progress_shown = False  # a progress or status line is drawn on stderr
         self._progress_at = 0.0
         self._held: list[str] = []  # narration kept back while text streams to the same terminal
         self._bar: Any = None  # a rich download bar (rbee.keeper.progress.ByteBar) while one is shown
@@ -162,10 +261,17 @@ class Renderer:
     def token(self, data: dict[str, Any]) -> None:
         text = str(data.get("t", ""))
         self.tokens += 1
+        if self.cancelling:
+            return
+        if self._live_line():
+            self.status = f"generating: {self.tokens} token{'s' if self.tokens != 1 else ''}"
+            if not self.shared:
+                self._draw_status()
         if not text:
             return
         self._stop_bar()
-        self._clear_progress()
+        if self.shared:
+            self._clear_progress()
         if self.out_tty:
             text = _TERMINAL_UNSAFE.sub("", text)
         self.out.write(text)
@@ -173,15 +279,28 @@ class Renderer:
         self._mid_line = not text.endswith("\n")
 
     def narration(self, data: Any) -> None:
-        if self.quiet or not isinstance(data, dict):
+        if self.quiet or self.cancelling or not isinstance(data, dict):
             return
+        if self.logs:
+            self.out_line(format_narration(data, colour=self.colour_out))
+            return
+        if self.verbose:
+            self._narration_line(data)
+            return
+        if self.steps:
+            if data.get("action") not in BOOKKEEPING_ACTIONS:
+                human = _LINE_UNSAFE.sub(" ", str(data.get("human") or data.get("action") or "")).strip()
+                self.out_line(f"  {human}")
+            return
+        if self.live:
+            status = format_status(data, "narration")
+            if status is not None:
+                self.status = status
+                self._draw_status()
+
+    def _narration_line(self, data: dict[str, Any]) -> None:
         line = format_narration(data, colour=self.colour_err)
-        if (
-            self._shared_terminal()
-            and self.tokens
-            and self.end is None
-            and data.get("level", "info") in ("info", "debug")
-        ):
+        if self.shared and self.tokens and self.end is None and data.get("level", "info") in ("info", "debug"):
             # Keep the generated text in one piece on screen; what the workers
             # say meanwhile is shown after it. Warnings still interrupt.
             self._held.append(line)
@@ -189,7 +308,15 @@ class Renderer:
         self.err_line(line)
 
     def progress(self, data: Any) -> None:
-        if self.quiet or not self.err_tty or not isinstance(data, dict):
+        if self.quiet or self.cancelling or not isinstance(data, dict):
+            return
+        if self._live_line():
+            status = format_status(data, "progress")
+            if status is not None:
+                self.status = status
+                self._draw_status()
+            return
+        if not self.err_tty:
             return
         if data.get("unit") == "bytes":
             self._bar_progress(data)
@@ -204,6 +331,25 @@ class Renderer:
         if self.colour_err:
             line = f"{DIM}{line}{RESET}"
         self.err.write(CLEAR_LINE + line)
+        self.err.flush()
+        self._progress_shown = True
+
+    def _live_line(self) -> bool:
+        """Whether this command keeps a status line (``rbee infer`` without -v, -q or --json)."""
+        return self.live and not self.verbose and not self.quiet and not self.json_mode
+
+    def _draw_status(self, *, force: bool = False) -> None:
+        """Redraw the live status line (a terminal's stderr only; never between pieces of text on it)."""
+        if not self.err_tty or not self.status or self.cancelling:
+            return
+        if self._mid_line and self.shared:
+            return
+        now = time.monotonic()
+        if not force and self._progress_shown and now - self._progress_at < 0.1:
+            return
+        self._progress_at = now
+        line = f"{self.status} ..."
+        self.err.write(CLEAR_LINE + (f"{DIM}{line}{RESET}" if self.colour_err else line))
         self.err.flush()
         self._progress_shown = True
 
@@ -222,6 +368,7 @@ class Renderer:
     def close(self) -> None:
         """Leave the terminal as it was (a bar hides the cursor while it runs)."""
         self._stop_bar()
+        self._clear_progress()
 
     def _stop_bar(self) -> None:
         if self._bar is not None:
@@ -229,14 +376,23 @@ class Renderer:
             self._bar = None
 
     def result(self, data: Any) -> None:
+        if self.cancelling:
+            return
         self._stop_bar()
         self._clear_progress()
-        self._break_token_line()
+        self._end_text_line()
         from rbee.keeper.tables import print_result
 
         print_result(data, out=self.out, colour=self.colour_out)
 
     # -- lines -------------------------------------------------------------
+
+    def out_line(self, line: str) -> None:
+        """One line of output on stdout, after the generated text's line if one is open."""
+        self._clear_progress()
+        self._end_text_line()
+        self.out.write(line + "\n")
+        self.out.flush()
 
     def err_line(self, line: str) -> None:
         """One line on stderr that must not land in the middle of generated text."""
@@ -256,12 +412,16 @@ class Renderer:
         self.err_line(f"{DIM}{line}{RESET}" if self.colour_err else line)
 
     def finish(self, *, summary: bool = False) -> None:
-        """Close the output: end the token line and, on a terminal, print the summary."""
+        """Close the output: end the text's line, then (for ``rbee infer``) the one-line summary.
+
+        The summary replaces the live status line on a terminal, and is the only
+        line on stderr elsewhere; ``-q`` and ``--json`` leave it out.
+        """
         self._stop_bar()
         self._clear_progress()
         if self.json_mode:
             return
-        if self._mid_line and self.out_tty:
+        if self._mid_line and (self.out_tty or self.shared):
             self.out.write("\n")
             self.out.flush()
             self._mid_line = False
@@ -269,7 +429,7 @@ class Renderer:
         for line in held:
             self.err_line(line)
         end = self.end
-        if summary and end is not None and end.get("status") == "completed" and self.err_tty and not self.quiet:
+        if summary and end is not None and end.get("status") == "completed" and not self.quiet and not self.cancelling:
             summary_line = format_summary(end, self.tokens)
             self.err_line(f"{DIM}{summary_line}{RESET}" if self.colour_err else summary_line)
 
@@ -283,9 +443,16 @@ class Renderer:
         return self.out_tty and self.err_tty
 
     def _break_token_line(self) -> None:
-        # Only when both streams share the person's terminal; redirected output
-        # keeps exactly the generated text.
-        if self._mid_line and self._shared_terminal():
+        # Only when both streams reach the same terminal or file; output
+        # redirected elsewhere keeps exactly the generated text.
+        if self._mid_line and self.shared:
+            self.out.write("\n")
+            self.out.flush()
+            self._mid_line = False
+
+    def _end_text_line(self) -> None:
+        # A table or a line on stdout itself starts on a line of its own.
+        if self._mid_line:
             self.out.write("\n")
             self.out.flush()
             self._mid_line = False

@@ -14,7 +14,17 @@ import json
 import time
 from typing import IO, Any
 
-__all__ = ["print_result", "print_rows", "print_mapping", "print_job", "cell", "JOB_COLUMNS"]
+__all__ = [
+    "print_result",
+    "print_rows",
+    "print_mapping",
+    "print_job",
+    "cell",
+    "label",
+    "age",
+    "prompt_of",
+    "JOB_COLUMNS",
+]
 
 Column = tuple[str, str]  # (key, header)
 
@@ -48,13 +58,71 @@ _COLUMNS: dict[str, list[Column]] = {
 }
 
 JOB_COLUMNS: list[Column] = [
-    ("job_id", "id"),
+    ("short_id", "id"),
     ("operation", "operation"),
-    ("status", "status"),
-    ("duration", "duration"),
+    ("model", "model"),
+    ("prompt", "prompt"),
+    ("status", "state"),
+    ("age", "age"),
     ("tokens", "tokens"),
-    ("error", "error"),
 ]
+
+#: Headers that say more than the key does, or leave out a unit the value shows itself.
+_LABELS = {
+    "ttft_ms": "TTFT",
+    "worker_ttft_ms": "worker TTFT",
+    "tokens_per_s": "tokens/s",
+    "last_heartbeat_s_ago": "last heartbeat",
+    "n_ctx": "context",
+    "worker_n_ctx": "worker context",
+    "hive_id": "hive",
+    "worker_id": "worker",
+    "job_id": "id",
+    "busy_slots": "busy slots",
+    "tokens_in": "tokens in",
+    "tokens_out": "tokens out",
+}
+_UNIT_SUFFIXES = ("_bytes", "_ms", "_s")
+
+
+def label(key: str) -> str:
+    """The header for a field: ``TTFT`` for ``ttft_ms`` (its value says "ms"), ``size`` for ``size_bytes``."""
+    if key in _LABELS:
+        return _LABELS[key]
+    for suffix in _UNIT_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            key = key[: -len(suffix)]
+            break
+    return key.replace("_", " ")
+
+
+def age(created_at: Any, now: float | None = None) -> str | None:
+    """``12s ago``, ``3m ago``, ``2h ago``, ``4d ago``."""
+    if not isinstance(created_at, int | float):
+        return None
+    seconds = max(0.0, (time.time() if now is None else now) - created_at)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def prompt_of(payload: dict[str, Any]) -> str | None:
+    """The prompt an operation carries: an infer's, or a chat's last user message."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return content
+                if isinstance(content, list):
+                    return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict)) or None
+    return None
+
 
 _STATUS_STYLE = {
     "completed": "green",
@@ -86,16 +154,20 @@ def cell(key: str, value: Any, row: dict[str, Any] | None = None) -> str:
         return f"{row.get('busy_slots', 0)}/{row.get('slots', '?')}"
     if value is None or value == "":
         return "-"
-    if key == "size_bytes" and isinstance(value, int | float):
+    if key.endswith("_bytes") and isinstance(value, int | float) and not isinstance(value, bool):
         return _size(value)
     if key == "devices" and isinstance(value, list):
         return ", ".join(_device(d) for d in value if isinstance(d, dict)) or "-"
     if key == "last_heartbeat_s_ago" and isinstance(value, int | float):
         return f"{value:.1f} s ago"
-    if key.endswith("_at") and isinstance(value, int | float) and value > 1e9:
+    if key.endswith(("_at", "_since")) and isinstance(value, int | float) and value > 1e9:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     if key.endswith("_ms") and isinstance(value, int | float):
         return f"{value:.0f} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+    if key == "tokens_per_s" and isinstance(value, int | float):
+        return f"{value:.1f}"
+    if key.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g} s" if float(value).is_integer() else f"{value:.1f} s"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -108,7 +180,8 @@ def cell(key: str, value: Any, row: dict[str, Any] | None = None) -> str:
     if isinstance(value, dict):
         if set(value) == {"kind", "message"}:
             return f"{value['kind']}: {value['message']}"
-        return json.dumps(value, separators=(", ", ": "))
+        shown = [f"{label(k)} {cell(k, v, value)}" for k, v in value.items() if v is not None and v != ""]
+        return ", ".join(shown) or "-"
     return str(value)
 
 
@@ -157,7 +230,7 @@ def print_rows(
             for key, value in row.items():
                 if key not in keys and not isinstance(value, dict | list):
                     keys.append(key)
-        columns = [(k, k.replace("_", " ")) for k in keys[:10]]
+        columns = [(k, label(k)) for k in keys[:10]]
     table = Table(title=title, title_justify="left", header_style="bold" if colour else "")
     for _, header in columns:
         table.add_column(header, overflow="fold")
@@ -175,12 +248,33 @@ def print_mapping(title: str | None, mapping: dict[str, Any], *, out: IO[str], c
     table.add_column("field", style="bold" if colour else "")
     table.add_column("value", overflow="fold")
     for key, value in mapping.items():
-        table.add_row(key.replace("_", " "), _styled(key, cell(key, value, mapping), colour))
+        table.add_row(label(key), _styled(key, cell(key, value, mapping), colour))
     console.print(table)
 
 
+#: What ``rbee jobs show`` lists, in this order (the prompt and the output follow the table).
+_JOB_FIELDS = (
+    "job_id",
+    "operation",
+    "model",
+    "status",
+    "hive_id",
+    "worker_id",
+    "created_at",
+    "age",
+    "duration_ms",
+    "ttft_ms",
+    "tokens_in",
+    "tokens_out",
+    "tokens_per_s",
+    "stop_reason",
+    "failovers",
+    "error",
+)
+
+
 def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -> None:
-    """``rbee jobs show``: the job's fields, then its timeline with the time spent in each step.
+    """``rbee jobs show``: the job's fields, its prompt and output, then its timeline.
 
     The timeline (``[{"step", "at_ms", "took_ms"}]`` from ``GET /v1/jobs/{id}``)
     is drawn as its own table, one step a row: when it began after the job was
@@ -188,8 +282,28 @@ def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -
     """
     from rich.table import Table
 
-    fields = {k: v for k, v in job.items() if k != "timeline"}
-    print_mapping(job_id, fields, out=out, colour=colour)
+    raw_payload = job.get("payload")
+    payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
+    known = {**job, "model": payload.get("model"), "age": age(job.get("created_at"))}
+    if known.get("tokens_out") is None and job.get("tokens"):
+        known["tokens_out"] = job["tokens"]
+    if known.get("duration_ms") is None and job.get("finished_at") and job.get("created_at"):
+        known["duration_ms"] = (job["finished_at"] - job["created_at"]) * 1000
+    fields = {k: known.get(k) for k in _JOB_FIELDS if known.get(k) is not None}
+    if "failovers" in fields and isinstance(fields["failovers"], list):
+        fields["failovers"] = len(fields["failovers"]) or None
+    settings = {k: v for k, v in payload.items() if k not in ("operation", "model", "prompt", "messages")}
+    if settings:
+        fields["settings"] = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in settings.items())
+    print_mapping(f"job {job_id}", {k: v for k, v in fields.items() if v is not None}, out=out, colour=colour)
+    console = _console(out, colour)
+    prompt = prompt_of(payload)
+    for title, text in (("prompt", prompt), ("output", job.get("text"))):
+        if isinstance(text, str) and text:
+            from rich.text import Text
+
+            console.print(Text(title, style="bold" if colour else ""))
+            console.print(Text(text.rstrip("\n")), soft_wrap=True)
     steps = [row for row in job.get("timeline") or [] if isinstance(row, dict)]
     if not steps:
         return
@@ -208,7 +322,7 @@ def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -
         took = row.get("took_ms")
         share = f"{100 * took / whole:.0f}%" if isinstance(took, int | float) and whole > 0 else "-"
         table.add_row(str(row.get("step", "?")), ms(row.get("at_ms")), ms(took), share)
-    _console(out, colour).print(table)
+    console.print(table)
 
 
 def print_result(data: Any, *, out: IO[str], colour: bool) -> None:
@@ -223,8 +337,9 @@ def print_result(data: Any, *, out: IO[str], colour: bool) -> None:
     for key, value in data.items():
         if isinstance(value, list) and all(isinstance(r, dict) for r in value) and (value or key in _COLUMNS):
             print_rows(key, value, _COLUMNS.get(key), out=out, colour=colour)
-        elif isinstance(value, dict) and value and all(not isinstance(v, dict | list) for v in value.values()):
-            print_mapping(key, value, out=out, colour=colour)
+        elif isinstance(value, dict) and value:
+            # One object (``{"worker": {...}}`` from a spawn): a table of its fields, nested ones in words.
+            print_mapping(key, {k: v for k, v in value.items() if v is not None}, out=out, colour=colour)
         elif isinstance(value, dict) and not value:
             continue  # e.g. no queued jobs
         else:
