@@ -163,14 +163,22 @@ def test_hives_coming_and_going_are_shown(
     page = open_page(q.url + "/")
     expect(page.locator("[data-hive='alpha']")).to_be_visible()
     beta = hive(tmp_path / "beta", free_port(), q.url, "beta", "--worker-engine", "fake", env=FAKE_ENV).start()
+    gamma = hive(tmp_path / "gamma", free_port(), q.url, "gamma", "--worker-engine", "fake", env=FAKE_ENV).start()
     try:
-        card = page.locator("[data-hive='beta']")
-        expect(card).to_contain_text("online")
+        stopped = page.locator("[data-hive='beta']")
+        killed = page.locator("[data-hive='gamma']")
+        expect(stopped).to_contain_text("online")
+        expect(killed).to_contain_text("online")
         shot(page, "two-hives")
+        # A hive that stops says goodbye: offline at once.
+        beta.stop()
+        expect(stopped.locator(".badge")).to_have_text("offline", timeout=5_000)
+        # One that dies says nothing: three missed heartbeats (2 s apart) make it stale.
+        gamma.kill()
+        expect(killed.locator(".badge")).to_have_text("stale", timeout=15_000)
     finally:
         beta.stop()
-    # Three missed heartbeats (2 s apart) make a hive stale; the page says so.
-    expect(card.locator(".badge")).to_have_text("stale", timeout=15_000)
+        gamma.stop()
     expect(page.locator("[data-hive='alpha'] .badge")).to_have_text("online")
     shot(page, "hive-stale")
 

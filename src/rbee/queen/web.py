@@ -144,7 +144,10 @@ class JobWatch:
 def _prompt_preview(payload: dict[str, Any]) -> str | None:
     prompt = payload.get("prompt")
     if not isinstance(prompt, str):
-        return None
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+            return None
+        prompt = str(messages[-1].get("content", ""))  # a chat: its last turn
     line = " ".join(prompt.split())
     return line if len(line) <= 80 else line[:79] + "\u2026"
 
@@ -154,6 +157,10 @@ def _worker_state(reported: str, running_here: bool) -> str:
     if reported in ("ready", "busy"):
         return "busy" if running_here else "ready"
     return reported
+
+
+#: What the page shows of a model, when its hive reports it.
+_MODEL_FACTS = ("chat_template", "context_length", "size_bytes", "quantization")
 
 
 def _models(hives: list[dict[str, Any]], workers: list[dict[str, Any]], queues: dict[str, int]) -> list[dict[str, Any]]:
@@ -168,7 +175,11 @@ def _models(hives: list[dict[str, Any]], workers: list[dict[str, Any]], queues: 
 
     for hive in hives:
         for m in hive["models"]:
-            entry(m.get("alias") or m["id"], m["id"])["hives"].append(hive["hive_id"])
+            model = entry(m.get("alias") or m["id"], m["id"])
+            model["hives"].append(hive["hive_id"])
+            for key in _MODEL_FACTS:  # only when a hive says (the first hive that does)
+                if m.get(key) is not None:
+                    model.setdefault(key, m[key])
     for w in workers:
         known = [name_of[n] for n in (w["model"], *w["aliases"]) if n in name_of]
         name = known[0] if known else (w["aliases"] or [w["model"]])[0]
@@ -190,7 +201,8 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
     workers = []
     for w in snap["workers"]:
         entry = on_worker.get(w["worker_id"])
-        running_here = entry is not None or inflight.get(w["worker_id"], 0) > 0
+        busy = inflight.get(w["worker_id"], 0)
+        running_here = entry is not None or busy > 0
         workers.append(
             {
                 "worker_id": w["worker_id"],
@@ -203,8 +215,16 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
                 "pid": w.get("pid"),
                 "url": w.get("url"),
                 "slots": w.get("slots"),
+                # The queen's own count (the hive's is a heartbeat old); a job it knows runs here is at least one.
+                "busy_slots": max(busy, 1) if running_here else 0,
+                "n_ctx": w.get("n_ctx"),
                 "started_at": w.get("started_at"),
                 "current_job": entry.job.id if entry is not None else None,
+                "keep_alive_s": w.get("keep_alive_s"),
+                # Idle and unload times are the hive's; while the queen runs a job here it is neither.
+                "idle_since": None if running_here else w.get("idle_since"),
+                "unloads_at": None if running_here else w.get("unloads_at"),
+                "memory_bytes": w.get("memory_bytes"),
             }
         )
     queues: dict[str, int] = state.scheduler.queue_depths()

@@ -51,6 +51,22 @@
     return `${Math.floor(seconds / 3600)} h ago`;
   }
 
+  // A length of time in seconds, as people say it: "45 s", "4 min 10 s", "2 h 5 min".
+  function fmtDur(seconds) {
+    const t = Math.max(0, Math.floor(seconds));
+    if (t < 60) return `${t} s`;
+    if (t < 3600) return t % 60 ? `${Math.floor(t / 60)} min ${t % 60} s` : `${t / 60} min`;
+    return `${Math.floor(t / 3600)} h ${Math.floor((t % 3600) / 60)} min`;
+  }
+
+  // A keep-alive setting in words (-1: for ever; 0: stopped after its job).
+  function fmtKeepAlive(s) {
+    if (s === null || s === undefined) return '';
+    if (s < 0) return 'for ever';
+    if (s === 0) return 'stopped after its job';
+    return fmtDur(s);
+  }
+
   function fmtBytes(n) {
     if (!n) return '';
     const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -162,7 +178,7 @@
     const hash = location.hash || '#/';
     const job = /^#\/jobs\/([A-Za-z0-9._:-]+)$/.exec(hash);
     if (job) { show('job'); openJob(job[1]); return; }
-    if (hash === '#/play') { show('play'); $('play-prompt').focus({ preventScroll: true }); return; }
+    if (hash === '#/play' || hash === '#/chat') { show('play'); setMode(hash === '#/chat' ? 'chat' : 'text'); return; }
     show('cluster');
   }
 
@@ -255,7 +271,11 @@
     for (const el of document.querySelectorAll('[data-since]')) {
       el.textContent = fmtAgo(Math.max(0, now - Number(el.dataset.since)));
     }
+    for (const el of document.querySelectorAll('[data-idle-since]')) el.textContent = idleText(Number(el.dataset.idleSince), now);
+    for (const el of document.querySelectorAll('[data-unloads-at]')) el.textContent = unloadText(Number(el.dataset.unloadsAt), now);
   }
+  const idleText = (since, now) => `idle ${fmtDur(now - since)}`;
+  const unloadText = (at, now) => (at - now >= 1 ? `unloads in ${fmtDur(at - now)}` : 'unloading now');
   setInterval(tickAges, 1000);
 
   function describeDevice(d) {
@@ -266,6 +286,33 @@
     }
     const util = d.utilization_pct === null || d.utilization_pct === undefined ? '' : `${Math.round(d.utilization_pct)}% busy`;
     return [d.id, d.name, fmtBytes(d.memory_bytes), util].filter(Boolean).join(' \u00b7 ');
+  }
+
+  // RAM (and the hive's cap), then VRAM per GPU: "free of total", with a meter of what is used.
+  function describeMemory(mem) {
+    const line = (label, free, total, extra) => h('div', { class: 'mem' },
+      h('span', { text: `${label}: ${fmtBytes(free) || '0 B'} free of ${fmtBytes(total)}${extra || ''}` }),
+      total > 0 ? h('meter', { min: 0, max: total, value: Math.max(0, total - free), 'aria-label': `${label} in use` }) : null);
+    const rows = [];
+    if (typeof mem.total_bytes === 'number') {
+      const cap = mem.limit_bytes ? ` \u00b7 workers capped at ${fmtBytes(mem.limit_bytes)}` : '';
+      rows.push(line('RAM', mem.available_bytes || 0, mem.total_bytes, cap));
+    }
+    for (const g of mem.gpus || []) {
+      rows.push(line(`GPU ${g.index}${g.name ? ` ${g.name}` : ''}`, g.free_bytes || 0, g.total_bytes || 0));
+    }
+    return rows;
+  }
+
+  // A worker's unload time: a countdown, "never", or nothing said while it works.
+  function unloadCell(w) {
+    if (w.state === 'busy' || w.current_job) return h('span', { class: 'muted', text: 'busy' });
+    if (typeof w.unloads_at === 'number') {
+      return h('span', { 'data-unloads-at': w.unloads_at, title: `kept ${fmtKeepAlive(w.keep_alive_s) || 'for its hive\'s default'} once idle`, text: unloadText(w.unloads_at, serverNow()) });
+    }
+    if (typeof w.keep_alive_s === 'number' && w.keep_alive_s < 0) return h('span', { text: 'never' });
+    if (w.keep_alive_s === 0) return h('span', { text: 'after its job' });
+    return '';
   }
 
   function renderCluster() {
@@ -280,6 +327,7 @@
       h('dl', {},
         h('dt', { text: 'Address' }), h('dd', { class: 'mono', text: hv.url }),
         h('dt', { text: 'Devices' }), h('dd', {}, (hv.devices || []).map((d) => h('div', { text: describeDevice(d) }))),
+        hv.memory ? [h('dt', { text: 'Memory' }), h('dd', { 'data-memory': '' }, describeMemory(hv.memory))] : null,
         h('dt', { text: 'Models' }), h('dd', { text: (hv.models || []).map((m) => m.alias || m.id).join(', ') || 'none' }),
         h('dt', { text: 'Workers' }), h('dd', { text: String(hv.workers.length) }),
         h('dt', { text: 'Heartbeat' }), h('dd', { 'data-since': hv.last_heartbeat_at, text: fmtAgo(serverNow() - hv.last_heartbeat_at) }),
@@ -296,13 +344,19 @@
         h('span', {}, (w.aliases && w.aliases[0]) || w.model, w.aliases && w.aliases.length ? h('span', { class: 'sub', text: w.model }) : null),
         w.device || '',
         h('span', {}, badge(w.hive_state === 'stale' ? 'stale' : w.state)),
-        w.current_job ? jobLink(w.current_job) : h('span', { class: 'muted', text: 'idle' }),
+        w.slots ? h('span', { 'data-slots': '', text: `${w.busy_slots || 0}/${w.slots}` }) : '',
+        fmtBytes(w.memory_bytes),
+        w.current_job ? jobLink(w.current_job)
+          : typeof w.idle_since === 'number' ? h('span', { class: 'muted', 'data-idle-since': w.idle_since, text: idleText(w.idle_since, serverNow()) })
+            : h('span', { class: 'muted', text: 'idle' }),
+        unloadCell(w),
         w.pid ? String(w.pid) : '',
       ],
     }));
     $('workers').replaceChildren(workers.length
       ? table([{ label: 'Worker' }, { label: 'Hive' }, { label: 'Model' }, { label: 'Device' }, { label: 'State' },
-        { label: 'Current job' }, { label: 'PID', num: true }], workers)
+        { label: 'Slots busy', num: true }, { label: 'Memory', num: true }, { label: 'Job or idle' }, { label: 'Unload' },
+        { label: 'PID', num: true }], workers)
       : h('p', { class: 'empty', text: 'No workers yet. The first prompt for a model starts one.' }));
 
     const models = snap.models.map((m) => ({
@@ -333,19 +387,74 @@
   }
 
   // -- playground ------------------------------------------------------------
+  //
+  // Two modes over one model picker and one narration panel: text (a prompt to
+  // continue) and chat (a conversation sent as `messages` on every turn).
 
   const play = { jobId: null, ctrl: null, t0: 0, text: null };
+  const chat = { turns: [], jobId: null, ctrl: null, current: null, template: null, worker: null };
+
+  function selectedModel() {
+    const name = $('play-model').value;
+    return (feed.snap ? feed.snap.models : []).find((m) => m.name === name) || null;
+  }
+
+  function workersOf(model) {
+    if (!feed.snap || !model) return [];
+    return feed.snap.workers.filter((w) => w.model === model.id || w.model === model.name || (w.aliases || []).includes(model.name));
+  }
 
   function renderModels() {
     const select = $('play-model');
     const models = feed.snap ? feed.snap.models : [];
     const names = models.map((m) => m.name);
     const current = select.value;
-    if (select.options.length === names.length && [...select.options].every((o, i) => o.value === names[i])) return;
-    select.replaceChildren(...models.map((m) => h('option', { value: m.name, text: m.name })));
-    if (names.includes(current)) select.value = current;
-    else if (models.length) select.value = (models.find((m) => m.workers) || models[0]).name;
-    select.disabled = !models.length;
+    if (!(select.options.length === names.length && [...select.options].every((o, i) => o.value === names[i]))) {
+      select.replaceChildren(...models.map((m) => h('option', { value: m.name, text: m.name })));
+      if (names.includes(current)) select.value = current;
+      else if (models.length) select.value = (models.find((m) => m.workers) || models[0]).name;
+      select.disabled = !models.length;
+    }
+    renderModelInfo();
+  }
+
+  // What is known of the chosen model: its chat template, context, and the workers that hold it.
+  function renderModelInfo() {
+    const m = selectedModel();
+    const el = $('play-model-info');
+    if (!m) { el.replaceChildren(); return; }
+    const parts = [];
+    if (m.chat_template) parts.push(h('span', { 'data-chat-template': m.chat_template }, 'chat template ', h('b', { text: m.chat_template })));
+    if (m.context_length) parts.push(`context ${m.context_length.toLocaleString('en')} tokens`);
+    if (m.quantization) parts.push(m.quantization);
+    const loaded = workersOf(m);
+    if (!loaded.length) parts.push('not loaded: the first job starts a worker');
+    for (const w of loaded) {
+      const bits = [`loaded on ${w.worker_id}`];
+      if (w.slots) bits.push(`${w.busy_slots || 0}/${w.slots} slots busy`);
+      if (typeof w.keep_alive_s === 'number') bits.push(`kept ${fmtKeepAlive(w.keep_alive_s)}`);
+      parts.push(h('span', {}, bits.join(', '), typeof w.unloads_at === 'number' && !w.current_job
+        ? [', ', h('span', { 'data-unloads-at': w.unloads_at, text: unloadText(w.unloads_at, serverNow()) })] : null));
+    }
+    const kids = [];
+    parts.forEach((p, i) => { if (i) kids.push(' \u00b7 '); kids.push(p); });
+    el.replaceChildren(...kids);
+    renderTemplate();
+  }
+
+  function renderTemplate() {
+    const el = $('chat-template');
+    const m = selectedModel();
+    if (chat.template) {
+      el.dataset.source = 'worker';
+      el.textContent = `template ${chat.template.name} (used by ${chat.template.worker || 'the worker'})`;
+    } else if (m && m.chat_template) {
+      el.dataset.source = 'model';
+      el.textContent = `template ${m.chat_template}`;
+    } else {
+      delete el.dataset.source;
+      el.textContent = '';
+    }
   }
 
   function narrationItem(data, t0) {
@@ -355,11 +464,12 @@
       h('span', { class: 'what', text: data.human || data.action }));
   }
 
-  function playStatus(text, state) {
-    const el = $('play-status');
+  function setStatus(el, text, state, jobId) {
     el.replaceChildren(...[state ? badge(state) : null, ' ', text].filter(Boolean));
-    if (play.jobId) el.append(' ', h('a', { href: `#/jobs/${play.jobId}`, text: 'job page' }));
+    if (jobId) el.append(' ', h('a', { href: `#/jobs/${jobId}`, text: 'job page' }));
   }
+
+  function playStatus(text, state) { setStatus($('play-status'), text, state, play.jobId); }
 
   function stickToBottom(el, fn) {
     const atBottom = el.scrollHeight - el.scrollTop - el.clientHeight < 24;
@@ -367,36 +477,39 @@
     if (atBottom) el.scrollTop = el.scrollHeight;
   }
 
-  async function runPrompt() {
-    if (play.ctrl) return;
+  // The settings both modes share; null (and a message) when one is not valid.
+  function inferSettings(statusEl) {
     const op = {
       operation: 'infer',
       model: $('play-model').value,
-      prompt: $('play-prompt').value,
       max_tokens: Number($('play-max').value) || 128,
       temperature: Number($('play-temp').value),
     };
-    if (!op.model || !op.prompt.trim()) return;
-    play.jobId = null;
-    play.text = document.createTextNode('');
-    $('play-output').replaceChildren(play.text);
-    $('play-narration').replaceChildren();
-    $('play-run').disabled = true;
-    playStatus('submitting');
+    const keep = $('play-keep').value.trim();
+    if (keep !== '') {
+      const k = Number(keep);
+      if (!Number.isFinite(k) || (k < 0 && k !== -1)) {
+        setStatus(statusEl, 'Keep loaded: -1 (for ever), 0 (stop after the job) or a number of seconds', 'failed');
+        $('play-keep').focus();
+        return null;
+      }
+      op.keep_alive = k;
+    }
+    return op.model ? op : null;
+  }
+
+  // Submits an infer job and follows its stream until its end (reconnecting from the last id).
+  // run: onCreated(job), onToken(data, n), onNarration(data), onQueued(progress), onEnd(end), onError(message).
+  async function streamJob(op, run) {
     let created;
     try {
       created = await api('POST', '/v1/jobs', op);
     } catch (err) {
-      $('play-run').disabled = false;
-      if (!(err instanceof AuthError)) playStatus(err.message, 'failed');
-      return;
+      if (!(err instanceof AuthError)) run.onError(err.message);
+      return false;
     }
-    play.jobId = created.job_id;
-    play.t0 = Date.now() / 1000;
-    $('play-cancel').disabled = false;
-    playStatus('running', 'running');
     const ctrl = new AbortController();
-    play.ctrl = ctrl;
+    run.onCreated(created, ctrl);
     let lastId = 0;
     let ended = false;
     let tokens = 0;
@@ -408,24 +521,18 @@
           lastEventId: lastId,
           onEvent: (e) => {
             if (e.id) lastId = Number(e.id);
-            if (e.data === '[DONE]') return;
+            if (e.data === '[DONE]' || ended) return;
             const data = JSON.parse(e.data);
             if (e.event === 'token') {
               tokens += 1;
-              stickToBottom($('play-output'), () => play.text.appendData(data.t));
-              if (tokens === 1 || tokens % 8 === 0) playStatus(plural(tokens, 'token'), 'running');
+              run.onToken(data, tokens);
             } else if (e.event === 'narration') {
-              if (data.action === 'job_start' && data.actor === 'queen' && data.ts) play.t0 = data.ts;
-              stickToBottom($('play-narration'), () => $('play-narration').append(narrationItem(data, play.t0)));
+              run.onNarration(data);
             } else if (e.event === 'progress' && data.action === 'queue') {
-              playStatus(`queued: position ${data.done} of ${data.total}`, 'queued');
+              run.onQueued(data);
             } else if (e.event === 'end') {
               ended = true;
-              const parts = [plural(data.tokens_out ?? tokens, 'token'), fmtMs(data.duration_ms)];
-              if (data.tokens_per_s) parts.push(`${data.tokens_per_s} tokens/s`);
-              if (data.error) parts.push(data.error.message);
-              playStatus(parts.filter(Boolean).join(' \u00b7 '), data.status);
-              $('play-output').dataset.status = data.status;
+              run.onEnd(data, tokens);
             }
           },
         });
@@ -434,21 +541,219 @@
         await sleep(300);
       }
     }
-    if (!ended && !ctrl.signal.aborted) playStatus('the stream closed before the job ended', 'failed');
+    if (!ended && !ctrl.signal.aborted) run.onError('the stream closed before the job ended');
+    return ended;
+  }
+
+  function endSummary(data, tokens) {
+    const parts = [plural(data.tokens_out ?? tokens, 'token'), fmtMs(data.duration_ms)];
+    if (data.tokens_per_s) parts.push(`${data.tokens_per_s} tokens/s`);
+    if (data.error) parts.push(data.error.message);
+    return parts.filter(Boolean).join(' \u00b7 ');
+  }
+
+  function narrate(data) {
+    if (data.action === 'job_start' && data.actor === 'queen' && data.ts) play.t0 = data.ts;
+    stickToBottom($('play-narration'), () => $('play-narration').append(narrationItem(data, play.t0)));
+  }
+
+  async function runPrompt() {
+    if (play.ctrl || chat.ctrl) return;
+    const op = inferSettings($('play-status'));
+    if (!op) return;
+    op.prompt = $('play-prompt').value;
+    if (!op.prompt.trim()) return;
+    play.jobId = null;
+    play.text = document.createTextNode('');
+    $('play-output').replaceChildren(play.text);
+    delete $('play-output').dataset.status;
+    $('play-narration').replaceChildren();
+    $('play-run').disabled = true;
+    playStatus('submitting');
+    await streamJob(op, {
+      onCreated: (created, ctrl) => {
+        play.jobId = created.job_id;
+        play.ctrl = ctrl;
+        play.t0 = Date.now() / 1000;
+        $('play-cancel').disabled = false;
+        playStatus('running', 'running');
+      },
+      onToken: (data, n) => {
+        stickToBottom($('play-output'), () => play.text.appendData(data.t));
+        if (n === 1 || n % 8 === 0) playStatus(plural(n, 'token'), 'running');
+      },
+      onNarration: narrate,
+      onQueued: (data) => playStatus(`queued: position ${data.done} of ${data.total}`, 'queued'),
+      onEnd: (data, tokens) => {
+        playStatus(endSummary(data, tokens), data.status);
+        $('play-output').dataset.status = data.status;
+      },
+      onError: (message) => playStatus(message, 'failed'),
+    });
     play.ctrl = null;
     $('play-run').disabled = false;
     $('play-cancel').disabled = true;
+  }
+
+  async function cancelJob(jobId, statusEl) {
+    try {
+      await api('DELETE', `/v1/jobs/${jobId}`);
+    } catch (err) {
+      if (!(err instanceof AuthError)) setStatus(statusEl, err.message, 'failed', jobId);
+    }
   }
 
   async function cancelPrompt() {
     if (!play.jobId || !play.ctrl) return;
     $('play-cancel').disabled = true;
     playStatus('cancelling', 'running');
-    try {
-      await api('DELETE', `/v1/jobs/${play.jobId}`);
-    } catch (err) {
-      if (!(err instanceof AuthError)) playStatus(err.message, 'failed');
+    await cancelJob(play.jobId, $('play-status'));
+  }
+
+  // -- chat ------------------------------------------------------------------
+
+  const ROLE_LABEL = { system: 'System', user: 'You', assistant: 'Assistant' };
+
+  function turnElement(turn) {
+    turn.body = document.createTextNode(turn.content);
+    turn.note = h('span', { class: 'turn-note' });
+    turn.el = h('li', { class: 'turn', 'data-role': turn.role },
+      h('div', { class: 'turn-head' }, h('span', { class: 'turn-role', text: ROLE_LABEL[turn.role] || turn.role }), turn.note),
+      h('div', { class: 'turn-text' }, turn.body));
+    return turn.el;
+  }
+
+  function setTurnStatus(turn, status, note, jobId) {
+    turn.status = status;
+    turn.el.dataset.status = status;
+    turn.note.replaceChildren(...[status && status !== 'completed' ? badge(status) : null, note ? ` ${note}` : null,
+      jobId ? [' ', h('a', { href: `#/jobs/${jobId}`, text: 'job' })] : null].flat().filter(Boolean));
+  }
+
+  function renderChatEmpty() {
+    $('chat-empty').hidden = chat.turns.length > 0;
+  }
+
+  function chatStatus(text, state) { setStatus($('chat-status'), text, state, chat.jobId); }
+
+  // The conversation as the model is sent it: the system prompt, then every turn that has text
+  // (a stopped answer keeps what it said; one that failed or timed out is left out).
+  function chatMessages() {
+    const messages = [];
+    const system = $('chat-system').value.trim();
+    if (system) messages.push({ role: 'system', content: system });
+    for (const t of chat.turns) {
+      if (!t.content || (t.role === 'assistant' && t.status !== 'completed' && t.status !== 'cancelled')) continue;
+      messages.push({ role: t.role, content: t.content });
     }
+    return messages;
+  }
+
+  function chatBusy(busy) {
+    $('chat-send').disabled = busy;
+    $('chat-stop').disabled = !busy;
+  }
+
+  async function sendChat() {
+    if (chat.ctrl || play.ctrl) return;
+    const text = $('chat-input').value;
+    if (!text.trim()) { $('chat-input').focus(); return; }
+    const op = inferSettings($('chat-status'));
+    if (!op) return;
+    const user = { role: 'user', content: text, status: 'completed' };
+    chat.turns.push(user);
+    op.messages = chatMessages();
+    const answer = { role: 'assistant', content: '', status: 'running' };
+    const log = $('chat-log');
+    stickToBottom(log, () => log.append(turnElement(user), turnElement(answer)));
+    chat.turns.push(answer);
+    setTurnStatus(answer, 'running', 'waiting for the model');
+    renderChatEmpty();
+    $('chat-input').value = '';
+    chat.jobId = null;
+    chat.current = answer;
+    $('play-narration').replaceChildren();
+    chatBusy(true);
+    chatStatus('submitting');
+    const ok = await streamJob(op, {
+      onCreated: (created, ctrl) => {
+        chat.jobId = created.job_id;
+        chat.ctrl = ctrl;
+        answer.jobId = created.job_id;
+        answer.el.dataset.job = created.job_id;
+        play.t0 = Date.now() / 1000;
+        chatStatus('running', 'running');
+      },
+      onToken: (data, n) => {
+        answer.content += data.t;
+        stickToBottom(log, () => answer.body.appendData(data.t));
+        if (n === 1) setTurnStatus(answer, 'running', '', answer.jobId);
+        if (n === 1 || n % 8 === 0) chatStatus(plural(n, 'token'), 'running');
+      },
+      onNarration: (data) => {
+        if (data.actor === 'queen' && data.action === 'infer_worker') chat.worker = data.worker_id;
+        if (typeof data.chat_template === 'string' && data.chat_template) {
+          // The worker says which template it rendered this chat with (infer_start).
+          chat.template = { name: data.chat_template, worker: data.worker_id || chat.worker || null };
+          renderTemplate();
+        }
+        narrate(data);
+      },
+      onQueued: (data) => chatStatus(`queued: position ${data.done} of ${data.total}`, 'queued'),
+      onEnd: (data, tokens) => {
+        const note = data.status === 'cancelled' ? 'stopped' : data.error ? data.error.message : '';
+        setTurnStatus(answer, data.status, note, answer.jobId);
+        chatStatus(endSummary(data, tokens), data.status);
+      },
+      onError: (message) => {
+        if (!chat.jobId) {
+          // Refused at submission: the message goes back into the box, as if never sent.
+          chat.turns.splice(chat.turns.indexOf(user), 2);
+          user.el.remove();
+          answer.el.remove();
+          if (!$('chat-input').value) $('chat-input').value = text;
+          renderChatEmpty();
+        } else {
+          setTurnStatus(answer, 'failed', message, answer.jobId);
+        }
+        chatStatus(message, 'failed');
+      },
+    });
+    if (!ok && answer.status === 'running') setTurnStatus(answer, 'failed', '', answer.jobId);
+    chat.ctrl = null;
+    chat.current = null;
+    chatBusy(false);
+    if (!$('view-play').hidden) $('chat-input').focus({ preventScroll: true });
+  }
+
+  async function stopChat() {
+    if (!chat.jobId || !chat.ctrl) return;
+    $('chat-stop').disabled = true;
+    chatStatus('stopping', 'running');
+    await cancelJob(chat.jobId, $('chat-status'));
+  }
+
+  async function clearChat() {
+    if (chat.ctrl) await stopChat();
+    chat.turns = [];
+    chat.template = null;
+    $('chat-log').replaceChildren();
+    renderChatEmpty();
+    renderTemplate();
+    if (!chat.ctrl) chatStatus('');
+    $('chat-input').focus({ preventScroll: true });
+  }
+
+  function setMode(mode) {
+    for (const a of document.querySelectorAll('[data-mode]')) {
+      if (a.dataset.mode === mode) a.setAttribute('aria-current', 'page');
+      else a.removeAttribute('aria-current');
+    }
+    $('view-play').dataset.mode = mode;
+    $('play-form').hidden = mode !== 'text';
+    $('text-panel').hidden = mode !== 'text';
+    $('chat-panel').hidden = mode !== 'chat';
+    (mode === 'chat' ? $('chat-input') : $('play-prompt')).focus({ preventScroll: true });
   }
 
   $('play-form').addEventListener('submit', (ev) => { ev.preventDefault(); runPrompt(); });
@@ -456,10 +761,19 @@
   $('play-prompt').addEventListener('keydown', (ev) => {
     if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); runPrompt(); }
   });
+  $('play-model').addEventListener('change', () => { chat.template = null; renderModelInfo(); });
+  $('chat-form').addEventListener('submit', (ev) => { ev.preventDefault(); sendChat(); });
+  $('chat-stop').addEventListener('click', stopChat);
+  $('chat-clear').addEventListener('click', clearChat);
+  $('chat-input').addEventListener('keydown', (ev) => {
+    // Enter sends; Shift+Enter is a new line; an input method composing text keeps its Enter.
+    if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); sendChat(); }
+  });
+  renderChatEmpty();
 
   // -- job page --------------------------------------------------------------
 
-  const job = { id: null, ctrl: null, summary: null, events: [], firstTokenAt: null, skew: null, pending: false, error: null };
+  const job = { id: null, ctrl: null, summary: null, events: [], firstTokenAt: null, skew: null, pending: false, error: null, ended: false };
 
   const MILESTONES = {
     job_start: 'Started',
@@ -477,7 +791,8 @@
   function openJob(id) {
     if (job.id === id) { renderJob(); return; }
     if (job.ctrl) job.ctrl.abort();
-    Object.assign(job, { id, ctrl: new AbortController(), summary: null, events: [], firstTokenAt: null, skew: null, error: null });
+    Object.assign(job, { id, ctrl: new AbortController(), summary: null, events: [], firstTokenAt: null, skew: null, error: null, ended: false });
+    $('job-input').dataset.for = '';
     renderJob();
     loadJob(id, job.ctrl);
   }
@@ -509,7 +824,7 @@
               if (job.skew === null || skew < job.skew) job.skew = skew;
             }
             if (e.event === 'token' && job.firstTokenAt === null) job.firstTokenAt = now - (job.skew ?? 0);
-            if (e.event === 'end') ended = true;
+            if (e.event === 'end') { ended = true; job.ended = true; }
             job.events.push({ id: Number(e.id), kind: e.event, data });
             scheduleJobRender();
           },
@@ -552,6 +867,120 @@
       steps.push({ step: `End: ${end.status.replace('_', ' ')}`, ms: end.duration_ms, detail: parts.join(' \u00b7 '), end: end.status });
     }
     return { steps, end };
+  }
+
+  // The waterfall: the job's journey as bars on one time axis, each from its start to where the
+  // next step begins. Steps come from the narration's wall-clock `ts` (queen and worker), the
+  // first token from the end's `ttft_ms` (or the token's arrival while the job runs). Each mark
+  // is kept at or after the one before it in the log, so a worker whose clock runs behind the
+  // queen's cannot draw a step before the one that caused it.
+  const WATERFALL = {
+    'queen infer_schedule': 'Scheduling',
+    'queen infer_queued': 'Queued',
+    'queen infer_spawn': 'Starting a worker',
+    'queen infer_worker': 'Sending to the worker',
+    'worker infer_queued': 'Waiting for a slot',
+    'worker infer_start': 'Prompt evaluation',
+    'queen infer_retry': 'Retrying',
+  };
+
+  function deriveWaterfall() {
+    const s = job.summary || {};
+    const t0 = s.created_at;
+    const marks = [];
+    let seen = new Set();
+    let floor = 0;
+    let end = null;
+    let sawToken = false;
+    const mark = (step, ms) => {
+      if (seen.has(step)) return;
+      seen.add(step);
+      floor = Math.max(floor, Number.isFinite(ms) ? ms : floor);
+      marks.push({ step, start: floor });
+    };
+    for (const ev of job.events) {
+      if (ev.kind === 'narration' && t0) {
+        const step = WATERFALL[`${ev.data.actor} ${ev.data.action}`];
+        if (!step || typeof ev.data.ts !== 'number') continue;
+        if (step === 'Retrying') seen = new Set(sawToken ? ['Prompt evaluation'] : []);
+        mark(step, (ev.data.ts - t0) * 1000);
+        if (step === 'Retrying') seen.delete('Retrying');
+      } else if (ev.kind === 'token' && !seen.has('Generation')) {
+        if (!seen.has('Prompt evaluation') && !sawToken) mark('Prompt evaluation', floor);
+        sawToken = true;
+        const approx = job.firstTokenAt && t0 ? (job.firstTokenAt - t0) * 1000 : floor;
+        mark('Generation', approx);
+      } else if (ev.kind === 'end') {
+        end = ev.data;
+      }
+    }
+    // Scheduling starts when the job does; a wait before it (the queen busy) is a bar of its own.
+    if (marks.length && marks[0].start < 50) marks[0].start = 0;
+    else marks.unshift({ step: marks.length ? 'Accepted' : 'Running', start: 0 });
+    const gen = marks.find((m) => m.step === 'Generation');
+    if (end && gen && typeof end.ttft_ms === 'number') {
+      const before = marks[marks.indexOf(gen) - 1];
+      gen.start = Math.max(before ? before.start : 0, end.ttft_ms);
+    }
+    const total = end && typeof end.duration_ms === 'number' ? end.duration_ms
+      : t0 ? Math.max(floor, (serverNow() - t0) * 1000) : floor;
+    const bars = marks.map((m, i) => ({ ...m, end: Math.max(m.start, i + 1 < marks.length ? marks[i + 1].start : total) }));
+    for (const b of bars) b.end = Math.min(b.end, Math.max(total, b.start));
+    return { bars, total, end, ttft: end && typeof end.ttft_ms === 'number' ? end.ttft_ms : gen ? gen.start : null };
+  }
+
+  function renderWaterfall() {
+    const { bars, total, end, ttft } = deriveWaterfall();
+    const el = $('job-waterfall');
+    if (!job.summary || !job.events.length) { el.replaceChildren(); return; }
+    const span = Math.max(total, 1);
+    const pct = (ms) => `${Math.min(100, Math.max(0, (ms / span) * 100))}%`;
+    const rows = bars.map((b, i) => {
+      const last = i === bars.length - 1;
+      const bar = h('span', { class: `wf-bar${last && !end ? ' live' : ''}${last && end ? ` ${end.status}` : ''}` });
+      bar.style.left = pct(b.start);
+      bar.style.width = pct(b.end - b.start);
+      return h('li', { class: 'wf-row', 'data-step': b.step, 'data-start-ms': b.start.toFixed(1), 'data-end-ms': b.end.toFixed(1) },
+        h('span', { class: 'wf-label', text: b.step }),
+        h('span', { class: 'wf-track', 'aria-hidden': 'true' }, bar),
+        h('span', { class: 'wf-time' }, fmtMs(b.end - b.start) || '0 ms',
+          h('span', { class: 'sub', text: `from +${fmtMs(b.start) || '0 ms'}${last && !end ? ', running' : ''}` })));
+    });
+    const axis = h('div', { class: 'wf-axis', 'aria-hidden': 'true' },
+      h('span', { class: 'wf-label' }),
+      h('span', { class: 'wf-track' }, ...[0, 0.5, 1].map((f) => {
+        const tick = h('span', { class: `wf-tick${f === 1 ? ' right' : ''}`, text: fmtMs(span * f) || '0 ms' });
+        tick.style.left = `${f * 100}%`;
+        return tick;
+      }), ttft !== null && ttft > 0 ? (() => {
+        const ft = h('span', { class: 'wf-ttft', title: 'first token', text: `first token +${fmtMs(ttft)}` });
+        ft.style.left = pct(ttft);
+        return ft;
+      })() : null),
+      h('span', { class: 'wf-time' }));
+    el.replaceChildren(h('ol', { class: 'wf-rows', 'aria-label': 'Steps of the job, each with its duration' }, rows), axis);
+  }
+
+  // What the job was asked: an infer's prompt, or its chat as turns.
+  function renderInput() {
+    const payload = (job.summary && job.summary.payload) || null;
+    const box = $('job-input');
+    const title = $('job-input-title');
+    const shown = !!(payload && (typeof payload.prompt === 'string' || Array.isArray(payload.messages)));
+    box.hidden = !shown;
+    title.hidden = !shown;
+    if (!shown || box.dataset.for === job.id) return;
+    box.dataset.for = job.id;
+    if (Array.isArray(payload.messages)) {
+      title.textContent = `Chat (${plural(payload.messages.length, 'message')})`;
+      box.replaceChildren(h('ol', { class: 'chat-log', 'aria-label': 'Messages' }, payload.messages.map((m) => {
+        const turn = { role: m.role, content: String(m.content ?? '') };
+        return turnElement(turn);
+      })));
+    } else {
+      title.textContent = 'Prompt';
+      box.replaceChildren(h('pre', { class: 'output prompt', text: payload.prompt }));
+    }
   }
 
   function eventRows() {
@@ -605,8 +1034,14 @@
       ['Speed', end && end.tokens_per_s ? `${end.tokens_per_s} tokens/s` : ''],
       ['Worker', end && end.worker_id ? `${end.worker_id} on ${end.hive_id}` : ''],
     ].filter(([, v]) => v);
+    const input = payload;
+    const used = job.events.find((e) => e.kind === 'narration' && typeof e.data.chat_template === 'string');
+    if (used) facts.push(['Chat template', used.data.chat_template]);
+    if (typeof input.keep_alive === 'number') facts.push(['Keep loaded', fmtKeepAlive(input.keep_alive)]);
     $('job-facts').replaceChildren(...facts.map(([k, v]) => h('span', {}, h('b', { text: k }), v)));
-    if (payload.prompt) $('job-facts').append(h('span', {}, h('b', { text: 'Prompt' }), payload.prompt.length > 160 ? `${payload.prompt.slice(0, 159)}\u2026` : payload.prompt));
+    if (typeof input.prompt === 'string') $('job-facts').append(h('span', { class: 'fact-prompt' }, h('b', { text: 'Prompt' }), input.prompt.length > 160 ? `${input.prompt.slice(0, 159)}\u2026` : input.prompt));
+    renderInput();
+    renderWaterfall();
 
     const total = Math.max(1, ...steps.map((st) => st.ms || 0));
     $('job-timeline').replaceChildren(...steps.map((st) => {
@@ -628,6 +1063,11 @@
       ? table([{ label: '#', num: true }, { label: 'At', num: true }, { label: 'Kind' }, { label: 'Step' }, { label: 'Detail' }], rows)
       : h('p', { class: 'empty', text: job.error ? 'No events.' : 'Loading events...' }));
   }
+
+  // A running job's last bar grows with the clock, not only when an event arrives.
+  setInterval(() => {
+    if (!$('view-job').hidden && job.summary && !job.ended && !job.error) renderWaterfall();
+  }, 500);
 
   // -- start -----------------------------------------------------------------
 
