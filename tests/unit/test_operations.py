@@ -15,6 +15,7 @@ from rbee.contracts.operations import (
     Infer,
     Operation,
     OperationBase,
+    parse_keep_alive,
     parse_operation,
 )
 from rbee.errors import InvalidOperation
@@ -43,6 +44,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "worker_list": {"operation": "worker_list"},
     "worker_get": {"operation": "worker_get", "worker_id": "worker-1"},
     "worker_stop": {"operation": "worker_stop", "worker_id": "worker-1"},
+    "worker_stop_all": {"operation": "worker_stop_all", "model": "gemma3-270m", "hive_id": "gpu-box"},
     "model_list": {"operation": "model_list"},
     "model_get": {"operation": "model_get", "model": "gemma3-270m"},
     "model_download": {"operation": "model_download", "source": "https://example.com/m.gguf", "alias": "m"},
@@ -85,8 +87,36 @@ def test_every_operation_round_trips_through_the_wire_format(name: str) -> None:
 
 
 def test_hive_operations_are_the_forwarded_ones() -> None:
+    # worker_stop_all runs on hives too, but the queen sends it to each hive concerned itself.
     for name, raw in EXAMPLES.items():
-        assert parse_operation(raw).forwarded_to_hive == (name in HIVE_OPERATIONS)
+        assert parse_operation(raw).forwarded_to_hive == (name in HIVE_OPERATIONS and name != "worker_stop_all")
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [(300, 300.0), ("5m", 300.0), ("30s", 30.0), ("1h", 3600.0), ("1.5h", 5400.0), (-1, -1.0), ("-1", -1.0), (0, 0.0)],
+)
+def test_keep_alive_takes_seconds_and_durations(given: Any, seconds: float) -> None:
+    assert parse_keep_alive(given) == seconds
+
+
+@pytest.mark.parametrize("given", [-2, "-5m", "soon", "5 minutes", True, None, "31d"])
+def test_keep_alive_refuses_what_is_not_a_duration(given: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_keep_alive(given)
+
+
+def test_infer_keep_alive_is_minus_one_zero_or_seconds() -> None:
+    assert parse_operation({"operation": "infer", "prompt": "x", "keep_alive": -1}).keep_alive == -1  # type: ignore[attr-defined]
+    with pytest.raises(InvalidOperation) as exc:
+        parse_operation({"operation": "infer", "prompt": "x", "keep_alive": -0.5})
+    assert exc.value.field == "keep_alive"
+
+
+def test_worker_stop_all_checks_its_names() -> None:
+    with pytest.raises(InvalidOperation) as exc:
+        parse_operation({"operation": "worker_stop_all", "model": "../etc"})
+    assert exc.value.field == "model"
 
 
 def test_infer_defaults() -> None:

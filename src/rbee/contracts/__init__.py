@@ -31,6 +31,7 @@ from rbee.contracts.operations import (
     WorkerList,
     WorkerSpawn,
     WorkerStop,
+    WorkerStopAll,
     parse_operation,
 )
 
@@ -63,5 +64,6 @@ __all__ = [
     "WorkerList",
     "WorkerSpawn",
     "WorkerStop",
+    "WorkerStopAll",
     "parse_operation",
 ]

@@ -8,6 +8,11 @@ A hive with a token gives each worker a token of its own; the heartbeat carries
 them in ``worker_tokens`` (worker id -> token), so the queen can reach the
 workers. They travel only on this authenticated hive-to-queen channel and are
 never part of a :class:`WorkerReport`, which clients are shown.
+
+A hive that stops sends one last heartbeat with ``goodbye`` set (its workers
+already stopped): the queen shows it ``offline`` at once, schedules nothing on
+it and forgets it as it forgets a silent hive. Its next ordinary heartbeat (a
+restart) brings it back ``online``.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class ModelReport(BaseModel):
     #: The chat template a chat with this model uses: ``gguf`` (its own), a family's
     #: (``gemma``, ``llama3``...) or ``chatml``.
     chat_template: str | None = None
+    #: What one worker of this model needs on this hive, as the hive estimates it: the
+    #: file, the KV cache of the slots and context it would give the worker, and the
+    #: worker process itself. The queen places workers by it.
+    worker_memory_bytes: int | None = None
 
 
 class Heartbeat(BaseModel):
@@ -84,3 +93,5 @@ class Heartbeat(BaseModel):
     models: list[ModelReport] = Field(default_factory=list)
     memory: HostMemory | None = None
     worker_tokens: dict[str, str] = Field(default_factory=dict, repr=False)
+    #: The hive is stopping: this is its last heartbeat.
+    goodbye: bool = False

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from rbee.errors import InvalidOperation
+from rbee.units import KEEP_ALIVE_MAX_S, parse_keep_alive
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -42,6 +43,7 @@ __all__ = [
     "WorkerList",
     "WorkerGet",
     "WorkerStop",
+    "WorkerStopAll",
     "ModelList",
     "ModelGet",
     "ModelDownload",
@@ -51,6 +53,7 @@ __all__ = [
     "validation_problems",
     "check_model_ref",
     "check_prompt",
+    "parse_keep_alive",
 ]
 
 DEFAULT_MODEL = "gemma3-270m"
@@ -67,7 +70,7 @@ class _Limits:
     top_k = 1_000
     model_ref_chars = 256
     timeout_s = 86_400.0
-    keep_alive_s = 30 * 86_400.0
+    keep_alive_s = KEEP_ALIVE_MAX_S
 
 
 LIMITS = _Limits()
@@ -335,6 +338,29 @@ class WorkerStop(_HiveOperation):
     _v_worker = field_validator("worker_id")(classmethod(lambda cls, v: _check_id(v)))
 
 
+class WorkerStopAll(OperationBase):
+    """Stop every worker (of ``model`` when given) on ``hive_id``, or on every hive when it is not given.
+
+    The queen runs it on each hive concerned (a hive runs it for itself); the
+    result lists the workers stopped. Jobs still running on them end as their
+    worker was lost.
+    """
+
+    operation: Literal["worker_stop_all"] = "worker_stop_all"
+    model: str | None = None
+    hive_id: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        return None if v is None else check_model_ref(v)
+
+    @field_validator("hive_id")
+    @classmethod
+    def _hive(cls, v: str | None) -> str | None:
+        return None if v is None else _check_id(v)
+
+
 class ModelList(_HiveOperation):
     operation: Literal["model_list"] = "model_list"
 
@@ -381,6 +407,7 @@ Operation = Annotated[
     | WorkerList
     | WorkerGet
     | WorkerStop
+    | WorkerStopAll
     | ModelList
     | ModelGet
     | ModelDownload
@@ -390,7 +417,16 @@ Operation = Annotated[
 
 #: What a hive runs (the queen forwards these to it).
 HiveOperation = Annotated[
-    HiveCheck | WorkerSpawn | WorkerList | WorkerGet | WorkerStop | ModelList | ModelGet | ModelDownload | ModelDelete,
+    HiveCheck
+    | WorkerSpawn
+    | WorkerList
+    | WorkerGet
+    | WorkerStop
+    | WorkerStopAll
+    | ModelList
+    | ModelGet
+    | ModelDownload
+    | ModelDelete,
     Field(discriminator="operation"),
 ]
 
@@ -401,6 +437,7 @@ HIVE_OPERATIONS = frozenset(
         "worker_list",
         "worker_get",
         "worker_stop",
+        "worker_stop_all",
         "model_list",
         "model_get",
         "model_download",

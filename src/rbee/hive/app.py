@@ -59,6 +59,10 @@ class HiveSettings:
     allow_download_from: tuple[str, ...] = ()
     #: Directories local model files may be downloaded from, besides $RBEE_HOME/models.
     model_dirs: tuple[Path, ...] = ()
+    #: How long a worker stays loaded once idle, unless its last job said (-1: for ever).
+    keep_alive_s: float = 300.0
+    #: A cap on the memory this hive's workers hold in all (None: the machine's).
+    memory_limit_bytes: int | None = None
 
 
 class HiveState:
@@ -87,6 +91,8 @@ class HiveState:
             on_change=self._workers_changed,
             command=settings.worker_command,
             state_dir=self.home / "hives" / settings.hive_id / "workers",
+            keep_alive_s=settings.keep_alive_s,
+            memory_limit_bytes=settings.memory_limit_bytes,
         )
         deliver: Deliver | None = settings.deliver
         target = "the queen"
@@ -137,12 +143,12 @@ class HiveState:
             await self.heartbeat.sync()
 
     async def final_heartbeat(self) -> None:
-        """Tell the queen, bounded, that this hive's workers are gone."""
+        """Say goodbye to the queen, bounded: this hive and its workers are gone (it shows it offline)."""
         if self.heartbeat is None:
             return
         try:
             async with asyncio.timeout(2.0):
-                await self.heartbeat.beat()
+                await self.heartbeat.beat(goodbye=True)
         except TimeoutError:
             pass
 
@@ -157,7 +163,10 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
         state.catalog.warm()
         # Before the first heartbeat: workers a previous run of this hive left behind are stopped.
         await state.supervisor.reap_orphans()
-        tasks = [asyncio.create_task(state.registry.run_sweeper(), name="hive:sweeper")]
+        tasks = [
+            asyncio.create_task(state.registry.run_sweeper(), name="hive:sweeper"),
+            asyncio.create_task(state.supervisor.run_keepalive(settings.heartbeat_interval_s), name="hive:keepalive"),
+        ]
         if state.heartbeat is not None:
             tasks.append(asyncio.create_task(state.heartbeat.run(), name="hive:heartbeat"))
         narrate(

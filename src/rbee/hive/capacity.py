@@ -5,10 +5,16 @@ GGUF header (layers x KV heads x (key + value width) x 2 bytes for llama.cpp's
 default f16 cache); the model's weights are counted once. A worker gets as many
 slots as fit in half of the memory available now, at most :data:`MAX_SLOTS`
 and at least one.
+
+What a whole worker needs (:func:`worker_bytes`: the file, the KV cache of its
+slots and the process itself) is what the hive reports for each model and
+what the queen places workers by.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +22,25 @@ import psutil
 
 from rbee.hive.gguf import GGUFError, read_gguf
 
-__all__ = ["DEFAULT_N_CTX", "MAX_SLOTS", "SlotPlan", "kv_bytes_per_token", "plan_slots"]
+__all__ = [
+    "DEFAULT_N_CTX",
+    "MAX_SLOTS",
+    "WORKER_OVERHEAD_BYTES",
+    "SlotPlan",
+    "kv_bytes_per_token",
+    "model_kv_bytes_per_token",
+    "plan_slots",
+    "worker_bytes",
+]
 
 #: More sequences than this share two cores without gaining much latency-wise; a
 #: user with a bigger machine passes ``--worker-arg=--slots=N``.
 MAX_SLOTS = 4
 DEFAULT_N_CTX = 4096
 _KV_BYTES = 2  # f16
+#: A worker process besides its model and KV cache: the interpreter, its HTTP server and
+#: llama.cpp's compute buffers.
+WORKER_OVERHEAD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -84,3 +102,25 @@ def plan_slots(
         f"{slots} slot(s) of {n_ctx} tokens ({mib:.0f} MiB of KV each; {fit} fit in half of the"
         f" {free / 2**30:.1f} GiB free beside the {info.size_bytes / 2**20:.0f} MiB model)",
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_of_file(path: str, size: int, mtime_ns: int) -> int | None:
+    try:
+        return kv_bytes_per_token(read_gguf(path).metadata)
+    except (GGUFError, OSError):
+        return None
+
+
+def model_kv_bytes_per_token(model_path: str | Path) -> int | None:
+    """The KV cache bytes per token of the model file (its GGUF header, read once per file version)."""
+    try:
+        stat = os.stat(model_path)
+    except OSError:
+        return None
+    return _kv_of_file(str(model_path), stat.st_size, stat.st_mtime_ns)
+
+
+def worker_bytes(size_bytes: int, kv_bytes_per_slot: int | None, slots: int) -> int:
+    """What a worker needs: the model file, the KV cache of its slots (when known) and the process."""
+    return size_bytes + (kv_bytes_per_slot or 0) * max(1, slots) + WORKER_OVERHEAD_BYTES

@@ -3,7 +3,10 @@
 Every ``interval_s`` (and at once after :meth:`HeartbeatLoop.poke`, when a worker
 starts or exits) the hive sends a :class:`~rbee.contracts.cluster.Heartbeat`:
 its address, devices, workers (how busy, from each worker's ``/v1/ready``,
-polled in parallel with a short timeout) and models. Delivery is a callable:
+polled in parallel with a short timeout, with each one's resident memory), its
+memory (:class:`~rbee.contracts.cluster.HostMemory`: RAM, GPUs' VRAM, the
+``--memory-limit``) and models (each with what one worker of it would need
+here). The last one, sent as the hive stops, says ``goodbye``. Delivery is a callable:
 an HTTP POST to the queen (:class:`HttpDelivery`), or a direct call when the
 hive runs inside the queen's process. A queen that cannot be reached is
 reported once per outage and retried every interval; the loop never dies of it.
@@ -23,8 +26,8 @@ import httpx
 import psutil
 
 from rbee import __version__
-from rbee.contracts.cluster import Heartbeat
-from rbee.hive.catalog import ModelCatalog
+from rbee.contracts.cluster import GpuMemory, Heartbeat, HostMemory, ModelReport
+from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.supervisor import Supervisor
 from rbee.narration import narrate
 
@@ -195,7 +198,39 @@ class HeartbeatLoop:
             return False
         return True
 
-    async def build(self) -> Heartbeat:
+    async def memory(self) -> HostMemory:
+        """RAM (psutil), each GPU's VRAM when the device probe has its figures, and the hive's cap."""
+        ram = psutil.virtual_memory()
+        gpus = []
+        for gpu in await self.devices.gpus():
+            total, used = gpu.get("memory_bytes"), gpu.get("memory_used_bytes")
+            index = str(gpu.get("id", "")).partition(":")[2]
+            if isinstance(total, int) and isinstance(used, int) and index.isdigit():
+                name = gpu.get("name")
+                gpus.append(
+                    GpuMemory(
+                        index=int(index),
+                        name=name if isinstance(name, str) else None,
+                        total_bytes=total,
+                        free_bytes=max(0, total - used),
+                    )
+                )
+        return HostMemory(
+            total_bytes=int(ram.total),
+            available_bytes=int(ram.available),
+            gpus=gpus,
+            limit_bytes=self.supervisor.memory_limit_bytes,
+        )
+
+    def _model_report(self, model: ModelEntry) -> ModelReport:
+        report = model.to_report()
+        try:
+            need = self.supervisor.worker_bytes(model)
+        except OSError:
+            return report
+        return report.model_copy(update={"worker_memory_bytes": need})
+
+    async def build(self, *, goodbye: bool = False) -> Heartbeat:
         # Busy/idle comes from the workers themselves, all asked at once.
         await self.supervisor.refresh(self.poll_timeout_s)
         models = await self.catalog.models()
@@ -206,16 +241,18 @@ class HeartbeatLoop:
             interval_s=self.interval_s,
             devices=await self.devices.all(),
             workers=[w.report() for w in self.supervisor.all()],
-            models=[m.to_report() for m in models],
+            models=[self._model_report(m) for m in models],
+            memory=await self.memory(),
             worker_tokens={w.worker_id: w.token for w in self.supervisor.all() if w.token},
+            goodbye=goodbye,
         )
 
-    async def beat(self) -> bool:
-        """Build and deliver one heartbeat; True when it arrived."""
+    async def beat(self, *, goodbye: bool = False) -> bool:
+        """Build and deliver one heartbeat (``goodbye``: the hive's last); True when it arrived."""
         self._started += 1
         number = self._started
         try:
-            beat = await self.build()
+            beat = await self.build(goodbye=goodbye)
             result = self.deliver(beat)
             if inspect.isawaitable(result):
                 await result

@@ -19,6 +19,17 @@ def _check_hive_id(ctx: click.Context, param: click.Parameter, value: str) -> st
     return value
 
 
+def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from rbee.units import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (workers bind it too).")
 @click.option("--port", "-p", default=HIVE_PORT, show_default=True, type=click.IntRange(0, 65535))
@@ -40,6 +51,22 @@ def _check_hive_id(ctx: click.Context, param: click.Parameter, value: str) -> st
     help="An extra flag passed to every worker (repeatable), e.g. --worker-arg=--fake-tokens=50.",
 )
 @click.option("--heartbeat-interval", default=2.0, show_default=True, type=click.FloatRange(0.05, 3600.0))
+@click.option(
+    "--keep-alive",
+    "keep_alive_s",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(-1, 30 * 86_400.0),
+    metavar="SECONDS",
+    help="How long a worker stays loaded once idle, unless its job said (-1: for ever; 0: stop after the job).",
+)
+@click.option(
+    "--memory-limit",
+    default=None,
+    callback=_check_size,
+    metavar="BYTES|SIZE",
+    help="A cap on the memory this hive's workers hold in all, e.g. 8GiB (default: the machine's).",
+)
 @click.option(
     "--hf-endpoint",
     envvar="HF_ENDPOINT",
@@ -71,6 +98,8 @@ def main(
     worker_engine: str,
     worker_args: tuple[str, ...],
     heartbeat_interval: float,
+    keep_alive_s: float,
+    memory_limit: int | None,
     hf_endpoint: str | None,
     allow_download_from: tuple[str, ...],
     model_dirs: tuple[Path, ...],
@@ -84,6 +113,8 @@ def main(
     """
     from rbee.daemon import preflight, serve
 
+    if keep_alive_s < 0 and keep_alive_s != -1:
+        raise click.BadParameter("must be -1 (for ever), 0 or a number of seconds", param_hint="--keep-alive")
     preflight("hive", host, token)
     if home is not None:
         home = home.expanduser().resolve()
@@ -110,6 +141,8 @@ def main(
         worker_engine=worker_engine,
         worker_args=worker_args,
         heartbeat_interval_s=heartbeat_interval,
+        keep_alive_s=keep_alive_s,
+        memory_limit_bytes=memory_limit,
         hf_endpoint=hf_endpoint,
         allow_download_from=allow_download_from,
         model_dirs=model_dirs,

@@ -29,6 +29,7 @@ from rbee.contracts.operations import (
     WorkerList,
     WorkerSpawn,
     WorkerStop,
+    WorkerStopAll,
 )
 from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.download import Downloader
@@ -74,6 +75,8 @@ class HiveRouter:
             await self.catalog.resolve(op.model)
         elif isinstance(op, WorkerGet | WorkerStop):
             self.supervisor.get(op.worker_id)
+        elif isinstance(op, WorkerStopAll) and op.model is not None:
+            self._known_model(op.model)
         elif isinstance(op, ModelDownload):
             await self.catalog.ready()
             self._downloader().plan(op)
@@ -92,6 +95,8 @@ class HiveRouter:
             await self.worker_get(op)
         elif isinstance(op, WorkerStop):
             await self.worker_stop(op)
+        elif isinstance(op, WorkerStopAll):
+            await self.worker_stop_all(op)
         elif isinstance(op, ModelList):
             await self.model_list()
         elif isinstance(op, ModelGet):
@@ -141,6 +146,29 @@ class HiveRouter:
     async def worker_stop(self, op: WorkerStop) -> None:
         await self.supervisor.stop(op.worker_id)
         emit_result({"worker_id": op.worker_id, "stopped": True})
+
+    def _known_model(self, ref: str) -> None:
+        serving = any(ref == w.model_id or ref in w.aliases for w in self.supervisor.all())
+        if not serving and self.catalog.find(ref) is None:
+            known = sorted({name for m in self.catalog.models_now() for name in m.names()})
+            raise errors.ModelNotFound(
+                f"model: hive {self.hive_id} has no model {ref!r} (models: {', '.join(known) or 'none'})",
+                model=ref,
+                field="model",
+            )
+
+    async def worker_stop_all(self, op: WorkerStopAll) -> None:
+        what = f"of {op.model} " if op.model else ""
+        stopped = await self.supervisor.stop_all(op.model)
+        narrate(
+            "worker_stop_all",
+            f"Stopped {len(stopped)} worker(s) {what}on hive {self.hive_id}",
+            stopped=len(stopped),
+            model=op.model,
+        )
+        rows = [{"hive_id": self.hive_id, "worker_id": w.worker_id, "model": w.model_id} for w in stopped]
+        emit_result({"hive_id": self.hive_id, "stopped": rows})
+        set_end_fields(stopped=rows)  # for the queen, which gathers them from every hive
 
     # -- models ---------------------------------------------------------------
 

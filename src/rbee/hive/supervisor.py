@@ -19,6 +19,16 @@ worker still running from that run, so none is left orphaned
 
 A hive with a token gives each worker a token of its own (the queen learns it
 from the heartbeat), so the hive's token never reaches a worker process.
+
+Keep-alive: each worker says (``/v1/ready``) when it became idle and how long it
+wants to be kept (its last job's ``keep_alive``, else the hive's default, given
+as ``--keep-alive``). :meth:`Supervisor.run_keepalive` polls the workers every
+heartbeat interval (sooner when one is due) and stops the one idle past its
+time (``worker_unload``); -1 keeps it for ever.
+
+Memory: with ``memory_limit_bytes`` the hive's workers may hold that much in
+all; each holds the larger of its measured resident set and what the hive
+reckoned it needs when it started it (:func:`rbee.hive.capacity.worker_bytes`).
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import psutil
 
 from rbee.contracts.cluster import WorkerReport
 from rbee.errors import WorkerFailed, WorkerNotFound
-from rbee.hive.capacity import DEFAULT_N_CTX, plan_slots
+from rbee.hive.capacity import DEFAULT_N_CTX, SlotPlan, model_kv_bytes_per_token, plan_slots, worker_bytes
 from rbee.hive.catalog import ModelEntry
 from rbee.jobs.registry import emit_progress
 from rbee.narration import current_job, narrate
@@ -168,6 +178,14 @@ class WorkerProcess:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     #: The worker's own bearer token (None: the hive has none, nor has the worker).
     token: str | None = field(default=None, repr=False)
+    #: Keep-alive, as the worker last said (``/v1/ready``).
+    keep_alive_s: float | None = None
+    idle_since: float | None = None
+    unloads_at: float | None = None
+    #: Resident set of the process, measured at the last refresh.
+    memory_bytes: int | None = None
+    #: What the hive reckoned the worker needs when it started it (file, KV, process).
+    reserved_bytes: int | None = None
 
     @property
     def pid(self) -> int:
@@ -188,7 +206,22 @@ class WorkerProcess:
             n_ctx=self.n_ctx,
             started_at=self.started_at,
             current_job=self.current_job,
+            keep_alive_s=self.keep_alive_s,
+            idle_since=self.idle_since,
+            unloads_at=self.unloads_at,
+            memory_bytes=self.memory_bytes,
         )
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "ready" and self.busy_slots == 0 and self.queue == 0 and self.current_job is None
+
+    def measure(self) -> None:
+        """Take the process's resident set now (psutil)."""
+        try:
+            self.memory_bytes = int(psutil.Process(self.pid).memory_info().rss)
+        except (psutil.Error, OSError):
+            pass
 
     def describe(self) -> dict[str, Any]:
         """A report plus what an operator needs to look further (the log file)."""
@@ -207,6 +240,10 @@ class WorkerProcess:
                 setattr(self, name, value)
         job = ready.get("current_job")
         self.current_job = job if isinstance(job, str) else None
+        for name in ("keep_alive_s", "idle_since", "unloads_at"):
+            value = ready.get(name)
+            number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+            setattr(self, name, None if number is None else float(number))
 
 
 def _int_arg(args: Sequence[str], name: str, default: int | None = None) -> int | None:
@@ -244,6 +281,8 @@ class Supervisor:
         on_change: Callable[[], None] | None = None,
         command: Sequence[str] = WORKER_COMMAND,
         state_dir: Path | None = None,
+        keep_alive_s: float = 300.0,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         self.home = home
         self.log_dir = home / "logs"
@@ -262,6 +301,10 @@ class Supervisor:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: Where each running worker's pid record lives (None: not recorded).
         self.state_dir = state_dir
+        #: How long a worker stays once idle, unless its last job said otherwise (-1: for ever).
+        self.keep_alive_s = keep_alive_s
+        #: A cap on what this hive's workers may hold in all (None: the machine's memory).
+        self.memory_limit_bytes = memory_limit_bytes
 
     # -- looking up -----------------------------------------------------------
 
@@ -281,6 +324,37 @@ class Supervisor:
         if self.on_change is not None:
             self.on_change()
 
+    # -- memory ---------------------------------------------------------------
+
+    def held_bytes(self) -> int:
+        """What this hive's workers hold: each the larger of its resident set and its reservation."""
+        return sum(max(w.memory_bytes or 0, w.reserved_bytes or 0) for w in self.workers.values() if w.state != "dead")
+
+    def free_bytes(self) -> int:
+        """Memory a new worker may take: what the machine has available, capped by the limit minus what workers hold."""
+        available = int(psutil.virtual_memory().available)
+        if self.memory_limit_bytes is None:
+            return available
+        return max(0, min(available, self.memory_limit_bytes - self.held_bytes()))
+
+    def plan(self, model: ModelEntry) -> SlotPlan:
+        """The slots and context a worker of ``model`` would get now."""
+        return plan_slots(
+            model.path,
+            n_ctx=_int_arg(self.extra_args, "--n-ctx", DEFAULT_N_CTX),
+            slots=_int_arg(self.extra_args, "--slots"),
+            available=self.free_bytes() if self.memory_limit_bytes is not None else None,
+        )
+
+    def worker_bytes(self, model: ModelEntry, plan: SlotPlan | None = None) -> int:
+        """What a worker of ``model`` needs here: the file, the KV cache of its slots, the process."""
+        plan = plan or self.plan(model)
+        per_slot = plan.kv_bytes_per_slot
+        if per_slot is None:
+            per_token = model_kv_bytes_per_token(model.path)
+            per_slot = per_token * plan.n_ctx if per_token is not None else None
+        return worker_bytes(model.size_bytes, per_slot, plan.slots)
+
     # -- spawning -------------------------------------------------------------
 
     async def spawn(self, model: ModelEntry, *, device: str = "cpu", aliases: Sequence[str] = ()) -> WorkerProcess:
@@ -297,11 +371,7 @@ class Supervisor:
             model=model.id,
             device=device,
         )
-        plan = plan_slots(
-            model.path,
-            n_ctx=_int_arg(self.extra_args, "--n-ctx", DEFAULT_N_CTX),
-            slots=_int_arg(self.extra_args, "--slots"),
-        )
+        plan = self.plan(model)
         narrate(
             "worker_slots",
             f"Worker {worker_id} gets {plan.reason}",
@@ -335,6 +405,8 @@ class Supervisor:
                 str(plan.slots),
                 "--n-ctx",
                 str(plan.n_ctx),
+                "--keep-alive",
+                f"{self.keep_alive_s:g}",
                 *self.extra_args,  # last: a --slots here wins
             ]
             token = secrets.token_urlsafe(24) if self.token else None
@@ -344,6 +416,7 @@ class Supervisor:
             sock.close()
         worker = WorkerProcess(worker_id, model.id, names, device, url, log_path, proc, token=token)
         worker.slots = plan.slots
+        worker.reserved_bytes = self.worker_bytes(model, plan)
         self.workers[worker_id] = worker
         self._record(worker)
         watcher = asyncio.get_running_loop().create_task(
@@ -514,6 +587,52 @@ class Supervisor:
         for worker, ready in zip(targets, answers, strict=True):
             if ready is not None and worker.state in ("ready", "busy"):
                 worker.apply(ready)
+            worker.measure()
+
+    # -- keep-alive -----------------------------------------------------------
+
+    async def run_keepalive(self, interval_s: float) -> None:
+        """Stop each worker idle past its keep-alive; checks every ``interval_s`` and when one is due.
+
+        A task the hive app owns. The workers are asked afresh right before, so
+        one that took a job meanwhile is kept.
+        """
+        while True:
+            try:
+                await self.refresh(min(1.0, interval_s))
+                now = time.time()
+                for worker in [w for w in self.all() if w.idle and w.unloads_at is not None and w.unloads_at <= now]:
+                    await self._unload(worker)
+            except Exception as exc:  # a bug here must not end keep-alive for good
+                narrate("keepalive_failed", f"Keep-alive check failed: {exc!r}", level="error", actor="hive")
+            due = [w.unloads_at for w in self.all() if w.idle and w.unloads_at is not None]
+            wait = interval_s if not due else min(interval_s, max(POLL_INTERVAL_S, min(due) - time.time()))
+            await asyncio.sleep(wait)
+
+    async def _unload(self, worker: WorkerProcess) -> None:
+        idle_s = time.time() - (worker.idle_since or time.time())
+        keep = worker.keep_alive_s or 0.0
+        narrate(
+            "worker_unload",
+            f"Worker {worker.worker_id} of {worker.model_id} was idle for {idle_s:.1f} s"
+            f" (keep-alive {keep:g} s); stopping it to free its memory",
+            actor="hive",
+            worker_id=worker.worker_id,
+            model=worker.model_id,
+            idle_s=round(idle_s, 3),
+            keep_alive_s=keep,
+        )
+        await self._stop_if_there(worker.worker_id)
+
+    async def stop_all(self, model: str | None = None) -> list[WorkerProcess]:
+        """Stop every worker (of ``model`` when given: its id or one of its names), in parallel."""
+        chosen = [w for w in self.all() if model is None or model == w.model_id or model in w.aliases]
+        await asyncio.gather(*(self._stop_if_there(w.worker_id) for w in chosen))
+        return chosen
+
+    async def _stop_if_there(self, worker_id: str) -> None:
+        with contextlib.suppress(WorkerNotFound):  # it exited meanwhile
+            await self.stop(worker_id)
 
     # -- pid records ----------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from rbee import __version__
+from rbee.keeper import lifecycle
 from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, one_line
 from rbee.keeper.machines import hive, model, queen, worker
 from rbee.keeper.options import (
@@ -105,6 +106,12 @@ def cli(
 @click.option("--worker", "worker_id", metavar="WORKER_ID", help="Run on this worker.")
 @click.option("--device", help="Run on this device: cpu or cuda:N.")
 @click.option("--timeout", "timeout_s", type=float, metavar="SECONDS", help="Give up after this many seconds.")
+@click.option(
+    "--keep-alive",
+    type=lifecycle.KEEP_ALIVE,
+    metavar="DURATION",
+    help="Keep the model loaded this long once idle (5m, 1h; -1: for ever; 0: unload after).",
+)
 @click.option(
     "-d", "--detach", is_flag=True, help="Print the job's id and return; the job runs on (see `rbee jobs logs`)."
 )
@@ -460,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         code = EXIT_FAILED
     sys.exit(code if isinstance(code, int) else 0)
+
+
+cli.add_command(lifecycle.ps)
+cli.add_command(lifecycle.stop)
 
 
 if __name__ == "__main__":

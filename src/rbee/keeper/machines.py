@@ -274,18 +274,31 @@ def worker_get(session: Session, worker_id: str, hive_id: str) -> None:
 
 
 @worker.command("stop", context_settings=CONTEXT)
-@click.argument("worker_id")
-@hive_option
+@click.argument("worker_id", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every worker (on --hive, else on every hive).")
+@click.option("--hive", "hive_id", metavar="HIVE_ID", help="The hive to ask (default localhost; --all: every hive).")
 @output_options
 @pass_session
-def worker_stop(session: Session, worker_id: str, hive_id: str) -> None:
-    """Stop one worker.
+def worker_stop(session: Session, worker_id: str | None, stop_all: bool, hive_id: str | None) -> None:
+    """Stop one worker, or with --all every worker (of every model).
 
     \b
-    Example:
+    Examples:
       rbee worker stop worker-1a2b3c4d --hive beta
+      rbee worker stop --all --hive beta
+      rbee worker stop --all
     """
-    session.run({"operation": "worker_stop", "hive_id": hive_id, "worker_id": worker_id})
+    if stop_all:
+        if worker_id is not None:
+            raise click.UsageError("give a WORKER_ID or --all, not both")
+        operation: dict[str, str] = {"operation": "worker_stop_all"}
+        if hive_id is not None:
+            operation["hive_id"] = hive_id
+        session.run(operation)
+        return
+    if worker_id is None:
+        raise click.UsageError("give a WORKER_ID, or --all to stop every worker")
+    session.run({"operation": "worker_stop", "hive_id": hive_id or "localhost", "worker_id": worker_id})
 
 
 # -- models ----------------------------------------------------------------------

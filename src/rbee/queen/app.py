@@ -250,7 +250,9 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     async def heartbeat(request: Request, beat: Heartbeat) -> dict[str, Any]:
         state = queen(request)
         hive, new = state.telemetry.heartbeat(beat)
-        if new:
+        if beat.goodbye:
+            narrate("hive_goodbye", f"Hive {hive.hive_id} stopped; it is offline", hive_id=hive.hive_id)
+        elif new:
             narrate(
                 "hive_registered",
                 f"Hive {hive.hive_id} is online at {hive.url} with {len(hive.workers)} worker(s)",

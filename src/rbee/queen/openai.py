@@ -35,7 +35,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from rbee import errors
-from rbee.contracts.operations import Infer, parse_operation
+from rbee.contracts.operations import Infer, parse_keep_alive, parse_operation
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
 
@@ -270,6 +270,12 @@ def _parse(body: Any, chat: bool) -> _Call:
         "seed": _number(body, "seed", integer=True),
         "stop": stop,
     }
+    if body.get("keep_alive") is not None:
+        # Ollama's field: how long the model stays loaded after this request ("5m", 300, -1, 0).
+        try:
+            fields["keep_alive"] = parse_keep_alive(body["keep_alive"])
+        except ValueError as exc:
+            raise errors.InvalidOperation(f"keep_alive: {exc}", field="keep_alive") from None
     # OpenAI's defaults, not rbee's.
     fields["temperature"] = 1.0 if fields["temperature"] is None else fields["temperature"]
     fields["top_p"] = 1.0 if fields["top_p"] is None else fields["top_p"]
@@ -475,6 +481,10 @@ _SAMPLING = {
     "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "seed": {"type": ["integer", "null"]},
     "stream": {"type": ["boolean", "null"]},
+    "keep_alive": {
+        "type": ["number", "string", "null"],
+        "description": "How long the model stays loaded once idle: seconds or a duration ('5m', '1h'); -1 for ever",
+    },
 }
 _COMPLETION_BODY = {
     "type": "object",

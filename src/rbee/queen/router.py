@@ -17,6 +17,7 @@ from rbee.contracts.operations import (
     OperationBase,
     QueenCheck,
     Status,
+    WorkerStopAll,
 )
 from rbee.http import is_admin
 from rbee.jobs.client import JobClient, Unreachable
@@ -32,7 +33,7 @@ __all__ = ["QueenRouter", "ADMIN_OPERATIONS"]
 #: How long a client's POST waits for a hive to take a forwarded operation.
 PRESUBMIT_TIMEOUT_S = 10.0
 
-ADMIN_OPERATIONS = frozenset({"worker_spawn", "worker_stop", "model_download", "model_delete"})
+ADMIN_OPERATIONS = frozenset({"worker_spawn", "worker_stop", "worker_stop_all", "model_download", "model_delete"})
 
 
 class QueenRouter:
@@ -49,6 +50,9 @@ class QueenRouter:
             raise errors.Forbidden(f"{op.name} changes the cluster for everyone; it needs the admin token")
         if isinstance(op, Infer):
             return self.scheduler.admit(op)
+        if isinstance(op, WorkerStopAll):
+            self._stop_targets(op)
+            return None
         if op.forwarded_to_hive:
             self.telemetry.hive(getattr(op, "hive_id", "localhost"))
             return self._presubmit(op)
@@ -95,6 +99,8 @@ class QueenRouter:
             self.hive_list()
         elif isinstance(op, QueenCheck):
             await queen_check()
+        elif isinstance(op, WorkerStopAll):
+            await self.worker_stop_all(op)
         elif op.forwarded_to_hive:
             await self.forward(op)
         else:
@@ -127,6 +133,65 @@ class QueenRouter:
         end = await relay_job(client, op, where=f"hive {hive_id}", remote_id=remote_id)
         raise_for_end(end, f"hive {hive_id}")
         narrate("forward_complete", f"{op.name} completed on hive {hive_id}", hive_id=hive_id)
+
+    def _stop_targets(self, op: WorkerStopAll) -> list[str]:
+        """The hives a ``worker_stop_all`` goes to; 404 for an unknown hive or model, 409 for an offline hive."""
+        if op.hive_id is not None:
+            hive = self.telemetry.hive(op.hive_id)
+            if self.telemetry.state_of(hive) != "online":
+                raise self.telemetry.offline(hive)
+            hives = [hive]
+        else:
+            hives = self.telemetry.fresh_hives()
+        if op.model is None:
+            return [h.hive_id for h in hives]
+        model = op.model
+        known = [h for h in hives if h.has_model(model) or any(w.serves(model) for w in h.workers.values())]
+        if not known and not any(h.has_model(model) for h in self.telemetry.hives()):
+            names = sorted({m.alias or m.id for h in self.telemetry.hives() for m in h.models})
+            where = f"hive {op.hive_id!r}" if op.hive_id else "no hive"
+            raise errors.ModelNotFound(
+                f"model: {where} has no model {model!r} (models: {', '.join(names) or 'none'})",
+                model=model,
+                field="model",
+            )
+        return [h.hive_id for h in known]
+
+    async def worker_stop_all(self, op: WorkerStopAll) -> None:
+        """Stop the workers (of a model) on one hive or on every online hive, all hives at once."""
+        targets = self._stop_targets(op)
+        what = f"of {op.model} " if op.model else ""
+        narrate("stop_workers", f"Stopping every worker {what}on {', '.join(targets) or 'no hive'}", hives=targets)
+
+        async def on(hive_id: str) -> list[dict[str, object]]:
+            hive = self.telemetry.hive(hive_id)
+            client = JobClient(hive.url, token=self.token, client=self.http)
+            end = await relay_job(
+                client, op.model_copy(update={"hive_id": hive_id}), where=f"hive {hive_id}", results=False
+            )
+            raise_for_end(end, f"hive {hive_id}")
+            rows = end.get("stopped") or []
+            for row in rows:
+                self.telemetry.drop_worker(hive_id, str(row.get("worker_id")))
+            return list(rows)
+
+        tasks = [
+            asyncio.get_running_loop().create_task(on(hive_id), name=f"stop_workers@{hive_id}") for hive_id in targets
+        ]
+        try:
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+        stopped = [row for outcome in outcomes if isinstance(outcome, list) for row in outcome]
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        narrate("stop_workers_done", f"Stopped {len(stopped)} worker(s) {what}".strip(), stopped=len(stopped))
+        emit_result({"stopped": stopped})
+        if failed:
+            first = failed[0]
+            if isinstance(first, errors.RbeeError):
+                raise first
+            raise errors.HiveUnreachable(f"a hive did not stop its workers: {first!r}")
 
 
 async def _check_nested(depth: int) -> None:

@@ -19,6 +19,33 @@ goes on with the next token index, no gap and no repeat (``infer_failover``;
 ``worker_lost``: its continuation would not be the answer it was getting.
 A worker that ends the job ``cancelled`` when nobody here cancelled it (it is
 shutting down, e.g. because its hive died) is lost too.
+
+Placement by memory. Before a hive is asked to start a worker, what the worker
+needs (the hive's estimate in its heartbeat: the model file, the KV cache of the
+slots and context it would get, the process) is compared with what the hive has
+free: its available memory, capped by its ``--memory-limit`` minus what its
+workers hold (each the larger of its resident set and its model's estimate) and
+what spawns in flight have reserved. A worker that does not fit is never started.
+Instead, in this order:
+
+1. another hive that has the model and room starts it;
+2. the least recently used idle worker on a hive where that makes room is stopped
+   (``infer_evict``; never a worker with a job in flight), and the hive's next
+   heartbeat is awaited before looking again;
+3. the job waits (``infer_wait_memory``, saying what it needs and what is free),
+   looking again whenever a job ends or a heartbeat arrives.
+
+A model that can never fit (more than a hive's limit or total memory everywhere),
+or that waits on a hive with no busy worker to wait for, fails ``no_worker`` at once.
+
+Groups. A worker whose model has jobs waiting (queued or just admitted) is not
+stopped for another model, so jobs are served in groups per model rather than
+swapping models on every request. The wait is bounded: a job that has waited
+:data:`GROUP_WAIT_S` for memory may stop such workers too, and marks the least
+recently used busy worker in its way as draining (it takes no new jobs, and is
+stopped once its running jobs end). The jobs of the drained model then wait
+their turn the same way, so two models sharing one machine alternate in groups
+of at most about :data:`GROUP_WAIT_S` each.
 """
 
 from __future__ import annotations
@@ -37,12 +64,12 @@ import httpx
 
 from rbee import errors
 from rbee.contracts.cluster import WorkerReport
-from rbee.contracts.operations import Infer, WorkerSpawn
+from rbee.contracts.operations import Infer, WorkerSpawn, WorkerStop
 from rbee.jobs.client import JobClient
 from rbee.jobs.registry import current_job, emit_progress, set_end_fields
 from rbee.narration import narrate
 from rbee.queen.relay import TokenTrail, raise_for_end, relay_job
-from rbee.queen.telemetry import Telemetry, WorkerView
+from rbee.queen.telemetry import HiveView, Telemetry, WorkerView
 
 __all__ = ["Scheduler", "Lease"]
 
@@ -55,6 +82,31 @@ DURATIONS_KEPT = 32
 MAX_FAILOVERS = 3
 #: How long a POST waits for a worker to count a long prompt's tokens.
 COUNT_TIMEOUT_S = 2.0
+#: How long a job waits for memory before the workers of models with jobs of their own waiting
+#: may be stopped (and drained) for it: the bound on serving one model's group first.
+GROUP_WAIT_S = 15.0
+#: How long an eviction waits for the hive's next heartbeat (its freed memory) before looking again.
+EVICT_SETTLE_S = 5.0
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class _Evict:
+    hive_id: str
+    worker: WorkerView
+    need: int
+    free: int
+
+
+@dataclass(frozen=True)
+class _Wait:
+    hive_id: str
+    need: int
+    free: int
+    busy: list[str]
 
 
 def _input_bound(op: Infer) -> int:
@@ -109,6 +161,11 @@ class Scheduler:
         # Jobs admitted for a model that hold no worker yet (queued, or about to be): the
         # queue bound counts them at POST time, so a burst of requests cannot slip past it.
         self._pending: dict[str, set[str]] = {}
+        # Memory set aside on a hive for each spawn in flight (hive_id, bytes).
+        self._reserved: dict[asyncio.Task[WorkerReport], tuple[str, int]] = {}
+        # Workers being stopped to make room, and workers draining for a job that waited long (-> its job id).
+        self._evicting: set[str] = set()
+        self._draining: dict[str, str] = {}
 
     # -- admission -------------------------------------------------------
 
@@ -232,6 +289,8 @@ class Scheduler:
             r = w.report
             if r.state not in _READY or w.worker_id in excluded or not w.serves(op.model):
                 continue
+            if w.worker_id in self._draining or w.worker_id in self._evicting:
+                continue
             if op.hive_id is not None and w.hive_id != op.hive_id:
                 continue
             if op.worker_id is not None and w.worker_id != op.worker_id:
@@ -260,6 +319,8 @@ class Scheduler:
         queue = self.queues.setdefault(op.model, deque())
         waiter: _Waiter | None = None
         last_position = -1
+        memory_since: float | None = None  # when this job first found no room to start a worker
+        told: tuple[str, tuple[str, ...]] | None = None
         try:
             while True:
                 candidates = self._candidates(op, excluded)
@@ -303,7 +364,33 @@ class Scheduler:
                     raise errors.NoWorkerAvailable(
                         f"no ready worker serves {op.model!r} and no online hive can start one", model=op.model
                     )
-                await self._ensure_spawn(op.model, hives[0], op.device or "cpu")
+                spawning = self._spawns.get(op.model)
+                if spawning is not None and not spawning.done():
+                    await self._ensure_spawn(op.model, hives[0], op.device or "cpu")
+                    continue
+                if memory_since is None:
+                    memory_since = time.monotonic()
+                decision = self._place(op, hives, time.monotonic() - memory_since, job.id)
+                if isinstance(decision, str):
+                    await self._ensure_spawn(op.model, decision, op.device or "cpu")
+                elif isinstance(decision, _Evict):
+                    await self._evict(decision, op.model)
+                else:
+                    said = (decision.hive_id, tuple(decision.busy))
+                    if said != told:
+                        told = said
+                        busy = ", ".join(decision.busy) or "spawns in progress"
+                        narrate(
+                            "infer_wait_memory",
+                            f"Waiting for memory: {op.model} needs {_mib(decision.need)} on hive {decision.hive_id},"
+                            f" which has {_mib(max(0, decision.free))} free; waiting for {busy} to finish",
+                            model=op.model,
+                            hive_id=decision.hive_id,
+                            need_bytes=decision.need,
+                            free_bytes=decision.free,
+                            busy_workers=decision.busy,
+                        )
+                    await self.telemetry.changed(1.0)
         finally:
             if waiter is not None:
                 try:
@@ -311,6 +398,8 @@ class Scheduler:
                 except ValueError:
                     pass
                 self.telemetry.notify()
+            for worker_id in [w for w, claimant in self._draining.items() if claimant == job.id]:
+                del self._draining[worker_id]
 
     def estimate_start_s(self, model: str, position: int, workers: list[WorkerView]) -> float | None:
         """Seconds until the job at ``position`` (1-based) in ``model``'s queue starts, or None if unknown.
@@ -348,6 +437,174 @@ class Scheduler:
             self.inflight[lease.worker_id] = n
         self.telemetry.notify()
 
+    # -- memory ----------------------------------------------------------
+
+    def _need(self, hive: HiveView, model: str) -> int | None:
+        """What a worker of ``model`` needs on ``hive`` (its estimate), None when it does not say."""
+        report = hive.model(model)
+        return report.worker_memory_bytes if report is not None else None
+
+    def _held(self, hive: HiveView, worker: WorkerView) -> int:
+        need = self._need(hive, worker.report.model) or 0
+        return max(worker.report.memory_bytes or 0, need)
+
+    def _room(self, hive: HiveView) -> tuple[int, int | None] | None:
+        """``(available, under the limit)`` for a new worker on ``hive``; None when it does not report memory."""
+        memory = hive.memory
+        if memory is None:
+            return None
+        reserved = sum(n for task, (h, n) in self._reserved.items() if h == hive.hive_id and not task.done())
+        available = memory.available_bytes - reserved
+        if memory.limit_bytes is None:
+            return available, None
+        held = sum(self._held(hive, w) for w in hive.workers.values()) + reserved
+        return available, memory.limit_bytes - held
+
+    def _free_memory(self, hive: HiveView) -> int | None:
+        """What a new worker may take on ``hive`` now: available, capped by the limit minus what workers hold."""
+        room = self._room(hive)
+        if room is None:
+            return None
+        available, limited = room
+        return available if limited is None else min(available, limited)
+
+    def _capacity(self, hive: HiveView) -> int | None:
+        """The most a worker could ever have on ``hive`` (its limit, or all its memory)."""
+        memory = hive.memory
+        if memory is None:
+            return None
+        if memory.limit_bytes is not None:
+            return min(memory.limit_bytes, memory.total_bytes)
+        return memory.total_bytes
+
+    def _last_used(self, worker: WorkerView) -> float:
+        """Wall-clock time the worker last finished a job here (else became idle, else started)."""
+        used = self.idle_since.get(worker.worker_id)
+        if used is not None:
+            return time.time() - (time.monotonic() - used)
+        return worker.report.idle_since or worker.report.started_at or 0.0
+
+    def _wanted(self, worker: WorkerView) -> bool:
+        """Jobs for the worker's model are waiting (queued or admitted): its group is not served yet."""
+        return any(jobs and worker.serves(model) for model, jobs in self._pending.items())
+
+    def _idle(self, worker: WorkerView) -> bool:
+        r = worker.report
+        return (
+            r.state == "ready"
+            and not self.inflight.get(worker.worker_id)
+            and not r.busy_slots
+            and not r.queue
+            and worker.worker_id not in self._evicting
+        )
+
+    def _place(self, op: Infer, hives: list[str], waited_s: float, job_id: str) -> str | _Evict | _Wait:
+        """Where a worker of ``op.model`` starts: a hive (spawn there), a worker to stop first, or a wait."""
+        views = [self.telemetry.hive(h) for h in hives]
+        for hive in views:
+            need, free = self._need(hive, op.model), self._free_memory(hive)
+            if need is None or free is None or need <= free:
+                return hive.hive_id
+        patient = waited_s >= GROUP_WAIT_S
+        possible = []
+        for hive in views:
+            need, free, capacity = self._need(hive, op.model), self._free_memory(hive), self._capacity(hive)
+            assert need is not None and free is not None and capacity is not None
+            if need > capacity:
+                continue
+            possible.append((hive, need, free))
+            idle = [w for w in hive.workers.values() if self._idle(w) and (patient or not self._wanted(w))]
+            idle.sort(key=self._last_used)
+            room = self._room(hive)
+            assert room is not None
+            available, limited = room
+            for w in idle:
+                # Stopping it gives its resident set back to the machine and its share back to the limit.
+                available += w.report.memory_bytes or 0
+                if limited is not None:
+                    limited += self._held(hive, w)
+                if (available if limited is None else min(available, limited)) >= need:
+                    return _Evict(hive.hive_id, idle[0], need, free)
+        if not possible:
+            best = max(views, key=lambda h: self._capacity(h) or 0)
+            raise errors.NoWorkerAvailable(
+                f"{op.model} needs {_mib(self._need(best, op.model) or 0)} for a worker, more than any hive"
+                f" that has it can give (hive {best.hive_id}: at most {_mib(self._capacity(best) or 0)})",
+                model=op.model,
+            )
+        for hive, need, free in possible:
+            busy = [w for w in hive.workers.values() if not self._idle(w) and w.report.state != "stopping"]
+            spawns = any(h == hive.hive_id and not t.done() for t, (h, _) in self._reserved.items())
+            if busy or spawns or any(self._idle(w) for w in hive.workers.values()):
+                if patient:
+                    self._drain(hive, busy, job_id)
+                return _Wait(hive.hive_id, need, free, sorted(w.worker_id for w in busy))
+        hive, need, free = possible[0]
+        raise errors.NoWorkerAvailable(
+            f"{op.model} needs {_mib(need)} on hive {hive.hive_id}, which has {_mib(max(0, free))} free"
+            " and no worker to stop or wait for",
+            model=op.model,
+        )
+
+    def _drain(self, hive: HiveView, busy: list[WorkerView], job_id: str) -> None:
+        """After the group bound: the least recently used busy worker takes no new jobs, so it can be stopped."""
+        if any(self._draining.get(w.worker_id) == job_id for w in busy):
+            return
+        candidates = [w for w in busy if w.worker_id not in self._draining]
+        if not candidates:
+            return
+        pick = min(candidates, key=self._last_used)
+        self._draining[pick.worker_id] = job_id
+        narrate(
+            "infer_drain",
+            f"Worker {pick.worker_id} ({pick.report.model}) on hive {hive.hive_id} takes no new jobs,"
+            " so it can be stopped once its running jobs end",
+            worker_id=pick.worker_id,
+            hive_id=hive.hive_id,
+        )
+
+    async def _evict(self, evict: _Evict, model: str) -> None:
+        """Stop an idle worker to make room for ``model``; then wait for the hive's next heartbeat."""
+        worker = evict.worker
+        worker_id = worker.worker_id
+        idle_s = max(0.0, time.time() - self._last_used(worker))
+        narrate(
+            "infer_evict",
+            f"Stopping idle worker {worker_id} ({worker.report.model}, idle for {idle_s:.0f} s) on hive"
+            f" {evict.hive_id}: {model} needs {_mib(evict.need)} and {_mib(max(0, evict.free))} is free",
+            worker_id=worker_id,
+            hive_id=evict.hive_id,
+            evicted_model=worker.report.model,
+            need_bytes=evict.need,
+            free_bytes=evict.free,
+        )
+        self._evicting.add(worker_id)
+        hive = self.telemetry.hive(evict.hive_id)
+        before = hive.heartbeats
+        try:
+            client = JobClient(hive.url, token=self.token, client=self.http)
+            op = WorkerStop(hive_id=evict.hive_id, worker_id=worker_id)
+            async with asyncio.timeout(self.spawn_timeout_s):
+                end = await relay_job(client, op, where=f"hive {evict.hive_id}", results=False)
+            if (end.get("error") or {}).get("kind") not in (None, "worker_not_found"):
+                raise_for_end(end, f"hive {evict.hive_id}")
+        except (errors.RbeeError, TimeoutError) as exc:
+            # Gone already (its keep-alive ran out), or its hive did not answer: look again.
+            narrate("infer_evict_failed", f"Could not stop worker {worker_id}: {exc}", level="warn")
+        except Exception as exc:  # e.g. the hive refused the stop: it is gone already
+            narrate("infer_evict_failed", f"Could not stop worker {worker_id}: {exc}", level="warn")
+        finally:
+            self._evicting.discard(worker_id)
+            self._draining.pop(worker_id, None)
+        self.telemetry.drop_worker(evict.hive_id, worker_id)
+        deadline = time.monotonic() + EVICT_SETTLE_S
+        while time.monotonic() < deadline:
+            current = self.telemetry.hives()
+            if not any(h.hive_id == evict.hive_id and h.heartbeats > before for h in current):
+                await self.telemetry.changed(deadline - time.monotonic())
+                continue
+            break
+
     # -- spawning --------------------------------------------------------
 
     async def _ensure_spawn(self, model: str, hive_id: str, device: str) -> WorkerReport:
@@ -358,7 +615,17 @@ class Scheduler:
                 self._spawn(model, hive_id, device), name=f"spawn:{model}@{hive_id}"
             )
             self._spawns[model] = task
-            task.add_done_callback(lambda t: self._spawns.pop(model, None) if self._spawns.get(model) is t else None)
+            need = self._need(self.telemetry.hive(hive_id), model)
+            if need is not None:
+                self._reserved[task] = (hive_id, need)
+
+            def spawned(t: asyncio.Task[WorkerReport]) -> None:
+                self._reserved.pop(t, None)
+                if self._spawns.get(model) is t:
+                    self._spawns.pop(model, None)
+                self.telemetry.notify()
+
+            task.add_done_callback(spawned)
         else:
             narrate("infer_spawn_wait", f"Waiting for the worker being started for {model}")
         return await asyncio.shield(task)
@@ -367,6 +634,7 @@ class Scheduler:
         hive = self.telemetry.hive(hive_id)
         client = JobClient(hive.url, token=self.token, client=self.http)
         op = WorkerSpawn(hive_id=hive_id, model=model, device=device)
+        started = time.monotonic()
         async with asyncio.timeout(self.spawn_timeout_s):
             end = await relay_job(client, op, where=f"hive {hive_id}", results=False)
         raise_for_end(end, f"hive {hive_id}")
@@ -374,7 +642,13 @@ class Scheduler:
         report = WorkerReport.model_validate(worker)
         token = end.get("worker_token")
         self.telemetry.put_worker(hive_id, report, token if isinstance(token, str) else None)
-        narrate("infer_spawned", f"Worker {report.worker_id} is ready at {report.url}", worker_id=report.worker_id)
+        load_s = time.monotonic() - started
+        narrate(
+            "infer_spawned",
+            f"Worker {report.worker_id} is ready at {report.url}; loading {model} took {load_s:.1f} s",
+            worker_id=report.worker_id,
+            load_ms=round(load_s * 1000, 1),
+        )
         return report
 
     # -- running ---------------------------------------------------------

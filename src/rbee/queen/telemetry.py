@@ -3,7 +3,9 @@
 A hive not heard from for three heartbeat intervals is ``stale`` and its
 workers are not scheduled; after :attr:`Telemetry.forget_after_s` it is
 forgotten. A queen restart loses nothing: the next heartbeat re-registers the
-hive with its workers.
+hive with its workers. A hive that says ``goodbye`` (its last heartbeat, as it
+stops) is ``offline`` at once: nothing is scheduled on it, and it is forgotten
+like a silent one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee.contracts.cluster import Heartbeat, ModelReport, WorkerReport
+from rbee.contracts.cluster import Heartbeat, HostMemory, ModelReport, WorkerReport
 from rbee.errors import HiveNotFound, HiveOffline
 
 __all__ = ["Telemetry", "HiveView", "WorkerView", "Heartbeat", "WorkerReport", "ModelReport"]
@@ -48,12 +50,18 @@ class HiveView:
     last_seen_wall: float
     heartbeats: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    memory: HostMemory | None = None
+    #: The hive said goodbye (it stopped).
+    gone: bool = False
 
     def age_s(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.last_seen
 
     def has_model(self, model: str) -> bool:
         return any(model in (m.id, m.alias) for m in self.models)
+
+    def model(self, model: str) -> ModelReport | None:
+        return next((m for m in self.models if model in (m.id, m.alias)), None)
 
 
 class Telemetry:
@@ -82,10 +90,15 @@ class Telemetry:
             last_seen=now,
             last_seen_wall=time.time(),
             heartbeats=(old.heartbeats + 1) if old else 1,
+            memory=beat.memory,
+            gone=beat.goodbye,
         )
+        if beat.goodbye:
+            view.workers = {}
         self._hives[beat.hive_id] = view
         self.notify()
-        return view, old is None or old.age_s(now) > self.stale_after_s
+        came_back = old is None or old.gone or old.age_s(now) > self.stale_after_s
+        return view, came_back and not beat.goodbye
 
     def notify(self) -> None:
         """Wake everyone waiting for the cluster to change."""
@@ -99,10 +112,18 @@ class Telemetry:
             pass
 
     def state_of(self, hive: HiveView, now: float | None = None) -> str:
+        if hive.gone:
+            return "offline"
         return "online" if hive.age_s(now) <= self.stale_after_s else "stale"
 
     def offline(self, hive: HiveView) -> HiveOffline:
         """The error for an operation that names a hive whose heartbeats stopped."""
+        if hive.gone:
+            return HiveOffline(
+                f"hive_id: hive {hive.hive_id!r} stopped {hive.age_s():.0f} s ago; it is offline"
+                " (`rbee hive list` shows the hives)",
+                hive_id=hive.hive_id,
+            )
         return HiveOffline(
             f"hive_id: hive {hive.hive_id!r} has not sent a heartbeat for {hive.age_s():.0f} s;"
             " it is offline (`rbee hive list` shows the hives)",
@@ -121,7 +142,7 @@ class Telemetry:
 
     def fresh_hives(self) -> list[HiveView]:
         now = time.monotonic()
-        return [h for h in self._hives.values() if h.age_s(now) <= self.stale_after_s]
+        return [h for h in self._hives.values() if not h.gone and h.age_s(now) <= self.stale_after_s]
 
     def workers(self, *, fresh_only: bool = True) -> list[WorkerView]:
         hives = self.fresh_hives() if fresh_only else self.hives()
@@ -163,6 +184,7 @@ class Telemetry:
                     "devices": h.devices,
                     "models": [m.model_dump(exclude_none=True) for m in h.models],
                     "workers": [w.report.worker_id for w in h.workers.values()],
+                    "memory": h.memory.model_dump() if h.memory is not None else None,
                 }
             )
         workers = [

@@ -56,6 +56,8 @@ class WorkerSettings:
     queue: int = 16
     job_ttl_s: float = 600.0
     ping_interval_s: float = PING_INTERVAL_S
+    #: How long the worker stays once idle when its last job did not say (``keep_alive``); -1: for ever.
+    keep_alive_s: float = 300.0
     #: A worker whose model cannot load is useless: the process exits so its
     #: hive notices. In-process tests keep it running to inspect the state.
     exit_on_load_failure: bool = False
@@ -78,6 +80,11 @@ class Worker:
         self.error: str | None = None
         self.busy = 0
         self.started_at = time.time()
+        # Keep-alive: the worker says when it became idle and how long it wants to be kept
+        # (its last job's keep_alive, else the default); its hive stops it when that has passed.
+        self.keep_alive_s = settings.keep_alive_s
+        self.idle_since: float | None = None
+        self._active = 0
         # Loading and closing the model block: they run on this thread, never
         # on the event loop. Generation runs on the engine's own thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbee-load")
@@ -113,7 +120,17 @@ class Worker:
             "pid": os.getpid(),
             "device": self.settings.device,
             "error": self.error,
+            "keep_alive_s": self.keep_alive_s,
+            "idle_since": self.idle_since,
+            "unloads_at": self.unloads_at,
         }
+
+    @property
+    def unloads_at(self) -> float | None:
+        """When the hive should stop this worker if it stays idle (None: busy, loading, or kept for ever)."""
+        if self.idle_since is None or self.keep_alive_s < 0:
+            return None
+        return self.idle_since + self.keep_alive_s
 
     # -- model -----------------------------------------------------------
 
@@ -139,6 +156,8 @@ class Worker:
                 os._exit(1)
             return
         self.loaded = True
+        if self._active == 0:
+            self.idle_since = time.time()
         load_ms = round((time.perf_counter() - started) * 1000.0, 1)
         narrate(
             "model_loaded",
@@ -226,6 +245,8 @@ class Worker:
         )
         outcome = GenerationOutcome(tokens_in=self.count_input(op))
         gen_ms = 0.0
+        self._active += 1
+        self.idle_since = None
         try:
             if self._slots.locked():
                 ahead = max(0, self.waiting - 1)
@@ -280,6 +301,10 @@ class Worker:
             )
         finally:
             set_end_fields(**_numbers(outcome, gen_ms))
+            self._active -= 1
+            self.keep_alive_s = self.settings.keep_alive_s if op.keep_alive is None else op.keep_alive
+            if self._active == 0:
+                self.idle_since = time.time()
 
 
 def _messages(op: Infer) -> list[dict[str, str]]:

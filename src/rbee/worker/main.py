@@ -116,6 +116,15 @@ def _listen(host: str, port: int, fd: int | None) -> socket.socket:
     help="Jobs that may wait for a slot; more are refused with 429.",
 )
 @click.option(
+    "--keep-alive",
+    "keep_alive_s",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(-1),
+    metavar="SECONDS",
+    help="How long to stay loaded once idle when the last job did not say (-1: for ever; 0: stop after it).",
+)
+@click.option(
     "--engine",
     "engine_kind",
     type=click.Choice(["llama", "fake"]),
@@ -163,12 +172,15 @@ def main(
     batch_invariant: bool,
     repack: str,
     queue_size: int,
+    keep_alive_s: float,
     engine_kind: str,
     fake_tokens: int,
     fake_delay_ms: float,
     fake_fail_after: int | None,
 ) -> None:
     """Run a worker: load one model and generate tokens for ``infer`` jobs."""
+    if keep_alive_s < 0 and keep_alive_s != -1:
+        raise click.BadParameter("must be -1 (for ever), 0 or a number of seconds", param_hint="--keep-alive")
     from rbee.worker.engine import Engine, FakeEngine, LlamaEngine
 
     engine: Engine
@@ -211,6 +223,7 @@ def main(
         token=token,
         slots=slots,
         queue=queue_size,
+        keep_alive_s=keep_alive_s,
         exit_on_load_failure=True,
     )
     sock = _listen(host, port, fd)
