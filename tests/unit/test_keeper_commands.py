@@ -99,8 +99,38 @@ def test_a_usage_error_is_one_line_that_says_where_to_look_and_exits_2(
 
 
 def test_an_unreachable_queen_says_which_url_and_what_to_do(tmp_path: Path) -> None:
-    result = rbee("--queen-url", "http://127.0.0.1:1", "model", "list", tmp=tmp_path)
+    result = rbee("model", "list", env={"RBEE_QUEEN_URL": "http://127.0.0.1:1"}, tmp=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "rbee: cannot reach the queen at http://127.0.0.1:1: connection refused (start it with `rbee queen start`)"
     ]
+
+
+@pytest.mark.parametrize("args", [(), ("jobs",), ("model",)])
+def test_a_bare_command_prints_its_help_and_exits_0(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = rbee(*args, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: {' '.join(('rbee', *args))} ")
+    assert "Commands:" in result.stdout and len(result.stdout.splitlines()) > 5
+    assert result.stderr == ""
+
+
+def test_every_command_that_talks_to_the_queen_takes_token_queen_url_and_verbose_after_its_name() -> None:
+    for path in commands(cli):
+        command: click.Command = cli
+        for name in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[name]
+        if isinstance(command, click.Group) or not any(p.name == "json_flag" for p in command.params):
+            continue
+        opts = {opt for p in command.params for opt in p.opts}
+        assert {"--token", "--queen-url", "-v", "--verbose"} <= opts, path
+
+
+def test_hive_start_takes_token_after_the_command(tmp_path: Path) -> None:
+    # Without a token a public bind is refused, naming --token; with it, the refusal is about the token's length.
+    refused = rbee("hive", "start", "--host", "0.0.0.0", tmp=tmp_path)
+    assert refused.returncode == 2 and "--token" in refused.stderr
+    short = rbee("hive", "start", "--host", "0.0.0.0", "--token", "short", tmp=tmp_path)
+    assert short.returncode == 2, short.stderr
+    assert "No such option" not in short.stderr and "16 characters" in short.stderr

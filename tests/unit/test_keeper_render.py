@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from rbee.keeper.cli import cli
 from rbee.keeper.client import Event
-from rbee.keeper.errors import JobEnded, RequestRefused, end_line, one_line
+from rbee.keeper.errors import JobEnded, RequestRefused, end_line, one_line, plain_reason, problems_line
 from rbee.keeper.render import Renderer, format_narration, format_progress, format_summary
 from rbee.keeper.tables import print_result
 
@@ -45,16 +45,121 @@ def _colour_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_COLOR", raising=False)
 
 
-def test_tokens_go_to_stdout_and_narration_to_stderr() -> None:
+def test_tokens_go_to_stdout_and_off_a_terminal_only_the_summary_to_stderr() -> None:
     out, err = io.StringIO(), io.StringIO()
     r = Renderer(out=out, err=err)
+    r.live = True
     for event in (narration("Loading the model"), token(0, "Hello"), token(1, ", world"), end()):
         r.event(event)
     r.finish(summary=True)
     assert out.getvalue() == "Hello, world"  # redirected output is exactly the generated text
-    assert err.getvalue() == "[queen] Loading the model\n"  # no summary off a terminal
+    assert err.getvalue() == "2 tokens, total 1.23 s\n"  # no narration, no status line: the summary
     assert r.tokens == 2
     assert r.end is not None and r.end["status"] == "completed"
+
+
+def test_verbose_shows_the_narration_on_stderr() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    r = Renderer(verbose=True, out=out, err=err)
+    r.live = True
+    for event in (narration("Loading the model"), token(0, "Hello"), end()):
+        r.event(event)
+    r.finish(summary=True)
+    assert out.getvalue() == "Hello"
+    assert err.getvalue().splitlines() == ["[queen] Loading the model", "1 token, total 1.23 s"]
+
+
+def test_list_commands_show_no_narration_unless_verbose() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    r = Renderer(out=out, err=err)
+    for event in (narration("Running worker_list"), narration("worker_list failed: x", level="error"), end()):
+        r.event(event)
+    r.finish()
+    assert err.getvalue() == ""  # the error is said once, by the command's own `rbee:` line
+
+
+def test_infer_on_a_terminal_keeps_one_status_line_that_the_summary_replaces() -> None:
+    def status(action: str, **fields: object) -> Event:
+        data = {"actor": "queen", "action": action, "human": "...", "level": "info", **fields}
+        return Event(1, "narration", json.dumps(data))
+
+    queue = Event(2, "progress", json.dumps({"action": "queue", "done": 2, "total": 3, "unit": "position"}))
+    out, err = io.StringIO(), Terminal()  # the text to a file, the status to the terminal
+    r = Renderer(out=out, err=err)
+    r.live = True
+    r.event(queue)
+    assert err.getvalue().endswith("queued: position 2 of 3 ...\x1b[0m")
+    r.event(status("infer_spawn", hive_id="beta"))
+    assert "loading the model on hive beta ..." in err.getvalue()
+    r._progress_at = 0.0  # the line is redrawn at most ten times a second
+    r.event(token(0, "Hi"))
+    assert "generating: 1 token ..." in err.getvalue()
+    r.event(end(tokens_out=1))
+    r.finish(summary=True)
+    screen = err.getvalue()
+    assert "\n" not in screen[:-1]  # one line, redrawn in place, then the summary ends it
+    assert screen.endswith("\r\x1b[2K\x1b[2m1 token, total 1.23 s\x1b[0m\n")
+    assert out.getvalue() == "Hi"
+
+
+def test_on_one_terminal_the_status_line_never_lands_in_the_text() -> None:
+    screen = Terminal()
+    r = Renderer(out=screen, err=screen)
+    r.live = True
+    r.event(narration("x"))
+    r.event(Event(2, "progress", json.dumps({"action": "queue", "done": 1, "total": 1, "unit": "position"})))
+    r.event(token(0, "Hello"))
+    r.event(narration("First token", actor="worker"))
+    r.event(token(1, " world"))
+    r.event(end(tokens_out=2))
+    r.finish(summary=True)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", screen.getvalue())
+    assert plain.endswith("\r\x1b[2KHello world\n2 tokens, total 1.23 s\n")
+
+
+def test_with_2_and_1_to_one_file_the_text_ends_its_line_before_stderr_says_anything() -> None:
+    both = io.StringIO()
+    r = Renderer(out=both, err=both, shared=True)
+    r.live = True
+    for event in (narration("Loading"), token(0, "to offer."), end(tokens_out=1)):
+        r.event(event)
+    r.finish(summary=True)
+    assert both.getvalue() == "to offer.\n1 token, total 1.23 s\n"
+    verbose = io.StringIO()
+    r = Renderer(verbose=True, out=verbose, err=verbose, shared=True)
+    for event in (token(0, "to offer."), narration("Generated 1 token", level="warn", actor="worker"), end()):
+        r.event(event)
+    r.finish()
+    assert verbose.getvalue() == "to offer.\n[worker] warning: Generated 1 token\n"
+
+
+def test_queen_check_steps_are_its_output_without_bookkeeping_or_warning_labels() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    r = Renderer(out=out, err=err)
+    r.steps = True
+    for action, human, level in (("job_start", "Running queen_check", "info"), ("check", "Step one", "info"),
+                                 ("check_levels", "A warning-level narration (expected)", "warn"),
+                                 ("job_done", "queen_check completed", "info")):  # fmt: skip
+        data = {"actor": "queen", "action": action, "human": human, "level": level}
+        r.event(Event(1, "narration", json.dumps(data)))
+    assert out.getvalue() == "  Step one\n  A warning-level narration (expected)\n"
+    assert err.getvalue() == ""
+
+
+def test_after_ctrl_c_nothing_of_the_job_is_shown() -> None:
+    out, err = io.StringIO(), Terminal()
+    r = Renderer(out=out, err=err)
+    r.live = True
+    r.event(token(0, "a"))
+    r.cancelling = True
+    r.close()
+    for event in (token(1, "b"), narration("First token after 124 ms"), end("cancelled")):
+        r.event(event)
+    r.finish(summary=True)
+    assert out.getvalue() == "a"
+    shown = err.getvalue()
+    assert "First token" not in shown and "total" not in shown  # no narration, no summary
+    assert shown.endswith("\r\x1b[2K")  # the status line is gone
 
 
 def test_quiet_hides_narration_but_not_tokens() -> None:
@@ -82,7 +187,7 @@ def test_json_mode_prints_every_event_as_one_parseable_line() -> None:
 
 def test_narration_is_dimmed_on_a_terminal_and_warnings_say_so() -> None:
     err = Terminal()
-    r = Renderer(out=io.StringIO(), err=err)
+    r = Renderer(verbose=True, out=io.StringIO(), err=err)
     r.event(narration("quiet step"))
     r.event(narration("look here", level="warn"))
     lines = err.getvalue().splitlines()
@@ -93,7 +198,7 @@ def test_narration_is_dimmed_on_a_terminal_and_warnings_say_so() -> None:
 def test_no_color_turns_colour_off_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
     err = Terminal()
-    r = Renderer(out=io.StringIO(), err=err)
+    r = Renderer(verbose=True, out=io.StringIO(), err=err)
     r.event(narration("step"))
     assert err.getvalue() == "[queen] step\n"
 
@@ -145,7 +250,7 @@ def test_progress_is_one_updating_line_on_a_terminal_and_nothing_otherwise() -> 
     Renderer(out=io.StringIO(), err=pipe).event(Event(1, "progress", json.dumps(data)))
     assert pipe.getvalue() == ""
     tty = Terminal()
-    r = Renderer(out=io.StringIO(), err=tty)
+    r = Renderer(verbose=True, out=io.StringIO(), err=tty)
     r.event(Event(1, "progress", json.dumps(data)))
     r.event(narration("Scheduled"))
     text = tty.getvalue()
@@ -162,7 +267,7 @@ def test_a_download_gets_a_bar_with_size_and_rate_and_lines_print_above_it(monke
     Renderer(out=io.StringIO(), err=pipe).event(Event(1, "progress", json.dumps(data)))
     assert pipe.getvalue() == ""  # not a terminal: no bar
     tty = Terminal()
-    r = Renderer(out=io.StringIO(), err=tty)
+    r = Renderer(verbose=True, out=io.StringIO(), err=tty)
     r.event(Event(1, "progress", json.dumps(data)))
     r.event(narration("Resuming"))
     r.event(Event(3, "progress", json.dumps({**data, "done": 10 << 20})))
@@ -185,16 +290,20 @@ def test_a_download_gets_a_bar_with_size_and_rate_and_lines_print_above_it(monke
 
 def test_end_line_reads_status_kind_and_message() -> None:
     data = {"status": "failed", "error": {"kind": "generation_error", "message": "the model\nbroke"}}
-    assert end_line(data) == "failed: generation_error: the model\nbroke"
-    assert JobEnded(data).message == "failed: generation_error: the model broke"
-    cancelled = {"status": "cancelled", "error": {"kind": "cancelled", "message": "cancelled: by request"}}
-    assert end_line(cancelled) == "cancelled: cancelled: by request"
+    assert end_line(data) == "failed: the model\nbroke"
+    assert JobEnded(data).message == "failed: the model broke"
+    cancelled = {"status": "cancelled", "error": {"kind": "cancelled", "message": "cancelled: cancelled by request"}}
+    assert end_line(cancelled) == "cancelled"
+    gone = {"status": "cancelled", "error": {"kind": "cancelled", "message": "client disconnected"}}
+    assert end_line(gone) == "cancelled: client disconnected"
+    late = {"status": "timed_out", "error": {"kind": "timed_out", "message": "the job ran past its 5 s deadline"}}
+    assert end_line(late) == "timed out: the job ran past its 5 s deadline (give it more time with --timeout SECONDS)"
 
 
 def test_errors_say_what_to_do_next_unless_they_already_do() -> None:
     lost = {"status": "failed", "error": {"kind": "worker_lost", "message": "worker w1 went away"}}
     hint = "(try again; `rbee status` shows the workers left)"
-    assert end_line(lost) == f"failed: worker_lost: worker w1 went away {hint}"
+    assert end_line(lost) == f"failed: worker w1 went away {hint}"
     refused = RequestRefused.of(404, "no hive 'x' is known to the queen (known: a)", kind="hive_not_found")
     assert refused.message.endswith("(list hives with `rbee hive list`; add one with `rbee hive start`)")
     busy = "model tiny is in use by worker(s) w on hive b; stop them first (rbee worker stop w --hive b)"
@@ -205,8 +314,28 @@ def test_errors_say_what_to_do_next_unless_they_already_do() -> None:
 def test_bad_input_exits_2_and_other_refusals_exit_1() -> None:
     assert RequestRefused.of(422, "temperature: too high", field="temperature").exit_code == 2
     assert RequestRefused.of(503, "no worker").exit_code == 1
-    assert RequestRefused.of(404, "no job").exit_code == 1
+    assert RequestRefused.of(404, "no job", kind="job_not_found").exit_code == 2  # an unknown job, model, hive
+    assert RequestRefused.of(400, "ambiguous", kind="ambiguous_job_id").exit_code == 2
+    assert RequestRefused.of(409, "hive offline", kind="hive_offline").exit_code == 1
+    assert RequestRefused.of(429, "queue full", kind="queue_full").exit_code == 1
     assert one_line("a\n\tb\x1b") == "a b"
+
+
+def test_validation_reasons_read_as_words_and_name_flags() -> None:
+    problems = [
+        {"field": "max_tokens", "reason": "Input should be greater than or equal to 1"},
+        {"field": "top_p", "reason": "Input should be less than or equal to 1"},
+        {"field": "stop.2", "reason": "String should have at least 1 character"},
+        {"field": "stop", "reason": "List should have at most 4 items after validation, not 5"},
+        {"field": "seed", "reason": "Input should be a valid integer, unable to parse string as an integer"},
+        {"field": "operation", "reason": "Field required"},
+    ]
+    assert problems_line(problems) == (
+        "--max-tokens must be at least 1; --top-p must be at most 1; --stop must not be empty; "
+        "--stop takes at most 4 values; --seed must be a whole number; operation is required"
+    )
+    assert plain_reason("Value error, the prompt is too long") == "the prompt is too long"
+    assert plain_reason("something else") == "something else"
 
 
 def test_format_summary_counts_tokens_seen_when_the_end_has_no_count() -> None:
@@ -314,7 +443,7 @@ def test_the_infer_path_imports_no_heavy_modules(tmp_path: os.PathLike[str]) -> 
 
 def test_on_a_shared_terminal_narration_waits_until_the_text_is_done() -> None:
     screen = Terminal()
-    r = Renderer(out=screen, err=screen)
+    r = Renderer(verbose=True, out=screen, err=screen)
     r.event(narration("Scheduling"))
     r.event(token(0, "Hello"))
     r.event(narration("First token after 50 ms", actor="worker"))
@@ -325,6 +454,7 @@ def test_on_a_shared_terminal_narration_waits_until_the_text_is_done() -> None:
     r.finish()
     lines = [line.replace("\x1b[2m", "").replace("\x1b[33m", "").replace("\x1b[0m", "") for line in
              screen.getvalue().splitlines()]  # fmt: skip
+    assert r.verbose
     assert lines == [
         "[queen] Scheduling",
         "Hello world",  # a warning interrupts the text: it ends the line first

@@ -58,8 +58,29 @@ def test_the_fields_are_shown_without_the_timeline_list() -> None:
     out = io.StringIO()
     print_job("job-1234", JOB, out=out, colour=False)
     fields = rows_of(out.getvalue(), "job-1234")
-    assert ["status", "completed"] in fields
+    assert ["state", "completed"] in fields
     assert not any(r[0] == "timeline" for r in fields)
+
+
+def test_the_prompt_and_the_output_follow_the_fields_and_units_match_their_labels() -> None:
+    job = {
+        **JOB,
+        "payload": {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "max_tokens": 64},
+        "text": " there was a queen.\nThe end.",
+        "ttft_ms": 122.4,
+        "duration_ms": 1500.0,
+        "created_at": 1_700_000_000.0,
+    }
+    out = io.StringIO()
+    print_job("job-1234", job, out=out, colour=False)
+    text = out.getvalue()
+    fields = rows_of(text, "job-1234")
+    assert ["TTFT", "122 ms"] in fields and ["duration", "1500 ms"] in fields
+    assert ["model", "tiny"] in fields and ["settings", "max_tokens=64"] in fields
+    assert not any(r[0] in ("payload", "text", "ttft ms") for r in fields)
+    lines = text.splitlines()
+    assert lines[lines.index("prompt") + 1] == "Once upon a time"
+    assert lines[lines.index("output") + 1 : lines.index("output") + 3] == [" there was a queen.", "The end."]
 
 
 def test_a_job_without_a_timeline_shows_only_its_fields() -> None:

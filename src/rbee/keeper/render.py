@@ -294,9 +294,9 @@ class Renderer:
             return
         if self.live:
             status = format_status(data, "narration")
-            if status is not None:
+            if status is not None and status != self.status:
                 self.status = status
-                self._draw_status()
+                self._draw_status(force=True)
 
     def _narration_line(self, data: dict[str, Any]) -> None:
         line = format_narration(data, colour=self.colour_err)
@@ -312,9 +312,9 @@ class Renderer:
             return
         if self._live_line():
             status = format_status(data, "progress")
-            if status is not None:
+            if status is not None and status != self.status:
                 self.status = status
-                self._draw_status()
+                self._draw_status(force=True)
             return
         if not self.err_tty:
             return

@@ -295,7 +295,8 @@ def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -
     settings = {k: v for k, v in payload.items() if k not in ("operation", "model", "prompt", "messages")}
     if settings:
         fields["settings"] = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in settings.items())
-    print_mapping(f"job {job_id}", {k: v for k, v in fields.items() if v is not None}, out=out, colour=colour)
+    shown = {("state" if k == "status" else k): v for k, v in fields.items() if v is not None}
+    print_mapping(job_id, shown, out=out, colour=colour)
     console = _console(out, colour)
     prompt = prompt_of(payload)
     for title, text in (("prompt", prompt), ("output", job.get("text"))):
