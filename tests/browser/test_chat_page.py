@@ -301,3 +301,20 @@ def test_cluster_page_shows_a_hives_memory(
 def _status(url: str) -> dict[str, Any]:
     result: dict[str, Any] = next(e.data for e in Ops(url).run({"operation": "status"}) if e.kind == "result")
     return result
+
+
+def test_chat_with_long_text_fits_a_phone(
+    fake_cluster: dict[str, Daemon], open_page: Callable[..., Any], shot: Callable[..., Path]
+) -> None:
+    url = fake_cluster["queen"].url
+    page = _open_chat(open_page, url, 3, PHONE)
+    page.fill("#chat-system", "s" * 300)
+    page.fill("#chat-input", "x" * 600 + " and " + "word " * 100)
+    page.press("#chat-input", "Enter")
+    answer = page.locator("#chat-log > li").nth(1)
+    expect(answer).to_have_attribute("data-status", "completed")
+    # An unbroken 600-character word wraps inside its turn: nothing sticks out sideways.
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+    box = page.locator("#chat-log > li").first.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
+    shot(page, "chat-phone")

@@ -193,7 +193,7 @@ def test_page_is_readable_at_laptop_and_phone_sizes(
 ) -> None:
     # Nothing sticks out sideways: no horizontal scrolling at either size.
     for viewport in (LAPTOP, PHONE):
-        for route in ("/", "/#/play"):
+        for route in ("/", "/#/play", "/#/chat"):
             page = open_page(fake_cluster["queen"].url + route, viewport)
             expect(page.locator("#conn")).to_have_attribute("data-state", "live")
             width = page.evaluate("() => document.documentElement.scrollWidth")

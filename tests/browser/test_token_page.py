@@ -84,6 +84,16 @@ def test_page_asks_for_the_token_once_and_keeps_it_for_the_tab(
     expect(page.locator("#play-output")).to_have_text("tok0 tok1 tok2 tok3 ")
     page.click("#play-status a")
     expect(page.locator("#job-timeline [data-step='End: completed']")).to_be_visible()
+    expect(page.locator("#job-waterfall [data-step='Generation']")).to_be_visible()
+    expect(page.locator("#job-input")).to_contain_text("secret prompt")
+
+    # The chat sends, streams and stops with the token too.
+    page.goto(guarded.url + "/#/chat")
+    page.fill("#play-max", "3")
+    page.fill("#chat-input", "hello with a token")
+    page.press("#chat-input", "Enter")
+    expect(page.locator("#chat-log > li[data-role='assistant']")).to_have_attribute("data-status", "completed")
+    expect(page.locator("#chat-log > li[data-role='assistant'] .turn-text")).to_have_text("tok0 tok1 tok2 ")
 
     # A new tab (its own session storage) asks again.
     other = open_page(guarded.url + "/", PHONE)
