@@ -39,6 +39,7 @@ __all__ = [
     "local_hives",
     "default_hive_id",
     "pick_hive_id",
+    "LOCAL_HIVE_ID",
     "HIVE_PORT",
 ]
 
@@ -99,8 +100,14 @@ def local_hives(home: Path | None = None) -> list[str]:
     return found
 
 
+#: The name of the hive that runs inside the queen on its machine (``queen-rbee --local-hive``),
+#: and the default ``--hive`` of every command.
+LOCAL_HIVE_ID = "localhost"
+
+
 def pick_hive_id(given: str | None, home: Path | None = None) -> str:
-    """The hive a stop or status is about: the one given, else the only one running here, else the default."""
+    """The hive a stop or status is about: the one given, else the only one started here, else ``localhost``
+    (the queen's own hive, as every ``--hive`` defaults to)."""
     if given:
         return check_hive_id(given)
     running = local_hives(home)
@@ -108,7 +115,7 @@ def pick_hive_id(given: str | None, home: Path | None = None) -> str:
         return running[0]
     if len(running) > 1:
         raise BadSetting(f"{len(running)} hives run here ({', '.join(running)}); say which with --hive-id")
-    return default_hive_id()
+    return LOCAL_HIVE_ID
 
 
 def _is_hive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -191,10 +192,14 @@ def hive_status(session: Session, hive_id: str | None) -> None:
     Example:
       rbee hive status --hive-id beta
     """
-    from rbee.keeper.hive_daemon import hive_info, pick_hive_id
+    from rbee.keeper.hive_daemon import LOCAL_HIVE_ID, hive_info, pick_hive_id
 
     name = pick_hive_id(hive_id)
     info = hive_info(name, token=session.token)
+    where = "running"
+    if info is None and name == LOCAL_HIVE_ID:
+        info = _hive_in_queen(session, name)
+        where = "running inside queen-rbee"
     if info is None:
         raise KeeperError(f"rbee-hive {name} is not running on this machine (start it with `rbee hive start`)")
     if session.json_mode:
@@ -202,13 +207,34 @@ def hive_status(session: Session, hive_id: str | None) -> None:
         return
     from rbee.keeper.tables import print_mapping
 
-    click.echo(f"rbee-hive {name} is running at {info.get('url')}")
+    click.echo(f"rbee-hive {name} is {where} at {info.get('url')}")
     shown = {k: v for k, v in info.items() if k not in ("component", "hive_id")}
     beats = info.get("heartbeats")
     if isinstance(beats, dict):
         state = "failing: see the log" if beats.get("failing") else "reaching the queen"
         shown["heartbeats"] = f"{beats.get('sent', 0)} sent, every {beats.get('interval_s', 0):g} s, {state}"
     print_mapping(None, shown, out=sys.stdout, colour=session.renderer.colour_out)
+
+
+def _hive_in_queen(session: Session, name: str) -> dict[str, Any] | None:
+    """The queen's own hive (``queen-rbee --local-hive``) as the queen on this machine reports it, if it runs."""
+    if not session.local:
+        return None
+    try:
+        info = session.client.info()
+        if not info.get("local_hive"):
+            return None
+        job_id = session.client.submit({"operation": "hive_list"})
+        hives: Any = []
+        for event in session.client.events(job_id, cancel_on_disconnect=True):
+            if event.kind == "result" and isinstance(event.data, dict):
+                hives = event.data.get("hives") or []
+    except KeeperError:
+        return None
+    for found in hives if isinstance(hives, list) else []:
+        if isinstance(found, dict) and found.get("hive_id") == name:
+            return {"queen": session.url, "queen_pid": info.get("pid"), **found}
+    return None
 
 
 # -- workers ---------------------------------------------------------------------
