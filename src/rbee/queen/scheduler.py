@@ -425,7 +425,9 @@ class Scheduler:
             heapq.heappush(free_at, start + typical)
         return round(start, 1)
 
-    def release(self, lease: Lease, model: str | None = None, completed: bool = False) -> None:
+    def release(
+        self, lease: Lease, model: str | None = None, completed: bool = False, keep_alive: float | None = None
+    ) -> None:
         self._leases.discard(lease)
         if completed and model is not None:
             self._durations.setdefault(model, deque(maxlen=DURATIONS_KEPT)).append(time.monotonic() - lease.started)
@@ -433,9 +435,21 @@ class Scheduler:
         if n <= 0:
             self.inflight.pop(lease.worker_id, None)
             self.idle_since[lease.worker_id] = time.monotonic()
+            self._idle_now(lease, keep_alive)
         else:
             self.inflight[lease.worker_id] = n
         self.telemetry.notify()
+
+    def _idle_now(self, lease: Lease, keep_alive: float | None) -> None:
+        """Show the worker idle with the job's keep-alive at once (its hive's next heartbeat says the same)."""
+        hive = next((h for h in self.telemetry.hives() if h.hive_id == lease.hive_id), None)
+        view = hive.workers.get(lease.worker_id) if hive is not None else None
+        if view is None:
+            return
+        keep = view.report.keep_alive_s if keep_alive is None else keep_alive
+        now = time.time()
+        unloads_at = None if keep is None or keep < 0 else now + keep
+        view.report = view.report.model_copy(update={"keep_alive_s": keep, "idle_since": now, "unloads_at": unloads_at})
 
     # -- memory ----------------------------------------------------------
 
@@ -713,7 +727,7 @@ class Scheduler:
                     continue
                 raise
             finally:
-                self.release(lease, op.model, completed)
+                self.release(lease, op.model, completed, op.keep_alive)
 
     async def _run_on(self, lease: Lease, op: Infer, trail: TokenTrail | None = None) -> None:
         job = current_job()
