@@ -85,16 +85,21 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_queen_check_prints_every_narration_step(home: Path, queen: str) -> None:
+def test_queen_check_prints_every_step_as_its_output(home: Path, queen: str) -> None:
     run = rbee(home, queen, "queen-check")
     assert run.returncode == 0, run.stderr
     assert "ok" in run.stdout  # the result table
+    assert run.stderr == ""  # no narration, and no misleading "warning:"
     job_id = json_lines(rbee(home, queen, "--json", "jobs", "list", "-n", "1").stdout)[0]["jobs"][0]["job_id"]
     logged = json_lines(rbee(home, queen, "--json", "jobs", "logs", job_id).stdout)
-    steps = [e["data"]["human"] for e in logged if e["event"] == "narration"]
+    bookkeeping = ("job_start", "route_job", "job_done")
+    steps = [e["data"]["human"] for e in logged if e["event"] == "narration" and e["data"]["action"] not in bookkeeping]
     assert len(steps) >= 5
-    shown = [line.split("] ", 1)[1].removeprefix("warning: ") for line in run.stderr.splitlines()]
+    shown = [line.strip() for line in run.stdout.splitlines() if line.startswith("  ")]
     assert shown == steps
+    assert "warning: " not in run.stdout
+    verbose = rbee(home, queen, "queen-check", "-v")
+    assert "[queen] Running queen_check" in verbose.stderr and "[queen] warning: " in verbose.stderr
 
 
 def test_json_prints_parseable_lines_ending_with_the_end_event(home: Path, queen: str) -> None:
@@ -119,28 +124,31 @@ def test_jobs_list_show_logs_and_cancel(home: Path, queen: str) -> None:
     events = json_lines(rbee(home, queen, "--json", "queen-check").stdout)
     job_id = events[-1]["data"]["job_id"]
 
+    short = job_id.removeprefix("job-")[:8]
+
     listed = rbee(home, queen, "jobs", "list")
-    assert listed.returncode == 0 and job_id in listed.stdout
-    shown = rbee(home, queen, "jobs", "show", job_id)
+    assert listed.returncode == 0 and short in listed.stdout and job_id not in listed.stdout
+    assert listed.stderr == ""
+    shown = rbee(home, queen, "jobs", "show", short)
     assert shown.returncode == 0 and "queen_check" in shown.stdout and "completed" in shown.stdout
-    assert json.loads(rbee(home, queen, "--json", "jobs", "show", job_id).stdout)["status"] == "completed"
+    assert json.loads(rbee(home, queen, "--json", "jobs", "show", f"job-{short}").stdout)["status"] == "completed"
 
     for follow in ([], ["--follow"]):
-        logs = rbee(home, queen, "jobs", "logs", *follow, job_id)
+        logs = rbee(home, queen, "jobs", "logs", *follow, short)
         assert logs.returncode == 0, logs.stderr
-        assert "Queen self-check passed" in logs.stderr
+        assert "Queen self-check passed" in logs.stdout  # the narration is what logs show
     replayed = json_lines(rbee(home, queen, "--json", "jobs", "logs", job_id).stdout)
     assert replayed == events
 
-    cancel = rbee(home, queen, "jobs", "cancel", job_id)
+    cancel = rbee(home, queen, "jobs", "cancel", short[:6])
     assert cancel.returncode == 0, cancel.stderr
-    assert cancel.stdout.strip() == f"{job_id} had already finished: completed"
+    assert cancel.stdout.strip() == f"job {short} had already finished: completed"
     assert json.loads(rbee(home, queen, "--json", "jobs", "cancel", job_id).stdout)["status"] == "completed"
 
 
 def test_an_unknown_job_is_one_line(home: Path, queen: str) -> None:
     run = rbee(home, queen, "jobs", "show", "job-nope")
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert run.stderr.splitlines() == ["rbee: no job 'job-nope' (list jobs with `rbee jobs list`)"]
 
 
@@ -161,8 +169,9 @@ def test_a_bad_flag_value_exits_2(home: Path, queen: str) -> None:
 def test_an_out_of_range_field_is_refused_by_the_queen_with_exit_2(home: Path, queen: str) -> None:
     run = rbee(home, queen, "infer", "--temperature", "5", "hi")
     assert run.returncode == 2
-    assert len(run.stderr.splitlines()) == 1
-    assert run.stderr.startswith("rbee: temperature:")
+    assert run.stderr == "rbee: --temperature must be at most 2\n"
+    run = rbee(home, queen, "infer", "--max-tokens", "0", "hi")
+    assert (run.returncode, run.stderr) == (2, "rbee: --max-tokens must be at least 1\n")
 
 
 def test_infer_without_hives_fails_at_submit_with_one_line(home: Path, queen: str) -> None:
@@ -174,5 +183,5 @@ def test_infer_without_hives_fails_at_submit_with_one_line(home: Path, queen: st
 
 def test_a_hive_operation_for_an_unknown_hive_is_one_line(home: Path, queen: str) -> None:
     run = rbee(home, queen, "worker", "list", "--hive", "nowhere")
-    assert run.returncode == 1
+    assert run.returncode == 2  # an unknown hive is bad input
     assert len(run.stderr.splitlines()) == 1 and "nowhere" in run.stderr

@@ -49,7 +49,7 @@ def test_a_detached_job_runs_on_and_is_followed_later_from_its_start(cluster: tu
     assert detached.returncode == 0, detached.stderr
     job_id = detached.stdout.strip()
     assert job_id.startswith("job-") and detached.stdout == f"{job_id}\n"
-    assert f"rbee jobs logs --follow {job_id}" in detached.stderr
+    assert f"rbee jobs logs --follow {job_id.removeprefix('job-')[:8]}" in detached.stderr
     shown = json.loads(rbee(url, env, "--json", "jobs", "show", job_id).stdout)
     assert shown["status"] in ("queued", "running"), shown  # it returned before the job ended
     assert time.monotonic() - started < 30
@@ -62,8 +62,10 @@ def test_a_detached_job_runs_on_and_is_followed_later_from_its_start(cluster: tu
     assert events[-1]["event"] == "end" and events[-1]["data"]["status"] == "completed"
 
     again = rbee(url, env, "jobs", "logs", job_id)  # finished: the same replay, as text
-    assert again.returncode == 0 and again.stdout == "".join(f"tok{i} " for i in range(20))
-    assert "[queen] infer completed" in again.stderr
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert "".join(f"tok{i} " for i in range(20)) in lines  # the text in one piece, on lines of its own
+    assert "[queen] infer completed" in lines and again.stderr == ""
 
 
 def test_a_detached_job_can_be_watched_while_it_runs_and_cancelled(cluster: tuple[str, dict[str, str]]) -> None:
@@ -76,4 +78,4 @@ def test_a_detached_job_can_be_watched_while_it_runs_and_cancelled(cluster: tupl
     cancelled = rbee(url, env, "jobs", "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
     logs = rbee(url, env, "jobs", "logs", job_id, "--follow")
-    assert logs.returncode == 1 and logs.stderr.splitlines()[-1].startswith("rbee: cancelled:")
+    assert logs.returncode == 1 and logs.stderr.splitlines()[-1] == "rbee: cancelled"

@@ -103,7 +103,15 @@ def test_start_reports_a_queen_that_exits_before_it_is_ready(cluster: tuple[Path
 )
 def test_a_command_starts_the_queen_when_it_is_not_running(cluster: tuple[Path, str, dict[str, str]]) -> None:
     home, url, env = cluster
+    # The configured URL (the environment here): a queen is started there, never at a --queen-url elsewhere.
     env = {k: v for k, v in env.items() if k != "RBEE_NO_AUTOSTART"}
+    other = subprocess.run(
+        [str(BIN / "rbee"), "--queen-url", f"http://127.0.0.1:{free_port()}", "status"],
+        capture_output=True, text=True, env={**env, "RBEE_QUEEN_URL": url}, timeout=30,
+    )  # fmt: skip
+    assert other.returncode == 1 and len(other.stderr.splitlines()) == 1 and "check --queen-url" in other.stderr
+    assert not (home / "queen.pid").exists()
+    env = {**env, "RBEE_QUEEN_URL": url}
     try:
         run = rbee(url, env, "queen-check")
         assert run.returncode == 0, run.stderr

@@ -232,6 +232,7 @@ class Renderer:
         self._progress_shown = False  # a progress or status line is drawn on stderr
         self._progress_at = 0.0
         self._held: list[str] = []  # narration kept back while text streams to the same terminal
+        self._held_out: list[str] = []  # the same, for narration shown on stdout (``rbee jobs logs``)
         self._bar: Any = None  # a rich download bar (rbee.keeper.progress.ByteBar) while one is shown
 
     # -- dispatch ----------------------------------------------------------
@@ -282,7 +283,11 @@ class Renderer:
         if self.quiet or self.cancelling or not isinstance(data, dict):
             return
         if self.logs:
-            self.out_line(format_narration(data, colour=self.colour_out))
+            line = format_narration(data, colour=self.colour_out)
+            if self._mid_line and self.end is None and data.get("level", "info") in ("info", "debug"):
+                self._held_out.append(line)  # the text stays in one piece; what was said meanwhile follows it
+            else:
+                self.out_line(line)
             return
         if self.verbose:
             self._narration_line(data)
@@ -428,6 +433,9 @@ class Renderer:
         held, self._held = self._held, []
         for line in held:
             self.err_line(line)
+        held, self._held_out = self._held_out, []
+        for line in held:
+            self.out_line(line)
         end = self.end
         if summary and end is not None and end.get("status") == "completed" and not self.quiet and not self.cancelling:
             summary_line = format_summary(end, self.tokens)
