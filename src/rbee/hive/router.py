@@ -31,10 +31,11 @@ from rbee.contracts.operations import (
     WorkerStop,
     WorkerStopAll,
 )
+from rbee.hive.capacity import DEFAULT_N_CTX
 from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import DeviceProbe
-from rbee.hive.supervisor import WORKER_COMMAND, Supervisor
+from rbee.hive.supervisor import WORKER_COMMAND, Supervisor, _int_arg
 from rbee.jobs.registry import emit_progress, emit_result, set_end_fields
 from rbee.narration import narrate
 
@@ -180,7 +181,9 @@ class HiveRouter:
     async def model_get(self, op: ModelGet) -> None:
         model = await self.catalog.resolve(op.model)
         narrate("model_get", f"Model {model.id}: {model.architecture}, {model.quantization}", model=model.id)
-        emit_result({"model": model.to_dict()})
+        # The model may be trained for more: a worker here runs each slot with this context.
+        worker_n_ctx = _int_arg(self.supervisor.extra_args, "--n-ctx", DEFAULT_N_CTX)
+        emit_result({"model": {**model.to_dict(), "worker_n_ctx": worker_n_ctx}})
 
     def _downloader(self) -> Downloader:
         if self.downloads is None:

@@ -23,6 +23,7 @@ import click
 
 from rbee import __version__
 from rbee.keeper import lifecycle
+from rbee.keeper.chat import chat as chat_command
 from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, one_line
 from rbee.keeper.machines import hive, model, queen, worker
 from rbee.keeper.options import (
@@ -113,11 +114,14 @@ def cli(
     help="Keep the model loaded this long once idle (5m, 1h; -1: for ever; 0: unload after).",
 )
 @click.option(
+    "--chat", "as_chat", is_flag=True, help="Send PROMPT as a user's message through the model's chat template."
+)
+@click.option(
     "-d", "--detach", is_flag=True, help="Print the job's id and return; the job runs on (see `rbee jobs logs`)."
 )
 @output_options
 @pass_session
-def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any) -> None:
+def infer(session: Session, /, prompt: str | None, detach: bool, as_chat: bool, **options: Any) -> None:
     """Generate text from PROMPT (read from stdin when omitted or "-").
 
     Tokens go to stdout as they arrive; on a terminal one status line on
@@ -135,6 +139,7 @@ def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any)
       rbee infer "List three colours:" --stop "\\n\\n"   # stop at an empty line
       rbee infer "List three colours:" --json           # one JSON event per line
       rbee infer --detach "Write a story" && rbee jobs logs --follow JOB_ID
+      rbee infer --chat "What is the capital of France?"   # one turn of a chat
     """
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
@@ -149,7 +154,10 @@ def infer(session: Session, /, prompt: str | None, detach: bool, **options: Any)
     options["stop"] = [unescape(s) for s in options["stop"]] or None
     given = {k: v for k, v in options.items() if v is not None}
     operation.update(given)
-    operation["prompt"] = prompt
+    if as_chat:  # one turn of a chat (`rbee chat` holds a conversation)
+        operation["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        operation["prompt"] = prompt
     # A refusal names the flag a field came from, or the config file's entry.
     flags = {k: f"{k} (from [sampling] in the config file)" for k in from_config if k not in given}
     if not detach:
@@ -471,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
 
 cli.add_command(lifecycle.ps)
 cli.add_command(lifecycle.stop)
+cli.add_command(chat_command)
 
 
 if __name__ == "__main__":

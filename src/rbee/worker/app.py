@@ -256,13 +256,16 @@ class Worker:
                 self.busy += 1
                 started = time.perf_counter()
                 try:
+                    chat = {"chat_template": self.engine.chat_template} if op.messages is not None else {}
                     narrate(
                         "infer_start",
                         f"Generating up to {op.max_tokens} tokens with {self.model_id}"
-                        f" from a {outcome.tokens_in}-token prompt",
+                        f" from a {outcome.tokens_in}-token "
+                        + (f"chat (template: {self.engine.chat_template})" if chat else "prompt"),
                         model=self.model_id,
                         tokens_in=outcome.tokens_in,
                         max_tokens=op.max_tokens,
+                        **chat,
                     )
                     if op.resume_tokens:
                         narrate(
