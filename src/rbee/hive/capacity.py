@@ -30,6 +30,7 @@ __all__ = [
     "kv_bytes_per_token",
     "model_kv_bytes_per_token",
     "plan_slots",
+    "slots_that_fit",
     "worker_bytes",
 ]
 
@@ -91,8 +92,7 @@ def plan_slots(
         return SlotPlan(1, n_ctx, None, "one slot: the model's header does not give its KV size")
     per_slot = per_token * n_ctx
     free = psutil.virtual_memory().available if available is None else available
-    budget = free // 2 - info.size_bytes
-    fit = int(budget // per_slot) if budget > 0 else 0
+    fit = slots_that_fit(info.size_bytes, per_slot, free)
     slots = max(1, min(MAX_SLOTS, fit))
     mib = per_slot / 2**20
     return SlotPlan(
@@ -102,6 +102,12 @@ def plan_slots(
         f"{slots} slot(s) of {n_ctx} tokens ({mib:.0f} MiB of KV each; {fit} fit in half of the"
         f" {free / 2**30:.1f} GiB free beside the {info.size_bytes / 2**20:.0f} MiB model)",
     )
+
+
+def slots_that_fit(size_bytes: int, kv_bytes_per_slot: int, free: int) -> int:
+    """How many slots of ``kv_bytes_per_slot`` fit in half of ``free`` beside a model of ``size_bytes``."""
+    budget = free // 2 - size_bytes
+    return int(budget // kv_bytes_per_slot) if budget > 0 and kv_bytes_per_slot > 0 else 0
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,7 +54,15 @@ import psutil
 
 from rbee.contracts.cluster import WorkerReport
 from rbee.errors import WorkerFailed, WorkerNotFound
-from rbee.hive.capacity import DEFAULT_N_CTX, SlotPlan, model_kv_bytes_per_token, plan_slots, worker_bytes
+from rbee.hive.capacity import (
+    DEFAULT_N_CTX,
+    MAX_SLOTS,
+    SlotPlan,
+    model_kv_bytes_per_token,
+    plan_slots,
+    slots_that_fit,
+    worker_bytes,
+)
 from rbee.hive.catalog import ModelEntry
 from rbee.jobs.registry import emit_progress
 from rbee.narration import current_job, narrate
@@ -347,13 +355,23 @@ class Supervisor:
         )
 
     def worker_bytes(self, model: ModelEntry, plan: SlotPlan | None = None) -> int:
-        """What a worker of ``model`` needs here: the file, the KV cache of its slots, the process."""
-        plan = plan or self.plan(model)
-        per_slot = plan.kv_bytes_per_slot
-        if per_slot is None:
-            per_token = model_kv_bytes_per_token(model.path)
-            per_slot = per_token * plan.n_ctx if per_token is not None else None
-        return worker_bytes(model.size_bytes, per_slot, plan.slots)
+        """What a worker of ``model`` needs here: the file, the KV cache of its slots, the process.
+
+        Without a ``plan`` the slots are planned as :meth:`plan` would, from the model's KV
+        size per token read once per file (this runs for every model in every heartbeat).
+        """
+        per_token = model_kv_bytes_per_token(model.path)
+        n_ctx = plan.n_ctx if plan is not None else _int_arg(self.extra_args, "--n-ctx", DEFAULT_N_CTX) or DEFAULT_N_CTX
+        per_slot = per_token * n_ctx if per_token is not None else None
+        if plan is not None:
+            slots = plan.slots
+        else:
+            slots = _int_arg(self.extra_args, "--slots") or 0
+            if not slots:
+                free = self.free_bytes() if self.memory_limit_bytes is not None else psutil.virtual_memory().available
+                fit = slots_that_fit(model.size_bytes, per_slot, free) if per_slot else 1
+                slots = max(1, min(MAX_SLOTS, fit))
+        return worker_bytes(model.size_bytes, per_slot, slots)
 
     # -- spawning -------------------------------------------------------------
 
