@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, LlamaEngine, SlotStart, generate
+from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, LlamaEngine, Piece, SlotStart, generate
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(240)]
 
@@ -71,10 +71,10 @@ class _Recorder:
 
     @property
     def text(self) -> str:
-        return "".join(i for _, i in self.items if isinstance(i, str))
+        return "".join(i.text for _, i in self.items if isinstance(i, Piece))
 
     def tokens(self) -> int:
-        return sum(1 for _, i in self.items if isinstance(i, str))
+        return sum(1 for _, i in self.items if isinstance(i, Piece))
 
 
 def _together(engine: LlamaEngine, requests: list[GenerationRequest]) -> list[tuple[_Recorder, GenerationOutcome]]:
