@@ -78,6 +78,13 @@ def run(cluster: Cluster, op: dict[str, Any]) -> list[Event]:
     return follow(cluster.url, submit(cluster.url, op), timeout_s=90)
 
 
+def busy_with(cluster: Cluster, model: str, max_tokens: int) -> str:
+    """Start a long job for ``model`` and return its id once its first token is out (its worker is busy)."""
+    job_id = submit(cluster.url, infer(model, max_tokens))
+    follow(cluster.url, job_id, until=lambda seen: any(e.kind == "token" for e in seen), timeout_s=60)
+    return job_id
+
+
 def actions(events: list[Event]) -> list[str]:
     return [n["action"] for n in kinds(events, "narration")]
 
@@ -111,23 +118,16 @@ def test_a_second_model_evicts_the_idle_first_one(cluster: Cluster) -> None:
 
 
 def test_a_busy_worker_is_never_evicted_the_job_waits_and_says_why(cluster: Cluster) -> None:
-    events: dict[str, list[Event]] = {}
-
-    def long_a() -> None:
-        events["a"] = run(cluster, infer("model-a", max_tokens=40))  # about 2 s of tokens
-
-    thread = threading.Thread(target=long_a)
-    thread.start()
-    try:
-        # Wait until model-a's worker is busy with it.
-        wait_for(lambda: any(v == "model-a" for v in loaded(cluster).values()), 30)
-        wait_for(lambda: any(w["busy_slots"] for w in cluster.workers("alpha")), 10)
-        b = run(cluster, infer("model-b"))
-    finally:
-        thread.join(90)
-    a_end, b_end = end_of(events["a"]), end_of(b)
+    a_id = busy_with(cluster, "model-a", 60)  # about 3 s of tokens
+    followed: dict[str, list[Event]] = {}
+    reader = threading.Thread(target=lambda: followed.__setitem__("a", follow(cluster.url, a_id, timeout_s=90)))
+    reader.start()  # live, so that its end's arrival time is when it ended
+    b = run(cluster, infer("model-b"))
+    reader.join(90)
+    a_events = followed["a"]
+    a_end, b_end = end_of(a_events), end_of(b)
     # The busy one ran to its end, untouched.
-    assert a_end["status"] == "completed" and a_end["tokens_out"] == 40, a_end
+    assert a_end["status"] == "completed" and a_end["tokens_out"] == 60, a_end
     assert b_end["status"] == "completed", b_end
     b_actions = actions(b)
     assert "infer_wait_memory" in b_actions
@@ -138,7 +138,7 @@ def test_a_busy_worker_is_never_evicted_the_job_waits_and_says_why(cluster: Clus
     (evicted,) = [n["worker_id"] for n in kinds(b, "narration") if n["action"] == "infer_evict"]
     assert evicted == a_end["worker_id"]
     first_b_token = next(e.at for e in b if e.kind == "token")
-    a_ended = next(e.at for e in events["a"] if e.kind == "end")
+    a_ended = next(e.at for e in a_events if e.kind == "end")
     assert first_b_token >= a_ended
 
 
@@ -164,10 +164,9 @@ def test_queued_jobs_of_the_loaded_model_are_served_as_a_group_before_another_mo
     def go(name: str, op: dict[str, Any]) -> None:
         results[name] = run(cluster, op)
 
-    first = threading.Thread(target=go, args=("a1", infer("model-a", max_tokens=30)))
+    a1_id = busy_with(cluster, "model-a", 40)
+    first = threading.Thread(target=lambda: results.__setitem__("a1", follow(cluster.url, a1_id, timeout_s=90)))
     first.start()
-    wait_for(lambda: any(v == "model-a" for v in loaded(cluster).values()), 30)
-    wait_for(lambda: any(w["busy_slots"] for w in cluster.workers("alpha")), 10)
     b_id = submit(cluster.url, infer("model-b"))
     # model-b's job waits for memory before the next two model-a jobs arrive.
     follow(cluster.url, b_id, until=lambda seen: "infer_wait_memory" in actions(seen), timeout_s=30)
