@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cluster import wait_for
@@ -182,3 +183,12 @@ def test_queued_jobs_of_the_loaded_model_are_served_as_a_group_before_another_mo
     assert len({ends[n]["worker_id"] for n in ("a1", "a2", "a3")}) == 1
     b_first_token = next(e.at for e in results["b"] if e.kind == "token")
     assert all(b_first_token >= next(e.at for e in results[n] if e.kind == "end") for n in ("a1", "a2", "a3"))
+
+
+def test_the_hive_refuses_a_spawn_past_its_memory_limit(cluster: Cluster) -> None:
+    run(cluster, infer("model-a"))
+    refused = httpx.post(
+        cluster.url + "/v1/jobs", json={"operation": "worker_spawn", "hive_id": "alpha", "model": "model-b"}, timeout=10
+    )
+    assert refused.status_code == 409, refused.text
+    assert "--memory-limit" in refused.json()["error"]["message"]

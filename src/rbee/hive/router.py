@@ -72,7 +72,9 @@ class HiveRouter:
         if "hive_id" in op.model_fields_set and named != self.hive_id:
             # Addressed to another hive: running it here would act on the wrong machine.
             raise errors.HiveNotFound(f"this is hive {self.hive_id!r}, not {named!r}", hive_id=named)
-        if isinstance(op, WorkerSpawn | ModelGet):
+        if isinstance(op, WorkerSpawn):
+            self._refuse_over_limit(await self.catalog.resolve(op.model))
+        elif isinstance(op, ModelGet):
             await self.catalog.resolve(op.model)
         elif isinstance(op, WorkerGet | WorkerStop):
             self.supervisor.get(op.worker_id)
@@ -147,6 +149,23 @@ class HiveRouter:
     async def worker_stop(self, op: WorkerStop) -> None:
         await self.supervisor.stop(op.worker_id)
         emit_result({"worker_id": op.worker_id, "stopped": True})
+
+    def _refuse_over_limit(self, model: ModelEntry) -> None:
+        """With ``--memory-limit``, a worker that would take the hive's workers past it is refused (409)."""
+        limit = self.supervisor.memory_limit_bytes
+        if limit is None:
+            return
+        need, held = self.supervisor.worker_bytes(model), self.supervisor.held_bytes()
+        if need > limit - held:
+            mib = 2**20
+            raise errors.JobConflict(
+                f"model: a worker of {model.alias or model.id} needs {need / mib:.0f} MiB; hive {self.hive_id}'s"
+                f" workers may hold {limit / mib:.0f} MiB (--memory-limit) and hold {held / mib:.0f} MiB;"
+                " stop one first (rbee ps, rbee stop MODEL)",
+                model=model.id,
+                need_bytes=need,
+                held_bytes=held,
+            )
 
     def _known_model(self, ref: str) -> None:
         serving = any(ref == w.model_id or ref in w.aliases for w in self.supervisor.all())
