@@ -66,6 +66,7 @@ def ps_rows(workers: list[dict[str, Any]], now: float | None = None) -> list[dic
                 **w,
                 "idle_for_s": None if idle_for is None else round(idle_for, 3),
                 "unloads_in_s": None if unloads_in is None else round(unloads_in, 3),
+                "model_shown": (w.get("model_aliases") or [w.get("model")])[0],
                 "slots_shown": f"{w.get('busy_slots', 0)}/{w.get('slots', '?')}",
                 "memory_shown": format_bytes(memory) if isinstance(memory, int | float) else "-",
                 "idle_shown": format_duration(idle_for) if idle_for is not None else "busy",
@@ -76,11 +77,11 @@ def ps_rows(workers: list[dict[str, Any]], now: float | None = None) -> list[dic
 
 
 _PS_COLUMNS = [
-    ("model", "model"),
+    ("model_shown", "model"),
     ("hive_id", "hive"),
     ("worker_id", "worker"),
     ("state", "state"),
-    ("slots_shown", "slots busy/total"),
+    ("slots_shown", "busy/slots"),
     ("memory_shown", "memory"),
     ("idle_shown", "idle for"),
     ("unloads_shown", "unloads in"),

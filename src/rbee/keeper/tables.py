@@ -232,8 +232,10 @@ def print_rows(
                     keys.append(key)
         columns = [(k, label(k)) for k in keys[:10]]
     table = Table(title=title, title_justify="left", header_style="bold" if colour else "")
-    for _, header in columns:
-        table.add_column(header, overflow="fold")
+    for key, header in columns:
+        # Ids and model names are copied from here: never broken over lines.
+        whole = key.endswith("_id") or key in ("model", "model_shown")
+        table.add_column(header, overflow="fold", no_wrap=whole)
     for row in rows:
         table.add_row(*(_styled(k, cell(k, row.get(k), row), colour) for k, _ in columns))
     console.print(table)
