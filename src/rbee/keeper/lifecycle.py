@@ -81,9 +81,9 @@ _PS_COLUMNS = [
     ("hive_id", "hive"),
     ("worker_id", "worker"),
     ("state", "state"),
-    ("slots_shown", "busy/slots"),
+    ("slots_shown", "slots"),
     ("memory_shown", "memory"),
-    ("idle_shown", "idle for"),
+    ("idle_shown", "idle"),
     ("unloads_shown", "unloads in"),
 ]
 
