@@ -197,3 +197,29 @@ def test_a_hive_that_cannot_start_says_why_in_one_line(cluster: Cluster) -> None
     assert bad.returncode == 2 and "hive id" in bad.stderr and len(bad.stderr.splitlines()) == 1
     unreachable = cluster.rbee("hive", "status", "--hive-id", "nobody")
     assert unreachable.returncode == 1 and len(unreachable.stderr.splitlines()) == 1
+
+
+def test_hive_start_passes_keep_alive_and_memory_limit_to_the_hive(cluster: Cluster) -> None:
+    c = cluster
+    for bad in (("--keep-alive", "soon"), ("--keep-alive", "-5"), ("--memory-limit", "lots"), ("--memory-limit", "0")):
+        refused = c.rbee("hive", "start", "--hive-id", "refused", "--worker-engine", "fake", *bad)
+        assert refused.returncode == 2, (bad, refused.stderr)
+        lines = refused.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rbee: ") and bad[0] in lines[0], (bad, refused.stderr)
+    assert not (c.home / "hives" / "refused" / "hive.pid").exists()
+
+    port = free_port("127.0.0.2")
+    start = ("hive", "start", "--host", "127.0.0.2", "--port", str(port), "--hive-id", "kept", "--worker-engine")
+    started = c.rbee(*start, "fake", "--keep-alive", "90s", "--memory-limit", "6GiB")
+    assert started.returncode == 0, started.stderr
+
+    def status() -> dict:
+        return result(c.rbee("--json", "status"))
+
+    wait_for(lambda: any(h["hive_id"] == "kept" for h in status()["hives"]), 15)
+    (kept,) = [h for h in status()["hives"] if h["hive_id"] == "kept"]
+    assert kept["memory"]["limit_bytes"] == 6 * 2**30
+    spawned = c.rbee("worker", "spawn", "--hive", "kept")
+    assert spawned.returncode == 0, spawned.stderr
+    wait_for(lambda: [w.get("keep_alive_s") for w in status()["workers"] if w["hive_id"] == "kept"] == [90], 15)
+    assert c.rbee("hive", "stop", "--hive-id", "kept").returncode == 0

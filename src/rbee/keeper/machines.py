@@ -17,8 +17,10 @@ import click
 
 from rbee.config import HIVE_PORT
 from rbee.keeper.errors import KeeperError, QueenUnreachable
+from rbee.keeper.lifecycle import KEEP_ALIVE
 from rbee.keeper.options import CONTEXT, Group, default_model, hive_option, output_options, pass_session, print_json
 from rbee.keeper.session import Session
+from rbee.units import parse_size
 
 __all__ = ["hive", "worker", "model", "queen"]
 
@@ -26,6 +28,16 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 # -- hives -----------------------------------------------------------------------
+
+
+def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A size as rbee-hive takes it (``8GiB``, ``512MiB``, bytes), checked here so a bad one is one line."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.group(cls=Group, context_settings=CONTEXT, short_help="Hives, one per machine: list, start, stop.")
@@ -93,6 +105,21 @@ def hive_check(session: Session, hive_id: str) -> None:
     metavar="DIR",
     help="A directory it may read local model files from, besides $RBEE_HOME/models (repeatable).",
 )
+@click.option(
+    "--keep-alive",
+    type=KEEP_ALIVE,
+    default=None,
+    metavar="DURATION",
+    help="How long its workers stay loaded once idle, unless the job says (5m, 30s, 1h; -1: for ever;"
+    " 0: stop after the job). Default: 5m.",
+)
+@click.option(
+    "--memory-limit",
+    default=None,
+    callback=_check_size,
+    metavar="SIZE",
+    help="A cap on the memory its workers hold in all, e.g. 8GiB (default: the machine's).",
+)
 @click.option("--worker-engine", type=click.Choice(["llama", "fake"]), default=None, hidden=True)
 @output_options
 @pass_session
@@ -104,6 +131,8 @@ def hive_start(
     hive_queen_url: str | None,
     allow_download_from: tuple[str, ...],
     model_dirs: tuple[str, ...],
+    keep_alive: float | None,
+    memory_limit: int | None,
     worker_engine: str | None,
 ) -> None:
     """Start a hive on this machine, in the background, and join it to the queen.
@@ -112,9 +141,14 @@ def hive_start(
     $RBEE_HOME/hives/NAME/hive.pid. A hive bound to an address other than
     loopback requires a token (--token or RBEE_TOKEN, the queen's token).
 
+    --keep-alive and --memory-limit are rbee-hive's: the keep-alive of a worker
+    whose job gives none, and the most its workers may hold together (a worker
+    that would go past it is not started).
+
     \b
     Examples:
       rbee hive start --host 127.0.0.2 --hive-id beta
+      rbee hive start --hive-id beta --keep-alive 30m --memory-limit 12GiB
       RBEE_TOKEN=... rbee hive start --host 0.0.0.0 --queen-url http://queen-host:7833 --hive-id gpu-box
     """
     from rbee.keeper.hive_daemon import check_hive_id, default_hive_id, start_hive
@@ -123,6 +157,10 @@ def hive_start(
     queen_url = (hive_queen_url or session.url).rstrip("/")
     extra = [*(f"--allow-download-from={a}" for a in allow_download_from)]
     extra += [f"--model-dir={os.path.abspath(os.path.expanduser(d))}" for d in model_dirs]
+    if keep_alive is not None:
+        extra.append(f"--keep-alive={keep_alive:g}")
+    if memory_limit is not None:
+        extra.append(f"--memory-limit={memory_limit}")
     started = start_hive(
         hive_id=name,
         queen_url=queen_url,
