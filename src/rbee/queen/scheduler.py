@@ -38,6 +38,13 @@ Instead, in this order:
 A model that can never fit (more than a hive's limit or total memory everywhere),
 or that waits on a hive with no busy worker to wait for, fails ``no_worker`` at once.
 
+A worker on a GPU (an ``infer`` whose ``device`` is ``cuda:N``) holds its weights
+and KV cache in that GPU's memory, so there the same steps count VRAM instead:
+the GPU's free memory as the hive reports it, less what spawns in flight on that
+GPU set aside; only workers on that GPU are stopped (each freeing its model's
+estimate) or waited for. A GPU the hive does not report, or one too small for the
+worker, fails ``no_worker`` naming the GPU.
+
 Groups. A worker whose model has jobs waiting (queued or just admitted) is not
 stopped for another model, so jobs are served in groups per model rather than
 swapping models on every request. The wait is bounded: a job that has waited
@@ -102,6 +109,33 @@ class _Evict:
 
 
 @dataclass(frozen=True)
+class _Pool:
+    """The memory a new worker on one device of a hive would take: the machine's RAM, or one GPU's VRAM."""
+
+    name: str  # "RAM", "GPU cuda:0"
+    gpu: bool
+    #: Free now, less what spawns in flight set aside.
+    available: int
+    #: Room under the hive's --memory-limit for what its workers hold (RAM only; None: no limit).
+    limited: int | None
+    #: The most one worker could ever have here.
+    capacity: int
+    #: The workers whose memory is in it: all of the hive's for RAM, those on the GPU for VRAM.
+    workers: list[WorkerView]
+    #: False for a GPU the hive does not report.
+    reported: bool = True
+
+    @property
+    def free(self) -> int:
+        return self.available if self.limited is None else min(self.available, self.limited)
+
+
+def _pool_key(device: str) -> str:
+    """Whose memory a worker on ``device`` holds: ``cuda:N`` its GPU's, anything else the machine's RAM."""
+    return device if device.startswith("cuda:") else "ram"
+
+
+@dataclass(frozen=True)
 class _Wait:
     hive_id: str
     need: int
@@ -161,8 +195,8 @@ class Scheduler:
         # Jobs admitted for a model that hold no worker yet (queued, or about to be): the
         # queue bound counts them at POST time, so a burst of requests cannot slip past it.
         self._pending: dict[str, set[str]] = {}
-        # Memory set aside on a hive for each spawn in flight (hive_id, bytes).
-        self._reserved: dict[asyncio.Task[WorkerReport], tuple[str, int]] = {}
+        # Memory set aside for each spawn in flight: (hive_id, "ram" or its GPU, bytes).
+        self._reserved: dict[asyncio.Task[WorkerReport], tuple[str, str, int]] = {}
         # Workers being stopped to make room, and workers draining for a job that waited long (-> its job id).
         self._evicting: set[str] = set()
         self._draining: dict[str, str] = {}
@@ -462,34 +496,29 @@ class Scheduler:
         need = self._need(hive, worker.report.model) or 0
         return max(worker.report.memory_bytes or 0, need)
 
-    def _room(self, hive: HiveView) -> tuple[int, int | None] | None:
-        """``(available, under the limit)`` for a new worker on ``hive``; None when it does not report memory."""
+    def _pool(self, hive: HiveView, device: str) -> _Pool | None:
+        """The memory a new worker on ``device`` would take on ``hive``; None when the hive reports none.
+
+        On ``cuda:N`` that is GPU N's free VRAM; else the machine's available RAM, and room under the
+        hive's limit for what its workers hold. Either way less what spawns in flight there set aside.
+        """
         memory = hive.memory
         if memory is None:
             return None
-        reserved = sum(n for task, (h, n) in self._reserved.items() if h == hive.hive_id and not task.done())
-        available = memory.available_bytes - reserved
-        if memory.limit_bytes is None:
-            return available, None
-        held = sum(self._held(hive, w) for w in hive.workers.values()) + reserved
-        return available, memory.limit_bytes - held
-
-    def _free_memory(self, hive: HiveView) -> int | None:
-        """What a new worker may take on ``hive`` now: available, capped by the limit minus what workers hold."""
-        room = self._room(hive)
-        if room is None:
-            return None
-        available, limited = room
-        return available if limited is None else min(available, limited)
-
-    def _capacity(self, hive: HiveView) -> int | None:
-        """The most a worker could ever have on ``hive`` (its limit, or all its memory)."""
-        memory = hive.memory
-        if memory is None:
-            return None
-        if memory.limit_bytes is not None:
-            return min(memory.limit_bytes, memory.total_bytes)
-        return memory.total_bytes
+        key = _pool_key(device)
+        reserved = sum(n for t, (h, k, n) in self._reserved.items() if (h, k) == (hive.hive_id, key) and not t.done())
+        if key != "ram":
+            workers = [w for w in hive.workers.values() if w.report.device == device]
+            gpu = next((g for g in memory.gpus if g.index == int(key.removeprefix("cuda:"))), None)
+            if gpu is None:
+                return _Pool(f"GPU {device}", True, 0, None, 0, workers, reported=False)
+            return _Pool(f"GPU {device}", True, gpu.free_bytes - reserved, None, gpu.total_bytes, workers)
+        workers = list(hive.workers.values())
+        limit, capacity, limited = memory.limit_bytes, memory.total_bytes, None
+        if limit is not None:
+            limited = limit - sum(self._held(hive, w) for w in workers) - reserved
+            capacity = min(limit, capacity)
+        return _Pool("RAM", False, memory.available_bytes - reserved, limited, capacity, workers)
 
     def _last_used(self, worker: WorkerView) -> float:
         """Wall-clock time the worker last finished a job here (else became idle, else started)."""
@@ -514,50 +543,69 @@ class Scheduler:
 
     def _place(self, op: Infer, hives: list[str], waited_s: float, job_id: str) -> str | _Evict | _Wait:
         """Where a worker of ``op.model`` starts: a hive (spawn there), a worker to stop first, or a wait."""
+        device = op.device or "cpu"
         views = [self.telemetry.hive(h) for h in hives]
+        pools = {hive.hive_id: self._pool(hive, device) for hive in views}
         for hive in views:
-            need, free = self._need(hive, op.model), self._free_memory(hive)
-            if need is None or free is None or need <= free:
+            need, pool = self._need(hive, op.model), pools[hive.hive_id]
+            if need is None or pool is None or need <= pool.free:
                 return hive.hive_id
         patient = waited_s >= GROUP_WAIT_S
-        possible = []
+        possible: list[tuple[HiveView, int, _Pool]] = []
         for hive in views:
-            need, free, capacity = self._need(hive, op.model), self._free_memory(hive), self._capacity(hive)
-            assert need is not None and free is not None and capacity is not None
-            if need > capacity:
+            need, pool = self._need(hive, op.model), pools[hive.hive_id]
+            assert need is not None and pool is not None
+            if need > pool.capacity:
                 continue
-            possible.append((hive, need, free))
-            idle = [w for w in hive.workers.values() if self._idle(w) and (patient or not self._wanted(w))]
+            possible.append((hive, need, pool))
+            idle = [w for w in pool.workers if self._idle(w) and (patient or not self._wanted(w))]
             idle.sort(key=self._last_used)
-            room = self._room(hive)
-            assert room is not None
-            available, limited = room
+            available, limited = pool.available, pool.limited
             for w in idle:
-                # Stopping it gives its resident set back to the machine and its share back to the limit.
-                available += w.report.memory_bytes or 0
-                if limited is not None:
-                    limited += self._held(hive, w)
+                if pool.gpu:
+                    # Its weights and KV cache leave the GPU: what its hive estimates a worker of its model holds.
+                    available += self._need(hive, w.report.model) or 0
+                else:
+                    # Its resident set goes back to the machine and its share back to the limit.
+                    available += w.report.memory_bytes or 0
+                    if limited is not None:
+                        limited += self._held(hive, w)
                 if (available if limited is None else min(available, limited)) >= need:
-                    return _Evict(hive.hive_id, idle[0], need, free)
+                    return _Evict(hive.hive_id, idle[0], need, pool.free)
         if not possible:
-            best = max(views, key=lambda h: self._capacity(h) or 0)
-            raise errors.NoWorkerAvailable(
-                f"{op.model} needs {_mib(self._need(best, op.model) or 0)} for a worker, more than any hive"
-                f" that has it can give (hive {best.hive_id}: at most {_mib(self._capacity(best) or 0)})",
-                model=op.model,
-            )
-        for hive, need, free in possible:
-            busy = [w for w in hive.workers.values() if not self._idle(w) and w.report.state != "stopping"]
-            spawns = any(h == hive.hive_id and not t.done() for t, (h, _) in self._reserved.items())
-            if busy or spawns or any(self._idle(w) for w in hive.workers.values()):
+            raise self._never_fits(op.model, device, [(h, p) for h in views if (p := pools[h.hive_id]) is not None])
+        for hive, need, pool in possible:
+            busy = [w for w in pool.workers if not self._idle(w) and w.report.state != "stopping"]
+            key = (hive.hive_id, _pool_key(device))
+            spawns = any((h, k) == key and not t.done() for t, (h, k, _) in self._reserved.items())
+            if busy or spawns or any(self._idle(w) for w in pool.workers):
                 if patient:
                     self._drain(hive, busy, job_id)
-                return _Wait(hive.hive_id, need, free, sorted(w.worker_id for w in busy))
-        hive, need, free = possible[0]
+                return _Wait(hive.hive_id, need, pool.free, sorted(w.worker_id for w in busy))
+        hive, need, pool = possible[0]
+        where = f" on {pool.name}" if pool.gpu else ""
         raise errors.NoWorkerAvailable(
-            f"{op.model} needs {_mib(need)} on hive {hive.hive_id}, which has {_mib(max(0, free))} free"
+            f"{op.model} needs {_mib(need)} on hive {hive.hive_id}{where}, which has {_mib(max(0, pool.free))} free"
             " and no worker to stop or wait for",
             model=op.model,
+        )
+
+    def _never_fits(self, model: str, device: str, pools: list[tuple[HiveView, _Pool]]) -> errors.NoWorkerAvailable:
+        """The error for a worker that no hive could hold even with nothing else on it."""
+        best, pool = max(pools, key=lambda hp: hp[1].capacity)
+        if not pool.reported:
+            gpus = ", ".join(f"cuda:{g.index}" for g in best.memory.gpus) if best.memory is not None else ""
+            return errors.NoWorkerAvailable(
+                f"{model} is to run on GPU {device}, which no hive that has the model reports"
+                f" (hive {best.hive_id} reports {'GPUs ' + gpus if gpus else 'no GPU'})",
+                model=model,
+                device=device,
+            )
+        where = f" on {pool.name}" if pool.gpu else ""
+        return errors.NoWorkerAvailable(
+            f"{model} needs {_mib(self._need(best, model) or 0)} for a worker{where}, more than any hive"
+            f" that has it can give (hive {best.hive_id}: at most {_mib(pool.capacity)})",
+            model=model,
         )
 
     def _drain(self, hive: HiveView, busy: list[WorkerView], job_id: str) -> None:
@@ -631,7 +679,7 @@ class Scheduler:
             self._spawns[model] = task
             need = self._need(self.telemetry.hive(hive_id), model)
             if need is not None:
-                self._reserved[task] = (hive_id, need)
+                self._reserved[task] = (hive_id, _pool_key(device), need)
 
             def spawned(t: asyncio.Task[WorkerReport]) -> None:
                 self._reserved.pop(t, None)
