@@ -9,6 +9,7 @@ the field and the reason.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -71,6 +72,10 @@ class _Limits:
     model_ref_chars = 256
     timeout_s = 86_400.0
     keep_alive_s = KEEP_ALIVE_MAX_S
+    #: A GBNF grammar, or a JSON schema as JSON text.
+    grammar_chars = 65_536
+    logit_bias = 1_024
+    top_logprobs = 20
 
 
 LIMITS = _Limits()
@@ -234,6 +239,27 @@ class Infer(OperationBase):
     resume_tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
         default_factory=list, max_length=LIMITS.max_tokens
     )
+    #: Candidates below this fraction of the likeliest token's probability are dropped (0: off).
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    #: OpenAI's penalties over the last tokens generated: a flat one for any token seen,
+    #: one per time it was seen (0: off).
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    #: llama.cpp's repetition penalty: the logit of a token seen is divided by it (1: off).
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    #: Added to a token's logit before sampling (token id -> -100..100); the worker
+    #: checks the ids against its vocabulary.
+    logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100.0, le=100.0)]] = (
+        Field(default_factory=dict, max_length=LIMITS.logit_bias)
+    )
+    #: A GBNF grammar (llama.cpp's) the output must follow; the worker refuses one it cannot parse.
+    grammar: str | None = Field(default=None, min_length=1, max_length=LIMITS.grammar_chars)
+    #: A JSON schema the output must be an instance of (compiled to a grammar by the worker);
+    #: ``{"type": "object"}`` asks for any JSON object. Not together with ``grammar``.
+    json_schema: dict[str, Any] | None = None
+    #: Send each generated token's log-probability and this many likeliest alternatives
+    #: (the token event's ``lp``); None: none.
+    logprobs: int | None = Field(default=None, ge=0, le=LIMITS.top_logprobs)
 
     @field_validator("model")
     @classmethod
@@ -253,7 +279,22 @@ class Infer(OperationBase):
             raise ValueError(
                 f"resume_tokens: {len(self.resume_tokens)} tokens already reach max_tokens ({self.max_tokens})"
             )
+        if self.grammar is not None and self.json_schema is not None:
+            raise ValueError("grammar: give either grammar or json_schema, not both")
         return self
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        try:
+            size = len(json.dumps(v, ensure_ascii=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"must be plain JSON: {exc}") from None
+        if size > LIMITS.grammar_chars:
+            raise ValueError(f"must be at most {LIMITS.grammar_chars} characters as JSON (got {size})")
+        return v
 
     @field_validator("messages")
     @classmethod

@@ -31,7 +31,7 @@ from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.registry import JobRegistry, current_job, emit_progress, set_end_fields
 from rbee.narration import bound, narrate
 from rbee.worker.bridge import run_generation
-from rbee.worker.engine import Engine, GenerationOutcome, GenerationRequest, SlotStart
+from rbee.worker.engine import Engine, GenerationOutcome, GenerationRequest, SlotStart, schema_grammar
 
 __all__ = ["WorkerSettings", "Worker", "create_worker_app", "new_worker_id"]
 
@@ -197,6 +197,13 @@ class Worker:
                 f"resume_tokens: {bad} is not a token of {self.model_id} (ids are below {self.engine.n_vocab})",
                 field="resume_tokens",
             )
+        bad = next((t for t in op.logit_bias if t >= self.engine.n_vocab), None)
+        if bad is not None:
+            raise InvalidOperation(
+                f"logit_bias: {bad} is not a token of {self.model_id} (ids are below {self.engine.n_vocab})",
+                field="logit_bias",
+            )
+        self.grammar_of(op)
         tokens_in = self.count_input(op)
         n_ctx = self.engine.n_ctx
         if tokens_in + op.max_tokens > n_ctx:
@@ -214,6 +221,27 @@ class Worker:
                 f"the queue holds {self.settings.queue}",
                 retry_after_s=1,
             )
+
+    def grammar_of(self, op: Infer) -> str | None:
+        """The GBNF grammar ``op``'s output must follow (its ``grammar``, or its ``json_schema``
+        compiled); one the engine cannot use is bad input, named by its field."""
+        if op.json_schema is not None:
+            name = "json_schema"
+            try:
+                grammar = schema_grammar(op.json_schema)
+            except ValueError as exc:
+                raise InvalidOperation(
+                    f"json_schema: it cannot be turned into a grammar: {exc}", field="json_schema"
+                ) from None
+        elif op.grammar is not None:
+            name, grammar = "grammar", op.grammar
+        else:
+            return None
+        try:
+            self.engine.check_grammar(grammar)
+        except ValueError as exc:
+            raise InvalidOperation(f"{name}: {exc}", field=name) from None
+        return grammar
 
     def count_input(self, op: Infer) -> int:
         """Prompt tokens of ``op``; a chat the model's template refuses is bad input."""
@@ -239,9 +267,16 @@ class Worker:
             temperature=op.temperature,
             top_p=op.top_p,
             top_k=op.top_k,
+            min_p=op.min_p,
             seed=op.seed,
             stop=list(op.stop),
             resume=list(op.resume_tokens),
+            presence_penalty=op.presence_penalty,
+            frequency_penalty=op.frequency_penalty,
+            repeat_penalty=op.repeat_penalty,
+            logit_bias=dict(op.logit_bias),
+            grammar=self.grammar_of(op),
+            logprobs=op.logprobs,
         )
         outcome = GenerationOutcome(tokens_in=self.count_input(op))
         gen_ms = 0.0

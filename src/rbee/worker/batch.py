@@ -13,7 +13,9 @@ slot's cells) and runs the step loop on a thread of its own. Each step:
    never holds the others back for more than one chunk);
 3. decodes it, samples one token for each sequence that asked for logits
    with the sequence's own native sampler chain (``llama_sampler_sample``:
-   no logits row is copied into Python), renders it with
+   logit bias, penalties, a grammar, then greedy or top-k/top-p/min-p/temp;
+   no logits row is copied into Python, except for the sequences that asked
+   for log-probabilities: their row is read once, after sampling), renders it with
    ``llama_token_to_piece`` (control tokens and the model's media markers
    never become text), cuts stop strings and posts the step's pieces to each
    sequence's sink in one call.
@@ -53,6 +55,8 @@ FIRST_PIECE_PAUSE_S = 0.0015
 GATHER_QUIET_S = 0.003
 #: ...but never longer than this.
 GATHER_MAX_S = 0.012
+#: Presence, frequency and repetition penalties look at this many of the last tokens.
+PENALTY_LAST_N = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ class _Seq:
     last: int = -1  # the sampled token to feed next (-1: still in the prompt)
     generated: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # generated since the last piece was posted
+    pending_lp: list[dict[str, Any]] = field(default_factory=list)  # their log-probabilities, if asked
     sampler: Any = None
     cancelled: bool = False
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="ignore"))
@@ -120,6 +125,7 @@ class BatchLoop:
     ) -> None:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = slots * n_ctx_slot
         params.n_batch = chunk
@@ -304,7 +310,8 @@ class BatchLoop:
             if seq.last < 0:  # the first token after the prompt
                 seq.outcome.prefill_ms = (time.perf_counter() - seq.submitted) * 1000.0
                 firsts = True
-            self._advance(seq, token)
+            top = seq.req.logprobs
+            self._advance(seq, token, None if top is None else self._logprobs(row, token, top))
         if firsts:
             time.sleep(FIRST_PIECE_PAUSE_S)
 
@@ -329,6 +336,11 @@ class BatchLoop:
         best.used = self._uses
         # At least the last prompt token is evaluated: its logits give the first token.
         reuse = min(shared[best.index], len(seq.feed) - 1)
+        try:
+            sampler = self._sampler(seq.req)
+        except ValueError as exc:  # a grammar llama.cpp refused (admission checks it first)
+            self._finish(seq, "error", [], error=exc)
+            return
         if not llama_cpp.llama_memory_seq_rm(self.mem, best.index, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, best.index, -1, -1)
             reuse = 0
@@ -336,7 +348,7 @@ class BatchLoop:
         best.seq = seq
         seq.slot = best
         seq.fed = reuse
-        seq.sampler = self._sampler(seq.req)
+        seq.sampler = sampler
         seq.scanner = StopScanner(seq.stops)
         self._replay(seq)
         seq.outcome.tokens_reused = reuse
@@ -344,8 +356,27 @@ class BatchLoop:
         seq.sink.post([SlotStart(best.index, reuse, len(seq.prompt))])
 
     def _sampler(self, req: GenerationRequest) -> Any:
+        """The sequence's chain: logit bias, penalties and grammar first, so that what samples
+        after them (greedy, or top-k/top-p/min-p/temp/dist) only sees what they allow."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if req.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(req.logit_bias))()
+            for i, (token, bias) in enumerate(req.logit_bias.items()):
+                biases[i].token = token  # type: ignore[assignment]
+                biases[i].bias = bias
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(req.logit_bias), biases))
+        if req.penalized:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, req.repeat_penalty, req.frequency_penalty, req.presence_penalty
+            )
+            add(chain, penalties)
+        if req.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, req.grammar.encode(), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the grammar")
+            add(chain, grammar)
         if req.temperature <= 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -359,6 +390,36 @@ class BatchLoop:
         seed = req.seed if req.seed is not None else random.randint(0, 2**32 - 2)
         add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
+
+    def _logprobs(self, row: int, token: int, top: int) -> dict[str, Any]:
+        """The sampled token's log-probability and the ``top`` likeliest tokens' (a log-softmax
+        over the model's logits row, before the sampler chain), in OpenAI's shape."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        peak = float(logits.max())
+        norm = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        entry = self._lp_entry(token, float(logits[token]) - norm)
+        alternatives: list[dict[str, Any]] = []
+        if top > 0:
+            best = np.argpartition(logits, -top)[-top:]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            alternatives = [self._lp_entry(int(t), float(logits[t]) - norm) for t in best]
+        entry["top_logprobs"] = alternatives
+        return entry
+
+    def _lp_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        raw = self._piece(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": min(0.0, logprob), "bytes": list(raw)}
+
+    def _item(self, seq: _Seq, text: str) -> Piece:
+        """A piece of ``seq``'s text, with the tokens (and log-probabilities) since the last one."""
+        lp = None
+        if seq.req.logprobs is not None:
+            lp = tuple(seq.pending_lp)
+            seq.pending_lp.clear()
+        piece = Piece(text, tuple(seq.pending), lp)
+        seq.pending.clear()
+        return piece
 
     def _piece(self, token: int) -> bytes:
         buf = self._piece_buf
@@ -384,9 +445,10 @@ class BatchLoop:
                 raw = raw[1:]
             seq.generated.append(token)
             seq.scanner.feed(seq.decoder.decode(raw))
+            llama_cpp.llama_sampler_accept(seq.sampler, token)  # the penalties and grammar go on from here
         seq.outcome.tokens_out = seq.outcome.tokens_resumed = len(seq.generated)
 
-    def _advance(self, seq: _Seq, token: int) -> None:
+    def _advance(self, seq: _Seq, token: int, lp: dict[str, Any] | None = None) -> None:
         """Take the token sampled for ``seq``: end it, or render it and feed it next step."""
         out = seq.outcome
         if self.eog(self.vocab, token):
@@ -399,6 +461,8 @@ class BatchLoop:
                 return
         seq.generated.append(token)
         seq.pending.append(token)
+        if lp is not None:
+            seq.pending_lp.append(lp)
         out.tokens_out += 1
         raw = self._piece(token)
         if seq.strip_space and out.tokens_out == 1 and raw.startswith(b" "):
@@ -407,8 +471,7 @@ class BatchLoop:
         text, hit = seq.scanner.feed(seq.decoder.decode(raw))
         items: list[Any] = []
         if text:
-            items.append(Piece(text, tuple(seq.pending)))
-            seq.pending.clear()
+            items.append(self._item(seq, text))
         if hit:
             self._finish(seq, "stop", items)
         elif out.tokens_out >= seq.req.max_tokens:
@@ -431,8 +494,7 @@ class BatchLoop:
             if hit:
                 out.stop_reason = "stop"
             if tail:
-                items.append(Piece(tail, tuple(seq.pending)))
-                seq.pending.clear()
+                items.append(self._item(seq, tail))
         if seq.sampler is not None:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None

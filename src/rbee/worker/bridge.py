@@ -18,11 +18,12 @@ goes on: the slot is free again when the job ends.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
 from rbee.errors import GenerationError
-from rbee.jobs.registry import emit_token
+from rbee.jobs.registry import current_job, emit_token
 from rbee.narration import log
 from rbee.worker.engine import Engine, Finished, GenerationOutcome, GenerationRequest, Piece, SlotStart
 
@@ -75,7 +76,10 @@ async def run_generation(
         while finished is None:
             for item in await items.get():
                 if isinstance(item, Piece):
-                    await emit_token(item.text, item.ids)
+                    if item.lp is None:
+                        await emit_token(item.text, item.ids)
+                    else:
+                        await _emit_with_logprobs(item)
                     if first:
                         first = False
                         if on_first_piece is not None:
@@ -92,6 +96,13 @@ async def run_generation(
     if failure is not None:
         raise GenerationError(f"the engine failed: {type(failure).__name__}: {failure}") from failure
     return outcome
+
+
+async def _emit_with_logprobs(piece: Piece) -> None:
+    """A token event with ``lp``: the log-probabilities of the tokens behind ``ids``."""
+    job = current_job()
+    data = {"t": piece.text, "i": job.tokens, "ids": list(piece.ids), "lp": list(piece.lp or ())}
+    await job.add_token_raw(piece.text, json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
 
 async def _drain(items: asyncio.Queue[list[Any]]) -> None:

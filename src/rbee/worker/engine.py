@@ -71,6 +71,34 @@ class GenerationRequest:
     #: Tokens already generated for this prompt (elsewhere): they go into the KV after the
     #: prompt, count towards ``max_tokens`` and are not sent again; generation goes on after them.
     resume: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    #: Token id -> added to its logit (ids below the vocabulary's size).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    #: A GBNF grammar (root rule ``root``) the output follows; see :func:`schema_grammar`.
+    grammar: str | None = None
+    #: Give each generated token's log-probability and this many likeliest alternatives
+    #: (:attr:`Piece.lp`); None: none (the fast path: no logits row is read).
+    logprobs: int | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repeat_penalty != 1.0
+
+
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """A JSON schema as a GBNF grammar (llama-cpp-python's converter); ``ValueError`` if it cannot be."""
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except RecursionError:
+        raise ValueError("the schema is nested too deeply") from None
+    except Exception as exc:  # the converter raises what it meets: KeyError, TypeError, ValueError...
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
 
 @dataclass
@@ -121,6 +149,9 @@ class Piece:
 
     text: str
     ids: tuple[int, ...] = ()
+    #: With ``logprobs``: one entry per id, OpenAI's chat shape
+    #: (``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}``).
+    lp: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +195,10 @@ class Engine(Protocol):
         ...
 
     def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle: ...
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raises ``ValueError`` (with the parser's reason) for a GBNF grammar this engine cannot use."""
+        ...
 
 
 def parse_device(device: str) -> tuple[int, int]:
@@ -456,6 +491,20 @@ class LlamaEngine:
         ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
         return int(ids[0]) if len(ids) == 1 else None
 
+    def check_grammar(self, grammar: str) -> None:
+        import llama_cpp
+
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the model is not loaded")
+        sampler = llama_cpp.llama_sampler_init_grammar(loop.vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise ValueError(
+                "llama.cpp could not parse it as a GBNF grammar with a root rule"
+                " (a syntax error, an undefined or left-recursive rule)"
+            )
+        llama_cpp.llama_sampler_free(sampler)
+
     def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle:
         loop = self._loop
         if loop is None:
@@ -549,6 +598,8 @@ class FakeEngine:
         self.generated = 0
         self.running = 0
         self.peak = 0
+        #: The last request submitted (what the tests check reached the engine).
+        self.last_request: GenerationRequest | None = None
         self._lock = threading.Lock()
         self._count = 0
 
@@ -573,7 +624,13 @@ class FakeEngine:
     def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
         return self.count_tokens(self.chat_text(messages))
 
+    def check_grammar(self, grammar: str) -> None:
+        """Only a stand-in for llama.cpp's parser: a grammar needs a ``root ::=`` rule."""
+        if "root ::=" not in grammar:
+            raise ValueError("the grammar has no root rule")
+
     def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle:
+        self.last_request = req
         seq = _FakeSequence()
         with self._lock:
             if self.running >= self.max_slots:
@@ -616,6 +673,7 @@ class FakeEngine:
         outcome.tokens_out = outcome.tokens_resumed = start
         started = time.perf_counter()
         pending: list[int] = []
+        lps: list[dict[str, Any]] = []
         for k, piece in enumerate(self.pieces[start:], start):
             if outcome.tokens_out >= req.max_tokens:
                 outcome.stop_reason = "max_tokens"
@@ -634,10 +692,12 @@ class FakeEngine:
             with self._lock:
                 self.generated += 1
             pending.append(k)
+            if req.logprobs is not None:
+                lps.append(self._logprob(k, req.logprobs))
             text, hit = stops.feed(piece)
             if text:
-                sink.post([Piece(text, tuple(pending))])
-                pending = []
+                sink.post([Piece(text, tuple(pending), tuple(lps) if req.logprobs is not None else None)])
+                pending, lps = [], []
             if hit:
                 outcome.stop_reason = "stop"
                 return
@@ -645,4 +705,15 @@ class FakeEngine:
             outcome.stop_reason = "eos"
         tail = stops.flush()
         if tail:
-            sink.post([Piece(tail, tuple(pending))])
+            sink.post([Piece(tail, tuple(pending), tuple(lps) if req.logprobs is not None else None)])
+
+    def _logprob(self, k: int, top: int) -> dict[str, Any]:
+        """Scripted log-probabilities: piece ``k`` at -0.5, its alternatives lower, in order."""
+
+        def entry(i: int, logprob: float) -> dict[str, Any]:
+            text = self.pieces[i % len(self.pieces)]
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        chosen = entry(k, -0.5)
+        chosen["top_logprobs"] = [entry(k, -0.5)] + [entry(k + j, -0.5 - j) for j in range(1, top)] if top else []
+        return chosen
