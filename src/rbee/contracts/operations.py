@@ -249,8 +249,8 @@ class Infer(OperationBase):
     repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     #: Added to a token's logit before sampling (token id -> -100..100); the worker
     #: checks the ids against its vocabulary.
-    logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100.0, le=100.0)]] = (
-        Field(default_factory=dict, max_length=LIMITS.logit_bias)
+    logit_bias: dict[Annotated[int, Field(ge=0, le=2**31 - 1)], Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, max_length=LIMITS.logit_bias
     )
     #: A GBNF grammar (llama.cpp's) the output must follow; the worker refuses one it cannot parse.
     grammar: str | None = Field(default=None, min_length=1, max_length=LIMITS.grammar_chars)

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from rbee import errors
+from rbee import __version__, errors
 from rbee.contracts.operations import Infer, parse_keep_alive, parse_operation
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
@@ -51,6 +53,10 @@ __all__ = [
 ]
 
 JOB_ID_HEADER = "x-rbee-job-id"
+REQUEST_ID_HEADER = "x-request-id"
+#: The most alternatives a token's log-probability comes with (OpenAI's limits).
+CHAT_TOP_LOGPROBS = 20
+COMPLETION_TOP_LOGPROBS = 5
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_CHAT_MAX_TOKENS = 1024
 
@@ -109,7 +115,7 @@ def _rbee_error_response(exc: errors.RbeeError, headers: dict[str, str] | None =
     return _error_response(exc.message, status=status, code=exc.kind, param=param, headers=headers)
 
 
-def _end_error_response(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
+def _end_error_response(end: dict[str, Any], headers: dict[str, str], call: _Call | None = None) -> JSONResponse:
     """The answer for a job that ended unsuccessfully before its first token."""
     error = end.get("error") or {}
     kind = str(error.get("kind") or end.get("status") or "internal")
@@ -117,7 +123,18 @@ def _end_error_response(end: dict[str, Any], headers: dict[str, str]) -> JSONRes
     status = _status_of(kind)
     if kind == "queue_full":
         headers = {**headers, "Retry-After": "2"}
-    return _error_response(message, status=status, code=kind, headers=headers)
+    param = None
+    if kind == "invalid_operation":
+        # The worker's refusals start with the field they are about ("logit_bias: ...").
+        named = _FIELD_PREFIX.match(message)
+        if named is not None:
+            param = named.group(1)
+            if param in ("json_schema", "grammar") and call is not None and call.constrained_by:
+                param = call.constrained_by
+    return _error_response(message, status=status, code=kind, param=param, headers=headers)
+
+
+_FIELD_PREFIX = re.compile(r"([a-z_]+): ")
 
 
 def _param_name(field: str | None) -> str | None:
@@ -143,6 +160,8 @@ class _Call:
     model: str
     stream: bool
     include_usage: bool
+    #: The body field that asked for a grammar (``response_format``, ``grammar``, ``json_schema``), if any.
+    constrained_by: str = ""
 
 
 def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
@@ -157,9 +176,12 @@ def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
     return value
 
 
+def _refuse(param: str, why: str) -> NoReturn:
+    raise errors.InvalidOperation(f"{param}: {why}", field=param)
+
+
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
-    def refuse(param: str, why: str) -> None:
-        raise errors.InvalidOperation(f"{param}: {why}", field=param)
+    refuse = _refuse
 
     n = body.get("n")
     if n is not None and n != 1:
@@ -171,24 +193,78 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
         refuse("echo", "echo is not supported")
     if body.get("suffix"):
         refuse("suffix", "suffix (insertion) is not supported")
-    if chat:
-        if body.get("logprobs"):
-            refuse("logprobs", "logprobs are not supported")
-    elif body.get("logprobs") is not None:
-        refuse("logprobs", "logprobs are not supported")
-    if body.get("top_logprobs") is not None:
-        refuse("top_logprobs", "logprobs are not supported")
     for name in ("tools", "functions"):
         if body.get(name):
             refuse(name, "tool and function calling are not supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            refuse(name, "only 0 is supported")
-    if body.get("logit_bias"):
-        refuse("logit_bias", "logit_bias is not supported")
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+    if not chat:
+        if body.get("top_logprobs") is not None:
+            _refuse("top_logprobs", "completions take logprobs: 0..5 (the number of alternatives)")
+        n = _number(body, "logprobs", integer=True)
+        if n is not None and not 0 <= n <= COMPLETION_TOP_LOGPROBS:
+            _refuse("logprobs", f"must be 0..{COMPLETION_TOP_LOGPROBS}, not {n}")
+        return n
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        _refuse("logprobs", f"must be true or false, not {wanted!r}")
+    top = _number(body, "top_logprobs", integer=True)
+    if top is not None:
+        if not wanted:
+            _refuse("top_logprobs", "needs logprobs: true")
+        if not 0 <= top <= CHAT_TOP_LOGPROBS:
+            _refuse("top_logprobs", f"must be 0..{CHAT_TOP_LOGPROBS}, not {top}")
+    return (top or 0) if wanted else None
+
+
+def _logit_bias(raw: Any) -> dict[int, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        _refuse("logit_bias", "must be an object of token id -> bias (-100..100)")
+    out: dict[int, float] = {}
+    for key, bias in raw.items():
+        if not isinstance(key, str) or not key.isdigit() or len(key) > 10:
+            _refuse("logit_bias", f"{key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            _refuse("logit_bias", f"the bias of token {key} must be a number in -100..100, not {bias!r}")
+        out[int(key)] = float(bias)
+    return out
+
+
+def _constraint(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What the output must follow: ``(the field that asked, Infer's grammar or json_schema)``."""
+    asked: list[tuple[str, dict[str, Any]]] = []
     fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
-        refuse("response_format", "only the text response format is supported")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            asked.append(("response_format", {"json_schema": {"type": "object"}}))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                _refuse("response_format", "json_schema must be an object with name, schema and strict")
+            schema = spec.get("schema", {})
+            if not isinstance(schema, dict):
+                _refuse("response_format", "json_schema.schema must be a JSON schema (an object)")
+            asked.append(("response_format", {"json_schema": schema}))
+        elif kind != "text":
+            _refuse("response_format", "the type must be text, json_object or json_schema")
+    grammar = body.get("grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            _refuse("grammar", "must be a GBNF grammar (a non-empty string)")
+        asked.append(("grammar", {"grammar": grammar}))
+    schema = body.get("json_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            _refuse("json_schema", "must be a JSON schema (an object)")
+        asked.append(("json_schema", {"json_schema": schema}))
+    if len(asked) > 1:
+        _refuse(asked[1][0], f"give one of response_format, grammar and json_schema, not {asked[0][0]} too")
+    return asked[0] if asked else ("", {})
 
 
 def _messages(raw: Any) -> list[dict[str, str]]:
@@ -250,6 +326,8 @@ def _parse(body: Any, chat: bool) -> _Call:
         raise errors.InvalidOperation("stream_options must be an object", field="stream_options")
     include_usage = bool((options or {}).get("include_usage"))
     _refuse_unsupported(body, chat)
+    constrained_by, constraint = _constraint(body)
+    logprobs = _logprobs(body, chat)
     max_tokens = _number(body, "max_completion_tokens", integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", integer=True)
@@ -269,6 +347,13 @@ def _parse(body: Any, chat: bool) -> _Call:
         "top_k": _number(body, "top_k", integer=True),
         "seed": _number(body, "seed", integer=True),
         "stop": stop,
+        "min_p": _number(body, "min_p"),
+        "presence_penalty": _number(body, "presence_penalty"),
+        "frequency_penalty": _number(body, "frequency_penalty"),
+        "repeat_penalty": _number(body, "repeat_penalty"),
+        "logit_bias": _logit_bias(body.get("logit_bias")) or None,
+        "logprobs": logprobs,
+        **constraint,
     }
     if body.get("keep_alive") is not None:
         # Ollama's field: how long the model stays loaded after this request ("5m", 300, -1, 0).
@@ -290,9 +375,13 @@ def _parse(body: Any, chat: bool) -> _Call:
     except errors.InvalidOperation as exc:
         if exc.field == "max_tokens" and body.get("max_completion_tokens") is not None:
             exc.field = "max_completion_tokens"  # name the field the client sent
+        if exc.field is not None and exc.field.split(".")[0] == "json_schema" and constrained_by:
+            exc.field = constrained_by
         raise
     assert isinstance(op, Infer)
-    return _Call(op=op, chat=chat, model=model, stream=stream, include_usage=include_usage)
+    return _Call(
+        op=op, chat=chat, model=model, stream=stream, include_usage=include_usage, constrained_by=constrained_by
+    )
 
 
 async def _json_body(request: Request) -> Any:
@@ -306,13 +395,24 @@ async def _json_body(request: Request) -> Any:
 # -- the job's events ----------------------------------------------------------
 
 
-async def _job_events(job: Job) -> _Events:
-    """``("token", text)`` for each token, then ``("end", end_data)``."""
+async def _job_events(job: Job, *, logprobs: bool = False) -> _Events:
+    """``("token", text)`` for each token (with ``logprobs``: ``(text, the token event's lp)``),
+    then ``("end", end_data)``.
+
+    The end gets ``tokens_reused`` (prompt tokens the worker's slot already held)
+    from the worker's ``infer_prefix_reused`` narration when it has none.
+    """
+    reused = 0
     async for _id, kind, data in job.stream():
         if kind == "token":
-            yield "token", json.loads(data)["t"]
+            token = json.loads(data)
+            yield "token", (token["t"], token.get("lp")) if logprobs else token["t"]
+        elif kind == "narration" and '"infer_prefix_reused"' in data:
+            reused = int(json.loads(data).get("tokens_reused") or 0)
         elif kind == "end":
-            yield "end", json.loads(data)
+            end = json.loads(data)
+            end.setdefault("tokens_reused", reused)
+            yield "end", end
             return
 
 
@@ -355,10 +455,16 @@ def _finish_reason(end: dict[str, Any]) -> str:
     return "length" if end.get("stop_reason") == "max_tokens" else "stop"
 
 
-def _usage(end: dict[str, Any]) -> dict[str, int]:
+def _usage(end: dict[str, Any]) -> dict[str, Any]:
     prompt = int(end.get("tokens_in") or 0)
     completion = int(end.get("tokens_out") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = min(prompt, int(end.get("tokens_reused") or 0))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 # -- answers -----------------------------------------------------------------
@@ -379,9 +485,15 @@ class _Format:
         self.created = int(job.created_at)
         self.model = call.model
         self.object = "chat.completion.chunk" if call.chat else "text_completion"
-        head = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
-        if call.chat:
-            head["system_fingerprint"] = None
+        head = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": f"rbee-{__version__}-{call.op.model}",
+        }
+        #: Where the next token starts in the text (a completion's ``text_offset``).
+        self._offset = 0
         head_json = _dumps(head)[:-1]
         usage_tail = ',"usage":null' if self.include_usage else ""
         if call.chat:
@@ -408,8 +520,29 @@ class _Format:
         delta = {"role": "assistant", "content": ""}
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
-    def token(self, text: str) -> bytes:
-        return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
+    def token(self, token: str | tuple[str, list[dict[str, Any]] | None]) -> bytes:
+        text, lp = (token, None) if isinstance(token, str) else token
+        if lp is None:
+            return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
+        logprobs = self.logprobs(lp)
+        if self.chat:
+            return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
+        return self._chunk([{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": None}])
+
+    def logprobs(self, lp: list[dict[str, Any]]) -> dict[str, Any]:
+        """The worker's entries (OpenAI's chat shape) as this answer's ``logprobs`` object."""
+        if self.chat:
+            return {"content": lp, "refusal": None}
+        offsets = []
+        for entry in lp:
+            offsets.append(self._offset)
+            self._offset += len(entry["token"])
+        return {
+            "tokens": [e["token"] for e in lp],
+            "token_logprobs": [e["logprob"] for e in lp],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in lp],
+            "text_offset": offsets,
+        }
 
     def closing(self, end: dict[str, Any]) -> bytes:
         reason = _finish_reason(end)
@@ -422,14 +555,15 @@ class _Format:
 
     # not streaming
 
-    def whole(self, text: str, end: dict[str, Any]) -> dict[str, Any]:
+    def whole(self, text: str, end: dict[str, Any], lp: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         reason = _finish_reason(end)
+        logprobs = None if lp is None else self.logprobs(lp)
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
             obj = {**self._head, "object": "chat.completion"}
         else:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+            choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}
             obj = dict(self._head)
         return {**obj, "choices": [choice], "usage": _usage(end)}
 
@@ -524,7 +658,7 @@ async def _complete(request: Request, chat: bool) -> Response:
         call = _parse(await _json_body(request), chat)
         job = await state.jobs.submit(call.op)
     except errors.RbeeError as exc:
-        return _rbee_error_response(exc)
+        return _rbee_error_response(exc, {REQUEST_ID_HEADER: f"req_{secrets.token_hex(12)}"})
     path = "/v1/chat/completions" if chat else "/v1/completions"
     with bound(job, actor="queen"):
         narrate(
@@ -533,16 +667,19 @@ async def _complete(request: Request, chat: bool) -> Response:
             path=path,
             stream=call.stream,
         )
-    headers = {JOB_ID_HEADER: job.id}
+    headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
     fmt = _Format(call, job)
-    events = _job_events(job)
+    with_logprobs = call.op.logprobs is not None
+    events = _job_events(job, logprobs=with_logprobs)
+    first: Any
     try:
         if call.stream:
             # Wait for the first token or the end, so a failure before any
             # output is still answered with its status.
             present, first = await _unless_disconnected(request, anext(events))
         else:
-            present, first = await _unless_disconnected(request, _collect(events))
+            whole = _collect_logprobs(events) if with_logprobs else _collect(events)
+            present, first = await _unless_disconnected(request, whole)
     except BaseException:
         await _release(state, job, events)
         raise
@@ -550,14 +687,14 @@ async def _complete(request: Request, chat: bool) -> Response:
         await _release(state, job, events)
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
-        text, end = first
+        text, end, lp = first if with_logprobs else (*first, None)
         if end.get("status") != "completed":
-            return _end_error_response(end, headers)
-        return JSONResponse(fmt.whole(text, end), headers=headers)
+            return _end_error_response(end, headers, call)
+        return JSONResponse(fmt.whole(text, end, lp), headers=headers)
     kind, data = first
     if kind == "end" and data.get("status") != "completed":
         await events.aclose()
-        return _end_error_response(data, headers)
+        return _end_error_response(data, headers, call)
     return EventSourceResponse(
         _stream(state, job, fmt, first, events),
         ping=state.settings.ping_interval_s,
@@ -577,6 +714,19 @@ async def _collect(events: _Events) -> tuple[str, dict[str, Any]]:
             parts.append(data)
         else:
             return "".join(parts), data
+    raise errors.RbeeError("the job's stream ended without an end event")  # pragma: no cover
+
+
+async def _collect_logprobs(events: _Events) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """:func:`_collect` of events with log-probabilities: also every token's entry, in order."""
+    parts: list[str] = []
+    lps: list[dict[str, Any]] = []
+    async for kind, data in events:
+        if kind == "token":
+            parts.append(data[0])
+            lps.extend(data[1] or ())
+        else:
+            return "".join(parts), data, lps
     raise errors.RbeeError("the job's stream ended without an end event")  # pragma: no cover
 
 
