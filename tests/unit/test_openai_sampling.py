@@ -187,12 +187,17 @@ def test_a_worker_refusal_names_the_field_the_client_sent() -> None:
 async def worker() -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine]]:
     engine = FakeEngine(tokens=6)
     app = create_worker_app(engine, WorkerSettings(worker_id="worker-test"))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
-            async with asyncio.timeout(10):
-                while (await client.get("/v1/ready")).json()["state"] != "idle":
-                    await asyncio.sleep(0.01)
-            yield client, engine
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://worker") as client,
+    ):
+        async with asyncio.timeout(10):
+            while True:
+                if (await client.get("/v1/ready")).json()["state"] == "idle":
+                    break
+                await asyncio.sleep(0.01)
+        yield client, engine
 
 
 async def _post(client: httpx.AsyncClient, **fields: Any) -> httpx.Response:
