@@ -39,6 +39,7 @@ from rbee.errors import InvalidOperation, PayloadTooLarge, QueueFull, RbeeError
 
 __all__ = [
     "install_edge",
+    "anthropic_error_body",
     "error_body",
     "BodyLimit",
     "BearerAuth",
@@ -89,6 +90,25 @@ def error_body(exc: RbeeError) -> dict[str, Any]:
     return body
 
 
+#: Anthropic's error ``type`` for each status it answers (others: ``invalid_request_error``
+#: below 500, ``api_error`` from 500).
+_ANTHROPIC_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:
+    """Anthropic's error object: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ANTHROPIC_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RbeeError)
     headers = {}
@@ -109,7 +129,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     body: dict[str, Any] = {"error": {"kind": kind, "message": message}}
-    if _is_openai_path(request.url.path):
+    if _is_anthropic_path(request.url.path):
+        body = anthropic_error_body(message, status=exc.status_code)
+    elif _is_openai_path(request.url.path):
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": kind}}
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -148,7 +170,9 @@ class BodyLimit:
                     too_big = False
                 if too_big:
                     message = f"the body is over {self.limit} bytes"
-                    if _is_openai_path(scope["path"]):
+                    if _is_anthropic_path(scope["path"]):
+                        await _send_json(send, 413, anthropic_error_body(message, status=413))
+                    elif _is_openai_path(scope["path"]):
                         await _refuse(send, 413, "payload_too_large", message, True)
                     else:
                         await _send_json(send, 413, error_body(PayloadTooLarge(message)))
@@ -169,6 +193,8 @@ class BodyLimit:
 
 class BearerAuth:
     """Require ``Authorization: Bearer <token>`` on everything but ``/health``.
+
+    ``x-api-key: <token>`` (what Anthropic's clients send) is accepted as the same token.
 
     ``token`` is one token or several; the first is the admin token. Every
     accepted token is compared in constant time, all of them on every request,
@@ -208,15 +234,24 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         given = b""
+        api_key = None
         for name, value in scope.get("headers", ()):
-            if name == b"authorization":
+            if name == b"authorization" and not given:
                 # The scheme is case-insensitive (RFC 9110): "bearer x" is "Bearer x".
                 scheme, _, credentials = value.strip().partition(b" ")
                 given = b"Bearer " + credentials.strip() if scheme.lower() == b"bearer" else value.strip()
-                break
+            elif name == b"x-api-key" and api_key is None:
+                api_key = b"Bearer " + value.strip()  # Anthropic's clients send the token so
         principal = self._match(given)
+        if principal is None and api_key is not None:
+            principal = self._match(api_key)
         if principal is None:
             message = "a valid bearer token is required (Authorization: Bearer ...)"
+            if _is_anthropic_path(scope["path"]):
+                message = "a valid API key is required (x-api-key: ..., or Authorization: Bearer ...)"
+                body = anthropic_error_body(message, status=401)
+                await _send_json(send, 401, body, extra_headers=[(b"www-authenticate", b"Bearer")])
+                return
             if _is_openai_path(scope["path"]):
                 # OpenAI clients read their own error shape.
                 error = {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
@@ -305,7 +340,7 @@ class BrowserGuard:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
         host = headers.get("host", "")
         path = scope["path"]
-        openai = _is_openai_path(path)
+        openai: bool | str = "anthropic" if _is_anthropic_path(path) else _is_openai_path(path)
         if path != "/health" and not self._host_ok(host):
             await _refuse(send, 403, "forbidden", f"this server does not answer for the host {host!r}", openai)
             return
@@ -318,7 +353,7 @@ class BrowserGuard:
         if origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
             allow = [
                 (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-                (b"access-control-allow-headers", b"authorization, content-type, last-event-id"),
+                (b"access-control-allow-headers", b"authorization, content-type, last-event-id, x-api-key"),
                 (b"access-control-max-age", b"600"),
             ]
             await send({"type": "http.response.start", "status": 204, "headers": cors + allow})
@@ -351,12 +386,20 @@ def _has_body(headers: dict[str, str]) -> bool:
     return "transfer-encoding" in headers
 
 
-async def _refuse(send: Send, status: int, kind: str, message: str, openai: bool) -> None:
+async def _refuse(send: Send, status: int, kind: str, message: str, openai: bool | str) -> None:
+    """``openai``: True for OpenAI's error shape, ``"anthropic"`` for Anthropic's, False for rbee's."""
+    if openai == "anthropic":
+        await _send_json(send, status, anthropic_error_body(message, status=status))
+        return
     if openai:
         error = {"message": message, "type": "invalid_request_error", "param": None, "code": kind}
         await _send_json(send, status, {"error": error})
         return
     await _send_json(send, status, {"error": {"kind": kind, "message": message}})
+
+
+def _is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def _is_openai_path(path: str) -> bool:
@@ -447,6 +490,20 @@ OPENAI_ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 
+#: Anthropic's error object, which the Anthropic-compatible endpoints (``/v1/messages``) answer with.
+ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
 _EDGE_ERRORS = {
     "401": "A valid bearer token is required",
     "413": "The request body is over the limit",
@@ -480,6 +537,7 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Error"] = ERROR_SCHEMA
         components["OpenAIError"] = OPENAI_ERROR_SCHEMA
+        components["AnthropicError"] = ANTHROPIC_ERROR_SCHEMA
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         for item in schema.get("paths", {}).values():
@@ -489,6 +547,7 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
                     components.update(body.get("schema", {}).pop("$defs", {}))
         rbee_error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         openai_error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
+        anthropic_error = {"application/json": {"schema": {"$ref": "#/components/schemas/AnthropicError"}}}
         open_paths = {"/health", *(p for p in public if not p.endswith("*"))}
         for path, item in schema.get("paths", {}).items():
             for method, operation in item.items():
@@ -505,6 +564,8 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
                 for status in wanted:
                     responses.setdefault(status, {"description": _EDGE_ERRORS[status]})
                 content = openai_error if _is_openai_path(path) else rbee_error
+                if _is_anthropic_path(path):
+                    content = anthropic_error
                 for status, response in responses.items():
                     if status[:1] in ("4", "5") and _edge_shaped(response):
                         response["content"] = content

@@ -27,6 +27,7 @@ from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry, current_job
 from rbee.narration import narrate
+from rbee.queen.anthropic import anthropic_router
 from rbee.queen.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.ollama import ollama_router
@@ -220,6 +221,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     app.include_router(job_router(lambda request: queen(request).jobs, Operation))
     app.include_router(openai_router())
     app.include_router(ollama_router())
+    app.include_router(anthropic_router())
     app.include_router(web_router(queen))
 
     @app.get("/metrics", tags=["meta"], response_class=Response)
