@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ import ollama
 import pytest
 
 from cluster import Daemon, free_port, queen, wait_for
+from rbee.contracts.operations import Infer
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
 
@@ -140,3 +142,21 @@ def test_a_client_that_leaves_cancels_its_job(cluster: Daemon) -> None:
         next(r.iter_lines())
     job = wait_for(lambda: (j := _job(cluster, job_id))["status"] != "running" and j, 30)
     assert job["status"] == "cancelled", job
+
+
+@pytest.mark.skipif("json_schema" not in Infer.model_fields, reason="the Infer operation has no json_schema")
+def test_format_json_and_a_schema_constrain_the_answer(client: ollama.Client) -> None:
+    answer = client.generate(model=MODEL, prompt="A JSON object about a cat:", format="json", options=GREEDY)
+    assert answer.response and answer.response.lstrip().startswith("{")
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}},
+        "required": ["color"],
+    }
+    chat = client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Pick a color."}],
+        format=schema,
+        options={"temperature": 0, "num_predict": 32},
+    )
+    assert json.loads(chat.message.content or "")["color"] in ("red", "green", "blue")

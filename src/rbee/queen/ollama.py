@@ -23,7 +23,7 @@ An empty prompt (or an empty ``messages``) loads the model, or unloads it with
 ``keep_alive: 0`` (``worker_stop_all`` for the model, as ``rbee stop`` does).
 Options rbee cannot honour are refused by name with 400 rather than ignored;
 those about the runtime (``num_ctx``, ``num_gpu``, ``num_thread``...) are
-accepted and ignored, said in the job's narration. ``format`` (``"json"`` or a
+accepted and ignored, said in the job's narration. ``format`` (``"json"``: any JSON object, or a
 JSON schema) becomes the job's ``json_schema``.
 """
 
