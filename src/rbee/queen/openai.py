@@ -17,8 +17,18 @@ A client that goes away cancels its job, which frees the worker.
 Defaults follow OpenAI's: ``temperature`` 1, ``top_p`` 1, ``n`` 1;
 ``max_tokens`` defaults to 16 for completions (as OpenAI documents) and to
 :data:`DEFAULT_CHAT_MAX_TOKENS` for chats (rbee needs a bound to admit a job).
-Options rbee cannot honour (``n`` > 1, ``logprobs``, ``tools``, penalties,
-``logit_bias``...) are refused by name with ``400`` rather than ignored.
+Each option is enforced in the worker's native sampler chain of the sequence:
+``response_format`` (``json_object``; ``json_schema``, compiled to a GBNF grammar)
+and llama.cpp's own ``grammar`` (GBNF) and ``json_schema``; ``presence_penalty``,
+``frequency_penalty``, llama.cpp's ``repeat_penalty`` (over the last 64 tokens);
+``logit_bias`` (ids checked against the model's vocabulary); ``min_p``, ``top_k``,
+``seed``; ``logprobs`` with ``top_logprobs`` 0..20 (chats) or ``logprobs`` 0..5
+(completions), from the model's logits before the chain. A grammar, schema or
+token id the worker cannot use is a ``400`` naming the field. ``usage`` has
+``prompt_tokens_details.cached_tokens`` (prompt tokens the worker's slot already
+held), answers a ``system_fingerprint`` and an ``x-request-id`` header. Options rbee
+cannot honour (``n`` > 1, ``tools``, ``suffix``, ``echo``) are refused by name with
+``400`` rather than ignored.
 """
 
 from __future__ import annotations
