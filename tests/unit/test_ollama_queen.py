@@ -257,3 +257,13 @@ async def test_token_is_required_and_unloading_needs_the_admin_token(tmp_path: P
         r = await client.post("/api/generate", json={"model": MODEL, "keep_alive": 0}, headers=user)
         assert r.status_code == 403 and isinstance(r.json()["error"], str)
         assert (await client.get("/api/tags", headers=user)).json()["models"][0]["name"] == MODEL
+
+
+async def test_penalties_pass_through_where_infer_has_them_else_only_neutral(client: httpx.AsyncClient) -> None:
+    for name, value in (("repeat_penalty", 1.1), ("min_p", 0.1), ("presence_penalty", 0.5)):
+        r = await client.post("/api/generate", json={"model": MODEL, "prompt": "x", "options": {name: value}})
+        assert r.status_code == (503 if name in Infer.model_fields else 400), r.text
+    ok = await client.post("/api/generate", json={"model": MODEL, "prompt": "x", "options": {"mirostat": 0}})
+    assert ok.status_code == 503  # neutral: accepted (no hive to run it)
+    r = await client.post("/api/generate", json={"model": MODEL, "prompt": "x", "options": {"mirostat": 2}})
+    assert "options.mirostat" in _error(r, 400)
