@@ -267,3 +267,8 @@ async def test_penalties_pass_through_where_infer_has_them_else_only_neutral(cli
     assert ok.status_code == 503  # neutral: accepted (no hive to run it)
     r = await client.post("/api/generate", json={"model": MODEL, "prompt": "x", "options": {"mirostat": 2}})
     assert "options.mirostat" in _error(r, 400)
+
+
+async def test_head_of_the_root_answers_200_as_ollama_s_clients_expect(client: httpx.AsyncClient) -> None:
+    response = await client.head("/")
+    assert response.status_code == 200

@@ -580,7 +580,7 @@ async def _generate(request: Request, chat: bool) -> Response:
     if kind == "end" and data.get("status") != "completed":
         await events.aclose()
         return _end_error_response(data, call.model, headers)
-    watch = asyncio.ensure_future(_watch(request, state, job))
+    watch = asyncio.get_running_loop().create_task(_watch(request, state, job), name=f"ollama:watch:{job.id}")
     return StreamingResponse(
         _stream(state, job, fmt, first, events, watch),
         media_type=_NDJSON,

@@ -345,6 +345,11 @@ def web_router(
     async def index(request: Request) -> Response:
         return asset("index.html").response(request)
 
+    @router.head("/", include_in_schema=False)
+    async def alive(request: Request) -> Response:
+        """Ollama's clients ask ``HEAD /`` whether the server is up before anything else."""
+        return Response(status_code=200, media_type="text/html; charset=utf-8")
+
     @router.get("/static/{name}", include_in_schema=False)
     async def static(request: Request, name: str) -> Response:
         return asset(name).response(request)
