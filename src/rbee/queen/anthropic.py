@@ -94,8 +94,13 @@ def _rbee_error_response(exc: errors.RbeeError, headers: dict[str, str]) -> JSON
     if isinstance(exc, errors.QueueFull):
         headers = {**headers, "Retry-After": str(exc.retry_after_s)}
     message = exc.message
-    if isinstance(exc, errors.InvalidOperation) and exc.field and not message.startswith(_field(exc.field)):
-        message = f"{_field(exc.field)}: {message}"
+    if isinstance(exc, errors.InvalidOperation) and exc.field and exc.field != "operation":
+        # Name the field as the client wrote it: messages[0].content, not messages.0.content.
+        name = _field(exc.field)
+        if message.startswith(exc.field):
+            message = name + message[len(exc.field) :]
+        elif not message.startswith(name):
+            message = f"{name}: {message}"
     return _error(message, _status(exc.status_code), headers)
 
 
