@@ -189,6 +189,14 @@ async def test_message_usage_and_max_tokens(tmp_path: Path) -> None:
         assert r.json()["stop_reason"] == "end_turn" and r.json()["content"][0]["text"] == "".join(PIECES)
 
 
+async def test_the_stop_sequence_that_matched_is_the_one_named(tmp_path: Path) -> None:
+    async with with_worker(tmp_path) as (_, client):
+        body = {"model": MODEL, "max_tokens": 50, "messages": HI, "stop_sequences": ["never", " there"]}
+        r = await client.post("/v1/messages", json=body)
+        assert r.status_code == 200, r.text
+        assert (r.json()["stop_reason"], r.json()["stop_sequence"]) == ("stop_sequence", " there")
+
+
 async def test_stream_has_anthropics_events_in_order(tmp_path: Path) -> None:
     async with with_worker(tmp_path) as (_, client):
         body = {"model": MODEL, "max_tokens": 50, "messages": HI, "stream": True, "stop_sequences": [", "]}

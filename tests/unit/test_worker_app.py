@@ -154,6 +154,7 @@ async def test_stop_string_ends_the_job_without_emitting_it() -> None:
     assert "".join(_tokens(events)) == "Hello world "
     end = _end(events)
     assert (end["status"], end["stop_reason"], end["tokens_out"]) == ("completed", "stop", 4)
+    assert end["stop_sequence"] == "STOP"  # which one ended it (clients that take several want to know)
 
 
 async def test_generation_failure_ends_failed_with_generation_error() -> None:

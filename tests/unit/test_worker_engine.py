@@ -55,6 +55,13 @@ def test_stop_scanner_cuts_at_the_earliest_stop() -> None:
     assert _scan(["bb", "a"], ["xxbba"]) == ("xx", True)
 
 
+def test_stop_scanner_says_which_stop_it_reached() -> None:
+    scanner = StopScanner(["zz", "bb", "a"])
+    assert scanner.matched is None
+    assert scanner.feed("xxab") == ("xx", True)
+    assert scanner.matched == "a"  # the earliest in the text, not the first given
+
+
 def test_stop_scanner_releases_the_held_tail_when_no_stop_comes() -> None:
     assert _scan(["STOP"], ["the end ST"]) == ("the end ST", False)
 

@@ -794,7 +794,16 @@ class Scheduler:
         end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail)
         fields: dict[str, Any] = {
             k: end[k]
-            for k in ("tokens_in", "tokens_out", "stop_reason", "ttft_ms", "tokens_per_s", "decode_ms")
+            for k in (
+                "tokens_in",
+                "tokens_out",
+                "stop_reason",
+                "stop_sequence",
+                "ttft_ms",
+                "tokens_per_s",
+                "decode_ms",
+                "tokens_reused",
+            )
             if k in end
         }
         fields["worker_ttft_ms"] = fields.pop("ttft_ms", None)

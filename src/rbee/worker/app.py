@@ -356,8 +356,10 @@ def _numbers(outcome: GenerationOutcome, gen_ms: float) -> dict[str, Any]:
     decoded = outcome.tokens_out - outcome.tokens_resumed - 1
     tokens_per_s = decoded / (decode_ms / 1000.0) if decoded > 0 and decode_ms > 0 else 0.0
     resumed = {"tokens_resumed": outcome.tokens_resumed} if outcome.tokens_resumed else {}
+    matched = {"stop_sequence": outcome.stop_sequence} if outcome.stop_sequence is not None else {}
     return {
         **resumed,
+        **matched,
         "tokens_in": outcome.tokens_in,
         "tokens_out": outcome.tokens_out,
         "stop_reason": outcome.stop_reason,

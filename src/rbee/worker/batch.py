@@ -488,11 +488,14 @@ class BatchLoop:
     ) -> None:
         out = seq.outcome
         out.stop_reason = "error" if error is not None and reason != "cancelled" else reason
+        if reason == "stop" and seq.scanner is not None:
+            out.stop_sequence = seq.scanner.matched
         if error is None and (flush or reason in ("eos", "max_tokens")) and seq.scanner is not None:
             text, hit = seq.scanner.feed(seq.decoder.decode(b"", final=True))
             tail = text if hit else text + seq.scanner.flush()
             if hit:
                 out.stop_reason = "stop"
+                out.stop_sequence = seq.scanner.matched
             if tail:
                 items.append(self._item(seq, tail))
         if seq.sampler is not None:

@@ -124,6 +124,8 @@ class GenerationOutcome:
     prefill_ms: float = 0.0
     #: Prompt tokens whose KV was already in the slot (not evaluated again).
     tokens_reused: int = 0
+    #: The stop string that ended the answer (``stop_reason`` ``stop``), when one did.
+    stop_sequence: str | None = None
     #: Of ``tokens_out``, those given as ``resume`` (generated before, elsewhere).
     tokens_resumed: int = 0
     slot: int = -1
@@ -233,21 +235,24 @@ class StopScanner:
     rest is released at once.
     """
 
-    __slots__ = ("_pending", "_stops")
+    __slots__ = ("_pending", "_stops", "matched")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [s for s in stops if s]
         self._pending = ""
+        #: The stop string that was reached (the earliest in the text), once one was.
+        self.matched: str | None = None
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was reached)."""
         if not self._stops:
             return text, False
         buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := buf.find(s)) >= 0]
         if hits:
             self._pending = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return buf[:at], True
         hold = 0
         for s in self._stops:
             for k in range(min(len(s) - 1, len(buf)), hold, -1):
@@ -700,6 +705,7 @@ class FakeEngine:
                 pending, lps = [], []
             if hit:
                 outcome.stop_reason = "stop"
+                outcome.stop_sequence = stops.matched
                 return
         else:
             outcome.stop_reason = "eos"
