@@ -146,7 +146,7 @@ async def test_no_hive_is_503(client: httpx.AsyncClient) -> None:
         ({"model": MODEL, "messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
         ({"model": MODEL, "messages": CHAT, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": CHAT, "temperature": True}, "temperature"),
-        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
         ({"model": MODEL, "messages": CHAT, "response_format": {"type": "xml"}}, "response_format"),
         ({"model": MODEL, "messages": CHAT, "logit_bias": {"one": 2}}, "logit_bias"),
         ({"model": "../etc", "messages": CHAT}, "model"),

@@ -99,7 +99,7 @@ def test_response_formats_become_a_json_schema() -> None:
         ({"grammar": ""}, "grammar"),
         ({"json_schema": "object"}, "json_schema"),
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ],
 )
 def test_bad_chat_fields_name_the_param(fields: dict[str, Any], param: str) -> None:

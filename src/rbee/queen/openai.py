@@ -170,8 +170,10 @@ class _Call:
     model: str
     stream: bool
     include_usage: bool
-    #: The body field that asked for a grammar (``response_format``, ``grammar``, ``json_schema``), if any.
+    #: The body field that asked for a grammar (``response_format``, ``grammar``, ``json_schema``, ``tools``), if any.
     constrained_by: str = ""
+    #: A chat's tools and tool_choice (None: a completion).
+    tools: _Tools | None = None
 
 
 def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
@@ -203,9 +205,10 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
         refuse("echo", "echo is not supported")
     if body.get("suffix"):
         refuse("suffix", "suffix (insertion) is not supported")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            refuse(name, "tool and function calling are not supported")
+    if body.get("functions") or body.get("function_call"):
+        refuse("functions", "the deprecated functions are not supported: give tools (and tool_choice)")
+    if not chat and (body.get("tools") or body.get("tool_choice")):
+        refuse("tools", "tools are for chat completions")
 
 
 def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
@@ -277,10 +280,236 @@ def _constraint(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return asked[0] if asked else ("", {})
 
 
+# -- tools -------------------------------------------------------------------
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class _Tools:
+    """What a chat's ``tools`` and ``tool_choice`` ask for."""
+
+    #: The functions (``{"name", "description", "parameters"}``), as validated.
+    functions: tuple[dict[str, Any], ...] = ()
+    #: ``none``, ``auto`` or ``required``, or ``function`` (the one named in ``name``).
+    choice: str = "none"
+    name: str = ""
+
+    @property
+    def calls(self) -> bool:
+        """Whether the answer is a grammar-constrained call."""
+        return self.choice in ("required", "function")
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema of the call: ``{"name": const, "arguments": its parameters}`` for each function allowed."""
+        alternatives = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in self.functions
+            if self.choice == "required" or f["name"] == self.name
+        ]
+        return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+
+    def instructions(self) -> str:
+        """What the model is told about the functions (the template has no place for them)."""
+        allowed = [f for f in self.functions if self.choice == "required" or f["name"] == self.name]
+        listed = "\n".join(_dumps(f) for f in allowed)
+        which = f"the function {self.name}" if self.choice == "function" else "one of these functions"
+        return (
+            f"You can call these functions:\n{listed}\n"
+            f"Call {which}: answer with a JSON object with the function's name and its arguments, "
+            '{"name": ..., "arguments": {...}}.'
+        )
+
+
+def _tools(body: dict[str, Any]) -> _Tools:
+    raw = body.get("tools")
+    choice = body.get("tool_choice")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        _refuse("tools", "must be a list of {type: function, function: {name, description, parameters}}")
+    functions: list[dict[str, Any]] = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise errors.InvalidOperation(f"{where}.type: only function tools are supported", field=f"{where}.type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise errors.InvalidOperation(
+                f"{where}.function must be an object with name, description and parameters", field=f"{where}.function"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise errors.InvalidOperation(
+                f"{where}.function.name: {name!r} must be 1-64 letters, digits, _ or -", field=f"{where}.function.name"
+            )
+        if any(f["name"] == name for f in functions):
+            raise errors.InvalidOperation(
+                f"{where}.function.name: {name!r} is given twice", field=f"{where}.function.name"
+            )
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise errors.InvalidOperation(
+                f"{where}.function.parameters must be a JSON schema of an object", field=f"{where}.function.parameters"
+            )
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise errors.InvalidOperation(
+                f"{where}.function.description must be a string", field=f"{where}.function.description"
+            )
+        entry: dict[str, Any] = {"name": name, "parameters": {"type": "object", **parameters}}
+        if description:
+            entry["description"] = description
+        functions.append(entry)
+    if choice is None:
+        choice = "auto" if functions else "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            _refuse(
+                "tool_choice", f"must be none, auto, required or {{type: function, function: {{name}}}}, not {choice!r}"
+            )
+        if choice == "required" and not functions:
+            _refuse("tool_choice", "required needs tools")
+        return _Tools(tuple(functions), choice)
+    named = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = named.get("name") if isinstance(named, dict) else None
+    if not isinstance(name, str):
+        _refuse("tool_choice", "must be none, auto, required or {type: function, function: {name}}")
+    if all(f["name"] != name for f in functions):
+        _refuse("tool_choice", f"no tool is named {name!r}")
+    return _Tools(tuple(functions), "function", name)
+
+
+def _with_instructions(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """``text`` at the start of the system turn (a new one if the chat has none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _tool_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+def _parse_tool_call(text: str) -> tuple[str, str] | None:
+    """``(name, arguments as JSON text)`` of a generated call, or None if it is not one (cut short)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "arguments" not in value:
+        return None
+    return value["name"], _dumps(value["arguments"])
+
+
+class _CallStream:
+    """A call streamed as OpenAI's tool-call deltas: the name once known, then the arguments' text."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.id = _tool_call_id()
+        self.name: str | None = None
+        self._args_at = 0
+        self._sent = 0
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """The tool-call deltas ``text`` completes."""
+        self.text += text
+        out: list[dict[str, Any]] = []
+        if self.name is None:
+            head = _CALL_HEAD.match(self.text)
+            if head is None:
+                return out
+            self.name = json.loads('"' + head.group(1) + '"')
+            self._args_at = head.end()
+            out.append(self._delta({"name": self.name, "arguments": ""}, first=True))
+        args = self.text[self._args_at :]
+        # The last "}" may be the call's own: hold it (and what follows) until the end.
+        safe = args.rfind("}")
+        piece = args[self._sent : safe] if safe >= 0 else args[self._sent :]
+        if piece:
+            self._sent += len(piece)
+            out.append(self._delta({"arguments": piece}))
+        return out
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.name is None:
+            return []
+        args = self.text[self._args_at :].rstrip()
+        args = args[:-1] if args.endswith("}") else args
+        piece = args[self._sent :]
+        self._sent += len(piece)
+        return [self._delta({"arguments": piece})] if piece else []
+
+    def _delta(self, function: dict[str, Any], first: bool = False) -> dict[str, Any]:
+        call: dict[str, Any] = {"index": 0}
+        if first:
+            call.update(id=self.id, type="function")
+        call["function"] = function
+        return call
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise errors.InvalidOperation(
+                    f"{where}.content[{j}]: only text parts are supported", field=f"{where}.content"
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise errors.InvalidOperation(
+            f"{where}.content must be a string or a list of text parts", field=f"{where}.content"
+        )
+    return content
+
+
+def _assistant_calls(raw: Any, where: str, names: dict[str, str]) -> list[str]:
+    """An assistant turn's ``tool_calls`` as the JSON the model would have written (``names``: id -> name)."""
+    if not isinstance(raw, list):
+        raise errors.InvalidOperation(f"{where}.tool_calls must be a list", field=f"{where}.tool_calls")
+    out = []
+    for k, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise errors.InvalidOperation(
+                f"{where}.tool_calls[{k}] must be {{id, type: function, function: {{name, arguments}}}}",
+                field=f"{where}.tool_calls[{k}]",
+            )
+        try:
+            parsed: Any = json.loads(arguments)
+        except ValueError:
+            parsed = arguments
+        if isinstance(call.get("id"), str):
+            names[call["id"]] = name
+        out.append(_dumps({"name": name, "arguments": parsed}))
+    return out
+
+
 def _messages(raw: Any) -> list[dict[str, str]]:
+    """The chat as Infer's turns (system, user, assistant).
+
+    A tool result (``role: tool``) becomes a user turn ``Tool result (name): ...``
+    (joined to the user turn before it, as templates want turns to alternate), an
+    assistant's ``tool_calls`` the JSON of each call in its turn.
+    """
     if not isinstance(raw, list) or not raw:
         raise errors.InvalidOperation("messages must be a non-empty list of {role, content}", field="messages")
-    out = []
+    out: list[dict[str, str]] = []
+    names: dict[str, str] = {}
+    after_tool = False
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -288,26 +517,35 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system turn
             role = "system"
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise errors.InvalidOperation(
-                f"{where}.role: {role!r} is not supported (system, developer, user, assistant)", field=f"{where}.role"
+                f"{where}.role: {role!r} is not supported (system, developer, user, assistant, tool)",
+                field=f"{where}.role",
             )
         content = message.get("content")
-        if content is None and role == "assistant":
+        if content is None and (role == "assistant" or role == "tool"):
             content = ""
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise errors.InvalidOperation(
-                        f"{where}.content[{j}]: only text parts are supported", field=f"{where}.content"
-                    )
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise errors.InvalidOperation(
-                f"{where}.content must be a string or a list of text parts", field=f"{where}.content"
-            )
+        content = _text(content, where)
+        if role == "assistant" and message.get("tool_calls"):
+            calls = _assistant_calls(message["tool_calls"], where, names)
+            content = "\n".join([content, *calls] if content else calls)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise errors.InvalidOperation(
+                    f"{where}.tool_call_id: a tool result names the call it answers", field=f"{where}.tool_call_id"
+                )
+            name = names.get(call_id) or message.get("name") or call_id
+            content = f"Tool result ({name}): {content}"
+            if out and out[-1]["role"] == "user":
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + content}
+                after_tool = True
+                continue
+            role = "user"
+        elif role == "user" and after_tool and out and out[-1]["role"] == "user":
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + content}
+            continue
+        after_tool = message.get("role") == "tool"
         out.append({"role": role, "content": content})
     return out
 
@@ -374,8 +612,16 @@ def _parse(body: Any, chat: bool) -> _Call:
     # OpenAI's defaults, not rbee's.
     fields["temperature"] = 1.0 if fields["temperature"] is None else fields["temperature"]
     fields["top_p"] = 1.0 if fields["top_p"] is None else fields["top_p"]
+    tools = _tools(body) if chat else None
+    if tools is not None and tools.calls:
+        if constrained_by:
+            _refuse(constrained_by, f"cannot be given with tool_choice {tools.choice} (the call is the output)")
+        constrained_by = "tools"
+        fields["json_schema"] = tools.schema()
     if chat:
         fields["messages"] = _messages(body.get("messages"))
+        if tools is not None and tools.calls:
+            fields["messages"] = _with_instructions(fields["messages"], tools.instructions())
     else:
         if "prompt" not in body:
             raise errors.InvalidOperation("prompt is required", field="prompt")
@@ -390,7 +636,13 @@ def _parse(body: Any, chat: bool) -> _Call:
         raise
     assert isinstance(op, Infer)
     return _Call(
-        op=op, chat=chat, model=model, stream=stream, include_usage=include_usage, constrained_by=constrained_by
+        op=op,
+        chat=chat,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        constrained_by=constrained_by,
+        tools=tools,
     )
 
 
@@ -490,6 +742,8 @@ class _Format:
     def __init__(self, call: _Call, job: Job) -> None:
         self.chat = call.chat
         self.include_usage = call.include_usage
+        #: The answer is a tool call (streamed as tool-call deltas).
+        self.calls = _CallStream() if call.tools is not None and call.tools.calls else None
         uid = job.id.removeprefix("job-").replace("-", "")
         self.id = f"chatcmpl-{uid}" if call.chat else f"cmpl-{uid}"
         self.created = int(job.created_at)
@@ -527,11 +781,19 @@ class _Format:
     def opening(self) -> bytes | None:
         if not self.chat:
             return None
-        delta = {"role": "assistant", "content": ""}
+        delta = {"role": "assistant", "content": None if self.calls is not None else ""}
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def _call_chunks(self, deltas: list[dict[str, Any]]) -> bytes:
+        return b"".join(
+            self._chunk([{"index": 0, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}])
+            for d in deltas
+        )
 
     def token(self, token: str | tuple[str, list[dict[str, Any]] | None]) -> bytes:
         text, lp = (token, None) if isinstance(token, str) else token
+        if self.calls is not None:
+            return self._call_chunks(self.calls.feed(text))
         if lp is None:
             return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
         logprobs = self.logprobs(lp)
@@ -556,6 +818,14 @@ class _Format:
 
     def closing(self, end: dict[str, Any]) -> bytes:
         reason = _finish_reason(end)
+        if self.calls is not None:
+            if self.calls.name is None:  # cut short before the name: what there is, as text
+                text = self.calls.text
+                head = self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+                return head + self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            tail = self._call_chunks(self.calls.finish())
+            reason = "tool_calls" if reason == "stop" else reason
+            return tail + self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if self.chat:
             return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
         return self._chunk([{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}])
@@ -569,7 +839,13 @@ class _Format:
         reason = _finish_reason(end)
         logprobs = None if lp is None else self.logprobs(lp)
         if self.chat:
-            message = {"role": "assistant", "content": text, "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            call = _parse_tool_call(text) if self.calls is not None else None
+            if call is not None and self.calls is not None:
+                function = {"name": call[0], "arguments": call[1]}
+                tool_calls = [{"id": self.calls.id, "type": "function", "function": function}]
+                message = {**message, "content": None, "tool_calls": tool_calls}
+                reason = "tool_calls"
             choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
             obj = {**self._head, "object": "chat.completion"}
         else:
@@ -599,7 +875,9 @@ async def _stream(
             yield opening
         kind, data = first
         while kind == "token":
-            yield fmt.token(data)
+            chunk = fmt.token(data)
+            if chunk:
+                yield chunk
             kind, data = await anext(events)
         end = data
         if end.get("status") == "completed":
@@ -677,6 +955,13 @@ async def _complete(request: Request, chat: bool) -> Response:
             path=path,
             stream=call.stream,
         )
+        if call.tools is not None and call.tools.choice == "auto":
+            narrate(
+                "openai_tools_auto",
+                f"tool_choice auto: answered as text ({len(call.tools.functions)} tool(s) not offered): the model's "
+                "chat template has no place for tools; give tool_choice required or a function for a call",
+                tools=[f["name"] for f in call.tools.functions],
+            )
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
     fmt = _Format(call, job)
     with_logprobs = call.op.logprobs is not None
