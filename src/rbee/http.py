@@ -131,7 +131,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     body: dict[str, Any] = {"error": {"kind": kind, "message": message}}
     if _is_anthropic_path(request.url.path):
         body = anthropic_error_body(message, status=exc.status_code)
-    elif _is_openai_path(request.url.path):
+    elif _is_openai_path(request.url.path) or (exc.status_code == 404 and _is_foreign_v1_path(request.url.path)):
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": kind}}
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -307,7 +307,10 @@ class BrowserGuard:
       otherwise): a cross-site ``text/plain`` form POST needs no preflight, so it
       would reach the handler.
 
-    Allowed origins get CORS answers (preflight included); others get none.
+    Allowed origins get CORS answers (preflight included); others get none. A
+    preflight allows the headers OpenAI's and Anthropic's browser SDKs send
+    (:data:`_ALLOWED_HEADERS`, ``x-stainless-*``), and answers may expose the
+    job's and the request's ids.
     ``/health`` is exempt from the host check, so probes by address always work.
     """
 
@@ -349,11 +352,13 @@ class BrowserGuard:
             await _refuse(send, 403, "forbidden", f"requests from the web origin {origin!r} are not allowed", openai)
             return
         cors = [] if origin is None else [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
+        if cors and scope.get("method") != "OPTIONS":
+            cors.append((b"access-control-expose-headers", _EXPOSED_HEADERS))
         method = scope.get("method", "GET")
         if origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
             allow = [
-                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-                (b"access-control-allow-headers", b"authorization, content-type, last-event-id, x-api-key"),
+                (b"access-control-allow-methods", b"GET, HEAD, POST, DELETE, OPTIONS"),
+                (b"access-control-allow-headers", _allowed_headers(headers.get("access-control-request-headers", ""))),
                 (b"access-control-max-age", b"600"),
             ]
             await send({"type": "http.response.start", "status": 204, "headers": cors + allow})
@@ -377,6 +382,37 @@ class BrowserGuard:
             await send(message)
 
         await self.app(scope, receive, with_cors)
+
+
+#: The request headers a page of an allowed origin may send: rbee's own, and what the
+#: browser builds of OpenAI's and Anthropic's SDKs send (``x-stainless-*``: any of them).
+_ALLOWED_HEADERS = (
+    "authorization",
+    "content-type",
+    "last-event-id",
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
+    "openai-beta",
+    "openai-organization",
+    "openai-project",
+    "idempotency-key",
+    "x-request-id",
+)
+_ALLOWED_PREFIXES = ("x-stainless-",)
+#: The response headers a page of an allowed origin may read (the job's id, the request's id, when to retry).
+_EXPOSED_HEADERS = b"x-rbee-job-id, x-request-id, request-id, retry-after"
+
+
+def _allowed_headers(requested: str) -> bytes:
+    """``Access-Control-Allow-Headers`` for a preflight: the fixed list, and those it asked for by a prefix."""
+    names = list(_ALLOWED_HEADERS)
+    for name in requested.lower().split(","):
+        name = name.strip()
+        if name.startswith(_ALLOWED_PREFIXES) and name not in names and name.replace("-", "").isalnum():
+            names.append(name)
+    return ", ".join(names).encode()
 
 
 def _has_body(headers: dict[str, str]) -> bool:
@@ -403,7 +439,20 @@ def _is_anthropic_path(path: str) -> bool:
 
 
 def _is_openai_path(path: str) -> bool:
-    return path in ("/v1/completions", "/v1/chat/completions", "/v1/models") or path.startswith("/v1/models/")
+    return path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/responses") or path.startswith(
+        ("/v1/models/", "/v1/responses/")
+    )
+
+
+#: The ``/v1/`` paths of rbee's own APIs (jobs, cluster, hives, workers), whose errors keep rbee's shape.
+_RBEE_V1 = ("jobs", "cluster", "hives", "info", "ready", "tokens", "workers")
+
+
+def _is_foreign_v1_path(path: str) -> bool:
+    """A ``/v1/`` path that is neither rbee's own nor Anthropic's: OpenAI clients ask such, so a 404 is OpenAI's."""
+    if not path.startswith("/v1/") or _is_anthropic_path(path):
+        return False
+    return path[4:].split("/", 1)[0] not in _RBEE_V1
 
 
 async def _send_json(

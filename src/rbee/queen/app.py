@@ -32,6 +32,7 @@ from rbee.queen.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.ollama import ollama_router
 from rbee.queen.openai import openai_router
+from rbee.queen.responses import responses_router
 from rbee.queen.router import QueenRouter
 from rbee.queen.scheduler import Scheduler
 from rbee.queen.store import JobStore
@@ -220,6 +221,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
 
     app.include_router(job_router(lambda request: queen(request).jobs, Operation))
     app.include_router(openai_router())
+    app.include_router(responses_router())
     app.include_router(ollama_router())
     app.include_router(anthropic_router())
     app.include_router(web_router(queen))
