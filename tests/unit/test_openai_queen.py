@@ -140,7 +140,7 @@ async def test_no_hive_is_503(client: httpx.AsyncClient) -> None:
         ({"model": MODEL, "messages": "hi"}, "messages"),
         ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
-        ({"model": MODEL, "messages": CHAT, "n": 3}, "n"),
+        ({"model": MODEL, "messages": CHAT, "n": 9}, "n"),
         ({"model": MODEL, "messages": CHAT, "stream": "yes"}, "stream"),
         ({"model": MODEL, "messages": CHAT, "max_tokens": "many"}, "max_tokens"),
         ({"model": MODEL, "messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),

@@ -98,7 +98,8 @@ def test_response_formats_become_a_json_schema() -> None:
         ({"response_format": {"type": "json_object"}, "grammar": "root ::= x"}, "grammar"),
         ({"grammar": ""}, "grammar"),
         ({"json_schema": "object"}, "json_schema"),
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
         ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ],
 )

@@ -63,6 +63,10 @@ __all__ = [
 ]
 
 JOB_ID_HEADER = "x-rbee-job-id"
+#: ``n`` > 1: every choice's job, in order (``x-rbee-job-id`` names the first).
+JOB_IDS_HEADER = "x-rbee-job-ids"
+#: The most choices one request may ask for (``n``).
+MAX_CHOICES = 8
 REQUEST_ID_HEADER = "x-request-id"
 #: The most alternatives a token's log-probability comes with (OpenAI's limits).
 CHAT_TOP_LOGPROBS = 20
@@ -174,6 +178,8 @@ class _Call:
     constrained_by: str = ""
     #: A chat's tools and tool_choice (None: a completion).
     tools: _Tools | None = None
+    #: How many choices (one job each).
+    n: int = 1
 
 
 def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
@@ -195,9 +201,6 @@ def _refuse(param: str, why: str) -> NoReturn:
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     refuse = _refuse
 
-    n = body.get("n")
-    if n is not None and n != 1:
-        refuse("n", "only n=1 is supported")
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         refuse("best_of", "only best_of=1 is supported")
@@ -574,6 +577,10 @@ def _parse(body: Any, chat: bool) -> _Call:
         raise errors.InvalidOperation("stream_options must be an object", field="stream_options")
     include_usage = bool((options or {}).get("include_usage"))
     _refuse_unsupported(body, chat)
+    n = _number(body, "n", integer=True)
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_CHOICES:
+        _refuse("n", f"must be 1..{MAX_CHOICES}, not {n}")
     constrained_by, constraint = _constraint(body)
     logprobs = _logprobs(body, chat)
     max_tokens = _number(body, "max_completion_tokens", integer=True)
@@ -643,6 +650,7 @@ def _parse(body: Any, chat: bool) -> _Call:
         include_usage=include_usage,
         constrained_by=constrained_by,
         tools=tools,
+        n=n,
     )
 
 
@@ -717,9 +725,10 @@ def _finish_reason(end: dict[str, Any]) -> str:
     return "length" if end.get("stop_reason") == "max_tokens" else "stop"
 
 
-def _usage(end: dict[str, Any]) -> dict[str, Any]:
+def _usage(end: dict[str, Any], *more: dict[str, Any]) -> dict[str, Any]:
+    """The usage of a job, or of ``n`` jobs of one prompt (counted once)."""
     prompt = int(end.get("tokens_in") or 0)
-    completion = int(end.get("tokens_out") or 0)
+    completion = sum(int(e.get("tokens_out") or 0) for e in (end, *more))
     cached = min(prompt, int(end.get("tokens_reused") or 0))
     return {
         "prompt_tokens": prompt,
@@ -739,7 +748,9 @@ def _dumps(value: Any) -> str:
 class _Format:
     """The OpenAI objects of one answer (chat or text completion)."""
 
-    def __init__(self, call: _Call, job: Job) -> None:
+    def __init__(self, call: _Call, job: Job, index: int = 0) -> None:
+        #: The choice this answers (``n`` > 1: one per job, all with the first job's id).
+        self.index = index
         self.chat = call.chat
         self.include_usage = call.include_usage
         #: The answer is a tool call (streamed as tool-call deltas).
@@ -761,11 +772,11 @@ class _Format:
         head_json = _dumps(head)[:-1]
         usage_tail = ',"usage":null' if self.include_usage else ""
         if call.chat:
-            self._token_prefix = f'data: {head_json},"choices":[{{"index":0,"delta":{{"content":'
+            self._token_prefix = f'data: {head_json},"choices":[{{"index":{self.index},"delta":{{"content":'
             self._token_suffix = f'}},"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n'
         else:
             self._token_prefix = f'data: {head_json},"choices":[{{"text":'
-            self._token_suffix = f',"index":0,"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n'
+            self._token_suffix = f',"index":{self.index},"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n'
         self._head = head
 
     # streaming
@@ -782,11 +793,11 @@ class _Format:
         if not self.chat:
             return None
         delta = {"role": "assistant", "content": None if self.calls is not None else ""}
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        return self._chunk([{"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def _call_chunks(self, deltas: list[dict[str, Any]]) -> bytes:
         return b"".join(
-            self._chunk([{"index": 0, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}])
+            self._chunk([{"index": self.index, "delta": {"tool_calls": [d]}, "logprobs": None, "finish_reason": None}])
             for d in deltas
         )
 
@@ -798,8 +809,10 @@ class _Format:
             return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
         logprobs = self.logprobs(lp)
         if self.chat:
-            return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
-        return self._chunk([{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": None}])
+            return self._chunk(
+                [{"index": self.index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}]
+            )
+        return self._chunk([{"text": text, "index": self.index, "logprobs": logprobs, "finish_reason": None}])
 
     def logprobs(self, lp: list[dict[str, Any]]) -> dict[str, Any]:
         """The worker's entries (OpenAI's chat shape) as this answer's ``logprobs`` object."""
@@ -821,17 +834,21 @@ class _Format:
         if self.calls is not None:
             if self.calls.name is None:  # cut short before the name: what there is, as text
                 text = self.calls.text
-                head = self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-                return head + self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                head = self._chunk(
+                    [{"index": self.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]
+                )
+                return head + self._chunk(
+                    [{"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}]
+                )
             tail = self._call_chunks(self.calls.finish())
             reason = "tool_calls" if reason == "stop" else reason
-            return tail + self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            return tail + self._chunk([{"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if self.chat:
-            return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
-        return self._chunk([{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}])
+            return self._chunk([{"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        return self._chunk([{"text": "", "index": self.index, "logprobs": None, "finish_reason": reason}])
 
-    def usage(self, end: dict[str, Any]) -> bytes:
-        return self._chunk([], usage=_usage(end))
+    def usage(self, end: dict[str, Any], *more: dict[str, Any]) -> bytes:
+        return self._chunk([], usage=_usage(end, *more))
 
     # not streaming
 
@@ -846,10 +863,10 @@ class _Format:
                 tool_calls = [{"id": self.calls.id, "type": "function", "function": function}]
                 message = {**message, "content": None, "tool_calls": tool_calls}
                 reason = "tool_calls"
-            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
             obj = {**self._head, "object": "chat.completion"}
         else:
-            choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"text": text, "index": self.index, "logprobs": logprobs, "finish_reason": reason}
             obj = dict(self._head)
         return {**obj, "choices": [choice], "usage": _usage(end)}
 
@@ -940,66 +957,151 @@ def _state(request: Request) -> QueenState:
     return state
 
 
+async def _release_all(state: QueenState, jobs: list[Job], events: list[_Events]) -> None:
+    for job, job_events in zip(jobs, events, strict=True):
+        await _release(state, job, job_events)
+
+
+def _seeded(op: Infer, i: int) -> Infer:
+    """The operation of choice ``i``: the seed + i when a seed is given."""
+    if i == 0 or op.seed is None:
+        return op
+    return op.model_copy(update={"seed": (op.seed + i) % 2**32})
+
+
+async def _submit(state: QueenState, call: _Call) -> list[Job]:
+    jobs: list[Job] = []
+    try:
+        for i in range(call.n):
+            jobs.append(await state.jobs.submit(_seeded(call.op, i)))
+    except BaseException:
+        for job in jobs:
+            _abandon(state, job)
+        raise
+    return jobs
+
+
 async def _complete(request: Request, chat: bool) -> Response:
     state = _state(request)
     try:
         call = _parse(await _json_body(request), chat)
-        job = await state.jobs.submit(call.op)
+        jobs = await _submit(state, call)
     except errors.RbeeError as exc:
         return _rbee_error_response(exc, {REQUEST_ID_HEADER: f"req_{secrets.token_hex(12)}"})
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    with bound(job, actor="queen"):
-        narrate(
-            "openai_request",
-            f"OpenAI {path} request for {call.model}{' (streaming)' if call.stream else ''}",
-            path=path,
-            stream=call.stream,
-        )
-        if call.tools is not None and call.tools.choice == "auto":
+    for i, job in enumerate(jobs):
+        with bound(job, actor="queen"):
+            choice = f" (choice {i} of {call.n})" if call.n > 1 else ""
+            choices: dict[str, Any] = {"choice": i, "n": call.n} if call.n > 1 else {}
             narrate(
-                "openai_tools_auto",
-                f"tool_choice auto: answered as text ({len(call.tools.functions)} tool(s) not offered): the model's "
-                "chat template has no place for tools; give tool_choice required or a function for a call",
-                tools=[f["name"] for f in call.tools.functions],
+                "openai_request",
+                f"OpenAI {path} request for {call.model}{' (streaming)' if call.stream else ''}{choice}",
+                path=path,
+                stream=call.stream,
+                **choices,
             )
+            if call.tools is not None and call.tools.choice == "auto":
+                narrate(
+                    "openai_tools_auto",
+                    f"tool_choice auto: answered as text ({len(call.tools.functions)} tool(s) not offered): the "
+                    "model's chat template has no place for tools; give tool_choice required or a function for a call",
+                    tools=[f["name"] for f in call.tools.functions],
+                )
+    job = jobs[0]
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
-    fmt = _Format(call, job)
+    if call.n > 1:
+        headers[JOB_IDS_HEADER] = ",".join(j.id for j in jobs)
+    fmts = [_Format(call, job, i) for i in range(call.n)]
     with_logprobs = call.op.logprobs is not None
-    events = _job_events(job, logprobs=with_logprobs)
-    first: Any
+    events = [_job_events(j, logprobs=with_logprobs) for j in jobs]
+    collect = _collect_logprobs if with_logprobs else _collect
+    firsts: Any
     try:
         if call.stream:
-            # Wait for the first token or the end, so a failure before any
-            # output is still answered with its status.
-            present, first = await _unless_disconnected(request, anext(events))
+            # Wait for the first token or the end of each, so a failure before
+            # any output is still answered with its status.
+            present, firsts = await _unless_disconnected(request, asyncio.gather(*(anext(e) for e in events)))
         else:
-            whole = _collect_logprobs(events) if with_logprobs else _collect(events)
-            present, first = await _unless_disconnected(request, whole)
+            present, firsts = await _unless_disconnected(request, asyncio.gather(*(collect(e) for e in events)))
     except BaseException:
-        await _release(state, job, events)
+        await _release_all(state, jobs, events)
         raise
-    if not present or first is None:
-        await _release(state, job, events)
+    if not present or firsts is None:
+        await _release_all(state, jobs, events)
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
-        text, end, lp = first if with_logprobs else (*first, None)
-        if end.get("status") != "completed":
-            return _end_error_response(end, headers, call)
-        return JSONResponse(fmt.whole(text, end, lp), headers=headers)
-    kind, data = first
-    if kind == "end" and data.get("status") != "completed":
-        await events.aclose()
-        return _end_error_response(data, headers, call)
+        await _release_all(state, jobs, events)  # all ended: nothing to cancel
+        answers = [first if with_logprobs else (*first, None) for first in firsts]
+        failed = next((end for _, end, _ in answers if end.get("status") != "completed"), None)
+        if failed is not None:
+            return _end_error_response(failed, headers, call)
+        body = fmts[0].whole(*answers[0])
+        if call.n > 1:
+            body["choices"] = [fmt.whole(*answer)["choices"][0] for fmt, answer in zip(fmts, answers, strict=True)]
+            body["usage"] = _usage(*(end for _, end, _ in answers))
+        return JSONResponse(body, headers=headers)
+    failed = next((data for kind, data in firsts if kind == "end" and data.get("status") != "completed"), None)
+    if failed is not None:
+        await _release_all(state, jobs, events)
+        return _end_error_response(failed, headers, call)
+    stream = (
+        _stream(state, job, fmts[0], firsts[0], events[0])
+        if call.n == 1
+        else _stream_choices(state, jobs, fmts, firsts, events)
+    )
     return EventSourceResponse(
-        _stream(state, job, fmt, first, events),
+        stream,
         ping=state.settings.ping_interval_s,
         ping_message_factory=_ping,
         sep="\n",
         headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         # Also when the client left before the stream's first chunk, so the
-        # generator above never ran: the job must not go on for nobody.
-        background=BackgroundTask(_release, state, job, events),
+        # generator above never ran: the jobs must not go on for nobody.
+        background=BackgroundTask(_release_all, state, jobs, events),
     )
+
+
+async def _stream_choices(
+    state: QueenState, jobs: list[Job], fmts: list[_Format], firsts: list[tuple[str, Any]], events: list[_Events]
+) -> AsyncIterator[bytes]:
+    """``n`` > 1: the choices' chunks interleaved as their tokens come, each with its ``index``."""
+    queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        kind, data = firsts[i]
+        await queue.put((i, kind, data))
+        while kind == "token":
+            kind, data = await anext(events[i])
+            await queue.put((i, kind, data))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(jobs))]
+    try:
+        for fmt in fmts:
+            opening = fmt.opening()
+            if opening is not None:
+                yield opening
+        ends: dict[int, dict[str, Any]] = {}
+        while len(ends) < len(jobs):
+            i, kind, data = await queue.get()
+            if kind == "token":
+                chunk = fmts[i].token(data)
+                if chunk:
+                    yield chunk
+            elif data.get("status") == "completed":
+                ends[i] = data
+                yield fmts[i].closing(data)
+            else:
+                # The failure is the last thing said: no [DONE] after it, the other jobs cancelled.
+                yield _error_chunk(data)
+                return
+        if fmts[0].include_usage:
+            yield fmts[0].usage(*(ends[i] for i in range(len(jobs))))
+        yield _DONE
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await _release_all(state, jobs, events)
 
 
 async def _collect(events: _Events) -> tuple[str, dict[str, Any]]:
