@@ -37,6 +37,7 @@ from rbee.queen.router import QueenRouter
 from rbee.queen.scheduler import Scheduler
 from rbee.queen.store import JobStore
 from rbee.queen.telemetry import Telemetry
+from rbee.queen.tokens import tokens_router
 from rbee.queen.web import PUBLIC_PATHS, JobWatch, web_router
 
 __all__ = ["QueenSettings", "create_queen_app", "ADMIN_PATHS"]
@@ -224,6 +225,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     app.include_router(responses_router())
     app.include_router(ollama_router())
     app.include_router(anthropic_router())
+    app.include_router(tokens_router())
     app.include_router(web_router(queen))
 
     @app.get("/metrics", tags=["meta"], response_class=Response)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from rbee import __version__
 from rbee.contracts.operations import Infer, OperationBase, parse_operation
@@ -33,9 +34,11 @@ from rbee.narration import bound, narrate
 from rbee.worker.bridge import run_generation
 from rbee.worker.engine import Engine, GenerationOutcome, GenerationRequest, SlotStart, schema_grammar
 
-__all__ = ["WorkerSettings", "Worker", "create_worker_app", "new_worker_id"]
+__all__ = ["MAX_EMBED_INPUTS", "WorkerSettings", "Worker", "create_worker_app", "new_worker_id"]
 
 _CLOSE_TIMEOUT_S = 5.0
+#: The most inputs one embeddings request may have (OpenAI's limit).
+MAX_EMBED_INPUTS = 2048
 
 
 def new_worker_id() -> str:
@@ -88,6 +91,8 @@ class Worker:
         # Loading and closing the model block: they run on this thread, never
         # on the event loop. Generation runs on the engine's own thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbee-load")
+        # Embeddings are computed on a thread of their own, on a context of their own.
+        self.embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbee-embed")
         self._slots = asyncio.Semaphore(settings.slots)
         self.registry = JobRegistry(actor="worker", ttl_s=settings.job_ttl_s)
         self.jobs = JobServer(self.registry, self.execute, admit=self.admit, ping_interval_s=settings.ping_interval_s)
@@ -175,6 +180,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(done, _CLOSE_TIMEOUT_S)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.embed_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- admission (at POST) ---------------------------------------------
 
@@ -253,6 +259,79 @@ class Worker:
             raise InvalidOperation(
                 f"messages: the model's chat template refused them: {exc}", field="messages"
             ) from None
+
+    # -- tokens and embeddings -------------------------------------------
+
+    def require_loaded(self) -> None:
+        if self.error is not None:
+            raise NoWorkerAvailable(f"worker {self.settings.worker_id} could not load its model: {self.error}")
+        if not self.loaded:
+            raise NoWorkerAvailable(f"worker {self.settings.worker_id} has not loaded {self.model_id} yet")
+
+    def check_ids(self, tokens: list[int], field: str) -> None:
+        """Every id must be a token of the model; the first that is not is bad input, named by its place."""
+        n_vocab = self.engine.n_vocab
+        at = next((i for i, t in enumerate(tokens) if not 0 <= t < n_vocab), None)
+        if at is not None:
+            raise InvalidOperation(
+                f"{field}[{at}]: {tokens[at]} is not a token of {self.model_id} (ids are 0 to {n_vocab - 1})",
+                field=field,
+            )
+
+    def tokens_of(self, text: str, field: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        try:
+            return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
+        except UnicodeEncodeError:
+            raise InvalidOperation(f"{field}: it is not valid Unicode text (a lone surrogate)", field=field) from None
+
+    def piece(self, token: int) -> str | list[int]:
+        """A token's text, as llama.cpp's server gives it: a string, or its bytes when they are not UTF-8."""
+        raw = self.engine.token_piece(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return list(raw)
+
+    def embedding_inputs(self, body: EmbedBody) -> list[list[int]]:
+        """The token ids of each input (text gets BOS as llama.cpp's server adds it), bounded."""
+        engine = self.engine
+        if not body.input:
+            raise InvalidOperation("input: at least one input is needed", field="input")
+        if len(body.input) > MAX_EMBED_INPUTS:
+            raise InvalidOperation(
+                f"input: {len(body.input)} inputs; at most {MAX_EMBED_INPUTS} in one request", field="input"
+            )
+        if body.dimensions is not None and body.dimensions != engine.n_embd:
+            raise InvalidOperation(
+                f"dimensions: {self.model_id} gives {engine.n_embd}-dimensional embeddings and cannot give"
+                f" {body.dimensions}",
+                field="dimensions",
+            )
+        found = []
+        for i, item in enumerate(body.input):
+            field = f"input[{i}]"
+            if not item:
+                raise InvalidOperation(f"{field}: it is empty", field=field)
+            if isinstance(item, str):
+                tokens = self.tokens_of(item, field, add_special=True)
+            else:
+                tokens = list(item)
+                self.check_ids(tokens, field)
+            if len(tokens) > engine.n_ctx_embed:
+                raise InvalidOperation(
+                    f"{field}: {len(tokens)} tokens; the embedding context holds {engine.n_ctx_embed}",
+                    field=field,
+                    n_ctx=engine.n_ctx_embed,
+                )
+            found.append(tokens)
+        return found
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        self.require_loaded()
+        vectors = await asyncio.get_running_loop().run_in_executor(self.embed_executor, self.engine.embed, inputs)
+        if self._active == 0 and self.idle_since is not None:
+            self.idle_since = time.time()  # in use: its keep-alive starts again
+        return vectors
 
     # -- execution -------------------------------------------------------
 
@@ -345,6 +424,34 @@ class Worker:
                 self.idle_since = time.time()
 
 
+class TokenizeBody(BaseModel):
+    """llama.cpp server's ``/tokenize`` request."""
+
+    model_config = ConfigDict(strict=True)
+
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    """llama.cpp server's ``/detokenize`` request."""
+
+    model_config = ConfigDict(strict=True)
+
+    tokens: list[int]
+
+
+class EmbedBody(BaseModel):
+    """Texts or token arrays to embed; ``dimensions``, if given, must be the model's."""
+
+    model_config = ConfigDict(strict=True)
+
+    input: list[str | list[int]] = Field(max_length=MAX_EMBED_INPUTS)
+    dimensions: int | None = None
+
+
 def _messages(op: Infer) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in op.messages or ()]
 
@@ -431,5 +538,52 @@ def create_worker_app(engine: Engine, settings: WorkerSettings | None = None) ->
         if not worker.loaded:
             raise NoWorkerAvailable(f"worker {settings.worker_id} has not loaded {worker.model_id} yet")
         return {"tokens_in": worker.count_input(op), "n_ctx": worker.engine.n_ctx}
+
+    not_loaded: dict[int | str, dict[str, Any]] = {503: {"description": "the model is not loaded (yet)"}}
+
+    @app.post(
+        "/tokenize", tags=["inference"], summary="Text to token ids (llama.cpp server's shape)", responses=not_loaded
+    )
+    async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
+        """``{"tokens": [ids]}``, or with ``with_pieces`` ``{"tokens": [{"id", "piece"}]}`` (a piece
+        that is not UTF-8 is its list of bytes). BOS/EOS are added only with ``add_special``."""
+        worker = worker_of(request)
+        worker.require_loaded()
+        ids = worker.tokens_of(body.content, "content", add_special=body.add_special, parse_special=body.parse_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": t, "piece": worker.piece(t)} for t in ids]}
+        return {"tokens": ids}
+
+    @app.post(
+        "/detokenize",
+        tags=["inference"],
+        summary="Token ids to text (llama.cpp server's shape)",
+        responses={**not_loaded, 422: {"description": "an id that is not a token of the model"}},
+    )
+    async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, Any]:
+        worker = worker_of(request)
+        worker.require_loaded()
+        worker.check_ids(body.tokens, "tokens")
+        return {"content": worker.engine.detokenize(body.tokens)}
+
+    @app.post(
+        "/v1/embeddings",
+        tags=["inference"],
+        summary="Mean-pooled, L2-normalised embeddings of texts or token arrays",
+        responses={**not_loaded, 422: {"description": "an input that is empty, too long, or not the model's tokens"}},
+    )
+    async def embeddings(request: Request, body: EmbedBody) -> dict[str, Any]:
+        """One unit vector per input, computed on a context of its own on a thread of its own:
+        ``{"model", "n_embd", "data": [[floats]], "prompt_tokens"}``."""
+        worker = worker_of(request)
+        worker.require_loaded()
+        inputs = worker.embedding_inputs(body)
+        vectors = await worker.embed(inputs)
+        return {
+            "model": worker.model_id,
+            "n_embd": worker.engine.n_embd,
+            "data": vectors,
+            "prompt_tokens": sum(len(t) for t in inputs),
+        }
 
     return app

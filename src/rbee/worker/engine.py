@@ -202,6 +202,26 @@ class Engine(Protocol):
         """Raises ``ValueError`` (with the parser's reason) for a GBNF grammar this engine cannot use."""
         ...
 
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """``text``'s token ids (llama.cpp server's ``/tokenize``: BOS/EOS only with ``add_special``)."""
+        ...
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens as their text)."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (special tokens as their text); ids must be below ``n_vocab``."""
+        ...
+
+    #: The length of an embedding vector, and the most tokens one input to :meth:`embed` may have.
+    n_embd: int
+    n_ctx_embed: int
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One mean-pooled unit vector per input of token ids; blocks, callable from any thread."""
+        ...
+
 
 def parse_device(device: str) -> tuple[int, int]:
     """``cpu`` -> no offload; ``cuda:N`` -> every layer on GPU N. Returns (n_gpu_layers, main_gpu)."""
@@ -353,6 +373,11 @@ class LlamaEngine:
         self._llm: Any = None
         self._model: Any = None
         self._loop: Any = None
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
+        self.n_embd = 0
+        #: The most tokens one input to :meth:`embed` may have: a slot's context.
+        self.n_ctx_embed = n_ctx
 
     def load(self) -> None:
         import llama_cpp
@@ -397,6 +422,8 @@ class LlamaEngine:
             raise
         self.n_ctx = self._loop.n_ctx_slot
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._loop.vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(model))
+        self.n_ctx_embed = self.n_ctx
         metadata = self._llm.metadata
         self.chat_template = template_for(
             metadata.get("general.architecture"), bool(metadata.get("tokenizer.chat_template"))
@@ -408,9 +435,13 @@ class LlamaEngine:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
-        if self._model is not None:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        with self._embed_lock:
+            if self._embedder is not None:
+                self._embedder.close()  # waits for an embedding in progress
+                self._embedder = None
+            if self._model is not None:
+                llama_cpp.llama_model_free(self._model)
+                self._model = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -441,6 +472,56 @@ class LlamaEngine:
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.prompt_tokens(prompt))
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        llm = self._llm
+        if llm is None:
+            raise RuntimeError("the model is not loaded")
+        return [int(t) for t in llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)]
+
+    def token_piece(self, token: int) -> bytes:
+        import ctypes
+
+        import llama_cpp
+
+        vocab = self.batch.vocab
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        import ctypes
+
+        import llama_cpp
+
+        if not tokens:
+            return ""
+        vocab = self.batch.vocab
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = max(64, 8 * len(tokens))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+        raise RuntimeError("llama.cpp could not detokenize the tokens")  # pragma: no cover
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """On a context of its own (:class:`rbee.worker.embed.Embedder`), made at the first call."""
+        from rbee.worker.embed import Embedder
+
+        with self._embed_lock:
+            if self._model is None:
+                raise RuntimeError("the model is not loaded")
+            if self._embedder is None:
+                self._embedder = Embedder(self._model, n_ctx=self.n_ctx_embed, n_threads=self.n_threads)
+            embedder = self._embedder
+        vectors: list[list[float]] = embedder.embed(inputs)
+        return vectors
 
     def chat_prompt(self, messages: list[dict[str, str]], stop: Sequence[str] = ()) -> ChatPrompt:
         """Render a chat with the model's template (:attr:`chat_template`).
@@ -596,6 +677,8 @@ class FakeEngine:
         self.n_ctx = n_ctx
         self.n_vocab = len(self.pieces)
         self.chat_template = "fake"
+        self.n_embd = 8
+        self.n_ctx_embed = n_ctx
         self.max_slots = slots
         self.load_gate = load_gate
         self.fail_load = fail_load
@@ -633,6 +716,33 @@ class FakeEngine:
         """Only a stand-in for llama.cpp's parser: a grammar needs a ``root ::=`` rule."""
         if "root ::=" not in grammar:
             raise ValueError("the grammar has no root rule")
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Fake tokens: one per whitespace-separated word, its CRC-32 modulo ``n_vocab``; a fake BOS 0."""
+        import zlib
+
+        ids = [zlib.crc32(word.encode()) % self.n_vocab for word in text.split()]
+        return [0, *ids] if add_special else ids
+
+    def token_piece(self, token: int) -> bytes:
+        """Fake pieces: token ``k`` is piece ``k`` of the script."""
+        return self.pieces[token].encode()
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return "".join(self.pieces[t] for t in tokens)
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Fake embeddings: a unit vector of ``n_embd`` numbers drawn from a hash of the token ids."""
+        import hashlib
+        import math
+
+        vectors = []
+        for tokens in inputs:
+            digest = hashlib.sha256(",".join(map(str, tokens)).encode()).digest()
+            raw = [b - 127.5 for b in digest[: self.n_embd]]
+            norm = math.sqrt(sum(x * x for x in raw))
+            vectors.append([x / norm for x in raw])
+        return vectors
 
     def submit(self, req: GenerationRequest, outcome: GenerationOutcome, sink: Sink) -> SequenceHandle:
         self.last_request = req
