@@ -169,3 +169,18 @@ def test_other_dimensions_and_empty_input_are_refused(client: openai.OpenAI) -> 
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model=MODEL, input="")
     assert refused.value.param == "input[0]"
+
+
+def test_an_input_longer_than_a_window_is_pooled_over_every_token(client: openai.OpenAI, embedder: Any) -> None:
+    """Over 128 tokens the input is decoded in several windows; the mean is still over all of them."""
+    text = " ".join(f"Sentence {i} is about bees, honey and the hive." for i in range(30))
+    assert 300 < len(embedder.tokenize(text.encode())) <= 512
+    got = client.embeddings.create(model=MODEL, input=text).data[0].embedding
+    assert _cos(got, embedder.embed(text, normalize=True)) > 0.9999
+
+
+def test_an_input_longer_than_the_embedding_context_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=MODEL, input="bee " * 40_000)
+    assert refused.value.param == "input[0]"
+    assert "the embedding context holds" in str(refused.value)
