@@ -227,16 +227,16 @@ def test_unknown_model_is_404_not_found(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 99}, "n"),
         ({"temperature": 3}, "temperature"),
         ({"top_p": -1}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"seed": -5}, "seed"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"logprobs": True}, "logprobs"),
-        ({"presence_penalty": 1.5}, "presence_penalty"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "bell \x07"}]}, "messages[0].content"),
     ],
 )
