@@ -49,3 +49,46 @@ def test_n_sampled_choices(client: openai.OpenAI) -> None:
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + choice.text
     assert set(texts) == {0, 1} and all(texts.values())
+
+
+def _n_ctx(client: openai.OpenAI) -> int:
+    base = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    workers = httpx.get(f"{base}/api/ps", timeout=30).json()["models"]
+    return min(int(w["context_length"]) for w in workers)
+
+
+def test_a_long_chat_without_max_tokens_runs_to_the_end_of_the_context(client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)  # a worker is up: its context is known
+    n_ctx = _n_ctx(client)
+
+    def chat(count: int, **fields: object) -> object:
+        words = " ".join(["apple"] * count)
+        messages = [{"role": "user", "content": f"Repeat the word: {words}"}]
+        return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **fields)  # type: ignore[call-overload]
+
+    def tokens(count: int) -> int:
+        return int(chat(count, max_tokens=1).usage.prompt_tokens)  # type: ignore[attr-defined]
+
+    small, large = tokens(100), tokens(300)
+    per_word = (large - small) / 200
+    count = int((n_ctx - 150 - (small - 100 * per_word)) / per_word)  # far more than 1 024 tokens, ~150 left
+    # Neither end of turn nor end of text: the answer can only end at the context.
+    got = chat(count, logit_bias={"1": -100, "106": -100})
+    usage = got.usage  # type: ignore[attr-defined]
+    assert usage.prompt_tokens > 1024
+    assert got.choices[0].finish_reason == "length"  # type: ignore[attr-defined]
+    assert usage.prompt_tokens + usage.completion_tokens == n_ctx
+
+
+def test_n_predict_and_ignored_parameters(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="The sea is", temperature=0, extra_body={"n_predict": 3, "cache_prompt": True}
+    )
+    assert raw.headers["x-rbee-ignored-params"] == "cache_prompt"
+    got = raw.parse()
+    assert got.usage is not None and got.usage.completion_tokens <= 3
+    text = "Page one.\fPage two."
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=2, temperature=0
+    )
+    assert answer.choices[0].message.content is not None

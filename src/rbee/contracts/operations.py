@@ -65,7 +65,9 @@ class _Limits:
     max_tokens = 131_072
     stop_strings = 4
     stop_chars = 100
-    messages = 1_024
+    #: A chat's turns are bounded by its characters (``prompt_chars``) and tokens; this only
+    #: keeps a list of empty turns bounded.
+    messages = 100_000
     #: More candidates than this change nothing a person can tell, and made llama.cpp's
     #: sampling 20x slower at 2^31.
     top_k = 1_000
@@ -82,9 +84,10 @@ LIMITS = _Limits()
 
 _MODEL_REF = re.compile(r"^[A-Za-z0-9._:/-]+$")
 _ID = re.compile(r"^[A-Za-z0-9._:-]+$")
-# Control characters other than tab, newline and carriage return, plus the
-# Unicode bidi overrides that make text display differently from what it is.
-_BAD_PROMPT_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+# Control characters other than tab, newline, form feed (common in text from PDFs) and
+# carriage return, plus the Unicode bidi overrides that make text display differently
+# from what it is.
+_BAD_PROMPT_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
 
 def check_model_ref(value: str) -> str:

@@ -14,9 +14,14 @@ The endpoints read the job's events in process and translate them:
 
 A client that goes away cancels its job, which frees the worker.
 
-Defaults follow OpenAI's: ``temperature`` 1, ``top_p`` 1, ``n`` 1;
-``max_tokens`` defaults to 16 for completions (as OpenAI documents) and to
-:data:`DEFAULT_CHAT_MAX_TOKENS` for chats (rbee needs a bound to admit a job).
+Defaults follow OpenAI's: ``temperature`` 1, ``top_p`` 1, ``n`` 1; ``max_tokens``
+defaults to 16 for completions (as OpenAI documents); a chat without it generates
+until the slot's context is full, as llama.cpp's server does: ``max_tokens`` becomes
+what the smallest context of the model's ready workers (``n_ctx`` of their reports)
+leaves after the prompt, as one of them counts it (``POST /v1/tokens/count``); while no
+worker of the model is known, :data:`DEFAULT_CHAT_MAX_TOKENS` bounds it. llama.cpp's
+``n_predict`` is ``max_tokens`` (negative: to the end of the context). An input too long
+for the context is OpenAI's ``context_length_exceeded`` (``param`` messages or prompt).
 Each option is enforced in the worker's native sampler chain of the sequence:
 ``response_format`` (``json_object``; ``json_schema``, compiled to a GBNF grammar)
 and llama.cpp's own ``grammar`` (GBNF) and ``json_schema``; ``presence_penalty``,
@@ -26,9 +31,29 @@ and llama.cpp's own ``grammar`` (GBNF) and ``json_schema``; ``presence_penalty``
 (completions), from the model's logits before the chain. A grammar, schema or
 token id the worker cannot use is a ``400`` naming the field. ``usage`` has
 ``prompt_tokens_details.cached_tokens`` (prompt tokens the worker's slot already
-held), answers a ``system_fingerprint`` and an ``x-request-id`` header. Options rbee
-cannot honour (``n`` > 1, ``tools``, ``suffix``, ``echo``) are refused by name with
-``400`` rather than ignored.
+held), answers a ``system_fingerprint`` and an ``x-request-id`` header.
+
+Tools: ``tool_choice`` ``required`` or a named function makes the answer a call,
+generated under the call's JSON schema (``{"name": const, "arguments": <parameters>}``
+of one of the functions, given to the job as ``json_schema``) and answered as
+``message.tool_calls`` with ``finish_reason: "tool_calls"`` (streamed as tool-call
+deltas: id, type and name first, then the arguments' text). The functions are told
+to the model in the system turn. ``none`` answers text, and so does ``auto`` (the
+default with tools): the bundled model's template, like a GGUF's own, has no place
+for tools, and the job's narration says so (``openai_tools_auto``). Infer's turns
+are system, user and assistant only, so a tool result (``role: tool``) is rendered
+here as a user turn ``Tool result (name): ...`` and an assistant's ``tool_calls`` as
+their JSON; the worker is unchanged.
+
+``n`` (1..8) runs one job a choice (seeds ``seed + i`` when a seed is given), answers
+the choices with their ``index`` and ``usage`` summed (the prompt counted once),
+interleaves the streamed chunks, and cancels them all when the client goes;
+``x-rbee-job-id`` names the first job, ``x-rbee-job-ids`` all.
+
+Body parameters rbee does not use are accepted, listed in the job's narration
+(``openai_ignored``) and in an ``x-rbee-ignored-params`` header. Options rbee cannot
+honour (``suffix``, ``echo``, ``best_of`` > 1, the deprecated ``functions``) are
+refused by name with ``400`` rather than ignored.
 """
 
 from __future__ import annotations
@@ -38,21 +63,24 @@ import json
 import re
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from rbee import __version__, errors
-from rbee.contracts.operations import Infer, parse_keep_alive, parse_operation
+from rbee.contracts.operations import LIMITS, Infer, parse_keep_alive, parse_operation
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen.scheduler import COUNT_TIMEOUT_S, _input_bound
 
 if TYPE_CHECKING:
     from rbee.queen.app import QueenState
+    from rbee.queen.telemetry import WorkerView
 
 __all__ = [
     "DEFAULT_CHAT_MAX_TOKENS",
@@ -65,6 +93,8 @@ __all__ = [
 JOB_ID_HEADER = "x-rbee-job-id"
 #: ``n`` > 1: every choice's job, in order (``x-rbee-job-id`` names the first).
 JOB_IDS_HEADER = "x-rbee-job-ids"
+#: The body parameters that were accepted but not used, comma-separated.
+IGNORED_HEADER = "x-rbee-ignored-params"
 #: The most choices one request may ask for (``n``).
 MAX_CHOICES = 8
 REQUEST_ID_HEADER = "x-request-id"
@@ -116,17 +146,39 @@ def _error_response(
     return JSONResponse(openai_error_body(message, status=status, code=code, param=param), status, headers=headers)
 
 
-def _rbee_error_response(exc: errors.RbeeError, headers: dict[str, str] | None = None) -> JSONResponse:
+def _rbee_error_response(
+    exc: errors.RbeeError, headers: dict[str, str] | None = None, *, chat: bool | None = None
+) -> JSONResponse:
+    """``chat``: the error is a chat's (True) or a completion's (False), so a prompt that does not fit
+    the context is OpenAI's ``context_length_exceeded`` about ``messages`` or ``prompt``."""
     status = 400 if exc.status_code == 422 else exc.status_code
     param = None
+    code = exc.kind
     if isinstance(exc, errors.InvalidOperation):
         param = _param_name(exc.field)
+        if chat is not None and ("n_ctx" in exc.data or _over_context(exc.message)):
+            code, param = _context_exceeded(exc.message, chat, param)
     elif isinstance(exc, errors.ModelNotFound):
         param = "model"
     headers = dict(headers or {})
     if isinstance(exc, errors.QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
-    return _error_response(exc.message, status=status, code=exc.kind, param=param, headers=headers)
+    return _error_response(exc.message, status=status, code=code, param=param, headers=headers)
+
+
+#: How the queen's and the worker's refusals of an input too long for the context begin or say it.
+_OVER_CONTEXT = re.compile(r"exceed the context|does not fit the context|a slot holds|the context holds")
+
+
+def _over_context(message: str) -> bool:
+    return _OVER_CONTEXT.search(message) is not None
+
+
+def _context_exceeded(message: str, chat: bool, param: str | None) -> tuple[str, str | None]:
+    """OpenAI's code and param for an input too long: the prompt's field, or ``max_tokens`` when it alone is."""
+    if "does not fit the context" in message and param in ("max_tokens", "max_completion_tokens", "n_predict"):
+        return "context_length_exceeded", param
+    return "context_length_exceeded", "messages" if chat else "prompt"
 
 
 def _end_error_response(end: dict[str, Any], headers: dict[str, str], call: _Call | None = None) -> JSONResponse:
@@ -138,6 +190,7 @@ def _end_error_response(end: dict[str, Any], headers: dict[str, str], call: _Cal
     if kind == "queue_full":
         headers = {**headers, "Retry-After": "2"}
     param = None
+    code = kind
     if kind == "invalid_operation":
         # The worker's refusals start with the field they are about ("logit_bias: ...").
         named = _FIELD_PREFIX.match(message)
@@ -145,7 +198,9 @@ def _end_error_response(end: dict[str, Any], headers: dict[str, str], call: _Cal
             param = named.group(1)
             if param in ("json_schema", "grammar") and call is not None and call.constrained_by:
                 param = call.constrained_by
-    return _error_response(message, status=status, code=kind, param=param, headers=headers)
+        if call is not None and _over_context(message):
+            code, param = _context_exceeded(message, call.chat, param)
+    return _error_response(message, status=status, code=code, param=param, headers=headers)
 
 
 _FIELD_PREFIX = re.compile(r"([a-z_]+): ")
@@ -180,6 +235,10 @@ class _Call:
     tools: _Tools | None = None
     #: How many choices (one job each).
     n: int = 1
+    #: No max_tokens was given: generate until the slot's context is full (see :func:`_to_the_context`).
+    to_the_context: bool = False
+    #: Body parameters rbee does not use (said in the narration and ``x-rbee-ignored-params``).
+    ignored: tuple[str, ...] = ()
 
 
 def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
@@ -563,6 +622,27 @@ def _prompt(raw: Any) -> str:
     raise errors.InvalidOperation("prompt must be a string (token arrays are not supported)", field="prompt")
 
 
+#: The body parameters rbee reads; any other is accepted, ignored and said so.
+_KNOWN_PARAMS = frozenset(
+    {
+        "model", "messages", "prompt", "stream", "stream_options", "n", "best_of", "echo", "suffix",
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+        "response_format", "grammar", "json_schema", "logprobs", "top_logprobs",
+        "max_tokens", "max_completion_tokens", "n_predict", "temperature", "top_p", "top_k", "seed", "stop",
+        "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "keep_alive",
+    }
+)  # fmt: skip
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+#: The most ignored parameters named (a header stays short).
+_IGNORED_NAMED = 32
+
+
+def _ignored(body: dict[str, Any]) -> tuple[str, ...]:
+    """The body's parameters rbee does not use, as names fit for a header."""
+    names = sorted(_UNSAFE_NAME.sub("_", str(k))[:64] for k in body if k not in _KNOWN_PARAMS)
+    return tuple(names[:_IGNORED_NAMED])
+
+
 def _parse(body: Any, chat: bool) -> _Call:
     if not isinstance(body, dict):
         raise errors.InvalidOperation("the body must be a JSON object", field=None)
@@ -586,6 +666,11 @@ def _parse(body: Any, chat: bool) -> _Call:
     max_tokens = _number(body, "max_completion_tokens", integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", integer=True)
+    # llama.cpp's server: n_predict, -1 (or any negative) for "until the context is full".
+    n_predict = _number(body, "n_predict", integer=True) if max_tokens is None else None
+    if n_predict is not None and n_predict >= 0:
+        max_tokens = n_predict
+    to_the_context = max_tokens is None and (chat or n_predict is not None)
     if max_tokens is None:
         max_tokens = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
     stop = body.get("stop")
@@ -638,6 +723,8 @@ def _parse(body: Any, chat: bool) -> _Call:
     except errors.InvalidOperation as exc:
         if exc.field == "max_tokens" and body.get("max_completion_tokens") is not None:
             exc.field = "max_completion_tokens"  # name the field the client sent
+        elif exc.field == "max_tokens" and n_predict is not None:
+            exc.field = "n_predict"
         if exc.field is not None and exc.field.split(".")[0] == "json_schema" and constrained_by:
             exc.field = constrained_by
         raise
@@ -651,6 +738,8 @@ def _parse(body: Any, chat: bool) -> _Call:
         constrained_by=constrained_by,
         tools=tools,
         n=n,
+        to_the_context=to_the_context,
+        ignored=_ignored(body),
     )
 
 
@@ -981,13 +1070,72 @@ async def _submit(state: QueenState, call: _Call) -> list[Job]:
     return jobs
 
 
+async def _count(state: QueenState, op: Infer, worker: WorkerView) -> int | None:
+    """The prompt tokens of ``op`` as ``worker`` counts them (None: it did not answer)."""
+    token = worker.token or state.settings.token
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    body = op.model_copy(update={"hive_id": None, "worker_id": None, "device": None}).model_dump_json()
+    try:
+        response = await state.http.post(
+            f"{worker.report.url}/v1/tokens/count", content=body, headers=headers, timeout=COUNT_TIMEOUT_S
+        )
+    except httpx.HTTPError:
+        return None
+    if response.status_code == 422:
+        error = response.json().get("error") or {}
+        raise errors.InvalidOperation(
+            str(error.get("message") or "the worker refused the input"), field=error.get("field")
+        )
+    if response.status_code != 200:
+        return None
+    return int(response.json()["tokens_in"])
+
+
+async def _to_the_context(state: QueenState, call: _Call) -> _Call:
+    """A call without max_tokens gets what is left of the slot's context after its prompt.
+
+    The context is the smallest of the model's ready workers' (``n_ctx`` of their
+    reports), the prompt as one of them counts it (``POST /v1/tokens/count``), or
+    bounded by its bytes when none answers. When no worker of the model is known
+    yet (the first one is still to start), :data:`DEFAULT_CHAT_MAX_TOKENS` stays.
+    """
+    if not call.to_the_context:
+        return call
+    op = call.op
+    workers = [w for w in state.scheduler._candidates(op, set()) if w.report.n_ctx and w.report.url]
+    if not workers:
+        return call
+    n_ctx = min(w.report.n_ctx or 0 for w in workers)
+    counted = await _count(state, op, min(workers, key=lambda w: state.scheduler.inflight.get(w.worker_id, 0)))
+    tokens_in = counted if counted is not None else _input_bound(op)
+    room = min(n_ctx - tokens_in, LIMITS.max_tokens)
+    if room < 1:
+        if counted is None:
+            return call  # the worker that runs it says
+        field = "messages" if call.chat else "prompt"
+        raise errors.InvalidOperation(
+            f"{field}: the prompt is {tokens_in} tokens; the context holds {n_ctx}, with room for no token more",
+            field=field,
+            tokens_in=tokens_in,
+            n_ctx=n_ctx,
+        )
+    return replace(call, op=op.model_copy(update={"max_tokens": room}))
+
+
 async def _complete(request: Request, chat: bool) -> Response:
     state = _state(request)
+    failed_headers = {REQUEST_ID_HEADER: f"req_{secrets.token_hex(12)}"}
     try:
-        call = _parse(await _json_body(request), chat)
+        body = await _json_body(request)
+        if isinstance(body, dict) and _ignored(body):
+            failed_headers[IGNORED_HEADER] = ",".join(_ignored(body))
+        call = _parse(body, chat)
+        call = await _to_the_context(state, call)
         jobs = await _submit(state, call)
     except errors.RbeeError as exc:
-        return _rbee_error_response(exc, {REQUEST_ID_HEADER: f"req_{secrets.token_hex(12)}"})
+        return _rbee_error_response(exc, failed_headers, chat=chat)
     path = "/v1/chat/completions" if chat else "/v1/completions"
     for i, job in enumerate(jobs):
         with bound(job, actor="queen"):
@@ -1000,6 +1148,12 @@ async def _complete(request: Request, chat: bool) -> Response:
                 stream=call.stream,
                 **choices,
             )
+            if call.ignored:
+                narrate(
+                    "openai_ignored",
+                    f"Ignored parameters rbee does not use: {', '.join(call.ignored)}",
+                    ignored=list(call.ignored),
+                )
             if call.tools is not None and call.tools.choice == "auto":
                 narrate(
                     "openai_tools_auto",
@@ -1011,6 +1165,8 @@ async def _complete(request: Request, chat: bool) -> Response:
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
     if call.n > 1:
         headers[JOB_IDS_HEADER] = ",".join(j.id for j in jobs)
+    if call.ignored:
+        headers[IGNORED_HEADER] = ",".join(call.ignored)
     fmts = [_Format(call, job, i) for i in range(call.n)]
     with_logprobs = call.op.logprobs is not None
     events = [_job_events(j, logprobs=with_logprobs) for j in jobs]
