@@ -398,3 +398,15 @@ async def test_openapi_documents_the_responses_api(client: httpx.AsyncClient) ->
         if status[0] in "45":
             assert response["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError"), status
     assert "404" in schema["paths"]["/v1/responses/{response_id}"]["get"]["responses"]
+
+
+def test_a_workers_refusal_names_the_clients_field() -> None:
+    from rbee.queen.responses import _end_error
+
+    end = {"status": "failed", "error": {"kind": "invalid_operation", "message": "json_schema: cannot compile"}}
+    r = _end_error(end, {})
+    body = json.loads(bytes(r.body))
+    assert r.status_code == 400 and body["error"]["param"] == "text.format"
+    assert body["error"]["message"] == "text.format: cannot compile"
+    other = {"status": "failed", "error": {"kind": "worker_lost", "message": "gone"}}
+    assert _end_error(other, {}).status_code == 502

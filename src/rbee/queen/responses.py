@@ -487,12 +487,12 @@ async def _create(request: Request) -> Response:
     if not call.stream:
         text, end = first
         if end.get("status") != "completed":
-            return _end_error_response(_renamed_end(end), headers)
+            return _end_error(end, headers)
         return JSONResponse(answer.whole(text, end), headers=headers)
     kind, data = first
     if kind == "end" and data.get("status") != "completed":
         await events.aclose()
-        return _end_error_response(_renamed_end(data), headers)
+        return _end_error(data, headers)
     return EventSourceResponse(
         _stream(state, job, answer, first, events),
         ping=state.settings.ping_interval_s,
@@ -503,14 +503,17 @@ async def _create(request: Request) -> Response:
     )
 
 
-def _renamed_end(end: dict[str, Any]) -> dict[str, Any]:
-    """A worker's refusal names Infer's field (``json_schema: ...``): name the client's instead."""
+def _end_error(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
+    """A job that failed before its first token; a worker's refusal names Infer's field
+    (``json_schema: ...``), the answer names the client's (``text.format``)."""
     error = end.get("error") or {}
     message = str(error.get("message") or "")
-    for name, new in _RENAMED.items():
-        if message.startswith(f"{name}: "):
-            return {**end, "error": {**error, "message": new + message[len(name) :]}}
-    return end
+    if error.get("kind") == "invalid_operation":
+        for name, new in _RENAMED.items():
+            if message.startswith(f"{name}: "):
+                message = new + message[len(name) :]
+                return _error_response(message, status=400, code="invalid_operation", param=new, headers=headers)
+    return _end_error_response(end, headers)
 
 
 def _not_found(response_id: str) -> JSONResponse:
