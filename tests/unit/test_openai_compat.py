@@ -87,11 +87,13 @@ def test_max_tokens_defaults_and_n_predict() -> None:
     assert caught.value.field == "n_predict"
 
 
-def test_a_form_feed_is_accepted_other_controls_not() -> None:
+def test_a_form_feed_and_a_vertical_tab_are_accepted_other_controls_not() -> None:
     assert (_parse(messages=[{"role": "user", "content": "page 1\fpage 2"}]).op.messages or [])[0].content.count("\f")
     assert "\f" in (_parse(chat=False, prompt="a\fb").op.prompt or "")
-    with pytest.raises(InvalidOperation):
-        _parse(messages=[{"role": "user", "content": "a\x0bb"}])
+    assert "\x0b" in (_parse(chat=False, prompt="a\x0bb").op.prompt or "")
+    for bad in ("a\x00b", "a\x07b", "a\u202eb"):  # NUL, a bell, a bidi override
+        with pytest.raises(InvalidOperation):
+            _parse(messages=[{"role": "user", "content": bad}])
 
 
 def test_many_turns_are_bounded_by_their_characters_not_their_count() -> None:

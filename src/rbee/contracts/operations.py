@@ -84,10 +84,10 @@ LIMITS = _Limits()
 
 _MODEL_REF = re.compile(r"^[A-Za-z0-9._:/-]+$")
 _ID = re.compile(r"^[A-Za-z0-9._:-]+$")
-# Control characters other than tab, newline, form feed (common in text from PDFs) and
-# carriage return, plus the Unicode bidi overrides that make text display differently
-# from what it is.
-_BAD_PROMPT_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+# Control characters other than tab, newline, vertical tab and form feed (both common in
+# text taken from PDFs and word processors) and carriage return, plus the Unicode bidi
+# overrides that make text display differently from what it is.
+_BAD_PROMPT_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
 
 def check_model_ref(value: str) -> str:
