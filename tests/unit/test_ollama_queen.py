@@ -7,7 +7,9 @@ tests/e2e/test_ollama_api.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +20,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from modelserver import ModelServer, tiny_gguf
 from rbee.contracts.operations import Infer
 from rbee.queen.app import QueenSettings, create_queen_app
+from rbee.worker.app import WorkerSettings, create_worker_app
+from rbee.worker.engine import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -272,3 +277,155 @@ async def test_penalties_pass_through_where_infer_has_them_else_only_neutral(cli
 async def test_head_of_the_root_answers_200_as_ollama_s_clients_expect(client: httpx.AsyncClient) -> None:
     response = await client.head("/")
     assert response.status_code == 200
+
+
+# -- embeddings -------------------------------------------------------------------
+
+WORKER_TOKEN = "worker-token-0123456789"
+
+
+@contextlib.asynccontextmanager
+async def with_worker(home: Path) -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
+    """A queen whose one ready worker is a fake one in process."""
+    engine = FakeEngine(model_id=MODEL_ID, n_ctx=64)
+    worker = create_worker_app(engine, WorkerSettings(worker_id="w1", aliases=[MODEL], token=WORKER_TOKEN))
+    async with worker.router.lifespan_context(worker), queen(home) as (app, client):
+        http = app.state.queen.http
+        http._transport = httpx.ASGITransport(worker)
+        auth = {"authorization": f"Bearer {WORKER_TOKEN}"}
+        for _ in range(200):  # until the model is loaded
+            if (await http.get("http://worker/v1/ready", headers=auth)).json()["ready"]:
+                break
+            await asyncio.sleep(0.01)
+        report = {"worker_id": "w1", "model": MODEL_ID, "model_aliases": [MODEL], "state": "ready"}
+        report |= {"url": "http://worker", "n_ctx": 64}
+        beat = {"hive_id": "alpha", "url": "http://hive", "models": [MODEL_REPORT], "workers": [report]}
+        beat["worker_tokens"] = {"w1": WORKER_TOKEN}
+        assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
+        yield engine, client
+
+
+async def test_embed_in_ollamas_shape(tmp_path: Path) -> None:
+    async with with_worker(tmp_path) as (engine, client):
+        r = await client.post("/api/embed", json={"model": MODEL, "input": ["a b", "c"], "truncate": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"model", "embeddings", "total_duration", "load_duration", "prompt_eval_count"}
+        assert body["model"] == MODEL and body["prompt_eval_count"] == 5
+        assert body["embeddings"] == engine.embed([[0, *engine.tokenize("a b")], [0, *engine.tokenize("c")]])
+        assert body["total_duration"] > 0 and body["load_duration"] == 0
+        for vector in body["embeddings"]:
+            assert abs(sum(x * x for x in vector) - 1.0) < 1e-4
+        one = (await client.post("/api/embed", json={"model": f"{MODEL}:latest", "input": "c"})).json()
+        assert one["embeddings"] == [body["embeddings"][1]]
+        old = await client.post("/api/embeddings", json={"model": MODEL, "prompt": "c"})
+        assert old.status_code == 200 and old.json() == {"embedding": body["embeddings"][1]}
+        empty = await client.post("/api/embeddings", json={"model": MODEL, "prompt": ""})
+        assert empty.json() == {"embedding": []}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"model": MODEL}, "input is required"),
+        ({"model": MODEL, "input": []}, "input must be"),
+        ({"model": MODEL, "input": [1, 2]}, "input must be"),
+        ({"model": MODEL, "input": "x", "truncate": "yes"}, "truncate"),
+        ({"input": "x"}, "model is required"),
+        ({"model": MODEL, "input": "x", "keep_alive": "soon"}, "keep_alive"),
+    ],
+)
+async def test_bad_embed_request_is_400(tmp_path: Path, body: dict[str, Any], words: str) -> None:
+    async with with_worker(tmp_path) as (_, client):
+        assert words in _error(await client.post("/api/embed", json=body), 400)
+
+
+async def test_embed_of_an_unknown_model_is_404(tmp_path: Path) -> None:
+    async with with_worker(tmp_path) as (_, client):
+        r = await client.post("/api/embed", json={"model": "nope", "input": "x"})
+        assert _error(r, 404) == "model 'nope' not found"
+        r = await client.post("/api/embeddings", json={"model": "nope", "prompt": "x"})
+        assert _error(r, 404) == "model 'nope' not found"
+
+
+# -- delete and pull (a queen with its local hive, the models from a local server) --------
+
+GGUF = tiny_gguf(64 * 1024)  # 256 KiB
+
+
+@contextlib.asynccontextmanager
+async def with_local_hive(home: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    async with queen(home, local_hive=True, **settings) as (app, client):
+        for _ in range(500):
+            if any(h.hive_id == "localhost" for h in app.state.queen.telemetry.fresh_hives()):
+                break
+            await asyncio.sleep(0.01)
+        yield app, client
+
+
+def _lines(r: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+async def test_pull_streams_ollamas_status_lines_then_delete_removes_it(tmp_path: Path) -> None:
+    with ModelServer() as server:
+        server.add("/tiny-model.gguf", GGUF)
+        async with with_local_hive(tmp_path) as (_, client):
+            r = await client.post("/api/pull", json={"model": server.url("/tiny-model.gguf")})
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"].startswith("application/x-ndjson")
+            lines = _lines(r)
+            assert lines[0] == {"status": "pulling manifest"}
+            assert lines[-2:] == [{"status": "verifying sha256 digest"}, {"status": "success"}]
+            downloading = [line for line in lines if line["status"] == "downloading"]
+            assert downloading and downloading[-1]["completed"] == downloading[-1]["total"] == len(GGUF)
+            assert all(line["digest"].startswith("sha256:") for line in downloading)
+            names = [m["name"] for m in (await client.get("/api/tags")).json()["models"]]
+            assert "tiny-model" in names, names
+            job = (await client.get(f"/v1/jobs/{r.headers['x-rbee-job-id']}")).json()
+            assert job["operation"] == "model_download" and job["status"] == "completed"
+
+            r = await client.request("DELETE", "/api/delete", json={"model": "tiny-model"})
+            assert r.status_code == 200, r.text
+            assert "tiny-model" not in [m["name"] for m in (await client.get("/api/tags")).json()["models"]]
+            r = await client.request("DELETE", "/api/delete", json={"model": "tiny-model"})
+            assert _error(r, 404) == "model 'tiny-model' not found"
+
+
+async def test_pull_without_streaming_is_one_object(tmp_path: Path) -> None:
+    with ModelServer() as server:
+        server.add("/other.gguf", GGUF)
+        async with with_local_hive(tmp_path) as (_, client):
+            r = await client.post("/api/pull", json={"model": server.url("/other.gguf"), "stream": False})
+            assert r.status_code == 200, r.text
+            assert r.json() == {"status": "success"}
+
+
+async def test_pull_failures_are_ollama_errors(tmp_path: Path) -> None:
+    with ModelServer() as server:
+        server.add("/page.gguf", b"<html>not a model</html>", content_type="text/html")
+        async with with_local_hive(tmp_path) as (_, client):
+            message = _error(await client.post("/api/pull", json={"model": "llama3.2"}), 400)
+            assert "rbee pulls GGUF" in message and "hf:" in message and "llama3.2" in message
+            r = await client.post("/api/pull", json={"model": server.url("/missing.gguf")})
+            assert r.status_code >= 400 and isinstance(r.json()["error"], str), r.text
+            r = await client.post("/api/pull", json={"model": server.url("/page.gguf"), "stream": False})
+            assert r.status_code >= 400 and isinstance(r.json()["error"], str), r.text
+            assert "stream" in _error(await client.post("/api/pull", json={"model": "hf:a/b/c.gguf", "stream": 1}), 400)
+
+
+async def test_delete_and_pull_need_the_admin_token(tmp_path: Path) -> None:
+    async with queen(tmp_path, token=TOKEN, user_tokens=(USER,)) as (_, client):
+        await client.post("/v1/hives/heartbeat", json=_beat("alpha"), headers={"Authorization": f"Bearer {TOKEN}"})
+        user = {"Authorization": f"Bearer {USER}"}
+        r = await client.request("DELETE", "/api/delete", json={"model": MODEL}, headers=user)
+        assert "admin token" in _error(r, 403)
+        r = await client.post("/api/pull", json={"model": "hf:org/repo/m.gguf"}, headers=user)
+        assert "admin token" in _error(r, 403)
+
+
+async def test_delete_of_an_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/hives/heartbeat", json=_beat("alpha"))
+    r = await client.request("DELETE", "/api/delete", json={"model": "nope"})
+    assert _error(r, 404) == "model 'nope' not found"
+    assert "model is required" in _error(await client.request("DELETE", "/api/delete", json={}), 400)

@@ -34,7 +34,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rbee import __version__, errors
-from rbee.contracts.operations import Infer, parse_keep_alive, parse_operation
+from rbee.contracts.operations import Infer, ModelDelete, ModelDownload, parse_keep_alive, parse_operation
+from rbee.http import is_admin
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
 from rbee.queen.openai import (
@@ -56,6 +57,9 @@ from rbee.queen.openai import (
     _status_of,
     _unless_disconnected,
 )
+
+# tokens.py's worker selection and call (private there): a ready worker of the model, the least busy.
+from rbee.queen.tokens import _forward as _worker_call
 
 if TYPE_CHECKING:
     from rbee.queen.app import QueenState
@@ -726,6 +730,268 @@ def _ps(state: QueenState) -> list[dict[str, Any]]:
     return sorted(out, key=lambda m: (m["name"], m["hive_id"], m["worker_id"]))
 
 
+# -- embeddings, delete, pull ------------------------------------------------
+
+
+def _body_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _Refused("the body must be a JSON object")
+    return body
+
+
+async def _load(request: Request, state: QueenState, model: str, keep_alive: float | None) -> None:
+    """Start a worker of ``model`` (a one-token job, as an empty generate does)."""
+    wire: dict[str, Any] = {"operation": "infer", "model": model, "prompt": "", "max_tokens": 1}
+    if keep_alive is not None:
+        wire["keep_alive"] = keep_alive
+    job = await state.jobs.submit(parse_operation(wire))
+    events = _job_events(job)
+    try:
+        present, outcome = await _unless_disconnected(request, _collect(events))
+    finally:
+        await events.aclose()
+    if not present or outcome is None:
+        _abandon(state, job)
+        raise _Refused("the client left", _CLIENT_GONE)
+    end = outcome[1]
+    if end.get("status") != "completed":
+        message, status = _end_error(end, model)
+        raise _Refused(message, status)
+
+
+async def _embed_vectors(
+    request: Request, body: dict[str, Any], inputs: list[str]
+) -> tuple[str, dict[str, Any], float, float]:
+    """The worker's answer for ``inputs``, starting a worker of the model when none is ready (Ollama loads it)."""
+    state = _state(request)
+    name = _model_name(body)
+    model = _rbee_model(name)
+    keep_alive = _keep_alive(body.get("keep_alive"))
+    started = time.perf_counter()
+    payload = {"input": inputs, "dimensions": None}
+    load = 0.0
+    try:
+        answer = await _worker_call(state, model, "/v1/embeddings", payload, "computing embeddings")
+    except errors.NoWorkerAvailable:
+        await _load(request, state, model, keep_alive)
+        load = time.perf_counter() - started
+        answer = await _worker_call(state, model, "/v1/embeddings", payload, "computing embeddings")
+    return name, answer, time.perf_counter() - started, load
+
+
+def _embed_inputs(raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
+        raise _Refused("input must be a string or a non-empty list of strings")
+    return list(raw)
+
+
+async def _embed(request: Request, legacy: bool) -> Response:
+    model: str | None = None
+    try:
+        body = _body_object(await _json_body(request))
+        if isinstance(body.get("model"), str):
+            model = body["model"]
+        if legacy:
+            prompt = body.get("prompt")
+            if prompt is not None and not isinstance(prompt, str):
+                raise _Refused("prompt must be a string")
+            _model_name(body)
+            if not prompt:
+                return JSONResponse({"embedding": []})
+            inputs = [prompt]
+        else:
+            if "input" not in body:
+                raise _Refused("input is required")
+            inputs = _embed_inputs(body["input"])
+            truncate = body.get("truncate")
+            if truncate is not None and not isinstance(truncate, bool):
+                raise _Refused("truncate must be true or false")
+        name, answer, total, load = await _embed_vectors(request, body, inputs)
+    except _Refused as exc:
+        return _error(exc.message, exc.status)
+    except errors.PayloadTooLarge:
+        raise
+    except errors.RbeeError as exc:
+        return _rbee_error(exc, model)
+    vectors = answer["data"]
+    if legacy:
+        return JSONResponse({"embedding": vectors[0]})
+    return JSONResponse(
+        {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": int(total * 1e9),
+            "load_duration": int(load * 1e9),
+            "prompt_eval_count": int(answer.get("prompt_tokens") or 0),
+        }
+    )
+
+
+async def _run_job(request: Request, state: QueenState, job: Job, name: str) -> Response | None:
+    """Wait for a job's end: None when it completed, else the Ollama error (or 499: the client left)."""
+    events = _job_events(job)
+    try:
+        present, outcome = await _unless_disconnected(request, _collect(events))
+    finally:
+        await events.aclose()
+    if not present or outcome is None:
+        _abandon(state, job)
+        return Response(status_code=_CLIENT_GONE, headers={JOB_ID_HEADER: job.id})
+    end = outcome[1]
+    if end.get("status") != "completed":
+        return _end_error_response(end, name, {JOB_ID_HEADER: job.id})
+    return None
+
+
+async def _delete(request: Request) -> Response:
+    state = _state(request)
+    name: str | None = None
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    length = request.headers.get("content-length")
+    has_body = length.strip() not in ("", "0") if length is not None else "transfer-encoding" in request.headers
+    if has_body and kind != "application/json":
+        # The edge checks the bodies of POSTs; a DELETE's is checked here, in the edge's shape.
+        shown = kind or "none"
+        message = f"the body must be application/json, not {shown}"
+        return JSONResponse({"error": {"kind": "unsupported_media_type", "message": message}}, 415)
+    try:
+        body = _body_object(await _json_body(request))
+        name = _model_name(body)
+        if not is_admin():
+            return _error("deleting a model changes the cluster for everyone; it needs the admin token", 403)
+        model = _find(state, name)
+        if model is None:
+            return _error(_not_found(name), 404)
+        hives = [h.hive_id for h in state.telemetry.fresh_hives() if h.has_model(model.id)]
+        if not hives:
+            return _error(_not_found(name), 404)
+        for hive_id in hives:
+            job = await state.jobs.submit(ModelDelete(model=model.id, hive_id=hive_id))
+            refused = await _run_job(request, state, job, name)
+            if refused is not None:
+                return refused
+    except _Refused as exc:
+        return _error(exc.message, exc.status)
+    except errors.PayloadTooLarge:
+        raise
+    except errors.RbeeError as exc:
+        return _rbee_error(exc, name)
+    return Response(status_code=200)
+
+
+_SOURCE = re.compile(r"^(https?://\S+|hf:\S+)$", re.IGNORECASE)
+
+
+def _pull_hive(state: QueenState, body: dict[str, Any]) -> str:
+    """The hive to download to: ``hive_id`` when given, else the local hive, else the only online one."""
+    wanted = body.get("hive_id")
+    if wanted is not None:
+        if not isinstance(wanted, str) or not wanted:
+            raise _Refused("hive_id must be a hive's id")
+        return wanted
+    online = sorted(h.hive_id for h in state.telemetry.fresh_hives())
+    if "localhost" in online or not online:
+        return "localhost"
+    if len(online) == 1:
+        return online[0]
+    raise _Refused(f"several hives are online ({', '.join(online)}); name one with hive_id")
+
+
+def _pull_line(kind: str, data: dict[str, Any], source: str) -> dict[str, Any] | None:
+    if kind != "progress" or data.get("action") != "model_download" or data.get("unit") != "bytes":
+        return None
+    line: dict[str, Any] = {"status": "downloading", "digest": f"sha256:{_digest(source)}"}
+    if isinstance(data.get("total"), int | float):
+        line["total"] = int(data["total"])
+    line["completed"] = int(data.get("done") or 0)
+    return line
+
+
+async def _pull_events(job: Job) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+    async for _id, kind, data in job.stream():
+        if kind in ("progress", "end"):
+            yield kind, json.loads(data)
+
+
+_PULL_DONE = [{"status": "verifying sha256 digest"}, {"status": "success"}]
+
+
+async def _pull(request: Request) -> Response:
+    state = _state(request)
+    source: str | None = None
+    try:
+        body = _body_object(await _json_body(request))
+        source = _model_name(body)
+        stream = body.get("stream")
+        stream = True if stream is None else stream
+        if not isinstance(stream, bool):
+            raise _Refused("stream must be true or false")
+        if not _SOURCE.match(source):
+            raise _Refused(
+                f"rbee pulls GGUF files: an http(s) URL to a .gguf file or an hf: source (hf:org/repo/file.gguf),"
+                f" not an Ollama model name such as {source!r}"
+            )
+        hive_id = _pull_hive(state, body)
+        try:
+            op = ModelDownload(source=source, hive_id=hive_id)
+        except ValueError as exc:
+            raise _Refused(f"model: {exc}") from None
+        job = await state.jobs.submit(op)
+    except _Refused as exc:
+        return _error(exc.message, exc.status)
+    except errors.PayloadTooLarge:
+        raise
+    except errors.RbeeError as exc:
+        return _rbee_error(exc, source)
+    assert source is not None
+    headers = {JOB_ID_HEADER: job.id}
+    if not stream:
+        refused = await _run_job(request, state, job, source)
+        return refused or JSONResponse({"status": "success"}, headers=headers)
+    events = _pull_events(job)
+    try:
+        # The first progress or the end: a failure before any byte still gets its status.
+        present, first = await _unless_disconnected(request, anext(events))
+    except BaseException:
+        _abandon(state, job)
+        await events.aclose()
+        raise
+    if not present or first is None:
+        _abandon(state, job)
+        await events.aclose()
+        return Response(status_code=_CLIENT_GONE, headers=headers)
+    if first[0] == "end" and first[1].get("status") != "completed":
+        await events.aclose()
+        return _end_error_response(first[1], source, headers)
+    watch = asyncio.get_running_loop().create_task(_watch(request, state, job), name=f"ollama:pull:{job.id}")
+
+    async def lines() -> AsyncIterator[bytes]:
+        assert source is not None
+        try:
+            yield _line({"status": "pulling manifest"})
+            kind, data = first
+            while kind != "end":
+                line = _pull_line(kind, data, source)
+                if line is not None:
+                    yield _line(line)
+                kind, data = await anext(events)
+            if data.get("status") == "completed":
+                for done in _PULL_DONE:
+                    yield _line(done)
+            else:
+                yield _line({"error": _end_error(data, source)[0]})
+        finally:
+            watch.cancel()
+            _abandon(state, job)
+            await events.aclose()
+
+    return StreamingResponse(
+        lines(), media_type=_NDJSON, headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+
+
 # -- the OpenAPI description ---------------------------------------------------
 
 _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
@@ -808,6 +1074,77 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
 }
 
+_EMBED_BODY = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": _COMMON["model"],
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]},
+        "truncate": {"type": ["boolean", "null"]},
+        "keep_alive": _COMMON["keep_alive"],
+        "options": _OPTIONS_SCHEMA,
+    },
+}
+_EMBEDDINGS_BODY = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        "model": _COMMON["model"],
+        "prompt": {"type": "string"},
+        "keep_alive": _COMMON["keep_alive"],
+        "options": _OPTIONS_SCHEMA,
+    },
+}
+_PULL_BODY = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        "model": {"type": "string", "description": "an http(s) URL to a GGUF file, or hf:org/repo/file.gguf"},
+        "stream": {"type": ["boolean", "null"], "description": "NDJSON status lines (default true)"},
+        "insecure": {"type": ["boolean", "null"]},
+        "hive_id": {"type": "string", "description": "the hive to download to (default: the local or only hive)"},
+    },
+}
+_EMBED_RESPONSES = _errors(
+    {
+        400: "invalid request",
+        404: "no such model",
+        409: "a hive of the model is offline",
+        429: "the queue is full (Retry-After)",
+        502: "the worker failed",
+        503: "no worker can serve the model",
+        504: "loading the model ran past its deadline",
+    }
+)
+_DELETE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "deleted from every hive that had it"},
+    **_errors(
+        {
+            400: "invalid request",
+            403: "deleting needs the admin token",
+            404: "no such model",
+            409: "the model is in use, or its hive is offline",
+            502: "the hive failed or did not answer",
+        }
+    ),
+}
+_PULL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "NDJSON status lines (stream) or one object",
+        "content": {_NDJSON: {}, "application/json": {}},
+    },
+    **_errors(
+        {
+            400: "not a URL or hf: source, or the source is not a GGUF file",
+            403: "downloading needs the admin token, or the source is not allowed",
+            404: "no such hive, or the source was not found",
+            409: "the hive is offline, or the model is already there",
+            502: "the download or the hive failed",
+            504: "the download ran past its deadline",
+        }
+    ),
+}
+
 
 def ollama_router() -> APIRouter:
     router = APIRouter(tags=["ollama"])
@@ -867,5 +1204,45 @@ def ollama_router() -> APIRouter:
     @router.get("/api/version", summary="The Ollama API version (and rbee's)")
     async def version() -> dict[str, Any]:
         return {"version": OLLAMA_VERSION, "rbee_version": __version__}
+
+    @router.post(
+        "/api/embed",
+        summary="Embeddings of one text or several (Ollama; mean-pooled, unit length)",
+        response_model=None,
+        responses=_EMBED_RESPONSES,
+        openapi_extra=_body_schema(_EMBED_BODY),
+    )
+    async def embed(request: Request) -> Response:
+        return await _embed(request, legacy=False)
+
+    @router.post(
+        "/api/embeddings",
+        summary="The embedding of one prompt (Ollama's older endpoint)",
+        response_model=None,
+        responses=_EMBED_RESPONSES,
+        openapi_extra=_body_schema(_EMBEDDINGS_BODY),
+    )
+    async def embeddings(request: Request) -> Response:
+        return await _embed(request, legacy=True)
+
+    @router.delete(
+        "/api/delete",
+        summary="Delete a model from the hives that have it (Ollama; admin token)",
+        response_model=None,
+        responses=_DELETE_RESPONSES,
+        openapi_extra=_body_schema(_SHOW_BODY),
+    )
+    async def delete(request: Request) -> Response:
+        return await _delete(request)
+
+    @router.post(
+        "/api/pull",
+        summary="Download a GGUF model to a hive (Ollama; an http(s) URL or hf: source; admin token)",
+        response_model=None,
+        responses=_PULL_RESPONSES,
+        openapi_extra=_body_schema(_PULL_BODY),
+    )
+    async def pull(request: Request) -> Response:
+        return await _pull(request)
 
     return router
