@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import ollama
 import pytest
 
 from cluster import Daemon, free_port, queen, wait_for
+from modelserver import ModelServer, tiny_gguf
 from rbee.contracts.operations import Infer
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
@@ -160,3 +162,58 @@ def test_format_json_and_a_schema_constrain_the_answer(client: ollama.Client) ->
         options={"temperature": 0, "num_predict": 32},
     )
     assert json.loads(chat.message.content or "")["color"] in ("red", "green", "blue")
+
+
+def test_embed_and_the_older_embeddings(client: ollama.Client) -> None:
+    answer = client.embed(model=MODEL, input=["The sky is blue.", "Cats purr."])
+    assert answer.model == MODEL and len(answer.embeddings) == 2
+    for vector in answer.embeddings:
+        assert len(vector) == 640
+        assert math.isclose(math.sqrt(sum(x * x for x in vector)), 1.0, rel_tol=1e-3)
+    assert answer.embeddings[0] != answer.embeddings[1]
+    assert (answer.prompt_eval_count or 0) > 0 and (answer.total_duration or 0) > 0
+    one = client.embed(model=MODEL, input="Cats purr.")
+    assert len(one.embeddings) == 1
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(one.embeddings[0], answer.embeddings[1], strict=True))
+    old = client.embeddings(model=MODEL, prompt="Cats purr.")
+    assert len(old.embedding) == 640
+    with pytest.raises(ollama.ResponseError) as unknown:
+        client.embed(model="no-such-model", input="x")
+    assert unknown.value.status_code == 404
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[ModelServer]:
+    with ModelServer() as server:
+        server.add("/tiny-pulled.gguf", tiny_gguf(1024 * 1024))  # 4 MiB
+        server.add("/slow-pulled.gguf", tiny_gguf(4 * 1024 * 1024), delay_s=0.2)
+        yield server
+
+
+def test_pull_with_progress_then_delete(client: ollama.Client, model_server: ModelServer) -> None:
+    parts = list(client.pull(model_server.url("/tiny-pulled.gguf"), stream=True))
+    statuses = [p.status for p in parts]
+    assert statuses[0] == "pulling manifest" and statuses[-2:] == ["verifying sha256 digest", "success"]
+    downloading = [p for p in parts if p.status == "downloading"]
+    assert downloading
+    assert downloading[-1].completed == downloading[-1].total and (downloading[-1].total or 0) > 4_000_000
+    assert "tiny-pulled" in [m.model for m in client.list().models]
+    assert client.delete("tiny-pulled").status == "success"
+    assert "tiny-pulled" not in [m.model for m in client.list().models]
+    with pytest.raises(ollama.ResponseError) as gone:
+        client.delete("tiny-pulled")
+    assert gone.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as named:
+        client.pull("llama3.2")
+    assert named.value.status_code == 400 and "hf:" in named.value.error
+
+
+def test_a_client_that_leaves_cancels_its_pull(cluster: Daemon, model_server: ModelServer) -> None:
+    body = {"model": model_server.url("/slow-pulled.gguf")}
+    with httpx.stream("POST", cluster.url + "/api/pull", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        job_id = r.headers["x-rbee-job-id"]
+        assert json.loads(next(r.iter_lines())) == {"status": "pulling manifest"}
+    job = wait_for(lambda: (j := _job(cluster, job_id))["status"] != "running" and j, 30)
+    assert job["status"] == "cancelled", job
+    assert "slow-pulled" not in [m["name"] for m in httpx.get(cluster.url + "/api/tags").json()["models"]]
