@@ -1,4 +1,4 @@
-"""Ollama's API on the queen: ``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``...
+"""Ollama's API on the queen: ``/api/generate``, ``/api/chat``, ``/api/embed``, ``/api/pull``, ``/api/tags``...
 
 Ollama clients (the ``ollama`` Python package, Open WebUI, editors) work against
 the queen unchanged. Like the OpenAI endpoints (:mod:`rbee.queen.openai`), every
@@ -25,6 +25,13 @@ Options rbee cannot honour are refused by name with 400 rather than ignored;
 those about the runtime (``num_ctx``, ``num_gpu``, ``num_thread``...) are
 accepted and ignored, said in the job's narration. ``format`` (``"json"``: any JSON object, or a
 JSON schema) becomes the job's ``json_schema``.
+
+``/api/embed`` and ``/api/embeddings`` go to a ready worker of the model as
+``/v1/embeddings`` does (:mod:`rbee.queen.tokens`), starting one first when none is
+ready. ``DELETE /api/delete`` is a ``model_delete`` job on each hive that has the
+model; ``/api/pull`` a ``model_download`` job (an http(s) URL to a GGUF file or an
+``hf:`` source, not an Ollama name), its byte progress as Ollama's status lines.
+Both need the admin token.
 """
 
 from __future__ import annotations
