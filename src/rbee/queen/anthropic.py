@@ -50,6 +50,10 @@ from rbee.contracts.operations import Infer, parse_operation
 from rbee.http import anthropic_error_body
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen.bodies import body_schema as _body_schema
+from rbee.queen.bodies import invalid as _invalid
+from rbee.queen.bodies import number as _number
+from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import (
     _STATUS_BY_KIND,
     JOB_ID_HEADER,
@@ -130,30 +134,12 @@ def _field(field: str) -> str:
 # -- requests ----------------------------------------------------------------
 
 
-def _invalid(field: str, why: str) -> errors.InvalidOperation:
-    return errors.InvalidOperation(f"{field}: {why}", field=field)
-
-
 @dataclass(frozen=True)
 class _Call:
     op: Infer
     model: str
     stream: bool
     stop: tuple[str, ...]
-
-
-def _number(
-    body: dict[str, Any], name: str, *, integer: bool = False, low: float = 0, high: float | None = None
-) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok:
-        raise _invalid(name, f"must be {'an integer' if integer else 'a number'}, not {value!r}")
-    if value < low or (high is not None and value > high):
-        raise _invalid(name, f"must be {'at least ' + str(low) if high is None else f'between {low} and {high}'}")
-    return value
 
 
 def _text(content: Any, where: str) -> str:
@@ -376,11 +362,6 @@ async def _stream(
 # -- endpoints -----------------------------------------------------------------
 
 
-def _state(request: Request) -> QueenState:
-    state: QueenState = request.app.state.queen
-    return state
-
-
 async def _messages_endpoint(request: Request) -> Response:
     state = _state(request)
     try:
@@ -531,10 +512,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"description": "timeout_error: the job ran past its deadline"},
     529: {"description": "overloaded_error: no worker can serve the model now"},
 }
-
-
-def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def anthropic_router() -> APIRouter:

@@ -54,6 +54,8 @@ from rbee.contracts.operations import Infer, ModelDelete, ModelDownload, parse_k
 from rbee.http import is_admin
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen.bodies import body_schema as _body_schema
+from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import (
     DEFAULT_CHAT_MAX_TOKENS,
     JOB_ID_HEADER,
@@ -466,11 +468,6 @@ def _line(value: dict[str, Any]) -> bytes:
 
 
 # -- endpoints ---------------------------------------------------------------
-
-
-def _state(request: Request) -> QueenState:
-    state: QueenState = request.app.state.queen
-    return state
 
 
 async def _watch(request: Request, state: QueenState, job: Job) -> None:
@@ -1051,10 +1048,6 @@ _CHAT_BODY = {
     },
 }
 _SHOW_BODY = {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}}
-
-
-def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _errors(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:

@@ -76,6 +76,8 @@ from rbee import __version__, errors
 from rbee.contracts.operations import LIMITS, Infer, parse_keep_alive, parse_operation
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen.bodies import body_schema as _body_schema
+from rbee.queen.bodies import queen_state as _state
 from rbee.queen.scheduler import COUNT_TIMEOUT_S, _input_bound
 
 if TYPE_CHECKING:
@@ -1035,15 +1037,6 @@ _CHAT_BODY = {
         **_SAMPLING,
     },
 }
-
-
-def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _state(request: Request) -> QueenState:
-    state: QueenState = request.app.state.queen
-    return state
 
 
 async def _release_all(state: QueenState, jobs: list[Job], events: list[_Events]) -> None:

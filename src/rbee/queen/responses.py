@@ -47,6 +47,9 @@ from rbee import errors
 from rbee.contracts.operations import Infer, parse_operation
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen.bodies import invalid as _invalid
+from rbee.queen.bodies import number as _number
+from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import (
     _COMPLETION_ERRORS,
     DEFAULT_CHAT_MAX_TOKENS,
@@ -76,10 +79,6 @@ _PATH = "/v1/responses"
 # -- requests ----------------------------------------------------------------
 
 
-def _invalid(param: str, why: str) -> errors.InvalidOperation:
-    return errors.InvalidOperation(f"{param}: {why}", field=param)
-
-
 #: Infer's fields -> the Responses API's names for them (for errors that name a field).
 _RENAMED = {"max_tokens": "max_output_tokens", "messages": "input", "json_schema": "text.format"}
 
@@ -107,20 +106,6 @@ class _Call:
     stream: bool
     #: What the response object echoes of the request.
     echo: dict[str, Any] = field(default_factory=dict)
-
-
-def _number(
-    body: dict[str, Any], name: str, *, integer: bool = False, low: float = 0, high: float | None = None
-) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok:
-        raise _invalid(name, f"must be {'an integer' if integer else 'a number'}, not {value!r}")
-    if value < low or (high is not None and value > high):
-        raise _invalid(name, f"must be {'at least ' + str(low) if high is None else f'between {low} and {high}'}")
-    return value
 
 
 def _content(content: Any, where: str) -> str:
@@ -444,11 +429,6 @@ async def _stream(
 
 
 # -- endpoints -----------------------------------------------------------------
-
-
-def _state(request: Request) -> QueenState:
-    state: QueenState = request.app.state.queen
-    return state
 
 
 def _request_id() -> str:

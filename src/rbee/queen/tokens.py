@@ -30,6 +30,8 @@ from pydantic import ValidationError
 
 from rbee import errors
 from rbee.contracts.operations import DEFAULT_MODEL, Infer
+from rbee.queen.bodies import body_schema as _body_schema
+from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import _json_body, _rbee_error_response
 from rbee.worker.app import MAX_EMBED_INPUTS, DetokenizeBody, TokenizeBody
 
@@ -42,11 +44,6 @@ __all__ = ["TOKENIZE_TIMEOUT_S", "EMBED_TIMEOUT_S", "tokens_router"]
 TOKENIZE_TIMEOUT_S = 30.0
 #: An embeddings request runs on the worker's CPU or GPU; a long batch takes a while.
 EMBED_TIMEOUT_S = 600.0
-
-
-def _state(request: Request) -> QueenState:
-    state: QueenState = request.app.state.queen
-    return state
 
 
 def _refuse(param: str | None, why: str) -> errors.InvalidOperation:
@@ -245,10 +242,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"description": "the worker failed", "content": _OPENAI_ERROR},
     503: {"description": "no worker of the model is ready (none is started for this)", "content": _OPENAI_ERROR},
 }
-
-
-def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def tokens_router() -> APIRouter:
