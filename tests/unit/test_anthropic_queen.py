@@ -67,12 +67,7 @@ async def with_worker(tmp_path: Path, **engine: Any) -> AsyncIterator[tuple[Fast
     )
     async with worker.router.lifespan_context(worker), queen(tmp_path) as (app, client):
         app.state.queen.http._transport = httpx.ASGITransport(worker)
-        op = {"operation": "infer", "model": MODEL, "prompt": "x"}
-        for _ in range(200):  # until the model is loaded
-            r = await app.state.queen.http.post("http://worker/v1/tokens/count", json=op)
-            if r.status_code == 200:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report = {
             "worker_id": "w1",
             "model": MODEL_ID,

@@ -185,11 +185,7 @@ async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://queen") as client,
     ):
         app.state.queen.http._transport = httpx.ASGITransport(worker)
-        op = {"operation": "infer", "model": MODEL, "prompt": "x"}
-        for _ in range(200):  # until the model is loaded
-            if (await app.state.queen.http.post("http://worker/v1/tokens/count", json=op)).status_code == 200:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report = {
             "worker_id": "w1",
             "model": MODEL_ID,

@@ -55,11 +55,7 @@ async def with_worker(tmp_path: Path, state: str = "ready") -> AsyncIterator[tup
     async with worker.router.lifespan_context(worker), queen(tmp_path) as (app, client):
         http = app.state.queen.http
         http._transport = httpx.ASGITransport(worker)
-        auth = {"authorization": f"Bearer {WORKER_TOKEN}"}
-        for _ in range(200):  # until the model is loaded
-            if (await http.get("http://worker/v1/ready", headers=auth)).json()["ready"]:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report = {"worker_id": "w1", "model": MODEL_ID, "model_aliases": [MODEL], "state": state}
         report |= {"url": "http://worker", "n_ctx": 64}
         beat = _beat([report], {"w1": WORKER_TOKEN})

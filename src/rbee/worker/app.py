@@ -80,6 +80,8 @@ class Worker:
             names.add(settings.model_path.name)
         self.names = frozenset(names)
         self.loaded = False
+        #: Set once loading has ended, loaded or failed (``error`` says which).
+        self.load_done = asyncio.Event()
         self.error: str | None = None
         self.busy = 0
         self.started_at = time.time()
@@ -140,8 +142,11 @@ class Worker:
     # -- model -----------------------------------------------------------
 
     async def load(self) -> None:
-        with bound(actor="worker"):
-            await self._load()
+        try:
+            with bound(actor="worker"):
+                await self._load()
+        finally:
+            self.load_done.set()
 
     async def _load(self) -> None:
         narrate("model_loading", f"Loading model {self.model_id} on {self.settings.device}", model=self.model_id)
