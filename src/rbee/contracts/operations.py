@@ -52,6 +52,7 @@ __all__ = [
     "HIVE_OPERATIONS",
     "parse_operation",
     "validation_problems",
+    "InfillFile",
     "check_model_ref",
     "check_prompt",
     "parse_keep_alive",
@@ -78,6 +79,8 @@ class _Limits:
     grammar_chars = 65_536
     logit_bias = 1_024
     top_logprobs = 20
+    #: Other files given as context to a fill-in-the-middle prompt.
+    infill_files = 64
 
 
 LIMITS = _Limits()
@@ -206,6 +209,20 @@ class ChatMessage(BaseModel):
         return check_prompt(v)
 
 
+class InfillFile(BaseModel):
+    """A file given as context to a fill-in-the-middle prompt (llama.cpp's ``input_extra``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    filename: str = Field(default="", max_length=1_024)
+    text: str
+
+    @field_validator("filename", "text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return check_prompt(v)
+
+
 def _infer_schema(schema: dict[str, Any]) -> None:
     _schema_rules(schema)
     schema["anyOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
@@ -263,6 +280,12 @@ class Infer(OperationBase):
     #: Send each generated token's log-probability and this many likeliest alternatives
     #: (the token event's ``lp``); None: none.
     logprobs: int | None = Field(default=None, ge=0, le=LIMITS.top_logprobs)
+    #: Fill in the middle: the text after the cursor, ``prompt`` being the text before it.
+    #: The worker builds the model's FIM prompt from its FIM tokens and refuses the job (422,
+    #: naming ``suffix``) for a model that has none.
+    suffix: str | None = None
+    #: Other files as context for a fill-in-the-middle prompt (only with ``suffix``).
+    infill_files: list[InfillFile] = Field(default_factory=list, max_length=LIMITS.infill_files)
 
     @field_validator("model")
     @classmethod
@@ -284,7 +307,19 @@ class Infer(OperationBase):
             )
         if self.grammar is not None and self.json_schema is not None:
             raise ValueError("grammar: give either grammar or json_schema, not both")
+        if self.suffix is not None and self.prompt is None:
+            raise ValueError("suffix: fill in the middle takes a prompt (the text before), not messages")
+        if self.infill_files and self.suffix is None:
+            raise ValueError("infill_files: only with suffix (fill in the middle)")
+        extra = len(self.suffix or "") + sum(len(f.text) + len(f.filename) for f in self.infill_files)
+        if extra + len(self.prompt or "") > LIMITS.prompt_chars:
+            raise ValueError(f"suffix: prompt, suffix and files must be at most {LIMITS.prompt_chars} characters together")
         return self
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        return None if v is None else check_prompt(v)
 
     @field_validator("json_schema")
     @classmethod
