@@ -197,7 +197,7 @@ def test_infer_takes_messages_or_prompt_but_exactly_one() -> None:
 
 
 class _PickyEngine(FakeEngine):
-    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+    def count_chat_tokens(self, messages: list[dict[str, str]], tools: object = None) -> int:
         if messages[0]["role"] != "user":
             raise ValueError("first turn must be user")
         return super().count_chat_tokens(messages)

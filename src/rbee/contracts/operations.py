@@ -284,6 +284,10 @@ class Infer(OperationBase):
     #: The worker builds the model's FIM prompt from its FIM tokens and refuses the job (422,
     #: naming ``suffix``) for a model that has none.
     suffix: str | None = None
+    #: Tool definitions (OpenAI's ``{"type": "function", "function": {...}}``) the model's own
+    #: chat template renders into the prompt (only with ``messages``; a family template that
+    #: has no place for tools leaves them out).
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
     #: Other files as context for a fill-in-the-middle prompt (only with ``suffix``).
     infill_files: list[InfillFile] = Field(default_factory=list, max_length=LIMITS.infill_files)
 
@@ -309,11 +313,15 @@ class Infer(OperationBase):
             raise ValueError("grammar: give either grammar or json_schema, not both")
         if self.suffix is not None and self.prompt is None:
             raise ValueError("suffix: fill in the middle takes a prompt (the text before), not messages")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools: only with messages (a chat)")
         if self.infill_files and self.suffix is None:
             raise ValueError("infill_files: only with suffix (fill in the middle)")
         extra = len(self.suffix or "") + sum(len(f.text) + len(f.filename) for f in self.infill_files)
         if extra + len(self.prompt or "") > LIMITS.prompt_chars:
-            raise ValueError(f"suffix: prompt, suffix and files must be at most {LIMITS.prompt_chars} characters together")
+            raise ValueError(
+                f"suffix: prompt, suffix and files must be at most {LIMITS.prompt_chars} characters together"
+            )
         return self
 
     @field_validator("suffix")

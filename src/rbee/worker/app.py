@@ -259,7 +259,7 @@ class Worker:
         if op.messages is None:
             return self.engine.count_tokens(op.prompt or "")
         try:
-            return self.engine.count_chat_tokens(_messages(op))
+            return self.engine.count_chat_tokens(_messages(op), op.tools)
         except ValueError as exc:
             raise InvalidOperation(
                 f"messages: the model's chat template refused them: {exc}", field="messages"
@@ -361,6 +361,9 @@ class Worker:
             logit_bias=dict(op.logit_bias),
             grammar=self.grammar_of(op),
             logprobs=op.logprobs,
+            tools=op.tools,
+            suffix=op.suffix,
+            infill_files=[(f.filename, f.text) for f in op.infill_files],
         )
         outcome = GenerationOutcome(tokens_in=self.count_input(op))
         gen_ms = 0.0

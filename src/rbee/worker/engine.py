@@ -81,6 +81,12 @@ class GenerationRequest:
     #: Give each generated token's log-probability and this many likeliest alternatives
     #: (:attr:`Piece.lp`); None: none (the fast path: no logits row is read).
     logprobs: int | None = None
+    #: Tool definitions for the model's own chat template (``messages`` only).
+    tools: list[dict[str, Any]] | None = None
+    #: Fill in the middle: ``prompt`` is the text before the cursor, this the text after it.
+    suffix: str | None = None
+    #: ``(filename, text)`` of other files given as context to a fill-in-the-middle prompt.
+    infill_files: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def penalized(self) -> bool:
@@ -192,7 +198,7 @@ class Engine(Protocol):
 
     def count_tokens(self, prompt: str) -> int: ...
 
-    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+    def count_chat_tokens(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> int:
         """Prompt tokens of a chat; raises ``ValueError`` for a chat the model's template refuses."""
         ...
 
@@ -523,7 +529,12 @@ class LlamaEngine:
         vectors: list[list[float]] = embedder.embed(inputs)
         return vectors
 
-    def chat_prompt(self, messages: list[dict[str, str]], stop: Sequence[str] = ()) -> ChatPrompt:
+    def chat_prompt(
+        self,
+        messages: list[dict[str, str]],
+        stop: Sequence[str] = (),
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ChatPrompt:
         """Render a chat with the model's template (:attr:`chat_template`).
 
         With the GGUF's own template, the model's chat handler runs as it would
@@ -554,7 +565,9 @@ class LlamaEngine:
         recorder = _CompletionRecorder(llm)
         # stream=True: the handler wraps the (empty) completion lazily and returns.
         try:
-            handler(llama=recorder, messages=[dict(m) for m in messages], stop=list(stop), stream=True)
+            handler(
+                llama=recorder, messages=[dict(m) for m in messages], stop=list(stop), tools=tools, stream=True
+            )
         except Exception as exc:  # a template's raise_exception, a Jinja error: the chat is refused
             raise ValueError(f"{type(exc).__name__}: {exc}") from exc
         call = recorder.call
@@ -569,8 +582,8 @@ class LlamaEngine:
             stopping_criteria=call.get("stopping_criteria"),
         )
 
-    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self.chat_prompt(messages).tokens)
+    def count_chat_tokens(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> int:
+        return len(self.chat_prompt(messages, tools=tools).tokens)
 
     def _special_id(self, text: str) -> int | None:
         """The id of a special token written as ``text``, if the vocabulary has it as one token."""
@@ -597,7 +610,7 @@ class LlamaEngine:
             raise RuntimeError("the model is not loaded")
         criteria = None
         if req.messages is not None:
-            chat = self.chat_prompt(req.messages, req.stop)
+            chat = self.chat_prompt(req.messages, req.stop, req.tools)
             tokens, stops, criteria = chat.tokens, chat.stop, chat.stopping_criteria
         else:
             tokens, stops = self.prompt_tokens(req.prompt), list(req.stop)
@@ -709,7 +722,7 @@ class FakeEngine:
         """A plain stand-in for a chat template: one ``role: content`` line per turn."""
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+    def count_chat_tokens(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> int:
         return self.count_tokens(self.chat_text(messages))
 
     def check_grammar(self, grammar: str) -> None:
@@ -764,7 +777,7 @@ class FakeEngine:
         error: BaseException | None = None
         try:
             if req.messages is not None:
-                outcome.tokens_in = self.count_chat_tokens(req.messages)
+                outcome.tokens_in = self.count_chat_tokens(req.messages, req.tools)
             else:
                 outcome.tokens_in = self.count_tokens(req.prompt)
             outcome.slot = (n - 1) % self.max_slots
