@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rbee.hive.capacity import MAX_SLOTS, kv_bytes_per_token, plan_slots
-from rbee.hive.supervisor import _int_arg
+from rbee.hive.workers import int_arg
 
 GEMMA3_270M = {
     "general.architecture": "gemma3",
@@ -66,4 +66,4 @@ def test_what_the_operator_asked_for_wins(bundled: Path, tmp_path: Path) -> None
     ],
 )
 def test_worker_arguments_are_read_like_click_reads_them(args: tuple[str, ...], expected: int | None) -> None:
-    assert _int_arg(args, "--slots") == expected
+    assert int_arg(args, "--slots") == expected

@@ -20,8 +20,9 @@ import pytest
 
 from rbee import narration
 from rbee.errors import WorkerFailed, WorkerNotFound
+from rbee.hive.addresses import reachable_host, url_host
 from rbee.hive.catalog import ModelEntry
-from rbee.hive.supervisor import Supervisor, reachable_host, url_host
+from rbee.hive.supervisor import Supervisor
 
 STUB = textwrap.dedent(
     """

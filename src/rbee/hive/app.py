@@ -18,12 +18,16 @@ from fastapi.responses import PlainTextResponse
 from rbee import __version__
 from rbee.config import HIVE_PORT, rbee_home
 from rbee.contracts.operations import HiveOperation
+from rbee.hive.addresses import reachable_host, url_host
 from rbee.hive.catalog import ModelCatalog
 from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import Deliver, DeviceProbe, HeartbeatLoop, HttpDelivery
+from rbee.hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from rbee.hive.metrics import render as render_metrics
 from rbee.hive.policy import DownloadPolicy
+from rbee.hive.processes import WORKER_COMMAND
 from rbee.hive.router import HiveRouter
-from rbee.hive.supervisor import WORKER_COMMAND, Supervisor, reachable_host, url_host
+from rbee.hive.supervisor import Supervisor
 from rbee.http import install_edge
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
 from rbee.jobs.registry import JobRegistry
@@ -206,9 +210,11 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse, summary="Prometheus metrics (rbee_hive_*)")
     async def metrics(request: Request) -> PlainTextResponse:
-        from rbee.hive import metrics as hive_metrics
-
-        return PlainTextResponse(hive_metrics.render(hive(request)), media_type=hive_metrics.CONTENT_TYPE)
+        state = hive(request)
+        body = render_metrics(
+            hive_id=settings.hive_id, supervisor=state.supervisor, catalog=state.catalog, registry=state.registry
+        )
+        return PlainTextResponse(body, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/info", tags=["meta"])
     async def info(request: Request) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from rbee.errors import RbeeError
+from rbee.hive.addresses import listen_socket
 from rbee.hive.app import HiveSettings, HiveState, create_hive_app
 from rbee.hive.heartbeat import Deliver
-from rbee.hive.supervisor import listen_socket
 from rbee.narration import narrate
 
 __all__ = ["EmbeddedHive"]

@@ -124,7 +124,7 @@ def main(
     sock = None
     if port == 0:
         # Any free port: bind here so the address in heartbeats is the real one.
-        from rbee.hive.supervisor import listen_socket
+        from rbee.hive.addresses import listen_socket
 
         try:
             sock = listen_socket(host)

@@ -1,7 +1,8 @@
 """Prometheus metrics of a hive (``GET /metrics``), names prefixed ``rbee_hive_``.
 
-Everything is a gauge read from the hive's state at scrape time, so it can
-never drift from it: the workers this hive spawned by state, the models in
+Everything is a gauge read from the hive's parts at scrape time (the
+supervisor, the catalog, the job registry: handed in, never the app), so it
+can never drift from them: the workers this hive spawned by state, the models in
 its catalog and their bytes, and the downloads in progress with their bytes
 so far (taken from each ``model_download`` job's latest ``progress`` event,
 the same figures its stream shows).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -20,9 +21,9 @@ from prometheus_client.registry import Collector
 
 from rbee import __version__
 from rbee.contracts.events import TERMINAL
-
-if TYPE_CHECKING:
-    from rbee.hive.app import HiveState
+from rbee.hive.catalog import ModelCatalog
+from rbee.hive.supervisor import Supervisor
+from rbee.jobs.registry import JobRegistry
 
 __all__ = ["CONTENT_TYPE", "WORKER_STATES", "download_progress", "render"]
 
@@ -48,16 +49,18 @@ def download_progress(events: list[tuple[int, str, str]]) -> tuple[float, float 
 
 
 class _HiveCollector(Collector):
-    def __init__(self, state: HiveState) -> None:
-        self.state = state
+    def __init__(self, hive_id: str, supervisor: Supervisor, catalog: ModelCatalog, registry: JobRegistry) -> None:
+        self.hive_id = hive_id
+        self.supervisor = supervisor
+        self.catalog = catalog
+        self.registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.state
         info = GaugeMetricFamily("rbee_hive_info", "This hive", labels=["hive_id", "version"])
-        info.add_metric([state.settings.hive_id, __version__], 1)
+        info.add_metric([self.hive_id, __version__], 1)
         yield info
 
-        workers = state.supervisor.all()
+        workers = self.supervisor.all()
         by_state = Counter(w.state for w in workers)
         family = GaugeMetricFamily("rbee_hive_workers", "Workers this hive spawned, by state", labels=["state"])
         for name in sorted({*WORKER_STATES, *by_state}):
@@ -74,7 +77,7 @@ class _HiveCollector(Collector):
             value=sum(w.queue for w in workers),
         )
 
-        models = state.catalog.models_now()
+        models = self.catalog.models_now()
         yield GaugeMetricFamily("rbee_hive_models", "Models in this hive's catalog", value=len(models))
         yield GaugeMetricFamily(
             "rbee_hive_model_bytes",
@@ -84,7 +87,7 @@ class _HiveCollector(Collector):
 
         downloads = [
             job
-            for job in state.registry.list(limit=len(state.registry))
+            for job in self.registry.list(limit=len(self.registry))
             if job.operation.name == "model_download" and job.status not in TERMINAL
         ]
         done = total = 0.0
@@ -101,11 +104,11 @@ class _HiveCollector(Collector):
             "Announced size of the downloads in progress (those that announce one)",
             value=total,
         )
-        yield GaugeMetricFamily("rbee_hive_jobs_live", "Jobs running or queued on this hive", value=state.registry.live)
+        yield GaugeMetricFamily("rbee_hive_jobs_live", "Jobs running or queued on this hive", value=self.registry.live)
 
 
-def render(state: HiveState) -> bytes:
+def render(*, hive_id: str, supervisor: Supervisor, catalog: ModelCatalog, registry: JobRegistry) -> bytes:
     """The hive's metrics in Prometheus' text format."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_HiveCollector(state))
-    return generate_latest(registry)
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(_HiveCollector(hive_id, supervisor, catalog, registry))
+    return generate_latest(collectors)

@@ -35,7 +35,9 @@ from rbee.hive.capacity import DEFAULT_N_CTX
 from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import DeviceProbe
-from rbee.hive.supervisor import WORKER_COMMAND, Supervisor, _int_arg
+from rbee.hive.processes import WORKER_COMMAND
+from rbee.hive.supervisor import Supervisor
+from rbee.hive.workers import int_arg
 from rbee.jobs.registry import emit_progress, emit_result, set_end_fields
 from rbee.narration import narrate
 
@@ -201,7 +203,7 @@ class HiveRouter:
         model = await self.catalog.resolve(op.model)
         narrate("model_get", f"Model {model.id}: {model.architecture}, {model.quantization}", model=model.id)
         # The model may be trained for more: a worker here runs each slot with this context.
-        worker_n_ctx = _int_arg(self.supervisor.extra_args, "--n-ctx", DEFAULT_N_CTX)
+        worker_n_ctx = int_arg(self.supervisor.extra_args, "--n-ctx", DEFAULT_N_CTX)
         emit_result({"model": {**model.to_dict(), "worker_n_ctx": worker_n_ctx}})
 
     def _downloader(self) -> Downloader:
