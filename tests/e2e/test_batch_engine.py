@@ -208,3 +208,58 @@ def test_the_models_media_markers_never_become_text(engine: LlamaEngine) -> None
     assert marker in seq.generated  # type: ignore[attr-defined]  # the model did emit it...
     assert outcome.tokens_out == 40
     assert "<start_of_image>" not in sink.text and "<" not in sink.text  # ...and it never became text
+
+
+# A grammar the model's favourite continuations break at once: lowercase words joined by
+# hyphens, then a full stop, so most tokens the chain picks first are refused.
+_HYPHENS = r'root ::= [a-z]{1,8} ("-" [a-z]{1,8}){2,5} "."'
+_HYPHENS_RE = r"[a-z]{1,8}(-[a-z]{1,8}){2,5}\."
+
+
+@pytest.mark.parametrize("penalized", [False, True], ids=["plain", "penalties"])
+def test_a_lazily_applied_grammar_is_always_followed_when_sampling(engine: LlamaEngine, penalized: bool) -> None:
+    import re
+
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 1.0, "repeat_penalty": 1.3} if penalized else {}
+    requests = [
+        GenerationRequest(
+            prompt=p,
+            max_tokens=64,
+            temperature=1.2,
+            top_k=0,
+            top_p=1.0,
+            min_p=0.0,
+            seed=i,
+            grammar=_HYPHENS,
+            **penalties,
+        )
+        for i, p in enumerate(PROMPTS * 2)
+    ]
+    texts = [sink.text for sink, outcome in _together(engine, requests) if outcome.stop_reason == "eos"]
+    assert len(texts) == len(requests)  # each ended where the grammar does
+    assert all(re.fullmatch(_HYPHENS_RE, t) for t in texts), texts
+    assert len(set(texts)) > 1  # sampled, not one forced answer
+
+
+def test_a_greedy_answer_under_a_grammar_is_the_grammar_first_answer(engine: LlamaEngine) -> None:
+    # Greedy: the chain's pick is the likeliest token; if the grammar refuses it, the
+    # likeliest token the grammar allows. Both are what applying the grammar first gives,
+    # so lazily or not the answer is the same; it is checked against a grammar that lets
+    # the model say what it would say anyway for a while, then refuses it.
+    free, _ = _alone(engine, PROMPTS[0], 16)
+    head = free.split()[0]
+    grammar = 'root ::= "' + " " + head + '" [ a-z]{3,40} "!"'
+    outcome = GenerationOutcome()
+    text = "".join(
+        generate(engine, GenerationRequest(prompt=PROMPTS[0], max_tokens=48, temperature=0, grammar=grammar), outcome)
+    )
+    assert text.startswith(" " + head)
+    assert text.endswith("!")
+    again = "".join(
+        generate(
+            engine,
+            GenerationRequest(prompt=PROMPTS[0], max_tokens=48, temperature=0, grammar=grammar),
+            GenerationOutcome(),
+        )
+    )
+    assert again == text
