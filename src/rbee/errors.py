@@ -28,9 +28,16 @@ __all__ = [
     "ModelNotFound",
     "HiveNotFound",
     "HiveUnreachable",
+    "HiveOffline",
     "WorkerNotFound",
     "GenerationError",
     "QueenUnreachable",
+    "Unreachable",
+    "StreamBroken",
+    "AmbiguousJobId",
+    "GGUFError",
+    "DownloadFailed",
+    "ChecksumMismatch",
 ]
 
 
@@ -49,6 +56,13 @@ class RbeeError(Exception):
         """The ``{"kind", "message"}`` object of the ``end`` event."""
         return {"kind": self.kind, "message": self.message}
 
+    def to_wire(self) -> dict[str, Any]:
+        """The error object of an HTTP answer's ``{"error": ...}`` (:func:`rbee.wire.errors.from_wire` reads it back).
+
+        ``QueueFull``'s ``retry_after_s`` travels in the ``Retry-After`` header, not here.
+        """
+        return self.to_error()
+
 
 class InvalidOperation(RbeeError):
     """The operation is malformed or a field is out of range."""
@@ -59,6 +73,12 @@ class InvalidOperation(RbeeError):
     def __init__(self, message: str | None = None, *, field: str | None = None, **data: Any) -> None:
         super().__init__(message, **data)
         self.field = field
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {**self.to_error(), "field": self.field}
+        if "problems" in self.data:
+            wire["problems"] = self.data["problems"]
+        return wire
 
 
 class UnsupportedOperation(RbeeError):
@@ -195,4 +215,46 @@ class QueenUnreachable(RbeeError):
     """The queen did not answer."""
 
     kind = "queen_unreachable"
+    status_code = 502
+
+
+class Unreachable(RbeeError):
+    """The server did not answer."""
+
+    kind = "unreachable"
+    status_code = 502
+
+
+class StreamBroken(RbeeError):
+    """The event stream closed before the job's end."""
+
+    kind = "stream_broken"
+    status_code = 502
+
+
+class AmbiguousJobId(RbeeError):
+    """A short job id that is the start of more than one job's id."""
+
+    kind = "ambiguous_job_id"
+    status_code = 400
+
+
+class GGUFError(RbeeError):
+    """The file is not a readable GGUF model."""
+
+    kind = "invalid_model_file"
+    status_code = 422
+
+
+class DownloadFailed(RbeeError):
+    """The model could not be downloaded."""
+
+    kind = "download_failed"
+    status_code = 502
+
+
+class ChecksumMismatch(RbeeError):
+    """The downloaded file does not have the expected SHA-256."""
+
+    kind = "checksum_mismatch"
     status_code = 502

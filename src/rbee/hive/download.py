@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from rbee.contracts.operations import ModelDownload, check_model_ref
-from rbee.errors import InvalidOperation, JobConflict, ModelNotFound, RbeeError
+from rbee.errors import ChecksumMismatch, DownloadFailed, InvalidOperation, JobConflict, ModelNotFound, RbeeError
 from rbee.hive.catalog import ModelCatalog, ModelEntry
 from rbee.hive.gguf import MAGIC, GGUFError, check_complete
 from rbee.hive.policy import DownloadPolicy
@@ -50,20 +50,6 @@ __all__ = ["Downloader", "DownloadFailed", "ChecksumMismatch", "RETRIES"]
 RETRIES = 5
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class DownloadFailed(RbeeError):
-    """The model could not be downloaded."""
-
-    kind = "download_failed"
-    status_code = 502
-
-
-class ChecksumMismatch(RbeeError):
-    """The downloaded file does not have the expected SHA-256."""
-
-    kind = "checksum_mismatch"
-    status_code = 502
 
 
 # -- the downloader ------------------------------------------------------------

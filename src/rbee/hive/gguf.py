@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbee.errors import RbeeError
+from rbee.errors import GGUFError
 
 __all__ = [
     "GGUFError",
@@ -158,13 +158,6 @@ _MAX_DEPTH = 8
 _MAX_TENSORS = 1 << 20
 _MAX_DIMS = 8
 _DEFAULT_ALIGNMENT = 32
-
-
-class GGUFError(RbeeError):
-    """The file is not a readable GGUF model."""
-
-    kind = "invalid_model_file"
-    status_code = 422
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ report state.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,10 +19,11 @@ from starlette.types import Receive, Scope, Send
 
 from rbee.contracts.events import DONE
 from rbee.contracts.operations import OperationBase, parse_operation
-from rbee.errors import InvalidOperation, JobConflict, JobNotFound, RbeeError
+from rbee.errors import AmbiguousJobId, InvalidOperation, JobConflict, JobNotFound
 from rbee.jobs.job import Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
+from rbee.wire.protocol import MIN_PREFIX_HEX, PING_INTERVAL_S, job_id_prefix
 
 __all__ = [
     "JobServer",
@@ -36,32 +36,13 @@ __all__ = [
     "MIN_PREFIX_HEX",
 ]
 
-PING_INTERVAL_S = 15.0
 MAX_BODY_BYTES = 1 << 20
 #: Frames written as one chunk at most, when a reader is behind (a late client's replay).
 MAX_BATCH = 256
 #: How often, while streams are open, the server looks for its own shutdown.
 _EXIT_POLL_S = 0.5
-#: A short job id needs at least this many hex characters after ``job-`` (``job-43d5``, ``43d5b140``).
-MIN_PREFIX_HEX = 4
 #: Candidates named when a short id matches several jobs.
 _CANDIDATES = 5
-_PREFIX = re.compile(r"^(?:job-)?([0-9a-f][0-9a-f-]*)$")
-
-
-class AmbiguousJobId(RbeeError):
-    """A short job id that is the start of more than one job's id."""
-
-    kind = "ambiguous_job_id"
-    status_code = 400
-
-
-def job_id_prefix(given: str) -> str | None:
-    """``job-`` plus the hex start of an id, for a short id (``43d5b140``, ``job-43d5``); else None."""
-    match = _PREFIX.match(given.strip().lower())
-    if match is None or sum(ch != "-" for ch in match.group(1)) < MIN_PREFIX_HEX:
-        return None
-    return f"job-{match.group(1)}"
 
 
 class JobServer:

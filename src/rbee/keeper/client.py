@@ -22,6 +22,7 @@ from collections.abc import Generator, Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from rbee import errors
 from rbee.keeper.errors import (
     BadSetting,
     KeeperError,
@@ -30,44 +31,18 @@ from rbee.keeper.errors import (
     StreamBroken,
     problems_line,
 )
+from rbee.wire import protocol
+from rbee.wire.errors import error_object, from_wire
+from rbee.wire.protocol import DONE
+from rbee.wire.sse import Event, Frame, iter_frames
 
 __all__ = ["QueenClient", "Event", "Response", "DONE", "STREAM_READ_TIMEOUT_S", "describe"]
 
-DONE = "[DONE]"
 #: The queen sends a ping comment every 15 s while a job is quiet: four missed
 #: pings mean the connection is dead, not that the job is slow.
-STREAM_READ_TIMEOUT_S = 60.0
+STREAM_READ_TIMEOUT_S = 4 * protocol.PING_INTERVAL_S
 RECONNECTS = 3
 _USER_AGENT = "rbee-keeper"
-
-
-class Event:
-    """One frame of a job's stream: ``id``, ``kind`` (the SSE event name) and its JSON."""
-
-    __slots__ = ("_data", "id", "kind", "raw")
-
-    def __init__(self, event_id: int, kind: str, raw: str) -> None:
-        self.id = event_id
-        self.kind = kind
-        self.raw = raw
-        self._data: Any = None
-
-    @property
-    def data(self) -> Any:
-        if self._data is None:
-            try:
-                self._data = json.loads(self.raw)
-            except ValueError:
-                self._data = {}
-        return self._data
-
-    def json_line(self) -> str:
-        """``{"id", "event", "data"}`` on one line; the data is passed through as sent."""
-        raw = self.raw if self.raw.startswith(("{", "[")) else json.dumps(self.data)
-        return f'{{"id":{self.id},"event":{json.dumps(self.kind)},"data":{raw}}}'
-
-    def __repr__(self) -> str:
-        return f"Event({self.id}, {self.kind!r}, {self.raw[:60]!r})"
 
 
 class Response:
@@ -190,25 +165,21 @@ class QueenClient:
 
     def refused(self, status: int, body: bytes) -> RequestRefused:
         """The queen's ``{"error": {...}}`` answer as an error to show."""
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        err = parsed.get("error") if isinstance(parsed, dict) else None
-        if not isinstance(err, dict):
+        err = error_object(body)
+        if err is None:
             text = body.decode(errors="replace").strip()[:200] or http.client.responses.get(status, "")
             return RequestRefused.of(status, f"the queen answered HTTP {status}: {text}")
-        message = str(err.get("message") or f"the queen answered HTTP {status}")
-        raw_problems = err.get("problems")
+        remote = from_wire(err, status=status)
+        message = remote.message if err.get("message") else f"the queen answered HTTP {status}"
+        raw_problems = remote.data.get("problems")
         problems = [p for p in raw_problems if isinstance(p, dict)] if isinstance(raw_problems, list) else []
         if problems:
             message = problems_line(problems)  # flags and plain words, not field names and pydantic's
         if status == 401:
             message += " (pass --token or set RBEE_TOKEN)"
-        field = err.get("field")
-        return RequestRefused.of(
-            status, message, kind=err.get("kind"), field=str(field) if field else None, problems=problems
-        )
+        field = remote.data.get("field")
+        kind = remote.kind if err.get("kind") else None
+        return RequestRefused.of(status, message, kind=kind, field=str(field) if field else None, problems=problems)
 
     def get_json(self, path: str) -> Any:
         response = self.request("GET", path)
@@ -265,13 +236,13 @@ class QueenClient:
         read_timeout_s: float = STREAM_READ_TIMEOUT_S,
     ) -> Generator[Event, None, None]:
         """Yield the job's events after id ``after``, up to and including ``end``."""
-        path = f"/v1/jobs/{job_id}/stream" + ("?cancel_on_disconnect=true" if cancel_on_disconnect else "")
+        path = protocol.stream_path(job_id) + ("?cancel_on_disconnect=true" if cancel_on_disconnect else "")
         last = after
         failures = 0
         while True:
-            headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+            headers = dict(protocol.ACCEPT_EVENTS)
             if last:
-                headers["Last-Event-ID"] = str(last)
+                headers[protocol.LAST_EVENT_ID] = str(last)
             try:
                 conn, response = self._open("GET", path, None, headers, read_timeout_s)
             except QueenUnreachable as exc:
@@ -286,15 +257,20 @@ class QueenClient:
                             raise refused
                         raise StreamBroken(f"the stream of {job_id} broke and could not resume: {refused.message}")
                     for event_id, kind, data in _frames(response):
-                        if data == DONE and kind == "message":
+                        if data == DONE and kind == protocol.EVENT_MESSAGE:
                             raise StreamBroken(f"the stream of {job_id} ended without the job's end event")
                         number = int(event_id) if event_id.isdigit() else last + 1
                         if number <= last:
                             continue  # already seen before a reconnect
                         last = number
                         failures = 0
-                        yield Event(number, kind, data)
-                        if kind == "end":
+                        event = Event(number, kind, data)
+                        try:
+                            event.data  # noqa: B018 - parsed here, where a frame that is not JSON breaks the stream
+                        except errors.StreamBroken as exc:
+                            raise StreamBroken(f"the stream of {job_id} broke: {exc.message}") from None
+                        yield event
+                        if kind == protocol.EVENT_END:
                             return
                     reason = "the queen closed the stream before the job's end"
                 except (OSError, http.client.HTTPException) as exc:
@@ -307,34 +283,10 @@ class QueenClient:
             time.sleep(min(0.25 * 2**failures, 2.0))
 
 
-def _frames(response: http.client.HTTPResponse) -> Iterator[tuple[str, str, str]]:
-    """Server-sent events as ``(id, event, data)``; comments (pings) are skipped."""
-    event_id = ""
-    kind = ""
-    data: list[str] = []
-    pending = b""
-    while True:
-        # read1 returns what has arrived (at most one chunk) without waiting for
-        # more, so each token is seen as soon as the queen sends it.
-        chunk = response.read1(65536)
-        if not chunk:
-            return
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            line = raw.decode("utf-8", errors="replace").removesuffix("\r")
-            if not line:
-                if data:
-                    yield event_id, kind or "message", "\n".join(data)
-                kind, data = "", []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                data.append(value)
-            elif name == "event":
-                kind = value
-            elif name == "id":
-                event_id = value
+def _frames(response: http.client.HTTPResponse) -> Iterator[Frame]:
+    """The stream's frames, as each piece arrives.
+
+    ``read1`` returns what has arrived (at most one chunk) without waiting for
+    more, so each token is seen as soon as the queen sends it.
+    """
+    return iter_frames(iter(lambda: response.read1(65536), b""))

@@ -24,6 +24,7 @@ from rbee.contracts.operations import Operation, OperationBase
 from rbee.errors import RbeeError
 from rbee.http import current_principal, error_body, install_edge, is_admin
 from rbee.jobs.api import PING_INTERVAL_S, JobServer, job_router
+from rbee.jobs.client import JobHttp
 from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry, current_job
 from rbee.narration import narrate
@@ -76,7 +77,7 @@ class QueenState:
         self.store = JobStore(home / "queen.sqlite")
         self.interrupted = self.store.mark_interrupted()
         self.telemetry = Telemetry(interval_s=settings.heartbeat_interval_s, forget_after_s=settings.forget_after_s)
-        self.http = httpx.AsyncClient(
+        self.http = JobHttp(
             timeout=httpx.Timeout(10.0, read=None),
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
         )

@@ -4,17 +4,22 @@ The queen submits each job to a worker (or a hive) and relays its stream:
 two requests per job and one read per token. httpx spends about two thousand
 Python calls on a request (its pool, anyio cancel scopes, h11, cookies, the
 auth flow): close to a millisecond of CPU on a small machine, more than the
-rest of the relay, and all of it in the time to first token. :class:`JobClient`
-sends those two requests through this client when the server is a plain
-``http://`` URL reached through httpx's default transport; everything else
-(proxies, TLS, tests that mount an ASGI app) stays on httpx.
+rest of the relay, and all of it in the time to first token. A
+:class:`~rbee.jobs.client.JobClient` sends those two requests through this
+client when it is given one (:class:`~rbee.jobs.client.JobHttp` carries a
+:class:`Pool` for plain ``http://`` URLs); everything else (proxies, TLS,
+tests that mount an ASGI app) stays on httpx. The benchmarks measure servers
+through :class:`Connection`, for the same reason: the client must cost little
+next to what it measures.
 
 What it does: keep-alive connections pooled per host (closed after
 :data:`IDLE_S` idle, before uvicorn's own keep-alive timeout of 5 s), a
 connect timeout, ``Content-Length`` and chunked bodies, one retry on a fresh
 connection when a pooled one turns out to have been closed before any answer
 came (the server had not read the request). A connection is reused only
-after a response was read to its end.
+after a response was read to its end. The pool belongs to whoever made it
+(the queen's lifespan, through its HTTP client): :meth:`Pool.close` closes its
+idle connections.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-__all__ = ["IDLE_S", "Pool", "Response", "WireError"]
+__all__ = ["IDLE_S", "Connection", "Pool", "Response", "WireError", "request_head"]
 
 #: An idle connection is closed after this long (uvicorn closes them after 5 s).
 IDLE_S = 2.0
@@ -45,7 +50,18 @@ class Response:
     chunks: AsyncIterator[bytes] | None = field(default=None, repr=False)
 
 
-class _Conn:
+def request_head(host: str, port: int, method: str, target: str, headers: dict[str, str], body: bytes | None) -> bytes:
+    """The request line and headers (``Content-Length`` for a body), up to the blank line."""
+    head = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}"]
+    head.extend(f"{name}: {value}" for name, value in headers.items())
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+class Connection:
+    """One HTTP/1.1 connection on asyncio streams; requests on it are sequential."""
+
     __slots__ = ("expiry", "key", "reader", "reusable", "writer")
 
     def __init__(self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -55,11 +71,28 @@ class _Conn:
         self.reusable = False
         self.expiry: asyncio.TimerHandle | None = None
 
+    @classmethod
+    async def open(cls, host: str, port: int, *, timeout_s: float | None = None) -> Connection:
+        """A new connection (:class:`WireError` if none can be made within ``timeout_s``)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEAD)
+        except TimeoutError:
+            raise WireError(f"no connection within {timeout_s:g} s") from None
+        except OSError as exc:
+            raise WireError(exc.strerror or str(exc) or type(exc).__name__) from None
+        return cls((host, port), reader, writer)
+
     def close(self) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
         self.writer.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
 
     @property
     def usable(self) -> bool:
@@ -108,14 +141,19 @@ class _Conn:
 
 
 class Pool:
-    """Keep-alive connections to rbee daemons, for the loop that created the pool."""
+    """Keep-alive connections to rbee daemons, kept for the event loop that uses the pool."""
 
     def __init__(self, *, connect_timeout_s: float | None = 5.0, read_timeout_s: float | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
-        self.loop = asyncio.get_running_loop()
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        #: The loop whose connections the pool keeps (the first that used it).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         self._closed = True
@@ -124,17 +162,28 @@ class Pool:
                 conn.close()
         self._idle.clear()
 
-    async def _connect(self, key: tuple[str, int]) -> _Conn:
-        try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(key[0], key[1], limit=_MAX_HEAD)
-        except TimeoutError:
-            raise WireError(f"no connection within {self.connect_timeout_s:g} s") from None
-        except OSError as exc:
-            raise WireError(exc.strerror or str(exc) or type(exc).__name__) from None
-        return _Conn(key, reader, writer)
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait until the idle connections are closed."""
+        conns = [conn for idle in self._idle.values() for conn in idle]
+        self.close()
+        for conn in conns:
+            with contextlib.suppress(OSError, RuntimeError):
+                await conn.writer.wait_closed()
 
-    def _checkout(self, key: tuple[str, int]) -> _Conn | None:
+    async def _connect(self, key: tuple[str, int]) -> Connection:
+        if self._closed:
+            raise WireError("the client is closed")
+        return await Connection.open(key[0], key[1], timeout_s=self.connect_timeout_s)
+
+    def _checkout(self, key: tuple[str, int]) -> Connection | None:
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            # Connections made on another loop (one that has ended) cannot be used on this one.
+            for stale in [conn for idle in self._idle.values() for conn in idle]:
+                with contextlib.suppress(RuntimeError):
+                    stale.close()
+            self._idle.clear()
+            self.loop = loop
         conns = self._idle.get(key)
         while conns:
             conn = conns.pop()
@@ -146,16 +195,16 @@ class Pool:
             conn.close()
         return None
 
-    def _checkin(self, conn: _Conn) -> None:
+    def _checkin(self, conn: Connection) -> None:
         conns = self._idle.setdefault(conn.key, [])
         if self._closed or not conn.reusable or not conn.usable or len(conns) >= _MAX_IDLE_PER_HOST:
             conn.close()
             return
         conn.reusable = False
-        conn.expiry = self.loop.call_later(IDLE_S, self._expire, conn)
+        conn.expiry = asyncio.get_running_loop().call_later(IDLE_S, self._expire, conn)
         conns.append(conn)
 
-    def _expire(self, conn: _Conn) -> None:
+    def _expire(self, conn: Connection) -> None:
         conn.expiry = None
         with contextlib.suppress(ValueError):
             self._idle.get(conn.key, []).remove(conn)
@@ -163,13 +212,9 @@ class Pool:
 
     async def _send(
         self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], body: bytes | None
-    ) -> tuple[_Conn, int, dict[str, str]]:
+    ) -> tuple[Connection, int, dict[str, str]]:
         """Write the request and read the answer's head, on a pooled connection or a new one."""
-        head = [f"{method} {target} HTTP/1.1", f"Host: {key[0]}:{key[1]}"]
-        head.extend(f"{name}: {value}" for name, value in headers.items())
-        if body is not None:
-            head.append(f"Content-Length: {len(body)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        data = request_head(key[0], key[1], method, target, headers, body) + (body or b"")
         pooled = self._checkout(key)
         for conn in (pooled, None) if pooled is not None else (None,):
             fresh = conn is None

@@ -1,25 +1,6 @@
-"""The worker: one process, one loaded model, the job API for ``infer``."""
+"""The worker: one process, one loaded model, the job API for ``infer``.
 
-from rbee.worker.app import Worker, WorkerSettings, create_worker_app
-from rbee.worker.bridge import run_generation
-from rbee.worker.engine import (
-    Engine,
-    FakeEngine,
-    GenerationOutcome,
-    GenerationRequest,
-    LlamaEngine,
-    StopScanner,
-)
-
-__all__ = [
-    "Engine",
-    "FakeEngine",
-    "GenerationOutcome",
-    "GenerationRequest",
-    "LlamaEngine",
-    "StopScanner",
-    "Worker",
-    "WorkerSettings",
-    "create_worker_app",
-    "run_generation",
-]
+Import what you use from its modules (:mod:`rbee.worker.app`, :mod:`rbee.worker.engine`,
+:mod:`rbee.worker.bridge` ...): the package itself imports nothing, so a module that
+needs one of them does not load the app, FastAPI or llama.cpp with it.
+"""

@@ -1,0 +1,172 @@
+"""One server-sent events decoder, sans IO: bytes in, frames out.
+
+:class:`Decoder` follows the WHATWG rules for ``text/event-stream``: lines
+end in CR, LF or CRLF (a lone CR too, and a CRLF split between two reads is
+one line end); a leading byte order mark is dropped; ``data`` lines are joined
+with LF; the event name is ``message`` unless an ``event`` field gives one;
+the last ``id`` is kept across frames, and an ``id`` containing NUL is
+ignored; a ``retry`` of ASCII digits sets :attr:`Decoder.retry_ms`; comments
+(``: ping``) and unknown fields are ignored; a block without ``data`` is never
+dispatched, nor one the body ends in the middle of.
+
+It splits what arrives at blank lines and reads each block's fields at once:
+the queen relays every token through it, and a line-by-line decoder over
+decoded text cost more than everything else the relay does per token.
+
+The data of a frame is text; rbee's servers send one line of JSON in each
+(and ``[DONE]`` last). One policy for data that is not JSON, in every client:
+the stream cannot be trusted past it, so reading :attr:`Event.data` raises
+:class:`rbee.errors.StreamBroken` naming the frame, as a stream that breaks
+off does. Relaying :attr:`Event.raw` never parses it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+from rbee.errors import StreamBroken
+from rbee.wire.protocol import EVENT_MESSAGE
+
+__all__ = ["Decoder", "Event", "Frame", "aiter_frames", "iter_frames"]
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class Frame(NamedTuple):
+    """One dispatched event: the last event id seen so far, its name and its data."""
+
+    id: str
+    event: str
+    data: str
+
+
+class Decoder:
+    """Feed it a stream's bytes as they arrive; it returns the frames each piece completes."""
+
+    __slots__ = ("_held_cr", "_pending", "_started", "last_event_id", "retry_ms")
+
+    def __init__(self) -> None:
+        #: The id of the last frame (SSE's "last event ID"): what a reconnect sends back.
+        self.last_event_id = ""
+        #: The reconnection time the server asked for, in ms (None: it did not say).
+        self.retry_ms: int | None = None
+        self._pending = b""
+        self._held_cr = False  # a CR at the end of a piece may be the first half of a CRLF
+        self._started = False  # past a possible byte order mark
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        buf = self._pending + (b"\r" if self._held_cr else b"") + chunk
+        if not self._started:
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                self._pending, self._held_cr = buf, False
+                return []
+            self._started = True
+            buf = buf.removeprefix(_BOM)
+        self._held_cr = buf.endswith(b"\r")
+        if self._held_cr:
+            buf = buf[:-1]
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        blocks = buf.split(b"\n\n")
+        self._pending = blocks.pop()
+        frames = []
+        for block in blocks:
+            frame = self._block(block)
+            if frame is not None:
+                frames.append(frame)
+        return frames
+
+    def close(self) -> list[Frame]:
+        """The body has ended: the frame its last CR completes, if any; an unfinished one is dropped."""
+        pending, held = self._pending, self._held_cr
+        self._pending, self._held_cr = b"", False
+        if held and self._started and pending.endswith(b"\n"):
+            frame = self._block(pending[:-1])
+            if frame is not None:
+                return [frame]
+        return []
+
+    def _block(self, block: bytes) -> Frame | None:
+        event = ""
+        data: list[str] = []
+        for line in block.decode("utf-8", errors="replace").split("\n"):
+            if not line or line[0] == ":":
+                continue
+            name, _, value = line.partition(":")
+            if value[:1] == " ":
+                value = value[1:]
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+            elif name == "id":
+                if "\0" not in value:
+                    self.last_event_id = value
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self.retry_ms = int(value)
+        if not data:
+            return None
+        return Frame(self.last_event_id, event or EVENT_MESSAGE, "\n".join(data))
+
+
+async def aiter_frames(chunks: AsyncIterable[bytes], decoder: Decoder | None = None) -> AsyncGenerator[Frame, None]:
+    """The frames of a body read as an async iterator of bytes."""
+    decoder = decoder or Decoder()
+    async for chunk in chunks:
+        for frame in decoder.feed(chunk):
+            yield frame
+    for frame in decoder.close():
+        yield frame
+
+
+def iter_frames(chunks: Iterable[bytes], decoder: Decoder | None = None) -> Iterator[Frame]:
+    """The frames of a body read as an iterator of bytes."""
+    decoder = decoder or Decoder()
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+    yield from decoder.close()
+
+
+class Event:
+    """One event of a job's stream: its ``id``, ``kind`` (the SSE event name) and data as sent.
+
+    :attr:`data` is parsed on first use (a relayed token never is); data that
+    is not JSON raises :class:`~rbee.errors.StreamBroken`.
+    """
+
+    __slots__ = ("_data", "id", "kind", "raw")
+
+    def __init__(self, event_id: int, kind: str, raw: str) -> None:
+        self.id = event_id
+        self.kind = kind
+        self.raw = raw
+        self._data: Any = None
+
+    @property
+    def data(self) -> Any:
+        if self._data is None:
+            try:
+                self._data = json.loads(self.raw)
+            except ValueError:
+                raise StreamBroken(
+                    f"event {self.id} ({self.kind}) does not carry JSON: {self.raw[:80]!r}", event_id=self.id
+                ) from None
+        return self._data
+
+    def json_line(self) -> str:
+        """``{"id", "event", "data"}`` on one line; the data is passed through as sent."""
+        raw = self.raw if self.raw.startswith(("{", "[")) else json.dumps(self.data)
+        return f'{{"id":{self.id},"event":{json.dumps(self.kind)},"data":{raw}}}'
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.id, self.kind, self.raw) == (other.id, other.kind, other.raw)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.kind, self.raw))
+
+    def __repr__(self) -> str:
+        return f"Event({self.id}, {self.kind!r}, {self.raw[:60]!r})"
