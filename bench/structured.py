@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for server in reversed(servers):
             server.stop()
     print_table([[r[k] for k in rows[0]] for r in rows], list(rows[0]))
-    summary = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "round"}
+    summary = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0] if k != "round"}
     print(
         f"\nmedians: rbee {summary['rbee_plain']} tok/s plain, {summary['rbee_schema']} with the schema"
         f" (x{summary['rbee_schema_over_plain']}); llama-server {summary['peer_plain']} / {summary['peer_schema']}"
