@@ -5,6 +5,13 @@ errors become ``422`` naming the field and the reason; bodies over 1 MiB are
 refused with ``413``; when the server has a token every endpoint but
 ``/health`` requires ``Authorization: Bearer``, compared in constant time.
 
+The edge's own refusals (401, 403, 404, 405, 413, 415) are answered in the error shape of
+the API a path belongs to (:func:`api_family`): Anthropic's on ``/v1/messages*``,
+Ollama's ``{"error": "..."}`` on ``/api/*``, OpenAI's on the OpenAI-compatible paths
+(every ``/v1/`` path that is not rbee's own, and llama.cpp's ``/tokenize``,
+``/detokenize``, ``/infill``), rbee's own everywhere else; each is made in one place
+(:func:`edge_error_body`).
+
 Every server refuses what a web page on another site could send it
 (:class:`BrowserGuard`): a ``Host`` it does not serve (DNS rebinding), an
 ``Origin`` other than its own page's or a configured one, and a body that is
@@ -22,11 +29,12 @@ import contextvars
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -39,6 +47,8 @@ from rbee.errors import InvalidOperation, PayloadTooLarge, QueueFull, RbeeError
 
 __all__ = [
     "install_edge",
+    "api_family",
+    "edge_error_body",
     "anthropic_error_body",
     "error_body",
     "BodyLimit",
@@ -111,6 +121,10 @@ def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:
 
 async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RbeeError)
+    if isinstance(exc, PayloadTooLarge):
+        # The edge's own refusal (a streamed body over the limit, found while a handler read it).
+        path = request.url.path
+        return JSONResponse(edge_error_body(path, 413, exc.kind, exc.message), status_code=413)
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
@@ -118,7 +132,7 @@ async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Routing's own answers (no such path, wrong method) in the same error shape as everything else."""
+    """Routing's own answers (no such path, wrong method) in the error shape of the path's API."""
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         # FastAPI's answer to a body that is not UTF-8 where a model is declared: bad input like any other.
@@ -128,11 +142,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": error}, status_code=422)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    body: dict[str, Any] = {"error": {"kind": kind, "message": message}}
-    if _is_anthropic_path(request.url.path):
-        body = anthropic_error_body(message, status=exc.status_code)
-    elif _is_openai_path(request.url.path) or (exc.status_code == 404 and _is_foreign_v1_path(request.url.path)):
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": kind}}
+    body = edge_error_body(request.url.path, exc.status_code, kind, message)
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -170,12 +180,7 @@ class BodyLimit:
                     too_big = False
                 if too_big:
                     message = f"the body is over {self.limit} bytes"
-                    if _is_anthropic_path(scope["path"]):
-                        await _send_json(send, 413, anthropic_error_body(message, status=413))
-                    elif _is_openai_path(scope["path"]):
-                        await _refuse(send, 413, "payload_too_large", message, True)
-                    else:
-                        await _send_json(send, 413, error_body(PayloadTooLarge(message)))
+                    await _refuse(send, scope["path"], 413, "payload_too_large", message)
                     return
         seen = 0
 
@@ -247,23 +252,10 @@ class BearerAuth:
             principal = self._match(api_key)
         if principal is None:
             message = "a valid bearer token is required (Authorization: Bearer ...)"
-            if _is_anthropic_path(scope["path"]):
+            if api_family(scope["path"]) == "anthropic":
                 message = "a valid API key is required (x-api-key: ..., or Authorization: Bearer ...)"
-                body = anthropic_error_body(message, status=401)
-                await _send_json(send, 401, body, extra_headers=[(b"www-authenticate", b"Bearer")])
-                return
-            if _is_openai_path(scope["path"]):
-                # OpenAI clients read their own error shape.
-                error = {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
-                await _send_json(send, 401, {"error": error}, extra_headers=[(b"www-authenticate", b"Bearer")])
-                return
-            await _send_json(
-                send,
-                401,
-                error_body(RbeeError(message)) | {},
-                extra_headers=[(b"www-authenticate", b"Bearer")],
-                kind="unauthorized",
-            )
+            challenge = [(b"www-authenticate", b"Bearer")]
+            await _refuse(send, scope["path"], 401, "unauthorized", message, extra_headers=challenge)
             return
         reset = _principal.set(principal)
         try:
@@ -343,13 +335,12 @@ class BrowserGuard:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
         host = headers.get("host", "")
         path = scope["path"]
-        openai: bool | str = "anthropic" if _is_anthropic_path(path) else _is_openai_path(path)
         if path != "/health" and not self._host_ok(host):
-            await _refuse(send, 403, "forbidden", f"this server does not answer for the host {host!r}", openai)
+            await _refuse(send, path, 403, "forbidden", f"this server does not answer for the host {host!r}")
             return
         origin = headers.get("origin")
         if origin is not None and not self._origin_ok(origin, host):
-            await _refuse(send, 403, "forbidden", f"requests from the web origin {origin!r} are not allowed", openai)
+            await _refuse(send, path, 403, "forbidden", f"requests from the web origin {origin!r} are not allowed")
             return
         cors = [] if origin is None else [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
         if cors and scope.get("method") != "OPTIONS":
@@ -368,9 +359,8 @@ class BrowserGuard:
             kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if kind != "application/json":
                 shown = kind or "none"
-                await _refuse(
-                    send, 415, "unsupported_media_type", f"the body must be application/json, not {shown}", openai
-                )
+                message = f"the body must be application/json, not {shown}"
+                await _refuse(send, path, 415, "unsupported_media_type", message)
                 return
         if not cors:
             await self.app(scope, receive, send)
@@ -422,51 +412,65 @@ def _has_body(headers: dict[str, str]) -> bool:
     return "transfer-encoding" in headers
 
 
-async def _refuse(send: Send, status: int, kind: str, message: str, openai: bool | str) -> None:
-    """``openai``: True for OpenAI's error shape, ``"anthropic"`` for Anthropic's, False for rbee's."""
-    if openai == "anthropic":
-        await _send_json(send, status, anthropic_error_body(message, status=status))
-        return
-    if openai:
-        error = {"message": message, "type": "invalid_request_error", "param": None, "code": kind}
-        await _send_json(send, status, {"error": error})
-        return
-    await _send_json(send, status, {"error": {"kind": kind, "message": message}})
-
-
-def _is_anthropic_path(path: str) -> bool:
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
-
-
-def _is_openai_path(path: str) -> bool:
-    return path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/responses") or path.startswith(
-        ("/v1/models/", "/v1/responses/")
-    )
-
+#: The APIs whose error shapes the edge speaks: rbee's own, OpenAI's, Anthropic's, Ollama's.
+Family = Literal["rbee", "openai", "anthropic", "ollama"]
 
 #: The ``/v1/`` paths of rbee's own APIs (jobs, cluster, hives, workers), whose errors keep rbee's shape.
 _RBEE_V1 = ("jobs", "cluster", "hives", "info", "ready", "tokens", "workers")
+#: llama.cpp server's paths (tokenizer, fill in the middle): its errors are OpenAI's shape.
+_LLAMA_CPP_PATHS = ("/tokenize", "/detokenize", "/infill")
 
 
-def _is_foreign_v1_path(path: str) -> bool:
-    """A ``/v1/`` path that is neither rbee's own nor Anthropic's: OpenAI clients ask such, so a 404 is OpenAI's."""
-    if not path.startswith("/v1/") or _is_anthropic_path(path):
-        return False
-    return path[4:].split("/", 1)[0] not in _RBEE_V1
+def api_family(path: str) -> Family:
+    """The API ``path`` belongs to, whose error shape its refusals take.
+
+    ``/v1/messages`` and below: Anthropic's; ``/api`` and below: Ollama's; any other
+    ``/v1/`` path that is not rbee's own (OpenAI's, and those OpenAI's clients may try)
+    and llama.cpp's ``/tokenize``, ``/detokenize``, ``/infill``: OpenAI's; else rbee's.
+    """
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path == "/api" or path.startswith("/api/"):
+        return "ollama"
+    if path in _LLAMA_CPP_PATHS:
+        return "openai"
+    if path.startswith("/v1/") and path[4:].split("/", 1)[0] not in _RBEE_V1:
+        return "openai"
+    return "rbee"
+
+
+#: OpenAI's ``code`` for an edge refusal, where it has its own word (else rbee's kind).
+_OPENAI_CODES = {"unauthorized": "invalid_api_key"}
+
+
+def edge_error_body(path: str, status: int, kind: str, message: str) -> dict[str, Any]:
+    """An edge refusal (``kind``: rbee's word for it) in the error shape of ``path``'s API."""
+    family = api_family(path)
+    if family == "anthropic":
+        return anthropic_error_body(message, status=status)
+    if family == "ollama":
+        return {"error": message}
+    if family == "openai":
+        code = _OPENAI_CODES.get(kind, kind)
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return {"error": {"kind": kind, "message": message}}
+
+
+async def _refuse(
+    send: Send,
+    path: str,
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await _send_json(send, status, edge_error_body(path, status, kind, message), extra_headers=extra_headers)
 
 
 async def _send_json(
-    send: Send,
-    status: int,
-    body: dict[str, Any],
-    *,
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
-    kind: str | None = None,
+    send: Send, status: int, body: dict[str, Any], *, extra_headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    import json
-
-    if kind is not None:
-        body["error"]["kind"] = kind
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
@@ -553,6 +557,13 @@ ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 
+#: Ollama's error object, which the Ollama-compatible endpoints (``/api/*``) answer with.
+OLLAMA_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
 _EDGE_ERRORS = {
     "401": "A valid bearer token is required",
     "413": "The request body is over the limit",
@@ -572,10 +583,10 @@ def _edge_shaped(response: dict[str, Any]) -> bool:
 def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> None:
     """Make the OpenAPI schema say what the edge really answers.
 
-    Every error is ``{"error": {"kind", "message", ...}}`` (FastAPI's default
-    422 shape is never sent); 401 is documented wherever a token is checked,
-    413 and 415 wherever a body is taken, 403 everywhere but ``/health``
-    (:class:`BrowserGuard`).
+    Every error is in the shape of its path's API (:func:`api_family`): rbee's own
+    is ``{"error": {"kind", "message", ...}}`` (FastAPI's default 422 shape is never
+    sent). 401 is documented wherever a token is checked, 413 and 415 wherever a
+    body is taken, 403 everywhere but ``/health`` (:class:`BrowserGuard`).
     """
     generate = app.openapi
 
@@ -587,6 +598,7 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
         components["Error"] = ERROR_SCHEMA
         components["OpenAIError"] = OPENAI_ERROR_SCHEMA
         components["AnthropicError"] = ANTHROPIC_ERROR_SCHEMA
+        components["OllamaError"] = OLLAMA_ERROR_SCHEMA
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         for item in schema.get("paths", {}).values():
@@ -597,6 +609,13 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
         rbee_error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         openai_error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
         anthropic_error = {"application/json": {"schema": {"$ref": "#/components/schemas/AnthropicError"}}}
+        ollama_error = {"application/json": {"schema": {"$ref": "#/components/schemas/OllamaError"}}}
+        errors_by_family = {
+            "rbee": rbee_error,
+            "openai": openai_error,
+            "anthropic": anthropic_error,
+            "ollama": ollama_error,
+        }
         open_paths = {"/health", *(p for p in public if not p.endswith("*"))}
         for path, item in schema.get("paths", {}).items():
             for method, operation in item.items():
@@ -612,9 +631,7 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
                     wanted.add("401")
                 for status in wanted:
                     responses.setdefault(status, {"description": _EDGE_ERRORS[status]})
-                content = openai_error if _is_openai_path(path) else rbee_error
-                if _is_anthropic_path(path):
-                    content = anthropic_error
+                content = errors_by_family[api_family(path)]
                 for status, response in responses.items():
                     if status[:1] in ("4", "5") and _edge_shaped(response):
                         response["content"] = content
