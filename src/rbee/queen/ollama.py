@@ -14,8 +14,8 @@ scheduled, queued, narrated, cancellable, kept in the history), named by the
 * ``"stream": false``: one JSON object once the job has ended.
 
 A client that goes away cancels its job. Errors are Ollama's ``{"error": "message"}``
-(400 bad input, 404 ``model 'x' not found``, 429, 502, 503 no worker...); the
-edge's own refusals (401, 403, 413, 415) keep rbee's shape.
+(400 bad input, 404 ``model 'x' not found``, 429, 502, 503 no worker...), the
+edge's own refusals (401, 403, 404, 413, 415) too (:func:`rbee.http.api_family`).
 
 ``/api/generate`` without ``raw`` renders ``system`` and ``prompt`` with the
 model's chat template, as Ollama does; ``raw: true`` sends the prompt as it is.
@@ -998,7 +998,8 @@ async def _pull(request: Request) -> Response:
 
 # -- the OpenAPI description ---------------------------------------------------
 
-_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+#: Ollama's error object (the edge's component, :data:`rbee.http.OLLAMA_ERROR_SCHEMA`).
+_ERROR_SCHEMA = {"$ref": "#/components/schemas/OllamaError"}
 _OPTIONS_SCHEMA = {
     "type": ["object", "null"],
     "description": "temperature, top_p, top_k, seed, num_predict, stop; runtime options (num_ctx...) are ignored",
