@@ -239,6 +239,10 @@ class Infer(OperationBase):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=LIMITS.messages)
     prompt: str | None = Field(default=None, validate_default=True)
     max_tokens: int = Field(default=128, ge=1, le=LIMITS.max_tokens)
+    #: No limit was asked for (OpenAI's chats, llama.cpp's ``n_predict`` -1): the worker
+    #: generates until its slot's context is full, ``max_tokens`` becoming what the context
+    #: leaves after the prompt (the value given counts only where no worker says better).
+    to_the_context: bool = False
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, ge=0.0, le=1.0)
     top_k: int = Field(default=40, ge=0, le=LIMITS.top_k)
