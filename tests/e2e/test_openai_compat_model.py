@@ -1,6 +1,7 @@
 """What clients of OpenAI and llama.cpp's server expect, with the real model through a real
 queen and the official ``openai`` client: ``n`` choices, a chat without ``max_tokens``
-that runs to the end of the context, ``n_predict``, ignored parameters said so."""
+that runs to the end of the context, ``n_predict``, unknown parameters refused by name
+and the SDK's own requests (with their defaults and informational fields) accepted."""
 
 from __future__ import annotations
 
@@ -80,15 +81,28 @@ def test_a_long_chat_without_max_tokens_runs_to_the_end_of_the_context(client: o
     assert usage.prompt_tokens + usage.completion_tokens == n_ctx
 
 
-def test_n_predict_and_ignored_parameters(client: openai.OpenAI) -> None:
-    raw = client.completions.with_raw_response.create(
-        model=MODEL, prompt="The sea is", temperature=0, extra_body={"n_predict": 3, "cache_prompt": True}
+def test_n_predict_and_parameters_as_openai_takes_them(client: openai.OpenAI) -> None:
+    got = client.completions.create(
+        model=MODEL, prompt="The sea is", temperature=0, user="u1", extra_body={"n_predict": 3, "cache_prompt": True}
     )
-    assert raw.headers["x-rbee-ignored-params"] == "cache_prompt"
-    got = raw.parse()
     assert got.usage is not None and got.usage.completion_tokens <= 3
-    text = "Page one.\fPage two."
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, extra_body={"frobnicate": 1})
+    assert caught.value.code == "unknown_parameter" and caught.value.param == "frobnicate"
+    assert "Unrecognized request argument supplied: frobnicate" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, modalities=["text", "audio"])
+    assert caught.value.code == "unsupported_parameter" and caught.value.param == "modalities"
+    # What the SDK sends, informational fields included, is taken.
     answer = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=2, temperature=0
+        model=MODEL,
+        messages=[{"role": "user", "content": "Page one.\fPage two."}],
+        max_tokens=2,
+        temperature=0,
+        user="u1",
+        metadata={"run": "e2e"},
+        store=False,
+        service_tier="auto",
+        stream_options=None,
     )
     assert answer.choices[0].message.content is not None

@@ -1,7 +1,8 @@
 """Defaults and parameters as OpenAI's and llama.cpp's servers have them: a chat without
 max_tokens runs to the end of the context, form feeds, many turns, ``context_length_exceeded``,
-``n_predict``, and body parameters rbee does not use said so. The fake engine stands in
-for the model (it counts a token a word)."""
+``n_predict``, and body parameters as OpenAI takes them: unknown ones refused by name, ones
+rbee cannot honour refused saying why, informational ones accepted. The fake engine stands
+in for the model (it counts a token a word)."""
 
 from __future__ import annotations
 
@@ -100,10 +101,79 @@ def test_many_turns_are_bounded_by_their_characters_not_their_count() -> None:
         _parse(messages=[{"role": "user", "content": "x" * (LIMITS.prompt_chars + 1)}])
 
 
-def test_unknown_parameters_are_listed() -> None:
-    call = _parse(user="u1", cache_prompt=True, temperature=0.5, **{"bad name\n": 1})
-    assert call.ignored == ("bad_name_", "cache_prompt", "user")
-    assert _parse().ignored == ()
+@pytest.mark.parametrize("chat", [True, False])
+def test_an_unknown_parameter_is_refused_by_name(chat: bool) -> None:
+    with pytest.raises(InvalidOperation) as caught:
+        _parse(chat=chat, temperature=0.5, frobnicate=True)
+    assert caught.value.field == "frobnicate" and caught.value.data["code"] == "unknown_parameter"
+    assert caught.value.message == "Unrecognized request argument supplied: frobnicate"
+    with pytest.raises(InvalidOperation) as caught:
+        _parse(chat=chat, **{"bad name\n": 1, "other": 2})
+    assert caught.value.message == "Unrecognized request arguments supplied: bad name?, other"
+
+
+@pytest.mark.parametrize(
+    ("chat", "param"),
+    [
+        (True, "suffix"),
+        (True, "best_of"),
+        (True, "echo"),
+        (False, "tools"),
+        (False, "messages"),
+        (False, "tool_choice"),
+    ],
+)
+def test_another_endpoints_parameter_is_unknown(chat: bool, param: str) -> None:
+    with pytest.raises(InvalidOperation) as caught:
+        _parse(chat=chat, **{param: "x"})
+    assert caught.value.field == param and caught.value.data["code"] == "unknown_parameter"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"store": True}, "store"),
+        ({"mirostat": 2}, "mirostat"),
+        ({"functions": []}, "functions"),
+    ],
+)
+def test_a_parameter_rbee_cannot_honour_is_refused_saying_why(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidOperation) as caught:
+        _parse(**fields)
+    assert caught.value.field == param and caught.value.data["code"] == "unsupported_parameter"
+    assert caught.value.message.startswith(f"{param}: ") and len(caught.value.message) > len(param) + 12
+
+
+def test_informational_and_llama_cpp_parameters_are_accepted() -> None:
+    informational = {
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "modalities": ["text"],
+        "audio": None,
+        "cache_prompt": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert _parse(**informational).op.messages is not None
+    call = _parse(grammar='root ::= "a"', n_predict=3, min_p=0.1, repeat_penalty=1.1, top_k=5)
+    assert (call.op.grammar, call.op.max_tokens, call.op.min_p, call.op.repeat_penalty, call.op.top_k) == (
+        'root ::= "a"',
+        3,
+        0.1,
+        1.1,
+        5,
+    )
+    assert _parse(chat=False, suffix="}", user="u1", best_of=1, echo=False).op.suffix == "}"
+    assert _parse(chat=False, suffix="").op.suffix is None  # OpenAI's default is no suffix
 
 
 # -- through a queen -------------------------------------------------------------------
@@ -115,7 +185,7 @@ async def test_a_chat_without_max_tokens_gets_the_rest_of_the_context(tmp_path: 
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         job = app.state.queen.registry.get(r.headers["x-rbee-job-id"])
-        assert job.operation.max_tokens == N_CTX - usage["prompt_tokens"]
+        assert job.operation.max_tokens == N_CTX - usage["prompt_tokens"] and job.operation.to_the_context
         # Given, it is kept.
         r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 3})
         assert app.state.queen.registry.get(r.headers["x-rbee-job-id"]).operation.max_tokens == 3
@@ -140,15 +210,43 @@ async def test_an_over_long_prompt_is_context_length_exceeded(tmp_path: Path) ->
         assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens", error
 
 
-async def test_ignored_parameters_are_said_in_a_header_and_the_narration(tmp_path: Path) -> None:
-    async with with_worker(tmp_path) as (_, client):
-        body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "user": "u1", "cache_prompt": True}
+async def test_an_unknown_parameter_is_openais_400(tmp_path: Path) -> None:
+    async with with_worker(tmp_path) as (app, client):
+        jobs_before = len(app.state.queen.registry.list())
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "user": "u1", "foo": 1}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json() == {
+            "error": {
+                "message": "Unrecognized request argument supplied: foo",
+                "type": "invalid_request_error",
+                "param": "foo",
+                "code": "unknown_parameter",
+            }
+        }
+        assert "x-rbee-ignored-params" not in r.headers and "x-rbee-job-id" not in r.headers
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "audio": {"voice": "x"}})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "audio" and error["code"] == "unsupported_parameter"
+        assert len(app.state.queen.registry.list()) == jobs_before  # no job was made
+        r = await client.post("/v1/chat/completions", json={**body, "foo": None})
+        assert r.status_code == 400  # a null unknown parameter is still unknown
+        del body["foo"]
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
-        assert r.headers["x-rbee-ignored-params"] == "cache_prompt,user"
-        events = (await client.get(f"/v1/jobs/{r.headers['x-rbee-job-id']}/stream")).text
-        assert "openai_ignored" in events and "cache_prompt" in events
-        plain = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
-        assert "x-rbee-ignored-params" not in plain.headers
-        refused = await client.post("/v1/chat/completions", json={**body, "temperature": 9})
-        assert refused.status_code == 400 and refused.headers["x-rbee-ignored-params"] == "cache_prompt,user"
+
+
+async def test_a_first_chat_with_no_worker_yet_runs_to_the_context(tmp_path: Path) -> None:
+    """With no worker to count against, the job says so and its worker bounds it by its own context."""
+    app = create_queen_app(QueenSettings(home=tmp_path))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://queen") as client,
+    ):
+        beat = {"hive_id": "alpha", "url": "http://hive", "models": [{"id": MODEL_ID, "alias": MODEL}], "workers": []}
+        assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
+        call = api._parse({"model": MODEL, "messages": CHAT}, chat=True)
+        op = (await api._to_the_context(app.state.queen, call)).op
+        assert op.to_the_context and op.max_tokens == api.DEFAULT_CHAT_MAX_TOKENS
+        given = api._parse({"model": MODEL, "messages": CHAT, "max_tokens": 7}, chat=True)
+        assert not (await api._to_the_context(app.state.queen, given)).op.to_the_context

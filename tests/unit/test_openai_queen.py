@@ -168,7 +168,7 @@ async def test_bad_chat_request_is_400_naming_the_param(
         ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
         ({"model": MODEL, "prompt": "x", "logprobs": 6}, "logprobs"),
         ({"model": MODEL, "prompt": "x", "best_of": 2}, "best_of"),
-        ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
+        ({"model": MODEL, "prompt": "x", "suffix": 3}, "suffix"),
         ({"model": MODEL, "prompt": "x", "stop": [""]}, "stop"),
         ({"model": MODEL, "prompt": "x", "top_k": -1}, "top_k"),
     ],

@@ -109,7 +109,7 @@ def test_bad_chat_fields_name_the_param(fields: dict[str, Any], param: str) -> N
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"logprobs": 6}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"suffix": "x"}, "suffix")],
+    [({"logprobs": 6}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"suffix": ["x"]}, "suffix")],
 )
 def test_bad_completion_fields_name_the_param(fields: dict[str, Any], param: str) -> None:
     assert _refused(fields, chat=False) == param

@@ -18,8 +18,9 @@ Defaults follow OpenAI's: ``temperature`` 1, ``top_p`` 1, ``n`` 1; ``max_tokens`
 defaults to 16 for completions (as OpenAI documents); a chat without it generates
 until the slot's context is full, as llama.cpp's server does: ``max_tokens`` becomes
 what the smallest context of the model's ready workers (``n_ctx`` of their reports)
-leaves after the prompt, as one of them counts it (``POST /v1/tokens/count``); while no
-worker of the model is known, :data:`DEFAULT_CHAT_MAX_TOKENS` bounds it. llama.cpp's
+leaves after the prompt, as one of them counts it (``POST /v1/tokens/count``), and the
+job is marked ``to_the_context`` so the worker that runs it (the first one may still be
+starting) bounds it by its own context. llama.cpp's
 ``n_predict`` is ``max_tokens`` (negative: to the end of the context). An input too long
 for the context is OpenAI's ``context_length_exceeded`` (``param`` messages or prompt).
 Each option is enforced in the worker's native sampler chain of the sequence:
@@ -50,10 +51,17 @@ the choices with their ``index`` and ``usage`` summed (the prompt counted once),
 interleaves the streamed chunks, and cancels them all when the client goes;
 ``x-rbee-job-id`` names the first job, ``x-rbee-job-ids`` all.
 
-Body parameters rbee does not use are accepted, listed in the job's narration
-(``openai_ignored``) and in an ``x-rbee-ignored-params`` header. Options rbee cannot
-honour (``suffix``, ``echo``, ``best_of`` > 1, the deprecated ``functions``) are
-refused by name with ``400`` rather than ignored.
+Body parameters are taken as OpenAI takes them: one that is not part of the endpoint's
+API is a ``400`` ``unknown_parameter`` naming it ("Unrecognized request argument
+supplied: foo"); one of OpenAI's that rbee cannot honour (``audio``, ``modalities``
+other than text, ``prediction``, ``web_search_options``, ``reasoning_effort``,
+``store: true``, ``best_of`` > 1, ``echo``, the deprecated ``functions``) and llama.cpp's
+samplers rbee lacks (``mirostat``, ``typical_p``...) are a ``400``
+``unsupported_parameter`` naming it and saying why. The informational ones (``user``,
+``metadata``, ``store: false``, ``service_tier``, ``prompt_cache_key``,
+``safety_identifier``, llama.cpp's ``cache_prompt``) are accepted, and so are
+llama.cpp's own that rbee honours (``grammar``, ``json_schema``, ``n_predict``,
+``min_p``, ``repeat_penalty``, ``top_k``) and Ollama's ``keep_alive``.
 """
 
 from __future__ import annotations
@@ -95,8 +103,6 @@ __all__ = [
 JOB_ID_HEADER = "x-rbee-job-id"
 #: ``n`` > 1: every choice's job, in order (``x-rbee-job-id`` names the first).
 JOB_IDS_HEADER = "x-rbee-job-ids"
-#: The body parameters that were accepted but not used, comma-separated.
-IGNORED_HEADER = "x-rbee-ignored-params"
 #: The most choices one request may ask for (``n``).
 MAX_CHOICES = 8
 REQUEST_ID_HEADER = "x-request-id"
@@ -155,9 +161,9 @@ def _rbee_error_response(
     the context is OpenAI's ``context_length_exceeded`` about ``messages`` or ``prompt``."""
     status = 400 if exc.status_code == 422 else exc.status_code
     param = None
-    code = exc.kind
+    code = str(exc.data.get("code") or exc.kind)
     if isinstance(exc, errors.InvalidOperation):
-        param = _param_name(exc.field)
+        param = exc.field if exc.data.get("code") == "unknown_parameter" else _param_name(exc.field)
         if chat is not None and ("n_ctx" in exc.data or _over_context(exc.message)):
             code, param = _context_exceeded(exc.message, chat, param)
     elif isinstance(exc, errors.ModelNotFound):
@@ -239,8 +245,6 @@ class _Call:
     n: int = 1
     #: No max_tokens was given: generate until the slot's context is full (see :func:`_to_the_context`).
     to_the_context: bool = False
-    #: Body parameters rbee does not use (said in the narration and ``x-rbee-ignored-params``).
-    ignored: tuple[str, ...] = ()
 
 
 def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
@@ -259,20 +263,89 @@ def _refuse(param: str, why: str) -> NoReturn:
     raise errors.InvalidOperation(f"{param}: {why}", field=param)
 
 
-def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
-    refuse = _refuse
+#: The parameters of OpenAI's Completions and Chat Completions APIs rbee honours, on both.
+_HONOURED = frozenset(
+    {
+        "model", "stream", "stream_options", "n", "response_format", "logprobs", "top_logprobs",
+        "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+        "presence_penalty", "frequency_penalty", "logit_bias",
+    }
+)  # fmt: skip
+_HONOURED_CHAT = frozenset({"messages", "tools", "tool_choice", "parallel_tool_calls"})
+_HONOURED_COMPLETION = frozenset({"prompt", "suffix", "best_of", "echo"})
+#: OpenAI's parameters that do not change the answer: accepted as OpenAI accepts them.
+_INFORMATIONAL = frozenset({"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "store"})
+#: llama.cpp server's own parameters that rbee honours (``keep_alive`` is Ollama's;
+#: ``cache_prompt``: rbee always reuses a slot's cached prefix).
+_LLAMA_CPP = frozenset({"grammar", "json_schema", "n_predict", "min_p", "repeat_penalty", "top_k", "keep_alive"})
+_INFORMATIONAL_LLAMA_CPP = frozenset({"cache_prompt"})
+#: Parameters of OpenAI's API (and of llama.cpp's) rbee cannot honour: refused by name, saying why.
+_UNSUPPORTED: dict[str, str] = {
+    "audio": "audio output is not supported (rbee answers text)",
+    "modalities": "only [\"text\"] is supported (rbee answers text)",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "reasoning effort is not supported by rbee's models",
+    "verbosity": "verbosity is not supported by rbee's models",
+    "functions": "the deprecated functions are not supported: give tools (and tool_choice)",
+    "function_call": "the deprecated functions are not supported: give tools (and tool_choice)",
+    **{
+        name: f"llama.cpp's {name} is not supported by rbee"
+        for name in (
+            "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range",
+            "dynatemp_exponent", "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base",
+            "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "repeat_last_n",
+            "penalize_nl", "ignore_eos", "n_keep", "n_probs", "samplers", "id_slot", "n_indent",
+            "t_max_predict_ms", "return_tokens", "post_sampling_probs", "timings_per_token",
+            "chat_template_kwargs", "reasoning_format", "lora", "image_data", "n_discard",
+        )
+    },
+}  # fmt: skip
+#: How a parameter's name is said in an error (any key a body may hold, kept short and printable).
+_UNSAFE_NAME = re.compile(r"[^\x20-\x7e]")
 
+
+def _said(name: str) -> str:
+    return _UNSAFE_NAME.sub("?", name)[:64]
+
+
+def _refuse_unknown(body: dict[str, Any], chat: bool) -> None:
+    """OpenAI's answer to a parameter it does not know: 400 ``unknown_parameter`` naming it."""
+    known = _HONOURED | _INFORMATIONAL | _LLAMA_CPP | _INFORMATIONAL_LLAMA_CPP | set(_UNSUPPORTED)
+    known |= _HONOURED_CHAT if chat else _HONOURED_COMPLETION
+    unknown = [_said(str(k)) for k in body if k not in known]
+    if unknown:
+        which = "argument" if len(unknown) == 1 else "arguments"
+        raise errors.InvalidOperation(
+            f"Unrecognized request {which} supplied: {', '.join(unknown[:16])}",
+            field=unknown[0],
+            code="unknown_parameter",
+        )
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """OpenAI's parameters rbee cannot honour: 400 ``unsupported_parameter`` naming each and saying why."""
+    for name, why in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value is None or (name == "modalities" and value == ["text"]):
+            continue
+        raise errors.InvalidOperation(f"{name}: {why}", field=name, code="unsupported_parameter")
+    if body.get("store") not in (None, False):
+        raise errors.InvalidOperation(
+            "store: stored chat completions are not kept (every job is in rbee's history: GET /v1/jobs/{id})",
+            field="store",
+            code="unsupported_parameter",
+        )
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        _refuse("metadata", "must be an object of string keys and values")
+    if chat:
+        return
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
-        refuse("best_of", "only best_of=1 is supported")
+        _refuse("best_of", "only best_of=1 is supported")
     if body.get("echo"):
-        refuse("echo", "echo is not supported")
-    if body.get("suffix"):
-        refuse("suffix", "suffix (insertion) is not supported")
-    if body.get("functions") or body.get("function_call"):
-        refuse("functions", "the deprecated functions are not supported: give tools (and tool_choice)")
-    if not chat and (body.get("tools") or body.get("tool_choice")):
-        refuse("tools", "tools are for chat completions")
+        _refuse("echo", "echo is not supported")
 
 
 def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
@@ -624,30 +697,10 @@ def _prompt(raw: Any) -> str:
     raise errors.InvalidOperation("prompt must be a string (token arrays are not supported)", field="prompt")
 
 
-#: The body parameters rbee reads; any other is accepted, ignored and said so.
-_KNOWN_PARAMS = frozenset(
-    {
-        "model", "messages", "prompt", "stream", "stream_options", "n", "best_of", "echo", "suffix",
-        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-        "response_format", "grammar", "json_schema", "logprobs", "top_logprobs",
-        "max_tokens", "max_completion_tokens", "n_predict", "temperature", "top_p", "top_k", "seed", "stop",
-        "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "keep_alive",
-    }
-)  # fmt: skip
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
-#: The most ignored parameters named (a header stays short).
-_IGNORED_NAMED = 32
-
-
-def _ignored(body: dict[str, Any]) -> tuple[str, ...]:
-    """The body's parameters rbee does not use, as names fit for a header."""
-    names = sorted(_UNSAFE_NAME.sub("_", str(k))[:64] for k in body if k not in _KNOWN_PARAMS)
-    return tuple(names[:_IGNORED_NAMED])
-
-
 def _parse(body: Any, chat: bool) -> _Call:
     if not isinstance(body, dict):
         raise errors.InvalidOperation("the body must be a JSON object", field=None)
+    _refuse_unknown(body, chat)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise errors.InvalidOperation("model is required (a model id or alias, see GET /v1/models)", field="model")
@@ -720,6 +773,11 @@ def _parse(body: Any, chat: bool) -> _Call:
         if "prompt" not in body:
             raise errors.InvalidOperation("prompt is required", field="prompt")
         fields["prompt"] = _prompt(body["prompt"])
+        suffix = body.get("suffix")
+        if suffix is not None and not isinstance(suffix, str):
+            _refuse("suffix", "must be a string (the text after the insertion)")
+        if suffix:  # OpenAI's default is no suffix; an empty one is none too
+            fields["suffix"] = suffix
     try:
         op = parse_operation({k: v for k, v in fields.items() if v is not None})
     except errors.InvalidOperation as exc:
@@ -741,7 +799,6 @@ def _parse(body: Any, chat: bool) -> _Call:
         tools=tools,
         n=n,
         to_the_context=to_the_context,
-        ignored=_ignored(body),
     )
 
 
@@ -1087,34 +1144,41 @@ async def _count(state: QueenState, op: Infer, worker: WorkerView) -> int | None
 
 
 async def _to_the_context(state: QueenState, call: _Call) -> _Call:
-    """A call without max_tokens gets what is left of the slot's context after its prompt.
+    """A call without max_tokens gets what is left of the slot's context after its prompt."""
+    if not call.to_the_context:
+        return call
+    return replace(call, op=await to_the_context(state, call.op, "messages" if call.chat else "prompt"))
+
+
+async def to_the_context(state: QueenState, op: Infer, field: str) -> Infer:
+    """``op`` (asked for no limit) marked ``to_the_context`` for the worker that runs it, with the
+    ``max_tokens`` that leaves it as far as the queen can tell now.
 
     The context is the smallest of the model's ready workers' (``n_ctx`` of their
     reports), the prompt as one of them counts it (``POST /v1/tokens/count``), or
-    bounded by its bytes when none answers. When no worker of the model is known
-    yet (the first one is still to start), :data:`DEFAULT_CHAT_MAX_TOKENS` stays.
+    bounded by its bytes when none answers; a prompt that leaves no room is refused,
+    naming ``field``. While no worker of the model is known (the first one is still to
+    start), :data:`DEFAULT_CHAT_MAX_TOKENS` stands in and the worker that runs the job
+    bounds it by its own context.
     """
-    if not call.to_the_context:
-        return call
-    op = call.op
+    op = op.model_copy(update={"to_the_context": True})
     workers = [w for w in state.scheduler._candidates(op, set()) if w.report.n_ctx and w.report.url]
     if not workers:
-        return call
+        return op
     n_ctx = min(w.report.n_ctx or 0 for w in workers)
     counted = await _count(state, op, min(workers, key=lambda w: state.scheduler.inflight.get(w.worker_id, 0)))
     tokens_in = counted if counted is not None else _input_bound(op)
     room = min(n_ctx - tokens_in, LIMITS.max_tokens)
     if room < 1:
         if counted is None:
-            return call  # the worker that runs it says
-        field = "messages" if call.chat else "prompt"
+            return op  # the worker that runs it says
         raise errors.InvalidOperation(
             f"{field}: the prompt is {tokens_in} tokens; the context holds {n_ctx}, with room for no token more",
             field=field,
             tokens_in=tokens_in,
             n_ctx=n_ctx,
         )
-    return replace(call, op=op.model_copy(update={"max_tokens": room}))
+    return op.model_copy(update={"max_tokens": room})
 
 
 async def _complete(request: Request, chat: bool) -> Response:
@@ -1122,8 +1186,6 @@ async def _complete(request: Request, chat: bool) -> Response:
     failed_headers = {REQUEST_ID_HEADER: f"req_{secrets.token_hex(12)}"}
     try:
         body = await _json_body(request)
-        if isinstance(body, dict) and _ignored(body):
-            failed_headers[IGNORED_HEADER] = ",".join(_ignored(body))
         call = _parse(body, chat)
         call = await _to_the_context(state, call)
         jobs = await _submit(state, call)
@@ -1141,12 +1203,6 @@ async def _complete(request: Request, chat: bool) -> Response:
                 stream=call.stream,
                 **choices,
             )
-            if call.ignored:
-                narrate(
-                    "openai_ignored",
-                    f"Ignored parameters rbee does not use: {', '.join(call.ignored)}",
-                    ignored=list(call.ignored),
-                )
             if call.tools is not None and call.tools.choice == "auto":
                 narrate(
                     "openai_tools_auto",
@@ -1158,8 +1214,6 @@ async def _complete(request: Request, chat: bool) -> Response:
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
     if call.n > 1:
         headers[JOB_IDS_HEADER] = ",".join(j.id for j in jobs)
-    if call.ignored:
-        headers[IGNORED_HEADER] = ",".join(call.ignored)
     fmts = [_Format(call, job, i) for i in range(call.n)]
     with_logprobs = call.op.logprobs is not None
     events = [_job_events(j, logprobs=with_logprobs) for j in jobs]
