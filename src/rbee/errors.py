@@ -38,6 +38,7 @@ __all__ = [
     "GGUFError",
     "DownloadFailed",
     "ChecksumMismatch",
+    "DownloadRefused",
 ]
 
 
@@ -258,3 +259,10 @@ class ChecksumMismatch(RbeeError):
 
     kind = "checksum_mismatch"
     status_code = 502
+
+
+class DownloadRefused(InvalidOperation):
+    """The download policy refuses this source."""
+
+    kind = "download_refused"
+    status_code = 403

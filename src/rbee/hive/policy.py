@@ -27,18 +27,11 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from rbee.errors import InvalidOperation
+from rbee.errors import DownloadRefused
 
 __all__ = ["DownloadPolicy", "DownloadRefused"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class DownloadRefused(InvalidOperation):
-    """The download policy refuses this source."""
-
-    kind = "download_refused"
-    status_code = 403
 
 
 def _own_addresses() -> set[Address]:
