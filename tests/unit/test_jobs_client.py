@@ -1,19 +1,22 @@
-"""The job client: typed errors from answers, streams that end only at their end."""
+"""The job client: typed errors from answers, streams that end only at their end, over ASGI and a real server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
 from rbee import errors
 from rbee.contracts.operations import Infer, OperationBase, Status
 from rbee.http import install_edge
 from rbee.jobs import JobRegistry, JobServer, emit_token, job_router
-from rbee.jobs.client import JobClient, StreamBroken, Unreachable
+from rbee.jobs.client import JobClient, JobHttp, StreamBroken, Unreachable
 from rbee.narration import narrate
 
 
@@ -144,3 +147,119 @@ async def test_server_that_does_not_answer_is_unreachable(port: int) -> None:
         with pytest.raises(Unreachable) as info:
             await jc.submit(Status())
     assert f"127.0.0.1:{port}" in info.value.message
+
+
+# -- JobClient over a real connection, frames in batches ----------------------------------------------
+
+
+async def five_hundred_tokens(op: OperationBase) -> None:
+    for i in range(500):
+        await emit_token(f"w{i} ")
+
+
+@contextlib.asynccontextmanager
+async def live_server() -> AsyncIterator[str]:
+    registry = JobRegistry(actor="test")
+    app = FastAPI()
+    install_edge(app)
+    app.include_router(job_router(lambda request: JobServer(registry, five_hundred_tokens)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="test:uvicorn")
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await registry.aclose()
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await task
+        sock.close()
+
+
+async def test_job_client_on_the_wire_gets_every_event_in_order_and_reuses_its_connection() -> None:
+    async with live_server() as base, JobHttp() as http:
+        client = JobClient(base, client=http)
+        assert client._direct() is http.http1  # a plain http:// URL: the small client is used
+        for _ in range(2):
+            async with asyncio.timeout(30):
+                job_id = await client.submit({"operation": "infer", "prompt": "x"})
+                events = [e async for e in client.events(job_id)]
+            tokens = [e.data["t"] for e in events if e.kind == "token"]
+            assert tokens == [f"w{i} " for i in range(500)]
+            assert [e.id for e in events] == list(range(1, len(events) + 1))
+            assert events[-1].kind == "end" and events[-1].data["status"] == "completed"
+        # The raw bytes are the frames the contract fixes, however they were batched.
+        raw = (await http.get(f"{base}/v1/jobs/{job_id}/stream")).text
+        blocks = [b for b in raw.split("\n\n") if b]
+        assert blocks[-1] == "data: [DONE]"
+        assert all(b.startswith(f"id: {n}\nevent: ") for n, b in enumerate(blocks[:-1], 1))
+
+
+async def test_job_client_reports_a_server_that_is_gone() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with JobHttp() as http:
+        client = JobClient(f"http://127.0.0.1:{port}", client=http)
+        assert client._direct() is not None
+        with pytest.raises(Unreachable):
+            await client.submit({"operation": "status"})
+        with pytest.raises(StreamBroken):
+            async for _ in client.events("job-x"):
+                pass
+
+
+async def test_other_transports_stay_on_httpx() -> None:
+    app = FastAPI()
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app)) as asgi,
+        JobHttp(transport=httpx.ASGITransport(app)) as mounted,
+        JobHttp() as plain,
+    ):
+        assert JobClient("http://test", client=asgi)._direct() is None
+        assert mounted.http1 is None and JobClient("http://test", client=mounted)._direct() is None
+        assert JobClient("https://example.org", client=plain)._direct() is None
+        assert JobClient("http://example.org", client=plain)._direct() is plain.http1
+
+
+async def test_the_pool_belongs_to_the_http_client_and_closes_with_it() -> None:
+    async with live_server() as base:
+        http = JobHttp()
+        client = JobClient(base, client=http)
+        job_id = await client.submit({"operation": "infer", "prompt": "x"})
+        assert [e async for e in client.events(job_id)][-1].kind == "end"
+        assert http.http1 is not None
+        idle = [conn for conns in http.http1._idle.values() for conn in conns]
+        assert idle  # the connection was kept for the next job
+        await http.aclose()
+        assert http.http1.closed and all(conn.writer.is_closing() for conn in idle)
+        # A client of a closed pool falls back to httpx, which says it is closed.
+        with pytest.raises(RuntimeError):
+            await client.submit({"operation": "infer", "prompt": "x"})
+
+
+async def test_a_client_of_its_own_closes_its_pool() -> None:
+    async with live_server() as base:
+        async with JobClient(base) as client:
+            job_id = await client.submit({"operation": "infer", "prompt": "x"})
+            assert [e async for e in client.events(job_id)][-1].kind == "end"
+            pool = client._direct()
+            assert pool is not None
+        assert pool.closed
+
+
+async def test_a_frame_that_is_not_json_breaks_the_stream_when_read() -> None:
+    body = b"id: 1\nevent: narration\ndata: not json\n\nid: 2\nevent: end\ndata: {}\n\ndata: [DONE]\n\n"
+
+    def garbled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(garbled)) as http:
+        events = [e async for e in JobClient("http://test", client=http).events("job-1")]
+    assert events[0].raw == "not json"  # relayed as it came
+    with pytest.raises(StreamBroken, match="does not carry JSON"):
+        events[0].data  # noqa: B018

@@ -87,7 +87,8 @@ class Connection:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
-        self.writer.close()
+        with contextlib.suppress(RuntimeError):  # its event loop has already closed
+            self.writer.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -180,8 +181,7 @@ class Pool:
         if self.loop is not loop:
             # Connections made on another loop (one that has ended) cannot be used on this one.
             for stale in [conn for idle in self._idle.values() for conn in idle]:
-                with contextlib.suppress(RuntimeError):
-                    stale.close()
+                stale.close()
             self._idle.clear()
             self.loop = loop
         conns = self._idle.get(key)
