@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-import openai
 from cluster import Daemon, free_port, queen, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
@@ -144,3 +144,20 @@ def test_tools_are_refused_by_name(client: openai.OpenAI) -> None:
             tools=[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],  # type: ignore[typeddict-item]
         )
     assert "get_weather" in str(refused.value)
+
+
+def test_previous_response_id_continues_and_unknown_ones_are_not_found(client: openai.OpenAI) -> None:
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=8, temperature=0)
+    second = client.responses.create(
+        model=MODEL, input="What is my name?", previous_response_id=first.id, max_output_tokens=8, temperature=0
+    )
+    assert second.previous_response_id == first.id and second.status in ("completed", "incomplete")
+    assert second.usage is not None and first.usage is not None
+    # The first exchange is part of the second's input.
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_" + "0" * 32)
+    assert missing.value.code == "previous_response_not_found"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.responses.create(model=MODEL, input="hi", extra_body={"max_tokens": 4})
+    assert unknown.value.code == "unknown_parameter" and unknown.value.param == "max_tokens"

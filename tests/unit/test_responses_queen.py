@@ -123,7 +123,10 @@ def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
         ({"model": MODEL, "input": "hi", "stream": "yes"}, "stream"),
         ({"model": MODEL, "input": "hi", "tools": [{"type": "function", "name": "get_weather"}]}, "tools"),
         ({"model": MODEL, "input": "hi", "tool_choice": "required"}, "tool_choice"),
-        ({"model": MODEL, "input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"model": MODEL, "input": "hi", "previous_response_id": 7}, "previous_response_id"),
+        ({"model": MODEL, "input": "hi", "conversation": "conv_1"}, "conversation"),
+        ({"model": MODEL, "input": "hi", "include": ["reasoning.encrypted_content"]}, "include"),
+        ({"model": MODEL, "input": "hi", "truncation": "auto"}, "truncation"),
         ({"model": MODEL, "input": "hi", "reasoning": {"effort": "high"}}, "reasoning"),
         ({"model": MODEL, "input": "hi", "background": True}, "background"),
         ({"model": MODEL, "input": "hi", "metadata": "x"}, "metadata"),
@@ -154,6 +157,81 @@ async def test_tools_are_refused_by_name(client: httpx.AsyncClient) -> None:
     for extra in ({"tools": []}, {"tool_choice": "none"}, {"tool_choice": "auto", "store": False}):
         r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", **extra})
         assert r.status_code == 503, r.text
+
+
+async def test_parameters_are_taken_as_openai_takes_them(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_tokens": 5})
+    assert _error(r, 400) == {
+        "message": "Unrecognized request argument supplied: max_tokens",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unknown_parameter",
+    }
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", "background": True})
+    assert _error(r, 400)["code"] == "unsupported_parameter"
+    informational = {
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "store": True,
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "parallel_tool_calls": True,
+        "max_tool_calls": 3,
+        "truncation": "disabled",
+        "reasoning": {},
+        "include": [],
+        "background": False,
+    }
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", **informational})
+    assert r.status_code == 503, r.text  # past validation: no worker here
+
+
+async def test_an_unknown_previous_response_is_openais_404(client: httpx.AsyncClient) -> None:
+    for missing in ("resp_00000000000000000000000000000000", "resp_nothex"):
+        body = {"model": MODEL, "input": "hi", "previous_response_id": missing}
+        error = _error(await client.post("/v1/responses", json=body), 404)
+        assert error["code"] == "previous_response_not_found" and error["param"] == "previous_response_id"
+        assert error["message"] == f"Previous response with id {missing!r} not found."
+
+
+async def test_previous_response_id_continues_the_conversation(tmp_path: Path) -> None:
+    async with with_worker(tmp_path) as (_, client):
+        first = await client.post(
+            "/v1/responses",
+            json={"model": MODEL, "instructions": "Be brief.", "input": "hi", "max_output_tokens": 2},
+        )
+        assert first.status_code == 200, first.text
+        body = {
+            "model": MODEL,
+            "input": "and then?",
+            "previous_response_id": first.json()["id"],
+            "max_output_tokens": 2,
+        }
+        second = await client.post("/v1/responses", json=body)
+        assert second.status_code == 200, second.text
+        assert second.json()["previous_response_id"] == first.json()["id"]
+        job = (await client.get(f"/v1/jobs/{second.headers['x-rbee-job-id']}")).json()
+        turns = [(m["role"], m["content"]) for m in job["payload"]["messages"]]
+        assert turns == [("system", "Be brief."), ("user", "hi"), ("assistant", "Hello there"), ("user", "and then?")]
+        # A chain: the third sees all of it; new instructions replace the old.
+        third = await client.post(
+            "/v1/responses",
+            json={**body, "previous_response_id": second.json()["id"], "instructions": "Be kind.", "input": "ok"},
+        )
+        job = (await client.get(f"/v1/jobs/{third.headers['x-rbee-job-id']}")).json()
+        turns = [(m["role"], m["content"]) for m in job["payload"]["messages"]]
+        assert turns[0] == ("system", "Be kind.") and turns[1:3] == [("user", "hi"), ("assistant", "Hello there")]
+        assert turns[-2:] == [("assistant", "Hello there"), ("user", "ok")] and len(turns) == 6
+
+
+async def test_without_max_output_tokens_the_answer_runs_to_the_context(tmp_path: Path) -> None:
+    async with with_worker(tmp_path) as (app, client):
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi"})
+        assert r.status_code == 200, r.text
+        op = app.state.queen.registry.get(r.headers["x-rbee-job-id"]).operation
+        assert op.to_the_context and op.max_tokens == 4096 - r.json()["usage"]["input_tokens"]
+        assert r.json()["max_output_tokens"] is None
 
 
 async def test_body_that_is_not_json_or_not_an_object_is_400(client: httpx.AsyncClient) -> None:

@@ -168,6 +168,8 @@ def _rbee_error_response(
             code, param = _context_exceeded(exc.message, chat, param)
     elif isinstance(exc, errors.ModelNotFound):
         param = "model"
+    else:
+        param = exc.data.get("param")
     headers = dict(headers or {})
     if isinstance(exc, errors.QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)

@@ -21,12 +21,22 @@ names it), and the job's events are translated into the Responses API's shapes:
 ``input`` is a string or a list of message items (roles ``user``,
 ``assistant``, ``system``, ``developer``; content a string or
 ``input_text``/``output_text`` parts); ``instructions`` is a system message
-first. ``text.format`` ``json_object`` or ``json_schema`` is enforced by a
-grammar while sampling. ``metadata`` is echoed; ``store`` is accepted (every
-job is in the history anyway, and ``GET /v1/responses/{id}`` answers from it).
-What rbee cannot do (tools, ``previous_response_id``, images and files,
-reasoning, background) is refused with a 400 naming it. A client that goes
-away cancels its job. Errors are OpenAI's ``{"error": {...}}``.
+first. ``previous_response_id`` continues a stored response: the turns its job
+was given and its answer (from the job history) come before ``input``; new
+``instructions`` replace the previous ones. An id that names no response is
+OpenAI's 404 ``previous_response_not_found``. Without ``max_output_tokens`` the
+answer runs to the end of the context, as a chat does (:func:`rbee.queen.openai.to_the_context`).
+``text.format`` ``json_object`` or ``json_schema`` is enforced by a grammar while
+sampling. ``metadata`` is echoed; ``store`` is accepted (every job is in the
+history anyway, and ``GET /v1/responses/{id}`` answers from it).
+
+Parameters are taken as OpenAI takes them: one the Responses API does not have
+is a 400 ``unknown_parameter`` naming it; what rbee cannot do (tools,
+``conversation``, prompt templates, images and files, reasoning, background,
+``include``, ``truncation: auto``) is a 400 ``unsupported_parameter`` naming it
+and saying why; the informational ones (``user``, ``metadata``, ``store``,
+``service_tier``, ``prompt_cache_key``, ``safety_identifier``...) are accepted.
+A client that goes away cancels its job. Errors are OpenAI's ``{"error": {...}}``.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -64,8 +74,10 @@ from rbee.queen.openai import (
     _ping,
     _rbee_error_response,
     _release,
+    _said,
     _status_of,
     _unless_disconnected,
+    to_the_context,
 )
 
 if TYPE_CHECKING:
@@ -106,6 +118,8 @@ class _Call:
     stream: bool
     #: What the response object echoes of the request.
     echo: dict[str, Any] = field(default_factory=dict)
+    #: No max_output_tokens: the answer runs to the end of the context.
+    to_the_context: bool = False
 
 
 def _content(content: Any, where: str) -> str:
@@ -187,6 +201,47 @@ def _format(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None
     raise _invalid("text.format.type", f"{kind!r} is not supported (text, json_object or json_schema)")
 
 
+#: The Responses API's parameters rbee honours (``seed`` is rbee's own, as on the chat completions).
+_HONOURED = frozenset(
+    {
+        "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text",
+        "previous_response_id", "tools", "tool_choice", "seed", "truncation",
+    }
+)  # fmt: skip
+#: The ones that do not change the answer: accepted, some echoed.
+_INFORMATIONAL = frozenset(
+    {
+        "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+        "parallel_tool_calls", "max_tool_calls", "stream_options",
+    }
+)  # fmt: skip
+#: The ones rbee cannot honour (refused when given anything but their default), and why.
+_UNSUPPORTED = {
+    "conversation": "conversations are not supported: give previous_response_id, or the whole conversation in input",
+    "prompt": "prompt templates are not supported",
+    "background": "background responses are not supported",
+    "include": "no extra output can be included",
+    "top_logprobs": "log-probabilities are not supported here (use /v1/chat/completions)",
+    "reasoning": "reasoning is not supported by rbee's models",
+}
+
+
+def _refuse_unknown(body: dict[str, Any]) -> None:
+    """As OpenAI answers a parameter it does not know: 400 ``unknown_parameter`` naming it."""
+    unknown = [_said(str(k)) for k in body if k not in _HONOURED | _INFORMATIONAL | set(_UNSUPPORTED)]
+    if unknown:
+        which = "argument" if len(unknown) == 1 else "arguments"
+        raise errors.InvalidOperation(
+            f"Unrecognized request {which} supplied: {', '.join(unknown[:16])}",
+            field=unknown[0],
+            code="unknown_parameter",
+        )
+
+
+def _unsupported(name: str, why: str) -> errors.InvalidOperation:
+    return errors.InvalidOperation(f"{name}: {why}", field=name, code="unsupported_parameter")
+
+
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     tools = body.get("tools")
     if tools:
@@ -196,27 +251,17 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         for tool in tools:
             if isinstance(tool, dict):
                 names.append(str(tool.get("name") or tool.get("type") or "?"))
-        raise _invalid("tools", f"tool calling is not supported ({', '.join(names) or 'send no tools'})")
+        raise _unsupported("tools", f"tool calling is not supported ({', '.join(names) or 'send no tools'})")
     choice = body.get("tool_choice")
     if choice not in (None, "none", "auto"):
-        raise _invalid("tool_choice", "tool calling is not supported (only none or auto, with no tools)")
-    if body.get("previous_response_id") is not None:
-        raise _invalid("previous_response_id", "not supported: send the whole conversation in input (as message items)")
-    if body.get("conversation") is not None:
-        raise _invalid("conversation", "conversations are not supported: send the whole conversation in input")
-    if body.get("prompt") is not None:
-        raise _invalid("prompt", "prompt templates are not supported")
-    if body.get("background"):
-        raise _invalid("background", "background responses are not supported")
-    reasoning = body.get("reasoning")
-    if reasoning not in (None, {}) and not (isinstance(reasoning, dict) and reasoning.get("effort") in (None, "none")):
-        raise _invalid("reasoning", "reasoning is not supported")
-    include = body.get("include")
-    if include:
-        raise _invalid("include", f"not supported: {include!r}")
-    top_logprobs = body.get("top_logprobs")
-    if top_logprobs:
-        raise _invalid("top_logprobs", "log-probabilities are not supported here (use /v1/chat/completions)")
+        raise _unsupported("tool_choice", "tool calling is not supported (only none or auto, with no tools)")
+    for name, why in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value in (None, False, [], {}, 0) or (name == "reasoning" and _no_reasoning(value)):
+            continue
+        raise _unsupported(name, why)
+    if body.get("truncation") not in (None, "disabled"):
+        raise _unsupported("truncation", "only disabled: an input too long for the context is refused")
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise _invalid("metadata", "must be an object")
@@ -226,9 +271,15 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             raise _invalid(name, "must be true or false")
 
 
-def _parse(body: Any) -> _Call:
+def _no_reasoning(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("effort") in (None, "none") and not value.get("summary")
+
+
+def _parse(body: Any, previous: list[dict[str, str]] | None = None) -> _Call:
+    """``previous``: the conversation of ``previous_response_id`` (its input and its answer)."""
     if not isinstance(body, dict):
         raise errors.InvalidOperation("the body must be a JSON object", field=None)
+    _refuse_unknown(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("model", "Field required (a model id or alias, see GET /v1/models)")
@@ -243,10 +294,17 @@ def _parse(body: Any) -> _Call:
     top_p = _number(body, "top_p", high=1)
     seed = _number(body, "seed", integer=True)
     text, schema = _format(body)
+    messages = _input(body)
+    if previous and body.get("instructions"):
+        # The new instructions replace the previous ones, and come first.
+        previous = previous[1:] if previous[0]["role"] == "system" else previous
+        messages = [messages[0], *previous, *messages[1:]]
+    elif previous:
+        messages = [*previous, *messages]
     fields: dict[str, Any] = {
         "operation": "infer",
         "model": model,
-        "messages": _input(body),
+        "messages": messages,
         "max_tokens": DEFAULT_CHAT_MAX_TOKENS if max_tokens is None else max_tokens,
         # OpenAI's defaults, not rbee's.
         "temperature": 1.0 if temperature is None else temperature,
@@ -265,13 +323,14 @@ def _parse(body: Any) -> _Call:
         "instructions": body.get("instructions"),
         "max_output_tokens": max_tokens,
         "metadata": body.get("metadata") or {},
+        "previous_response_id": body.get("previous_response_id"),
         "store": body.get("store", True) is not False,
         "temperature": op.temperature,
         "text": text,
         "top_p": op.top_p,
         "user": body.get("user"),
     }
-    return _Call(op=op, model=model, stream=stream, echo=echo)
+    return _Call(op=op, model=model, stream=stream, echo=echo, to_the_context=max_tokens is None)
 
 
 # -- answers -----------------------------------------------------------------
@@ -344,7 +403,7 @@ class _Answer:
             "model": self.model,
             "output": output,
             "parallel_tool_calls": True,
-            "previous_response_id": None,
+            "previous_response_id": echo.get("previous_response_id"),
             "reasoning": {"effort": None, "summary": None},
             "service_tier": "default",
             "store": echo.get("store", True),
@@ -438,7 +497,10 @@ def _request_id() -> str:
 async def _create(request: Request) -> Response:
     state = _state(request)
     try:
-        call = _parse(await _json_body(request))
+        body = await _json_body(request)
+        call = _parse(body, _previous(state, body))
+        if call.to_the_context:
+            call = replace(call, op=await to_the_context(state, call.op, "input"))
         job = await state.jobs.submit(call.op)
     except errors.RbeeError as exc:
         return _rbee_error_response(exc, {REQUEST_ID_HEADER: _request_id()})
@@ -494,6 +556,36 @@ def _end_error(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
                 message = new + message[len(name) :]
                 return _error_response(message, status=400, code="invalid_operation", param=new, headers=headers)
     return _end_error_response(end, headers)
+
+
+def _previous(state: QueenState, body: Any) -> list[dict[str, str]] | None:
+    """The conversation ``previous_response_id`` names: the turns its job was given and its answer.
+
+    An id that names no response this token may see is OpenAI's 404
+    ``previous_response_not_found``; one still running, or that failed, is a 400.
+    """
+    if not isinstance(body, dict) or body.get("previous_response_id") is None:
+        return None
+    response_id = body["previous_response_id"]
+    if not isinstance(response_id, str):
+        raise _invalid("previous_response_id", "must be a response id (resp_...)")
+    job_id = _job_id(response_id)
+    record = state.store.get(job_id) if job_id is not None and state.visible(job_id) else None
+    if record is None or record.get("operation") != "infer":
+        raise errors.JobNotFound(
+            f"Previous response with id {response_id!r} not found.",
+            code="previous_response_not_found",
+            param="previous_response_id",
+        )
+    status = record.get("status")
+    if status != "completed":
+        why = "is still in progress" if status in ("queued", "running") else f"ended {status}, with no answer"
+        raise _invalid("previous_response_id", f"the response {response_id} {why}")
+    payload = record.get("payload") or {}
+    turns = [{"role": m["role"], "content": m["content"]} for m in payload.get("messages") or ()]
+    if not turns and payload.get("prompt"):
+        turns = [{"role": "user", "content": payload["prompt"]}]
+    return [*turns, {"role": "assistant", "content": str(record.get("text") or "")}]
 
 
 def _not_found(response_id: str) -> JSONResponse:
