@@ -58,6 +58,15 @@ def _beat(workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     }
 
 
+async def in_process(app: FastAPI, worker: FastAPI) -> None:
+    """The queen's HTTP client reaches ``worker`` in process (its HTTP/1.1 pool, for real sockets, is closed)."""
+    http = app.state.queen.http
+    http._transport = httpx.ASGITransport(worker)
+    pool = getattr(http, "http1", None)
+    if pool is not None:
+        await pool.aclose()
+
+
 @contextlib.asynccontextmanager
 async def with_worker(tmp_path: Path, **engine: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """A queen whose one worker is a fake one in process."""
@@ -66,7 +75,7 @@ async def with_worker(tmp_path: Path, **engine: Any) -> AsyncIterator[tuple[Fast
         WorkerSettings(worker_id="w1", aliases=[MODEL]),
     )
     async with worker.router.lifespan_context(worker), queen(tmp_path) as (app, client):
-        app.state.queen.http._transport = httpx.ASGITransport(worker)
+        await in_process(app, worker)
         await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report = {
             "worker_id": "w1",
@@ -118,7 +127,11 @@ def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
         ),
         (
             {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
-            "'tool_result' blocks",
+            "messages[0].content[0].tool_use_id",
+        ),
+        (
+            {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "thinking"}]}]},
+            "messages[0].content[0].type: 'thinking' blocks",
         ),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "system": [{"type": "document"}]}, "system[0].type"),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "temperature": 1.5}, "temperature"),
@@ -126,7 +139,7 @@ def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "top_k": 1.5}, "top_k"),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "stop_sequences": "x"}, "stop_sequences"),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "stream": "yes"}, "stream"),
-        ({"model": MODEL, "max_tokens": 4, "messages": HI, "tools": [{"name": "f"}]}, "tools"),
+        ({"model": MODEL, "max_tokens": 4, "messages": HI, "tools": [{"name": "f"}]}, "tools[0].input_schema"),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "tool_choice": {"type": "auto"}}, "tool_choice"),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "thinking": {"type": "enabled"}}, "thinking"),
         ({"model": MODEL, "max_tokens": 4, "messages": HI, "metadata": "x"}, "metadata"),

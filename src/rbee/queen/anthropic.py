@@ -17,6 +17,23 @@ id), and the job's events are translated into Anthropic's shapes:
 A client that goes away cancels its job. The chat goes through the model's
 chat template on the worker; ``system`` becomes a system message.
 
+Tools (``tools``: ``{name, description, input_schema}``) follow ``tool_choice``
+as the OpenAI-compatible API's tools do (the same call schema and instructions,
+:mod:`rbee.queen.openai`): ``any`` (one of the tools) and ``tool`` (the one
+named) make the answer a call generated under a grammar of the call's JSON
+schema, so its ``input`` validates against the tool's ``input_schema``; it is
+answered as a ``tool_use`` block (``id`` ``toolu_...``, ``name``, ``input``)
+with ``stop_reason: "tool_use"``, streamed as ``content_block_start`` of type
+``tool_use`` and ``input_json_delta`` deltas of the input's JSON text. ``auto``
+(the default with tools) answers text, as the OpenAI route's ``auto`` does: the
+model's chat template has no place for tools; the job's narration says so
+(``anthropic_tools_auto``). ``none`` answers text. A call cut short (by
+``max_tokens``) before its input is whole is answered as the text it is. In
+the conversation, an assistant's ``tool_use`` blocks go back to the template as
+the call's JSON, a user's ``tool_result`` blocks as ``Tool result (name): ...``
+(``Tool error`` with ``is_error``), in the turn they came in; a result must
+answer a ``tool_use`` id of an earlier assistant turn.
+
 Errors are Anthropic's ``{"type": "error", "error": {"type", "message"}}``
 with Anthropic's statuses: bad input 400, an unknown model 404, a full queue
 429 (``rate_limit_error``, with ``Retry-After``), no worker that can serve the
@@ -27,13 +44,14 @@ cancelled by someone else is 409 with ``x-should-retry: false``, so the
 clients do not send it again.
 
 Defaults follow Anthropic's: ``temperature`` 1 (at most 1), no ``top_p`` or
-``top_k`` cut-off. What rbee cannot do (image, document, tool blocks; tools;
-extended thinking) is refused with a 400 naming it.
+``top_k`` cut-off. What rbee cannot do (image and document blocks, Anthropic's
+server tools, extended thinking) is refused with a 400 naming it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -56,13 +74,18 @@ from rbee.queen.bodies import number as _number
 from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import (
     _STATUS_BY_KIND,
+    _TOOL_NAME,
     JOB_ID_HEADER,
+    _CallStream,
     _collect,
     _Events,
     _job_events,
     _json_body,
+    _parse_tool_call,
     _release,
+    _Tools,
     _unless_disconnected,
+    _with_instructions,
 )
 from rbee.queen.scheduler import COUNT_TIMEOUT_S
 
@@ -73,7 +96,7 @@ __all__ = ["REQUEST_ID_HEADER", "anthropic_router"]
 
 REQUEST_ID_HEADER = "request-id"
 _CLIENT_GONE = 499
-_SUPPORTED_BLOCKS = "only text blocks are supported"
+_SUPPORTED_BLOCKS = "text blocks are; tool_use blocks in assistant turns, tool_result blocks in user turns"
 
 # -- errors ------------------------------------------------------------------
 
@@ -140,6 +163,13 @@ class _Call:
     model: str
     stream: bool
     stop: tuple[str, ...]
+    #: The tools and what ``tool_choice`` asks of them (no tools: choice ``none``).
+    tools: _Tools
+
+    @property
+    def calling(self) -> bool:
+        """The answer is a grammar-constrained tool call (``tool_choice`` any or tool)."""
+        return self.tools.calls
 
 
 def _text(content: Any, where: str) -> str:
@@ -162,6 +192,74 @@ def _text(content: Any, where: str) -> str:
     return "".join(texts)
 
 
+def _result_text(content: Any, where: str) -> str:
+    """A ``tool_result``'s content: a string, or text blocks (joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        for j, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind != "text":
+                raise _invalid(f"{where}[{j}].type", f"{kind!r} blocks are not supported in a tool result (text only)")
+    return _text(content, where)
+
+
+def _turn(content: Any, where: str, role: str, names: dict[str, str]) -> str:
+    """A message's content as one turn's text.
+
+    Text blocks are joined as they are; an assistant's ``tool_use`` block becomes
+    the call's JSON (``{"name", "arguments"}``, what a constrained call generates),
+    a user's ``tool_result`` block ``Tool result (name): ...``, each a part of its
+    own. ``names`` maps the ``tool_use`` ids seen so far to their tools' names.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _invalid(where, "must be a string or a list of content blocks")
+    parts: list[str] = []
+    text = False  # the last part is text, which a next text block continues
+    for j, block in enumerate(content):
+        at = f"{where}[{j}]"
+        if not isinstance(block, dict):
+            raise _invalid(at, "must be a content block object")
+        kind = block.get("type")
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise _invalid(f"{at}.text", "must be a string")
+            if text:
+                parts[-1] += block["text"]
+            else:
+                parts.append(block["text"])
+            text = True
+            continue
+        if kind == "tool_use" and role == "assistant":
+            call_id, name, arguments = block.get("id"), block.get("name"), block.get("input")
+            if not isinstance(call_id, str) or not call_id:
+                raise _invalid(f"{at}.id", "must be the call's id (a non-empty string)")
+            if not isinstance(name, str) or not name:
+                raise _invalid(f"{at}.name", "must be the tool's name")
+            if not isinstance(arguments, dict):
+                raise _invalid(f"{at}.input", "must be an object (the tool's input)")
+            names[call_id] = name
+            parts.append(_dumps({"name": name, "arguments": arguments}))
+        elif kind == "tool_result" and role == "user":
+            call_id = block.get("tool_use_id")
+            if not isinstance(call_id, str) or call_id not in names:
+                raise _invalid(
+                    f"{at}.tool_use_id", f"{call_id!r} is not the id of a tool_use block in an earlier assistant turn"
+                )
+            is_error = block.get("is_error", False)
+            if not isinstance(is_error, bool):
+                raise _invalid(f"{at}.is_error", "must be true or false")
+            result = _result_text(block.get("content"), f"{at}.content")
+            parts.append(f"Tool {'error' if is_error else 'result'} ({names[call_id]}): {result}")
+        else:
+            hint = f" in {role} turns" if kind in ("tool_use", "tool_result") else ""
+            raise _invalid(f"{at}.type", f"{kind!r} blocks are not supported{hint} ({_SUPPORTED_BLOCKS})")
+        text = False
+    return ("\n" if role == "assistant" else "\n\n").join(parts)
+
+
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     system = body.get("system")
@@ -172,6 +270,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise _invalid("messages", "must be a non-empty list of {role, content}")
+    names: dict[str, str] = {}
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -182,17 +281,68 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise _invalid(f"{where}.role", f"{role!r} is not supported: user or assistant{hint}")
         if "content" not in message:
             raise _invalid(f"{where}.content", "Field required")
-        out.append({"role": role, "content": _text(message["content"], f"{where}.content")})
+        out.append({"role": role, "content": _turn(message["content"], f"{where}.content", role, names)})
     return out
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _tools(body: dict[str, Any]) -> _Tools:
+    """``tools`` and ``tool_choice`` as the OpenAI route's :class:`~rbee.queen.openai._Tools`."""
+    raw = body.get("tools")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise _invalid("tools", "must be a list of {name, description, input_schema}")
+    functions: list[dict[str, Any]] = []
+    for i, tool in enumerate(raw):
+        at = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _invalid(at, "must be a tool object {name, description, input_schema}")
+        kind = tool.get("type")
+        if kind not in (None, "custom"):
+            raise _invalid(f"{at}.type", f"{kind!r} tools are not supported (only custom tools, with an input_schema)")
+        name = tool.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _invalid(f"{at}.name", f"{name!r} must be 1-64 letters, digits, _ or -")
+        if any(f["name"] == name for f in functions):
+            raise _invalid(f"{at}.name", f"{name!r} is given twice")
+        schema = tool.get("input_schema")
+        if schema is None:
+            raise _invalid(f"{at}.input_schema", "Field required (a JSON schema of an object)")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise _invalid(f"{at}.input_schema", 'must be a JSON schema of an object ("type": "object")')
+        description = tool.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _invalid(f"{at}.description", "must be a string")
+        entry: dict[str, Any] = {"name": name, "parameters": schema}
+        if description:
+            entry["description"] = description
+        functions.append(entry)
     choice = body.get("tool_choice")
-    no_tools = isinstance(choice, dict) and choice.get("type") == "none"
-    if choice is not None and not no_tools:
-        raise _invalid("tool_choice", 'tool use is not supported; only {"type": "none"} is accepted')
-    if body.get("tools") and not no_tools:
-        raise _invalid("tools", 'tool use is not supported (send no tools, or tool_choice {"type": "none"})')
+    if choice is None:
+        return _Tools(tuple(functions), "auto" if functions else "none")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ("auto", "any", "tool", "none"):
+        raise _invalid("tool_choice", "must be {type: auto}, {type: any}, {type: tool, name} or {type: none}")
+    parallel = choice.get("disable_parallel_tool_use")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _invalid("tool_choice.disable_parallel_tool_use", "must be true or false")
+    if kind == "none":
+        return _Tools(tuple(functions), "none")
+    if not functions:
+        raise _invalid("tool_choice", f"{{type: {kind}}} needs tools")
+    if kind == "auto":
+        return _Tools(tuple(functions), "auto")
+    if kind == "any":
+        return _Tools(tuple(functions), "required")
+    name = choice.get("name")
+    if not isinstance(name, str) or not name:
+        raise _invalid("tool_choice.name", "Field required (the tool to call)")
+    if all(f["name"] != name for f in functions):
+        raise _invalid("tool_choice.name", f"no tool is named {name!r}")
+    return _Tools(tuple(functions), "function", name)
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
     thinking = body.get("thinking")
     if thinking is not None and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
         raise _invalid("thinking", "extended thinking is not supported")
@@ -234,20 +384,33 @@ def _parse(body: Any, *, counting: bool = False) -> _Call:
     temperature = _number(body, "temperature", high=1)
     top_p = _number(body, "top_p", high=1)
     top_k = _number(body, "top_k", integer=True)
+    tools = _tools(body)
+    messages = _messages(body)
+    constraint: dict[str, Any] = {}
+    if tools.calls:
+        # The call is the answer: generated under its schema, the tools told in the system turn.
+        messages = _with_instructions(messages, tools.instructions())
+        constraint["json_schema"] = tools.schema()
     fields: dict[str, Any] = {
         "operation": "infer",
         "model": model,
-        "messages": _messages(body),
+        "messages": messages,
         "max_tokens": max_tokens,
         # Anthropic's defaults: temperature 1, the whole distribution.
         "temperature": 1.0 if temperature is None else temperature,
         "top_p": 1.0 if top_p is None else top_p,
         "top_k": 0 if top_k is None else top_k,
         "stop": stop,
+        **constraint,
     }
-    op = parse_operation(fields)
+    try:
+        op = parse_operation(fields)
+    except errors.InvalidOperation as exc:
+        if exc.field is not None and exc.field.split(".")[0] == "json_schema":
+            exc.field = "tools"  # the call's schema is made of the tools' input schemas
+        raise
     assert isinstance(op, Infer)
-    return _Call(op=op, model=model, stream=stream, stop=tuple(stop))
+    return _Call(op=op, model=model, stream=stream, stop=tuple(stop), tools=tools)
 
 
 # -- answers -----------------------------------------------------------------
@@ -290,14 +453,33 @@ def _request_id(job: Job | None = None) -> str:
     return "req_" + job.id.removeprefix("job-").replace("-", "")
 
 
+def _tool_use_id() -> str:
+    return f"toolu_{secrets.token_hex(12)}"
+
+
+def _tool_use(text: str) -> dict[str, Any] | None:
+    """The ``tool_use`` block of a generated call, or None if it is not a whole one (cut short)."""
+    call = _parse_tool_call(text)
+    if call is None:
+        return None
+    arguments = json.loads(call[1])
+    if not isinstance(arguments, dict):
+        return None
+    return {"type": "tool_use", "id": _tool_use_id(), "name": call[0], "input": arguments}
+
+
 def _message(call: _Call, job: Job, text: str, end: dict[str, Any]) -> dict[str, Any]:
     reason, sequence = _stop(call, end)
+    content: dict[str, Any] = {"type": "text", "text": text}
+    block = _tool_use(text) if call.calling else None
+    if block is not None:
+        content, reason, sequence = block, "tool_use", None
     return {
         "id": _message_id(job),
         "type": "message",
         "role": "assistant",
         "model": call.model,
-        "content": [{"type": "text", "text": text}],
+        "content": [content],
         "stop_reason": reason,
         "stop_sequence": sequence,
         "usage": _usage(end),
@@ -310,6 +492,57 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 def _ping() -> ServerSentEvent:
     return ServerSentEvent(event="ping", data='{"type":"ping"}', sep="\n")
+
+
+def _block_start(block: dict[str, Any]) -> bytes:
+    return _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+
+
+def _block_stop() -> bytes:
+    return _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+
+
+_TEXT_DELTA = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+
+
+def _text_delta(text: str) -> bytes:
+    return f"event: content_block_delta\ndata: {_TEXT_DELTA}{_dumps(text)}}}}}\n\n".encode()
+
+
+def _json_delta(piece: str) -> bytes:
+    delta = {"type": "input_json_delta", "partial_json": piece}
+    return _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+
+
+class _ToolUseStream:
+    """A generated call as Anthropic's ``tool_use`` block events: the block once the name
+    is known, then the input's JSON text as ``input_json_delta`` pieces."""
+
+    def __init__(self) -> None:
+        self.calls = _CallStream()  # the OpenAI route's: the name, then the arguments' text
+        self.opened = False
+
+    def feed(self, text: str) -> bytes:
+        out = []
+        for delta in self.calls.feed(text):
+            if not self.opened:
+                self.opened = True
+                block = {"type": "tool_use", "id": _tool_use_id(), "name": delta["function"]["name"], "input": {}}
+                out.append(_block_start(block))
+            if delta["function"]["arguments"]:
+                out.append(_json_delta(delta["function"]["arguments"]))
+        return b"".join(out)
+
+    def finish(self) -> tuple[bytes, bool]:
+        """The block's last events, and whether the call is whole (else it was cut short)."""
+        if not self.opened:
+            # Cut short before the name: what there is, as text.
+            text = self.calls.text
+            return _block_start({"type": "text", "text": ""}) + (
+                _text_delta(text) if text else b""
+            ) + _block_stop(), False
+        tail = b"".join(_json_delta(d["function"]["arguments"]) for d in self.calls.finish())
+        return tail + _block_stop(), _tool_use(self.calls.text) is not None
 
 
 async def _stream(
@@ -328,15 +561,15 @@ async def _stream(
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
         yield _event("message_start", {"type": "message_start", "message": start})
-        yield _event(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        )
+        tool = _ToolUseStream() if call.calling else None
+        if tool is None:
+            yield _block_start({"type": "text", "text": ""})
         yield _event("ping", {"type": "ping"})
-        prefix = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
         kind, data = first
         while kind == "token":
-            yield f"event: content_block_delta\ndata: {prefix}{_dumps(data)}}}}}\n\n".encode()
+            frame = _text_delta(data) if tool is None else tool.feed(data)
+            if frame:
+                yield frame
             kind, data = await anext(events)
         end = data
         if end.get("status") != "completed":
@@ -345,7 +578,13 @@ async def _stream(
             yield _event("error", anthropic_error_body(message, status=status))
             return
         reason, sequence = _stop(call, end)
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        if tool is None:
+            yield _block_stop()
+        else:
+            tail, whole = tool.finish()
+            yield tail
+            if whole:
+                reason, sequence = "tool_use", None
         yield _event(
             "message_delta",
             {
@@ -376,6 +615,14 @@ async def _messages_endpoint(request: Request) -> Response:
             path="/v1/messages",
             stream=call.stream,
         )
+        if call.tools.choice == "auto":
+            names = [f["name"] for f in call.tools.functions]
+            narrate(
+                "anthropic_tools_auto",
+                f"tool_choice auto: answered as text ({len(names)} tool(s) not offered): the model's chat "
+                "template has no place for tools; give tool_choice any or tool for a call",
+                tools=names,
+            )
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: _request_id(job)}
     events = _job_events(job)
     try:
@@ -471,7 +718,51 @@ _TEXT_BLOCK = {
     "required": ["type", "text"],
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
+_TOOL_USE_BLOCK = {
+    "type": "object",
+    "required": ["type", "id", "name", "input"],
+    "properties": {
+        "type": {"const": "tool_use"},
+        "id": {"type": "string", "minLength": 1},
+        "name": {"type": "string", "minLength": 1},
+        "input": {"type": "object"},
+    },
+}
+_TOOL_RESULT_BLOCK = {
+    "type": "object",
+    "required": ["type", "tool_use_id"],
+    "properties": {
+        "type": {"const": "tool_result"},
+        "tool_use_id": {"type": "string", "description": "the id of a tool_use block of an earlier assistant turn"},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_BLOCK}]},
+        "is_error": {"type": "boolean"},
+    },
+}
 _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_BLOCK}]}
+_TURN_CONTENT = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"anyOf": [_TEXT_BLOCK, _TOOL_USE_BLOCK, _TOOL_RESULT_BLOCK]}},
+    ]
+}
+_TOOL = {
+    "type": "object",
+    "required": ["name", "input_schema"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "description": {"type": "string"},
+        "input_schema": {"type": "object", "required": ["type"], "properties": {"type": {"const": "object"}}},
+    },
+}
+_TOOL_CHOICE = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["auto", "any", "tool", "none"]},
+        "name": {"type": "string", "description": "the tool to call (type tool)"},
+        "disable_parallel_tool_use": {"type": "boolean"},
+    },
+}
 _COMMON = {
     "model": {"type": "string", "minLength": 1},
     "messages": {
@@ -480,10 +771,12 @@ _COMMON = {
         "items": {
             "type": "object",
             "required": ["role", "content"],
-            "properties": {"role": {"enum": ["user", "assistant"]}, "content": _CONTENT},
+            "properties": {"role": {"enum": ["user", "assistant"]}, "content": _TURN_CONTENT},
         },
     },
     "system": _CONTENT,
+    "tools": {"type": "array", "items": _TOOL},
+    "tool_choice": _TOOL_CHOICE,
 }
 _MESSAGES_BODY = {
     "type": "object",
