@@ -336,7 +336,7 @@ def peer_binaries(version: str | None = None) -> Path:
 
 def start_rbee(slots: int, threads: int, home: Path, servers: list[Server], worker_args: Sequence[str] = ()) -> Server:
     """A queen and a hive whose workers get ``--slots slots --threads threads``; one worker spawned."""
-    from bench.openai import _wait_hive, spawn_worker
+    from bench.openai_api import _wait_hive, spawn_worker
 
     quiet = {"RBEE_LOG_LEVEL": "warn"}
     port = free_port()

@@ -1,6 +1,6 @@
 """rbee's OpenAI endpoint against llama-cpp-python's own server, in one run.
 
-    .venv/bin/python -m bench.openai [--rounds 7] [--max-tokens 64] [--clients 4] [--concurrent-rounds 2]
+    .venv/bin/python -m bench.openai_api [--rounds 7] [--max-tokens 64] [--clients 4] [--concurrent-rounds 2]
 
 Both serve the same GGUF file (the bundled Gemma 3 270M) with the same context
 (4096) and thread count; both are asked the same thing through the same client

@@ -29,7 +29,7 @@ def _number(data: Any, *path: str) -> float | None:
 
 
 def peer_goals(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The goals of ``bench.openai`` (rbee's OpenAI endpoint against ``llama_cpp.server``)."""
+    """The goals of ``bench.openai_api`` (rbee's OpenAI endpoint against ``llama_cpp.server``)."""
     rows = []
     ratio = _number(result, "single_stream", "ratio", "tokens_per_s")
     rbee, peer = (

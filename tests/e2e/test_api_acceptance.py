@@ -18,10 +18,10 @@ from typing import Any, Literal
 import anthropic
 import httpx
 import ollama
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
-import openai
 from cluster import Daemon, free_port, queen, wait_for
 from rbee.jobs.client import JobClient
 

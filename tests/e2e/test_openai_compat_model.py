@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
-import openai
 from cluster import Daemon, free_port, queen, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]

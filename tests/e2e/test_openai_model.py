@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from llama_cpp import StoppingCriteriaList
 
-import openai
 from cluster import Daemon, free_port, queen, wait_for
 from modelref import reference_llama as reference_llama_for
 from modelref import visible

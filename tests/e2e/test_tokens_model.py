@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-import openai
 from cluster import Daemon, free_port, queen, wait_for
 from modelref import reference_llama
 

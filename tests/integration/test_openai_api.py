@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-import openai
 from cluster import Daemon, free_port, hive, queen, wait_for
 
 pytestmark = pytest.mark.timeout(120)
