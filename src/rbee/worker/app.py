@@ -255,7 +255,14 @@ class Worker:
         return grammar
 
     def count_input(self, op: Infer) -> int:
-        """Prompt tokens of ``op``; a chat the model's template refuses is bad input."""
+        """Prompt tokens of ``op``; a chat the model's template refuses is bad input, and so
+        is a fill-in-the-middle prompt for a model without FIM tokens."""
+        if op.suffix is not None:
+            files = [(f.filename, f.text) for f in op.infill_files]
+            try:
+                return len(self.engine.infill_tokens(op.prompt or "", op.suffix, files))
+            except ValueError as exc:
+                raise InvalidOperation(f"suffix: {exc}", field="suffix") from None
         if op.messages is None:
             return self.engine.count_tokens(op.prompt or "")
         try:

@@ -50,6 +50,7 @@ __all__ = [
     "StopScanner",
     "generate",
     "parse_device",
+    "parse_kv_override",
 ]
 
 #: ``error`` is set only when the engine raised; the job then ends ``failed``.
@@ -208,6 +209,10 @@ class Engine(Protocol):
         """Raises ``ValueError`` (with the parser's reason) for a GBNF grammar this engine cannot use."""
         ...
 
+    def infill_tokens(self, prefix: str, suffix: str, files: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """A fill-in-the-middle prompt; ``ValueError`` for a model without FIM tokens."""
+        ...
+
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         """``text``'s token ids (llama.cpp server's ``/tokenize``: BOS/EOS only with ``add_special``)."""
         ...
@@ -360,9 +365,12 @@ class LlamaEngine:
         chunk: int = 512,
         repack: bool | None = None,
         batch_invariant: bool = True,
+        kv_overrides: dict[str, bool | int | float | str] | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        #: GGUF metadata values that replace the file's at load (llama.cpp's ``--override-kv``).
+        self.kv_overrides = dict(kv_overrides or {})
         self.model_path = Path(model_path)
         self.model_id = model_id or self.model_path.stem
         self.n_ctx = n_ctx
@@ -403,9 +411,18 @@ class LlamaEngine:
             os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         # The tokenizer and chat templates: the vocabulary only, no weights.
         self._llm = llama_cpp.Llama(
-            model_path=str(self.model_path), vocab_only=True, n_ctx=64, n_batch=8, n_threads=1, verbose=False
+            model_path=str(self.model_path),
+            vocab_only=True,
+            n_ctx=64,
+            n_batch=8,
+            n_threads=1,
+            verbose=False,
+            kv_overrides=self.kv_overrides or None,
         )
         params = llama_cpp.llama_model_default_params()
+        if self.kv_overrides:
+            self._overrides = _kv_override_array(self.kv_overrides)  # kept alive while loading
+            params.kv_overrides = self._overrides
         params.n_gpu_layers = self.n_gpu_layers
         params.main_gpu = self.main_gpu
         params.use_extra_bufts = self.repack
@@ -565,9 +582,7 @@ class LlamaEngine:
         recorder = _CompletionRecorder(llm)
         # stream=True: the handler wraps the (empty) completion lazily and returns.
         try:
-            handler(
-                llama=recorder, messages=[dict(m) for m in messages], stop=list(stop), tools=tools, stream=True
-            )
+            handler(llama=recorder, messages=[dict(m) for m in messages], stop=list(stop), tools=tools, stream=True)
         except Exception as exc:  # a template's raise_exception, a Jinja error: the chat is refused
             raise ValueError(f"{type(exc).__name__}: {exc}") from exc
         call = recorder.call
@@ -589,6 +604,45 @@ class LlamaEngine:
         """The id of a special token written as ``text``, if the vocabulary has it as one token."""
         ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
         return int(ids[0]) if len(ids) == 1 else None
+
+    def infill_tokens(self, prefix: str, suffix: str, files: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The model's fill-in-the-middle prompt, in llama.cpp's server's layout: BOS, then
+        with other files a repository header (FIM_REP) and each file after FIM_SEP and its
+        name, then FIM_PRE prefix FIM_SUF suffix FIM_MID. The texts are tokenized without
+        special tokens, so code that spells one out stays text."""
+        import llama_cpp
+
+        vocab = self.batch.vocab
+        pre, suf, mid = (
+            int(llama_cpp.llama_vocab_fim_pre(vocab)),
+            int(llama_cpp.llama_vocab_fim_suf(vocab)),
+            int(llama_cpp.llama_vocab_fim_mid(vocab)),
+        )
+        if -1 in (pre, suf, mid):
+            raise ValueError(
+                f"{self.model_id} has no fill-in-the-middle tokens (FIM prefix, suffix and middle); "
+                "infill needs a code model trained for it"
+            )
+
+        def text(s: str) -> list[int]:
+            return self.tokenize(s, add_special=False, parse_special=False) if s else []
+
+        tokens: list[int] = []
+        if llama_cpp.llama_vocab_get_add_bos(vocab):
+            tokens.append(int(llama_cpp.llama_vocab_bos(vocab)))
+        if files:
+            rep, sep = int(llama_cpp.llama_vocab_fim_rep(vocab)), int(llama_cpp.llama_vocab_fim_sep(vocab))
+            if rep != -1:
+                tokens += [rep, *text("project\n")]
+            for filename, body in files:
+                if sep != -1:
+                    tokens += [sep, *text(f"{filename or 'file'}\n")]
+                else:
+                    tokens += text(f"\n\n--- {filename or 'snippet'} ---\n\n")
+                tokens += text(body)
+            if sep != -1:
+                tokens += [sep, *text("current\n")]
+        return [*tokens, pre, *text(prefix), suf, *text(suffix), mid]
 
     def check_grammar(self, grammar: str) -> None:
         import llama_cpp
@@ -612,6 +666,8 @@ class LlamaEngine:
         if req.messages is not None:
             chat = self.chat_prompt(req.messages, req.stop, req.tools)
             tokens, stops, criteria = chat.tokens, chat.stop, chat.stopping_criteria
+        elif req.suffix is not None:
+            tokens, stops = self.infill_tokens(req.prompt, req.suffix, req.infill_files), list(req.stop)
         else:
             tokens, stops = self.prompt_tokens(req.prompt), list(req.stop)
         # create_completion starts an empty prompt's completion with BOS, and
@@ -621,6 +677,53 @@ class LlamaEngine:
             req, tokens, stops, outcome, sink, stopping_criteria=criteria, strip_space=strip_space
         )
         return handle
+
+
+def _kv_override_array(overrides: dict[str, bool | int | float | str]) -> Any:
+    """``overrides`` as llama.cpp's ``llama_model_kv_override`` array (ended by an empty key)."""
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()
+    for entry, (key, value) in zip(array, overrides.items(), strict=False):
+        entry.key = key.encode()
+        if isinstance(value, bool):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            entry.value.val_bool = value
+        elif isinstance(value, int):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            entry.value.val_i64 = value
+        elif isinstance(value, float):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+            entry.value.val_f64 = value
+        else:
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            entry.value.val_str = value.encode()[:127]
+    array[-1].key = b"\0"
+    return array
+
+
+def parse_kv_override(text: str) -> tuple[str, bool | int | float | str]:
+    """``KEY=TYPE:VALUE`` (llama.cpp's ``--override-kv``; TYPE is int, float, bool or str)."""
+    key, eq, rest = text.partition("=")
+    kind, colon, value = rest.partition(":")
+    if not key or not eq or not colon or kind not in ("int", "float", "bool", "str"):
+        raise ValueError(f"{text!r}: expected KEY=TYPE:VALUE with TYPE int, float, bool or str")
+    if len(key) > 127:
+        raise ValueError(f"{text!r}: the key is longer than 127 bytes")
+    try:
+        if kind == "int":
+            return key, int(value)
+        if kind == "float":
+            return key, float(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value!r} is not a{'n' if kind == 'int' else ''} {kind}") from None
+    if kind == "bool":
+        if value not in ("true", "false"):
+            raise ValueError(f"{text!r}: a bool is true or false")
+        return key, value == "true"
+    if len(value.encode()) > 127:
+        raise ValueError(f"{text!r}: a str value is at most 127 bytes")
+    return key, value
 
 
 class _EndsWith:
@@ -682,7 +785,10 @@ class FakeEngine:
         slots: int = 1 << 16,
         load_gate: threading.Event | None = None,
         fail_load: str | None = None,
+        fim: bool = False,
     ) -> None:
+        #: Whether the fake model has fill-in-the-middle tokens.
+        self.fim = fim
         self.pieces = list(pieces) if pieces is not None else [f"tok{i} " for i in range(tokens)]
         self.delay_s = delay_ms / 1000.0
         self.fail_after = fail_after
@@ -724,6 +830,13 @@ class FakeEngine:
 
     def count_chat_tokens(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> int:
         return self.count_tokens(self.chat_text(messages))
+
+    def infill_tokens(self, prefix: str, suffix: str, files: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Fake FIM prompt: the words of the files, the prefix and the suffix, plus three markers."""
+        if not self.fim:
+            raise ValueError(f"{self.model_id} has no fill-in-the-middle tokens (FIM prefix, suffix and middle)")
+        words = " ".join([*(f"{name} {body}" for name, body in files), prefix, suffix])
+        return [1, *self.tokenize(words), 2, 3]
 
     def check_grammar(self, grammar: str) -> None:
         """Only a stand-in for llama.cpp's parser: a grammar needs a ``root ::=`` rule."""
@@ -778,6 +891,8 @@ class FakeEngine:
         try:
             if req.messages is not None:
                 outcome.tokens_in = self.count_chat_tokens(req.messages, req.tools)
+            elif req.suffix is not None:
+                outcome.tokens_in = len(self.infill_tokens(req.prompt, req.suffix, req.infill_files))
             else:
                 outcome.tokens_in = self.count_tokens(req.prompt)
             outcome.slot = (n - 1) % self.max_slots

@@ -125,6 +125,18 @@ def _listen(host: str, port: int, fd: int | None) -> socket.socket:
     help="How long to stay loaded once idle when the last job did not say (-1: for ever; 0: stop after it).",
 )
 @click.option(
+    "--override-kv",
+    "kv_overrides",
+    multiple=True,
+    metavar="KEY=TYPE:VALUE",
+    help="Replace a GGUF metadata value at load, as llama.cpp's --override-kv (TYPE: int, float, bool, str).",
+)
+@click.option(
+    "--fake-fim",
+    is_flag=True,
+    help="fake: the fake model has fill-in-the-middle tokens.",
+)
+@click.option(
     "--engine",
     "engine_kind",
     type=click.Choice(["llama", "fake"]),
@@ -173,6 +185,8 @@ def main(
     repack: str,
     queue_size: int,
     keep_alive_s: float,
+    kv_overrides: tuple[str, ...],
+    fake_fim: bool,
     engine_kind: str,
     fake_tokens: int,
     fake_delay_ms: float,
@@ -181,8 +195,15 @@ def main(
     """Run a worker: load one model and generate tokens for ``infer`` jobs."""
     if keep_alive_s < 0 and keep_alive_s != -1:
         raise click.BadParameter("must be -1 (for ever), 0 or a number of seconds", param_hint="--keep-alive")
-    from rbee.worker.engine import Engine, FakeEngine, LlamaEngine
+    from rbee.worker.engine import Engine, FakeEngine, LlamaEngine, parse_kv_override
 
+    overrides: dict[str, bool | int | float | str] = {}
+    for text in kv_overrides:
+        try:
+            key, value = parse_kv_override(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--override-kv") from None
+        overrides[key] = value
     engine: Engine
     if engine_kind == "fake":
         engine = FakeEngine(
@@ -192,6 +213,7 @@ def main(
             model_id=model_id or (model_path.stem if model_path else "fake-model"),
             n_ctx=n_ctx,
             slots=slots,
+            fim=fake_fim,
         )
     else:
         if model_path is None:
@@ -206,6 +228,7 @@ def main(
             repack=None if repack == "auto" else repack == "on",
             n_threads=threads or os.cpu_count() or 1,
             device=device,
+            kv_overrides=overrides,
         )
 
     from rbee.daemon import preflight, serve
