@@ -1,10 +1,12 @@
-"""Property tests of both SSE readers: however the bytes are cut, the same events come out.
+"""Property tests of the SSE decoder and of both clients over it: however the bytes are cut, the same events come out.
 
 A stream is built the way the servers write it (``id``/``event``/``data``
 frames of one-line JSON with any text in it, ``: ping`` comments between them,
 ``\\n`` or ``\\r\\n`` line ends, then ``data: [DONE]``), cut into arbitrary
 chunks (inside a multi-byte character or a ``\\r\\n`` pair too), and read by
-the keeper's stdlib reader and by :class:`rbee.jobs.client.JobClient`.
+the keeper's stdlib reader and by :class:`rbee.jobs.client.JobClient`. The
+decoder itself also gets streams whose every line ends in LF, CRLF or a lone
+CR, chosen line by line, after an optional byte order mark.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 
 from rbee.jobs.client import JobClient
 from rbee.keeper.client import _frames
+from rbee.wire.sse import Decoder
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -116,3 +119,34 @@ def test_the_job_client_sees_the_same_events_however_the_bytes_are_cut(case: Any
     got = asyncio.run(_read_with_job_client(cut(data, points)))
 
     assert got == expected
+
+
+line_ends = st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=1, max_size=6)
+
+
+@SETTINGS
+@given(events, line_ends, st.booleans(), st.lists(st.integers(0, 10**6), max_size=40))
+def test_the_decoder_reads_any_mix_of_line_ends_however_the_bytes_are_cut(
+    body: list[tuple[str, dict[str, Any]]], ends: list[str], bom: bool, points: list[int]
+) -> None:
+    lines: list[str] = []
+    expected = []
+    for n, (kind, data) in enumerate(body, start=1):
+        raw = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        lines += [": ping", "", f"id: {n}", f"event: {kind}", f"data: {raw}", ""]
+        expected.append((str(n), kind, raw))
+    out, previous = [], ""
+    for i, line in enumerate(lines):
+        end = ends[i % len(ends)]
+        if previous == "\r" and not line and end == "\n":
+            end = "\r\n"  # a CR then an LF would be one CRLF, not an empty line
+        out.append(line + end)
+        previous = end
+    text = "".join(out)
+    data = (b"\xef\xbb\xbf" if bom else b"") + text.encode()
+
+    decoder = Decoder()
+    frames = [tuple(f) for chunk in cut(data, points) for f in decoder.feed(chunk)] + list(decoder.close())
+
+    assert frames == expected
+    assert decoder.last_event_id == (str(len(body)) if body else "")

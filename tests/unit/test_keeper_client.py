@@ -235,6 +235,33 @@ def test_a_stream_that_keeps_breaking_gives_up(queen: ScriptedQueen) -> None:
     assert "closed the stream before the job's end" in info.value.message
 
 
+def test_a_frame_that_is_not_json_breaks_the_stream_and_is_not_retried(queen: ScriptedQueen) -> None:
+    garbled = b"id: 1\nevent: narration\ndata: <html>\n\n"
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(garbled, end_frame(2), DONE))
+    with pytest.raises(StreamBroken, match="event 1 \\(narration\\) does not carry JSON") as info:
+        list(QueenClient(queen.url).events(JOB))
+    assert info.value.exit_code == 1
+    assert len(queen.requests("GET")) == 1
+
+
+def test_a_lone_cr_line_end_and_a_nul_in_an_id_read_as_the_spec_says(queen: ScriptedQueen) -> None:
+    body = b"id: 9\x00\nevent: token\ndata: {}\n\n" + narr(2, "a").replace(b"\n", b"\r") + end_frame(3) + DONE
+    queen.route("GET", f"/v1/jobs/{JOB}/stream", stream(body))
+    events = list(QueenClient(queen.url).events(JOB))
+    # The NUL id is ignored: the token has no id, so it is counted after the last one seen.
+    assert [(e.id, e.kind) for e in events] == [(1, "token"), (2, "narration"), (3, "end")]
+
+
+def test_a_refusal_is_read_by_the_wire_error_decoder(queen: ScriptedQueen) -> None:
+    client = QueenClient(queen.url)
+    body = json.dumps({"error": {"kind": "queue_full", "message": ""}}).encode()
+    refused = client.refused(429, body)
+    assert (refused.status, refused.kind, refused.exit_code) == (429, "queue_full", 1)
+    assert refused.message.startswith("the queen answered HTTP 429")
+    unknown = client.refused(404, json.dumps({"error": {"kind": "brand_new", "message": "no such thing"}}).encode())
+    assert (unknown.kind, unknown.exit_code, unknown.message) == ("brand_new", 2, "no such thing")
+
+
 # -- commands through the scripted queen -------------------------------------------
 
 

@@ -422,7 +422,7 @@ except SystemExit as exc:
     code = exc.code
 forbidden = %r
 loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in forbidden))
-print(code, loaded)
+print(code, loaded, sorted(m for m in sys.modules if m.startswith("rbee.wire")))
 """
 
 
@@ -437,8 +437,30 @@ def test_the_infer_path_imports_no_heavy_modules(tmp_path: os.PathLike[str]) -> 
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE % (FORBIDDEN,)], capture_output=True, text=True, env=env, timeout=60
     )
-    assert proc.stdout.strip() == "1 []", proc.stderr
+    # The keeper reads the stream and the errors through rbee.wire, and rbee.wire loads none of them.
+    wire = ["rbee.wire", "rbee.wire.errors", "rbee.wire.protocol", "rbee.wire.sse"]
+    assert proc.stdout.strip() == f"1 [] {wire}", proc.stderr
     assert proc.stderr.startswith("rbee: cannot reach the queen at http://127.0.0.1:1")
+
+
+_WIRE_PROBE = """
+import sys
+import rbee.wire.errors, rbee.wire.http1, rbee.wire.protocol, rbee.wire.sse
+print(sorted(m for m in sys.modules if m.startswith("rbee.")))
+print(sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in %r))
+"""
+
+
+def test_the_wire_package_imports_only_the_standard_library_and_rbee_errors() -> None:
+    third_party = ("pydantic", "fastapi", "starlette", "rich", "pygments", "httpx", "click", "anyio", "h11")
+    proc = subprocess.run(
+        [sys.executable, "-c", _WIRE_PROBE % (third_party,)], capture_output=True, text=True, timeout=60
+    )
+    ours, theirs = proc.stdout.splitlines()
+    assert ours == str(
+        ["rbee.errors", "rbee.wire", "rbee.wire.errors", "rbee.wire.http1", "rbee.wire.protocol", "rbee.wire.sse"]
+    )
+    assert theirs == "[]", proc.stderr
 
 
 def test_on_a_shared_terminal_narration_waits_until_the_text_is_done() -> None:
