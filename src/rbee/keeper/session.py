@@ -31,16 +31,12 @@ from rbee.keeper.errors import (
     problems_line,
 )
 from rbee.keeper.render import Renderer
+from rbee.wire.protocol import short_job_id as short_id
 
 __all__ = ["Session", "CANCEL_GRACE_S", "autostart_disabled", "short_id"]
 
 #: After Ctrl-C, how long the keeper waits for the job's ``end`` event.
 CANCEL_GRACE_S = 5.0
-
-
-def short_id(job_id: str) -> str:
-    """The first 8 hex characters of a job id (``43d5b140``), as lists and the web page show it."""
-    return job_id.removeprefix("job-")[:8] if job_id.startswith("job-") else job_id
 
 
 def _same_url(a: str, b: str) -> bool:
