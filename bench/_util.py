@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import psutil
 
+from rbee.wire import http1
+
 __all__ = [
     "RESULTS_DIR",
     "Conn",
@@ -229,30 +231,26 @@ def print_goals(rows: Sequence[dict[str, Any]]) -> None:
 
 
 class Conn:
-    """One keep-alive connection on asyncio streams; requests on it are sequential.
+    """One keep-alive connection (:class:`rbee.wire.http1.Connection`); requests on it are sequential.
 
     The benchmarks measure servers, so the client must cost as little as it
     can: on two cores an httpx client (about 0.8 ms of CPU per request here)
-    would be a large part of what is measured.
+    would be a large part of what is measured. It is the queen's own small
+    client, used one connection at a time.
     """
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self._conn: http1.Connection | None = None
 
     async def open(self) -> Conn:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self._conn = await http1.Connection.open(self.host, self.port)
         return self
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except OSError:
-                pass
+        if self._conn is not None:
+            await self._conn.aclose()
 
     async def request(
         self,
@@ -266,34 +264,17 @@ class Conn:
         ``on_chunk(chunk, arrival)`` sees each piece of a chunked body as it
         arrives (``time.perf_counter()`` when it was read).
         """
-        assert self.reader is not None and self.writer is not None
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-        if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + (body or b""))
-        raw = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(raw.split(b" ", 2)[1])
-        headers = {}
-        for line in raw.split(b"\r\n")[1:]:
-            if line:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip().lower()
-        if headers.get(b"transfer-encoding") == b"chunked":
-            parts = []
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
-                if size == 0:
-                    await self.reader.readuntil(b"\r\n")
-                    break
-                chunk = (await self.reader.readexactly(size + 2))[:-2]
-                if on_chunk is not None:
-                    on_chunk(chunk, time.perf_counter())
-                parts.append(chunk)
-            return status, b"".join(parts)
-        data = await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
-        if on_chunk is not None:
-            on_chunk(data, time.perf_counter())
-        return status, data
+        conn = self._conn
+        assert conn is not None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.writer.write(http1.request_head(self.host, self.port, method, path, headers, body) + (body or b""))
+        status, answer = await conn.head()
+        parts = []
+        async for piece in conn.pieces(answer):
+            if on_chunk is not None:
+                on_chunk(piece, time.perf_counter())
+            parts.append(piece)
+        return status, b"".join(parts)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
