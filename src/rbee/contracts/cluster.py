@@ -77,6 +77,8 @@ class ModelReport(BaseModel):
     #: The chat template a chat with this model uses: ``gguf`` (its own), a family's
     #: (``gemma``, ``llama3``...) or ``chatml``.
     chat_template: str | None = None
+    #: The model's own template renders tools, so a chat's ``tools`` go to it (``tool_choice`` auto).
+    chat_tools: bool = False
     #: What one worker of this model needs on this hive, as the hive estimates it: the
     #: file, the KV cache of the slots and context it would give the worker, and the
     #: worker process itself. The queen places workers by it.

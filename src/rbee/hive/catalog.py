@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import fcntl
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -30,7 +31,7 @@ from rbee.errors import InvalidOperation, JobConflict, ModelNotFound
 from rbee.hive.gguf import GGUFInfo, read_gguf
 from rbee.narration import narrate
 
-__all__ = ["ModelCatalog", "ModelEntry", "bundled_model_path", "BUNDLED_ALIAS"]
+__all__ = ["ModelCatalog", "ModelEntry", "bundled_model_path", "renders_tools", "BUNDLED_ALIAS"]
 
 BUNDLED_ALIAS = DEFAULT_MODEL
 
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS models (
     name TEXT,
     source TEXT NOT NULL DEFAULT 'local',
     added_at REAL NOT NULL,
-    chat_template TEXT
+    chat_template TEXT,
+    chat_tools INTEGER
 )
 """
 _COLUMNS = (
@@ -63,6 +65,7 @@ _COLUMNS = (
     "source",
     "added_at",
     "chat_template",
+    "chat_tools",
 )
 
 
@@ -81,6 +84,8 @@ class ModelEntry:
     added_at: float
     #: The chat template its chats use (rbee.chat_templates.template_for).
     chat_template: str | None = None
+    #: Its own template renders tools (an OpenAI ``tools`` list), so its chats may offer them.
+    chat_tools: bool | None = None
 
     def names(self) -> list[str]:
         return [self.id] + ([self.alias] if self.alias else [])
@@ -101,6 +106,7 @@ class ModelEntry:
             "source": self.source,
             "added_at": self.added_at,
             "chat_template": self.chat_template,
+            "chat_tools": bool(self.chat_tools),
         }
 
     def to_report(self) -> ModelReport:
@@ -112,6 +118,7 @@ class ModelEntry:
             quantization=self.quantization,
             context_length=self.context_length,
             chat_template=self.chat_template,
+            chat_tools=bool(self.chat_tools),
         )
 
 
@@ -164,7 +171,14 @@ def _inspect(
         source=source,
         added_at=time.time(),
         chat_template=template_for(info.architecture, bool(info.metadata.get("tokenizer.chat_template"))),
+        chat_tools=renders_tools(info),
     )
+
+
+def renders_tools(info: GGUFInfo) -> bool:
+    """Whether the GGUF's own chat template has a place for tools (it reads a ``tools`` variable)."""
+    template = info.metadata.get("tokenizer.chat_template")
+    return isinstance(template, str) and re.search(r"\btools\b", template) is not None
 
 
 class ModelCatalog:
@@ -190,6 +204,8 @@ class ModelCatalog:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
         if "chat_template" not in columns:  # a catalog from before chat templates were recorded
             self._db.execute("ALTER TABLE models ADD COLUMN chat_template TEXT")
+        if "chat_tools" not in columns:
+            self._db.execute("ALTER TABLE models ADD COLUMN chat_tools INTEGER")
         self._ready: asyncio.Task[None] | None = None
         self.bundled_error: str | None = None
 
@@ -231,15 +247,20 @@ class ModelCatalog:
         self._insert(entry)
 
     async def _fill_chat_templates(self) -> None:
-        """Rows recorded before chat templates were: read their GGUF headers once (in a thread)."""
-        rows = self._db.execute("SELECT id, path FROM models WHERE chat_template IS NULL").fetchall()
+        """Rows recorded before chat templates (and their tools) were: read their GGUF headers once (in a thread)."""
+        rows = self._db.execute(
+            "SELECT id, path FROM models WHERE chat_template IS NULL OR chat_tools IS NULL"
+        ).fetchall()
         for row in rows:
             try:
                 info = await asyncio.to_thread(read_gguf, Path(row["path"]))
             except Exception:  # a file gone or unreadable: its row says so elsewhere
                 continue
             name = template_for(info.architecture, bool(info.metadata.get("tokenizer.chat_template")))
-            self._db.execute("UPDATE models SET chat_template = ? WHERE id = ?", (name, row["id"]))
+            self._db.execute(
+                "UPDATE models SET chat_template = ?, chat_tools = ? WHERE id = ?",
+                (name, renders_tools(info), row["id"]),
+            )
 
     def _inspect_bundled(self, bundled: Callable[[], Path]) -> ModelEntry:
         path = bundled()
