@@ -17,13 +17,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from rbee.contracts.events import DONE
 from rbee.contracts.operations import OperationBase, parse_operation
 from rbee.errors import AmbiguousJobId, InvalidOperation, JobConflict, JobNotFound
 from rbee.jobs.job import Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
-from rbee.wire.protocol import MIN_PREFIX_HEX, PING_INTERVAL_S, job_id_prefix
+from rbee.wire.protocol import DONE, MIN_PREFIX_HEX, PING_INTERVAL_S, job_id_prefix
 
 __all__ = [
     "JobServer",
