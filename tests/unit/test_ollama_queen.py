@@ -205,10 +205,10 @@ async def test_bad_generate_request_is_400_naming_the_field(
     ("body", "words"),
     [
         ({"model": MODEL, "messages": "hi"}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
-        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
         ({"model": MODEL, "messages": CHAT, "think": True}, "think"),
     ],
 )

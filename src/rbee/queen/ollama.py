@@ -63,9 +63,13 @@ from rbee.queen.openai import (
     _collect,
     _job_events,
     _json_body,
+    _parse_tool_call,
     _status_of,
+    _Tools,
     _unless_disconnected,
+    _with_instructions,
 )
+from rbee.queen.openai import _tools as _openai_tools
 
 # tokens.py's worker selection and call (private there): a ready worker of the model, the least busy.
 from rbee.queen.tokens import _forward as _worker_call
@@ -129,7 +133,7 @@ _UNSUPPORTED = {
     "template": "a custom template is not supported (rbee uses the model's chat template)",
     "suffix": "suffix (insertion) is not supported",
     "context": "context token arrays are not supported; send the conversation to /api/chat",
-    "tools": "tool calling is not supported",
+    "tools": "tools are for /api/chat (a chat), not /api/generate",
     "think": "thinking is not supported",
     "logprobs": "logprobs are not supported",
     "top_logprobs": "logprobs are not supported",
@@ -225,6 +229,13 @@ class _Call:
     #: For a load or unload (no input): the keep-alive asked for (0: unload).
     keep_alive: float | None = None
     ignored: list[str] = field(default_factory=list)
+    #: The chat's tools (``required``: the answer is a call of one of them; ``none``: text).
+    tools: _Tools | None = None
+
+    @property
+    def calling(self) -> bool:
+        """The answer is a grammar-constrained tool call."""
+        return self.tools is not None and self.tools.calls
 
 
 def _model_name(body: dict[str, Any]) -> str:
@@ -324,37 +335,110 @@ def _format(raw: Any) -> dict[str, Any]:
     return {"json_schema": schema}
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name, why in _UNSUPPORTED.items():
+        if chat and name == "tools":
+            continue
         value = body.get(name)
         if value not in (None, False, "", [], {}, 0):
             raise _Refused(f"{name}: {why}")
 
 
+def _assistant_calls(raw: Any, where: str) -> tuple[list[str], list[str]]:
+    """An assistant's ``tool_calls`` as the JSON the model would have written, and the tools' names."""
+    if not isinstance(raw, list):
+        raise _Refused(f"{where}.tool_calls must be a list of {{function: {{name, arguments}}}}")
+    calls, names = [], []
+    for k, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise _Refused(f"{where}.tool_calls[{k}] must be {{function: {{name, arguments}}}}")
+        assert isinstance(function, dict)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):  # some clients send OpenAI's JSON text
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass
+        calls.append(_dumps({"name": name, "arguments": arguments}))
+        names.append(name)
+    return calls, names
+
+
 def _messages(raw: Any) -> list[dict[str, str]]:
+    """The chat as Infer's turns (system, user, assistant), as the OpenAI route renders tools.
+
+    An assistant's ``tool_calls`` become the JSON of each call in its turn; a tool
+    result (``role: tool``) a user turn ``Tool result (name): ...``, joined to the user
+    turn before it (templates want turns to alternate). The tool is ``tool_name`` (or
+    ``name``), else the call of the assistant turn before that it answers, in order.
+    """
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise _Refused("messages must be a list of {role, content}")
-    out = []
+    out: list[dict[str, str]] = []
+    pending: list[str] = []  # the names of the last assistant turn's calls not answered yet
+    after_tool = False
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _Refused(f"{where} must be an object with role and content")
         role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise _Refused(f"{where}.role: {role!r} is not supported (system, user, assistant)")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise _Refused(f"{where}.role: {role!r} is not supported (system, user, assistant, tool)")
         if message.get("images"):
             raise _Refused(f"{where}.images: images are not supported")
-        if message.get("tool_calls"):
-            raise _Refused(f"{where}.tool_calls: tool calling is not supported")
         content = message.get("content")
         if content is None:
             content = ""
         if not isinstance(content, str):
             raise _Refused(f"{where}.content must be a string")
+        if message.get("tool_calls"):
+            if role != "assistant":
+                raise _Refused(f"{where}.tool_calls: only an assistant's message has tool calls")
+            calls, pending = _assistant_calls(message["tool_calls"], where)
+            content = "\n".join([content, *calls] if content else calls)
+        if role == "tool":
+            name = message.get("tool_name") or message.get("name")
+            if name is not None and not isinstance(name, str):
+                raise _Refused(f"{where}.tool_name must be a string")
+            if name in pending:
+                pending.remove(name)
+            elif name is None:
+                name = pending.pop(0) if pending else "tool"
+            content = f"Tool result ({name}): {content}"
+            role = "user"
+            if out and out[-1]["role"] == "user":
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + content}
+                after_tool = True
+                continue
+        elif role == "user" and after_tool and out and out[-1]["role"] == "user":
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + content}
+            continue
+        after_tool = message.get("role") == "tool"
         out.append({"role": role, "content": content})
     return out
+
+
+def _tools(body: dict[str, Any]) -> _Tools | None:
+    """The chat's ``tools``: a call of one of them is the answer, unless the chat ends with a tool result.
+
+    Ollama has no ``tool_choice``: a model whose template takes tools decides
+    for itself. rbee's queen renders no template's tools yet, so a chat with
+    tools is answered with a grammar-constrained call (its arguments valid
+    against the tool's parameters) -- and, once the last message is a tool
+    result, with text, so the usual loop (call, result, answer) ends.
+    """
+    raw = body.get("tools")
+    if raw in (None, []):
+        return None
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    answered = isinstance(last, dict) and last.get("role") == "tool"
+    tools = _openai_tools({"tools": raw, "tool_choice": "required"})
+    return _Tools(tools.functions, "none") if answered else tools
 
 
 def _parse(body: Any, chat: bool) -> _Call:
@@ -365,14 +449,22 @@ def _parse(body: Any, chat: bool) -> _Call:
     stream = True if stream is None else stream
     if not isinstance(stream, bool):
         raise _Refused("stream must be true or false")
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, chat)
     keep_alive = _keep_alive(body.get("keep_alive"))
     fields, ignored = _options(body.get("options"))
     fields.update(_format(body.get("format")))
+    tools = None
     if chat:
         messages = _messages(body.get("messages"))
         if not messages:
             return _Call(chat=chat, model=model, stream=stream, keep_alive=keep_alive, ignored=ignored)
+        tools = _tools(body)
+        if tools is not None and tools.calls:
+            if "json_schema" in fields:
+                raise _Refused("format: cannot be given with tools (the answer is a call of one of them)")
+            # The call is the answer: generated under its schema, the tools told in the system turn.
+            messages = _with_instructions(messages, tools.instructions())
+            fields["json_schema"] = tools.schema()
         fields["messages"] = messages
     else:
         prompt = body.get("prompt")
@@ -396,9 +488,14 @@ def _parse(body: Any, chat: bool) -> _Call:
     wire = {"operation": "infer", "model": _rbee_model(model), **fields}
     if keep_alive is not None:
         wire["keep_alive"] = keep_alive
-    op = parse_operation(wire)
+    try:
+        op = parse_operation(wire)
+    except errors.InvalidOperation as exc:
+        if tools is not None and tools.calls and (exc.field or "").split(".")[0] == "json_schema":
+            raise _Refused(f"tools: {exc.message}") from None  # the call's schema is the tools'
+        raise
     assert isinstance(op, Infer)
-    return _Call(chat=chat, model=model, stream=stream, op=op, keep_alive=keep_alive, ignored=ignored)
+    return _Call(chat=chat, model=model, stream=stream, op=op, keep_alive=keep_alive, ignored=ignored, tools=tools)
 
 
 # -- answers -----------------------------------------------------------------
@@ -444,6 +541,8 @@ class _Format:
     def __init__(self, call: _Call) -> None:
         self.chat = call.chat
         self.model = call.model
+        #: The answer is a tool call: the tokens are held and the call said once it is whole.
+        self.calling = call.calling
 
     def _head(self) -> dict[str, Any]:
         return {"model": self.model, "created_at": _now()}
@@ -456,7 +555,26 @@ class _Format:
     def piece(self, text: str) -> bytes:
         return (_dumps({**self._head(), **self._body(text), "done": False}) + "\n").encode()
 
+    def tool_calls(self, text: str) -> list[dict[str, Any]] | None:
+        """Ollama's ``tool_calls`` (arguments an object) of a generated call, or None if it is not a whole one."""
+        call = _parse_tool_call(text) if self.calling else None
+        if call is None:
+            return None
+        arguments = json.loads(call[1])
+        if not isinstance(arguments, dict):
+            return None
+        return [{"function": {"name": call[0], "arguments": arguments}}]
+
+    def called(self, calls: list[dict[str, Any]]) -> bytes:
+        """The streamed chunk that says the call."""
+        message = {"role": "assistant", "content": "", "tool_calls": calls}
+        return _line({**self._head(), "message": message, "done": False})
+
     def final(self, end: dict[str, Any], text: str = "") -> dict[str, Any]:
+        calls = self.tool_calls(text)
+        if calls is not None:
+            body = {"message": {"role": "assistant", "content": "", "tool_calls": calls}}
+            return {**self._head(), **body, "done": True, **_stats(end), "done_reason": "stop"}
         return {**self._head(), **self._body(text), "done": True, **_stats(end)}
 
     def lifecycle(self, reason: str) -> dict[str, Any]:
@@ -482,11 +600,23 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     try:
         kind, data = first
+        held: list[str] = []  # a call's tokens, said once it is whole
         while kind == "token":
-            yield fmt.piece(data)
+            if fmt.calling:
+                held.append(data)
+            else:
+                yield fmt.piece(data)
             kind, data = await anext(events)
         if data.get("status") == "completed":
-            yield _line(fmt.final(data))
+            text = "".join(held)
+            calls = fmt.tool_calls(text)
+            if calls is not None:
+                yield fmt.called(calls)
+                yield _line({**fmt.final(data), "done_reason": "stop"})
+            else:
+                if text:  # a call cut short: what there is, as text
+                    yield fmt.piece(text)
+                yield _line(fmt.final(data))
         else:
             # The failure is the last line.
             yield _line({"error": _end_error(data, fmt.model)[0]})
@@ -505,6 +635,15 @@ async def _submit(request: Request, state: QueenState, op: Any, call: _Call, pat
             path=path,
             stream=call.stream,
         )
+        if call.tools is not None:
+            names = [f["name"] for f in call.tools.functions]
+            why = (
+                "the answer is a call of one of them (Ollama has no tool_choice; the model's template has no "
+                "place for tools, so the call is constrained to their schemas)"
+                if call.calling
+                else "answered as text: the last message is a tool result"
+            )
+            narrate("ollama_tools", f"{len(names)} tool(s) given: {why}", tools=names, call=call.calling)
         if call.ignored:
             narrate(
                 "ollama_options_ignored",
@@ -688,7 +827,8 @@ def _show(model: _Model) -> dict[str, Any]:
         "template": model.chat_template or "",
         "details": model.details(),
         "model_info": info,
-        "capabilities": ["completion"],
+        # Tools: every model's answer can be a (grammar-constrained) call.
+        "capabilities": ["completion", "tools"],
         "modified_at": _iso(model.created),
         "context_length": model.context_length,
         "chat_template": model.chat_template,
@@ -1032,6 +1172,33 @@ _GENERATE_BODY = {
         **_COMMON,
     },
 }
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "minLength": 1}, "arguments": {"type": "object"}},
+        }
+    },
+}
+_TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "properties": {"type": {"const": "object"}}},
+            },
+        },
+    },
+}
 _CHAT_BODY = {
     "type": "object",
     "required": ["model"],
@@ -1042,8 +1209,18 @@ _CHAT_BODY = {
             "items": {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}},
+                "properties": {
+                    "role": {"enum": ["system", "user", "assistant", "tool"]},
+                    "content": {"type": "string"},
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                    "tool_name": {"type": "string", "description": "the tool a tool message answers"},
+                },
             },
+        },
+        "tools": {
+            "type": "array",
+            "description": "functions; the answer is a call of one of them unless the last message is a tool result",
+            "items": _TOOL,
         },
         **_COMMON,
     },
