@@ -293,9 +293,9 @@ async def with_worker(home: Path) -> AsyncIterator[tuple[FakeEngine, httpx.Async
         http = app.state.queen.http
         http._transport = httpx.ASGITransport(worker)
         await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
-        report = {"worker_id": "w1", "model": MODEL_ID, "model_aliases": [MODEL], "state": "ready"}
+        report: dict[str, Any] = {"worker_id": "w1", "model": MODEL_ID, "model_aliases": [MODEL], "state": "ready"}
         report |= {"url": "http://worker", "n_ctx": 64}
-        beat = {"hive_id": "alpha", "url": "http://hive", "models": [MODEL_REPORT], "workers": [report]}
+        beat: dict[str, Any] = {"hive_id": "alpha", "url": "http://hive", "models": [MODEL_REPORT], "workers": [report]}
         beat["worker_tokens"] = {"w1": WORKER_TOKEN}
         assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
         yield engine, client
