@@ -173,8 +173,10 @@ def test_call_stream_sends_the_name_then_the_arguments() -> None:
 
 
 @contextlib.asynccontextmanager
-async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """A queen whose one worker is a fake one in process."""
+async def with_worker(
+    tmp_path: Path, pieces: list[str], chat_tools: bool = False
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A queen whose one worker is a fake one in process (``chat_tools``: its model's template renders tools)."""
     worker = create_worker_app(
         FakeEngine(model_id=MODEL_ID, pieces=pieces), WorkerSettings(worker_id="w1", aliases=[MODEL])
     )
@@ -197,7 +199,7 @@ async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[
         beat = {
             "hive_id": "alpha",
             "url": "http://hive",
-            "models": [{"id": MODEL_ID, "alias": MODEL}],
+            "models": [{"id": MODEL_ID, "alias": MODEL, "chat_tools": chat_tools}],
             "workers": [report],
         }
         assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
@@ -258,3 +260,87 @@ async def test_auto_answers_as_text_and_says_so(tmp_path: Path) -> None:
         assert "tool_calls" not in choice["message"]
         events = (await client.get(f"/v1/jobs/{r.headers['x-rbee-job-id']}/stream")).text
         assert "openai_tools_auto" in events
+
+
+# -- auto, with the model's own template --------------------------------------------------
+
+HERMES_PIECES = [
+    "Let me",
+    " look.",
+    "\n<tool",
+    '_call>\n{"name": "get_weather", ',
+    '"arguments": {"city": "Paris"}}\n</tool_call>',
+    '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+]
+
+
+async def _job(client: httpx.AsyncClient, r: httpx.Response) -> dict[str, Any]:
+    job: dict[str, Any] = (await client.get(f"/v1/jobs/{r.headers['x-rbee-job-id']}")).json()
+    return job
+
+
+async def test_auto_with_a_tool_template_gives_the_tools_and_parses_the_calls(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, HERMES_PIECES, chat_tools=True) as (_, client):
+        body = {"model": MODEL, "messages": CHAT, "tools": [WEATHER, TIME], "max_tokens": 10}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        message = choice["message"]
+        assert message["content"] == "Let me look."
+        calls = message["tool_calls"]
+        assert [(c["type"], c["function"]["name"]) for c in calls] == [
+            ("function", "get_weather"),
+            ("function", "get_time"),
+        ]
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+        assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
+        job = await _job(client, r)
+        assert job["payload"]["tools"] == [
+            WEATHER,
+            {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+        ]
+        assert job["payload"].get("json_schema") is None  # not constrained: the model chose
+        assert [m["content"] for m in job["payload"]["messages"]] == [CHAT[0]["content"]]  # the template tells it
+        events = (await client.get(f"/v1/jobs/{r.headers['x-rbee-job-id']}/stream")).text
+        assert "openai_tools_template" in events and "openai_tools_auto" not in events
+        # parallel_tool_calls false: the first call only.
+        r = await client.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False})
+        assert [c["function"]["name"] for c in r.json()["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
+
+
+async def test_auto_with_a_tool_template_streams_text_then_tool_call_deltas(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, HERMES_PIECES, chat_tools=True) as (_, client):
+        body = {"model": MODEL, "messages": CHAT, "tools": [WEATHER, TIME], "max_tokens": 10, "stream": True}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        deltas = [c["choices"][0]["delta"] for c in _chunks(r.text)]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        text = "".join(d.get("content") or "" for d in deltas[1:])
+        assert text == "Let me look.\n"  # the text up to the opening, none of the call
+        first_call = next(i for i, d in enumerate(deltas) if "tool_calls" in d)
+        assert all("tool_calls" not in d for d in deltas[:first_call]) and "<tool" not in text
+        calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+        heads = [c for c in calls if "id" in c]
+        assert [(h["index"], h["type"], h["function"]["name"]) for h in heads] == [
+            (0, "function", "get_weather"),
+            (1, "function", "get_time"),
+        ]
+        arguments = ["".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in (0, 1)]
+        assert [json.loads(a) for a in arguments] == [{"city": "Paris"}, {}]
+        assert _chunks(r.text)[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_auto_with_a_tool_template_that_answers_text_is_text(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, ["It is", " sunny <", "3."], chat_tools=True) as (_, client):
+        body = {"model": MODEL, "messages": CHAT, "tools": [WEATHER], "max_tokens": 2}
+        r = await client.post("/v1/chat/completions", json=body)
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == "It is sunny <" and "tool_calls" not in choice["message"]
+        assert choice["finish_reason"] == "length"
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        deltas = [c["choices"][0]["delta"] for c in _chunks(r.text)]
+        assert "".join(d.get("content") or "" for d in deltas) == "It is sunny <"  # held, then given at the end
+        # tool_choice none sends no tools to the template.
+        r = await client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+        assert "tools" not in (await _job(client, r))["payload"]

@@ -39,10 +39,16 @@ generated under the call's JSON schema (``{"name": const, "arguments": <paramete
 of one of the functions, given to the job as ``json_schema``) and answered as
 ``message.tool_calls`` with ``finish_reason: "tool_calls"`` (streamed as tool-call
 deltas: id, type and name first, then the arguments' text). The functions are told
-to the model in the system turn. ``none`` answers text, and so does ``auto`` (the
-default with tools): the bundled model's template, like a GGUF's own, has no place
-for tools, and the job's narration says so (``openai_tools_auto``). Infer's turns
-are system, user and assistant only, so a tool result (``role: tool``) is rendered
+to the model in the system turn. ``none`` answers text. ``auto`` (the default with
+tools) gives the tools to a model whose own chat template renders them (the hive's
+catalog reads that from the GGUF: ``chat_tools``) and reads its calls from the answer in
+its family's format (:mod:`rbee.queen.toolcalls`: Hermes/Qwen ``<tool_call>``, Llama's
+JSON, Mistral's ``[TOOL_CALLS]``): ``message.tool_calls`` with any text before them as
+``content`` and ``finish_reason: "tool_calls"``; streamed, the text is sent until a
+call opens, then each call as tool-call deltas once it is complete
+(``parallel_tool_calls: false`` keeps the first). With any other model ``auto``
+answers as ``none`` and the job's narration says so (``openai_tools_auto``). Infer's
+turns are system, user and assistant only, so a tool result (``role: tool``) is rendered
 here as a user turn ``Tool result (name): ...`` and an assistant's ``tool_calls`` as
 their JSON; the worker is unchanged.
 
@@ -87,6 +93,8 @@ from rbee.narration import bound, narrate
 from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import queen_state as _state
 from rbee.queen.scheduler import COUNT_TIMEOUT_S, _input_bound
+from rbee.queen.toolcalls import ToolCall, ToolCallScanner
+from rbee.queen.toolcalls import parse as parse_tool_calls
 
 if TYPE_CHECKING:
     from rbee.queen.app import QueenState
@@ -105,6 +113,8 @@ JOB_ID_HEADER = "x-rbee-job-id"
 JOB_IDS_HEADER = "x-rbee-job-ids"
 #: The most choices one request may ask for (``n``).
 MAX_CHOICES = 8
+#: The most tools one chat may offer (as many as Infer takes to a chat template).
+MAX_TOOLS = 128
 REQUEST_ID_HEADER = "x-request-id"
 #: The most alternatives a token's log-probability comes with (OpenAI's limits).
 CHAT_TOP_LOGPROBS = 20
@@ -247,6 +257,9 @@ class _Call:
     n: int = 1
     #: No max_tokens was given: generate until the slot's context is full (see :func:`_to_the_context`).
     to_the_context: bool = False
+    #: ``tool_choice`` auto with a model whose own template renders tools: they go to it, and
+    #: its calls are parsed from the answer (:mod:`rbee.queen.toolcalls`).
+    template_tools: bool = False
 
 
 def _number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
@@ -433,6 +446,8 @@ class _Tools:
     #: ``none``, ``auto`` or ``required``, or ``function`` (the one named in ``name``).
     choice: str = "none"
     name: str = ""
+    #: ``parallel_tool_calls``: more than one call may be answered.
+    parallel: bool = True
 
     @property
     def calls(self) -> bool:
@@ -453,6 +468,10 @@ class _Tools:
         ]
         return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
 
+    def as_openai(self) -> list[dict[str, Any]]:
+        """The functions as OpenAI's tools, for a chat template that renders them."""
+        return [{"type": "function", "function": f} for f in self.functions]
+
     def instructions(self) -> str:
         """What the model is told about the functions (the template has no place for them)."""
         allowed = [f for f in self.functions if self.choice == "required" or f["name"] == self.name]
@@ -472,6 +491,8 @@ def _tools(body: dict[str, Any]) -> _Tools:
         raw = []
     if not isinstance(raw, list):
         _refuse("tools", "must be a list of {type: function, function: {name, description, parameters}}")
+    if len(raw) > MAX_TOOLS:
+        _refuse("tools", f"at most {MAX_TOOLS} tools, not {len(raw)}")
     functions: list[dict[str, Any]] = []
     for i, tool in enumerate(raw):
         where = f"tools[{i}]"
@@ -505,6 +526,10 @@ def _tools(body: dict[str, Any]) -> _Tools:
         if description:
             entry["description"] = description
         functions.append(entry)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        _refuse("parallel_tool_calls", "must be true or false")
+    parallel = parallel is not False
     if choice is None:
         choice = "auto" if functions else "none"
     if isinstance(choice, str):
@@ -514,14 +539,14 @@ def _tools(body: dict[str, Any]) -> _Tools:
             )
         if choice == "required" and not functions:
             _refuse("tool_choice", "required needs tools")
-        return _Tools(tuple(functions), choice)
+        return _Tools(tuple(functions), choice, parallel=parallel)
     named = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(name, str):
         _refuse("tool_choice", "must be none, auto, required or {type: function, function: {name}}")
     if all(f["name"] != name for f in functions):
         _refuse("tool_choice", f"no tool is named {name!r}")
-    return _Tools(tuple(functions), "function", name)
+    return _Tools(tuple(functions), "function", name, parallel=parallel)
 
 
 def _with_instructions(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
@@ -905,6 +930,11 @@ class _Format:
         self.include_usage = call.include_usage
         #: The answer is a tool call (streamed as tool-call deltas).
         self.calls = _CallStream() if call.tools is not None and call.tools.calls else None
+        #: The answer may hold calls in the model's own format (``tool_choice`` auto with its template).
+        self.names = [f["name"] for f in call.tools.functions] if call.template_tools and call.tools else None
+        self.scanner = ToolCallScanner(self.names) if self.names is not None else None
+        self._max_calls = 1 if call.tools is not None and not call.tools.parallel else MAX_TOOLS
+        self._calls_sent = 0
         uid = job.id.removeprefix("job-").replace("-", "")
         self.id = f"chatcmpl-{uid}" if call.chat else f"cmpl-{uid}"
         self.created = int(job.created_at)
@@ -951,10 +981,31 @@ class _Format:
             for d in deltas
         )
 
+    def _scanned(self, items: list[str | ToolCall]) -> bytes:
+        """The model's text as content deltas and its calls as tool-call deltas (id, type and name, then
+        the arguments)."""
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                if item:
+                    out.append(self._content_chunk(item))
+            elif self._calls_sent < self._max_calls:
+                at = self._calls_sent
+                self._calls_sent += 1
+                head = {"index": at, "id": item.id or _tool_call_id(), "type": "function"}
+                out.append(self._call_chunks([{**head, "function": {"name": item.name, "arguments": ""}}]))
+                out.append(self._call_chunks([{"index": at, "function": {"arguments": item.arguments}}]))
+        return b"".join(out)
+
+    def _content_chunk(self, text: str) -> bytes:
+        return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
+
     def token(self, token: str | tuple[str, list[dict[str, Any]] | None]) -> bytes:
         text, lp = (token, None) if isinstance(token, str) else token
         if self.calls is not None:
             return self._call_chunks(self.calls.feed(text))
+        if self.scanner is not None:
+            return self._scanned(self.scanner.feed(text))
         if lp is None:
             return (self._token_prefix + _dumps(text) + self._token_suffix).encode()
         logprobs = self.logprobs(lp)
@@ -993,6 +1044,10 @@ class _Format:
             tail = self._call_chunks(self.calls.finish())
             reason = "tool_calls" if reason == "stop" else reason
             return tail + self._chunk([{"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        if self.scanner is not None:
+            tail = self._scanned(self.scanner.finish())
+            reason = "tool_calls" if self._calls_sent else reason
+            return tail + self._chunk([{"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if self.chat:
             return self._chunk([{"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         return self._chunk([{"text": "", "index": self.index, "logprobs": None, "finish_reason": reason}])
@@ -1012,6 +1067,18 @@ class _Format:
                 function = {"name": call[0], "arguments": call[1]}
                 tool_calls = [{"id": self.calls.id, "type": "function", "function": function}]
                 message = {**message, "content": None, "tool_calls": tool_calls}
+                reason = "tool_calls"
+            parsed = parse_tool_calls(text, self.names) if self.names is not None else None
+            if parsed is not None and parsed.calls:
+                tool_calls = [
+                    {
+                        "id": found.id or _tool_call_id(),
+                        "type": "function",
+                        "function": {"name": found.name, "arguments": found.arguments},
+                    }
+                    for found in parsed.calls[: self._max_calls]
+                ]
+                message = {**message, "content": parsed.content or None, "tool_calls": tool_calls}
                 reason = "tool_calls"
             choice = {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
             obj = {**self._head, "object": "chat.completion"}
@@ -1145,6 +1212,26 @@ async def _count(state: QueenState, op: Infer, worker: WorkerView) -> int | None
     return int(response.json()["tokens_in"])
 
 
+def _renders_tools(state: QueenState, model: str) -> bool:
+    """Whether ``model``'s own chat template renders tools, as a hive that has it reports."""
+    for hive in state.telemetry.fresh_hives():
+        ids = {model}
+        for worker in hive.workers.values():
+            if model in (worker.report.model, *worker.report.model_aliases):
+                ids.add(worker.report.model)
+        if any(m.chat_tools and (m.id in ids or m.alias == model) for m in hive.models):
+            return True
+    return False
+
+
+def _offer_tools(state: QueenState, call: _Call) -> _Call:
+    """``tool_choice`` auto: the tools go to a model whose template renders them."""
+    tools = call.tools
+    if tools is None or tools.choice != "auto" or not tools.functions or not _renders_tools(state, call.model):
+        return call
+    return replace(call, op=call.op.model_copy(update={"tools": tools.as_openai()}), template_tools=True)
+
+
 async def _to_the_context(state: QueenState, call: _Call) -> _Call:
     """A call without max_tokens gets what is left of the slot's context after its prompt."""
     if not call.to_the_context:
@@ -1188,7 +1275,7 @@ async def _complete(request: Request, chat: bool) -> Response:
     failed_headers = {REQUEST_ID_HEADER: f"req_{secrets.token_hex(12)}"}
     try:
         body = await _json_body(request)
-        call = _parse(body, chat)
+        call = _offer_tools(state, _parse(body, chat))
         call = await _to_the_context(state, call)
         jobs = await _submit(state, call)
     except errors.RbeeError as exc:
@@ -1205,7 +1292,14 @@ async def _complete(request: Request, chat: bool) -> Response:
                 stream=call.stream,
                 **choices,
             )
-            if call.tools is not None and call.tools.choice == "auto":
+            if call.template_tools and call.tools is not None:
+                narrate(
+                    "openai_tools_template",
+                    f"tool_choice auto: {len(call.tools.functions)} tool(s) given to the model's chat template; "
+                    "its calls are read from the answer",
+                    tools=[f["name"] for f in call.tools.functions],
+                )
+            elif call.tools is not None and call.tools.choice == "auto":
                 narrate(
                     "openai_tools_auto",
                     f"tool_choice auto: answered as text ({len(call.tools.functions)} tool(s) not offered): the "
