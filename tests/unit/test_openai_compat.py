@@ -45,6 +45,7 @@ async def with_worker(tmp_path: Path, n_ctx: int = N_CTX) -> AsyncIterator[tuple
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://queen") as client,
     ):
         app.state.queen.http._transport = httpx.ASGITransport(worker)
+        app.state.queen.http.http1 = None  # every request through the worker app, not a socket
         await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report = {
             "worker_id": "w1",

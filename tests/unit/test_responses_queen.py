@@ -67,6 +67,7 @@ async def with_worker(tmp_path: Path, **engine: Any) -> AsyncIterator[tuple[Fast
     )
     async with worker.router.lifespan_context(worker), queen(tmp_path) as (app, client):
         app.state.queen.http._transport = httpx.ASGITransport(worker)
+        app.state.queen.http.http1 = None  # every request through the worker app, not a socket
         await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report = {
             "worker_id": "w1",
