@@ -29,6 +29,7 @@ from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry, current_job
 from rbee.narration import narrate
 from rbee.queen.anthropic import anthropic_router
+from rbee.queen.infill import infill_router
 from rbee.queen.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rbee.queen.metrics import QueenMetrics
 from rbee.queen.ollama import ollama_router
@@ -227,6 +228,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     app.include_router(ollama_router())
     app.include_router(anthropic_router())
     app.include_router(tokens_router())
+    app.include_router(infill_router())
     app.include_router(web_router(queen))
 
     @app.get("/metrics", tags=["meta"], response_class=Response)
