@@ -122,7 +122,7 @@ def _create_time(pid: int) -> float | None:
 
 def _same_process(pid: Any, create_time: Any) -> psutil.Process | None:
     """The live process ``pid`` if it started at ``create_time`` (so it is the one recorded)."""
-    if not isinstance(pid, int) or not isinstance(create_time, (int, float)) or pid <= 0:
+    if not isinstance(pid, int) or not isinstance(create_time, int | float) or pid <= 0:
         return None
     try:
         proc = psutil.Process(pid)
