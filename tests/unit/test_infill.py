@@ -111,6 +111,7 @@ async def test_response_fields_pick_the_answer(tmp_path: Path) -> None:
     async with with_worker(tmp_path) as (_, client):
         fields = ["content", "timings/predicted_n", "tokens_cached", "nothing/here"]
         body = {**BODY, "n_predict": 2, "response_fields": fields, "cache_prompt": True, "samplers": ["top_k"]}
+        body |= {"mirostat": 0, "n_probs": 0, "id_slot": -1}  # off: accepted
         r = await client.post("/infill", json={**body, "n_indent": 4, "t_max_predict_ms": 500, "t_max_prompt_ms": 500})
         assert r.status_code == 200, r.text
         assert set(r.json()) == {"content", "timings/predicted_n", "tokens_cached"}
@@ -161,6 +162,7 @@ async def test_suffix_on_completions_is_fill_in_the_middle(tmp_path: Path) -> No
         ({"response_fields": "content"}, "response_fields", "invalid_operation"),
         ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"mirostat": 2}, "mirostat", "unsupported_parameter"),
+        ({"n_probs": 3}, "n_probs", "unsupported_parameter"),
     ],
 )
 async def test_bad_input_is_a_400_naming_the_field(

@@ -140,6 +140,8 @@ def test_another_endpoints_parameter_is_unknown(chat: bool, param: str) -> None:
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"store": True}, "store"),
         ({"mirostat": 2}, "mirostat"),
+        ({"ignore_eos": True}, "ignore_eos"),  # not 1: booleans are not numbers here
+        ({"typical_p": 0.5}, "typical_p"),
         ({"functions": []}, "functions"),
     ],
 )
@@ -163,6 +165,13 @@ def test_informational_and_llama_cpp_parameters_are_accepted() -> None:
         "audio": None,
         "cache_prompt": True,
         "stream_options": {"include_usage": True},
+        # llama.cpp's samplers rbee lacks, off; and the hints its clients send.
+        "mirostat": 0,
+        "typical_p": 1.0,
+        "ignore_eos": False,
+        "n_probs": 0,
+        "samplers": ["top_k", "top_p"],
+        "t_max_predict_ms": 500,
     }
     assert _parse(**informational).op.messages is not None
     call = _parse(grammar='root ::= "a"', n_predict=3, min_p=0.1, repeat_penalty=1.1, top_k=5)

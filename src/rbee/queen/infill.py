@@ -48,6 +48,8 @@ from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import (
     _COMPLETION_ERRORS,
     _FIELD_PREFIX,
+    _INFORMATIONAL_LLAMA_CPP,
+    _NOTHING_ASKED,
     _UNSUPPORTED,
     JOB_ID_HEADER,
     _collect,
@@ -60,6 +62,7 @@ from rbee.queen.openai import (
     _rbee_error_response,
     _release,
     _said,
+    _same,
     _status_of,
     _unless_disconnected,
     to_the_context,
@@ -73,7 +76,7 @@ __all__ = ["infill_router"]
 _PATH = "/infill"
 _CLIENT_GONE = 499
 
-#: What the request may hold: read, or accepted as the hints editor plugins send.
+#: What the request may hold (besides the hints editor plugins send, accepted as on the OpenAI routes).
 _READ = frozenset(
     {
         "model", "input_prefix", "input_suffix", "input_extra", "prompt", "n_predict", "max_tokens",
@@ -81,7 +84,6 @@ _READ = frozenset(
         "presence_penalty", "frequency_penalty", "grammar", "json_schema", "keep_alive", "response_fields",
     }
 )  # fmt: skip
-_HINTS = frozenset({"cache_prompt", "samplers", "n_indent", "t_max_prompt_ms", "t_max_predict_ms", "id_slot"})
 #: Infer's fields -> the names the client used (a refusal names the client's).
 _RENAMED = {
     "prompt": "input_prefix",
@@ -131,9 +133,12 @@ def _extra(raw: Any) -> list[dict[str, str]]:
 
 def _refuse_unknown(body: dict[str, Any]) -> None:
     for name in body:
-        if name in _READ or name in _HINTS:
+        if name in _READ or name in _INFORMATIONAL_LLAMA_CPP:
             continue
         if name in _UNSUPPORTED:
+            value = body[name]
+            if value is None or any(_same(value, off) for off in _NOTHING_ASKED.get(name, ())):
+                continue
             raise errors.InvalidOperation(f"{name}: {_UNSUPPORTED[name]}", field=name, code="unsupported_parameter")
         raise errors.InvalidOperation(
             f"Unrecognized request argument supplied: {_said(str(name))}",

@@ -293,7 +293,10 @@ _INFORMATIONAL = frozenset({"user", "metadata", "service_tier", "prompt_cache_ke
 #: llama.cpp server's own parameters that rbee honours (``keep_alive`` is Ollama's;
 #: ``cache_prompt``: rbee always reuses a slot's cached prefix).
 _LLAMA_CPP = frozenset({"grammar", "json_schema", "n_predict", "min_p", "repeat_penalty", "top_k", "keep_alive"})
-_INFORMATIONAL_LLAMA_CPP = frozenset({"cache_prompt"})
+#: The hints llama.cpp's clients (editor plugins) send that change no answer: accepted.
+_INFORMATIONAL_LLAMA_CPP = frozenset(
+    {"cache_prompt", "samplers", "n_indent", "t_max_prompt_ms", "t_max_predict_ms", "id_slot"}
+)
 #: Parameters of OpenAI's API (and of llama.cpp's) rbee cannot honour: refused by name, saying why.
 _UNSUPPORTED: dict[str, str] = {
     "audio": "audio output is not supported (rbee answers text)",
@@ -310,18 +313,42 @@ _UNSUPPORTED: dict[str, str] = {
             "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range",
             "dynatemp_exponent", "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base",
             "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "repeat_last_n",
-            "penalize_nl", "ignore_eos", "n_keep", "n_probs", "samplers", "id_slot", "n_indent",
-            "t_max_predict_ms", "return_tokens", "post_sampling_probs", "timings_per_token",
-            "chat_template_kwargs", "reasoning_format", "lora", "image_data", "n_discard",
+            "penalize_nl", "ignore_eos", "n_keep", "n_probs", "return_tokens", "post_sampling_probs",
+            "timings_per_token", "chat_template_kwargs", "reasoning_format", "lora", "image_data",
+            "n_discard",
         )
     },
 }  # fmt: skip
+#: The values of those that ask for nothing (off, or what rbee does anyway): accepted.
+_NOTHING_ASKED: dict[str, tuple[Any, ...]] = {
+    "modalities": (["text"],),
+    "typical_p": (1,),
+    "tfs_z": (1,),
+    "mirostat": (0,),
+    "dynatemp_range": (0,),
+    "xtc_probability": (0,),
+    "dry_multiplier": (0,),
+    "penalize_nl": (False,),
+    "ignore_eos": (False,),
+    "n_keep": (0,),
+    "n_probs": (0,),
+    "return_tokens": (False,),
+    "post_sampling_probs": (False,),
+    "timings_per_token": (False,),
+    "lora": ([],),
+    "image_data": ([],),
+}
 #: How a parameter's name is said in an error (any key a body may hold, kept short and printable).
 _UNSAFE_NAME = re.compile(r"[^\x20-\x7e]")
 
 
 def _said(name: str) -> str:
     return _UNSAFE_NAME.sub("?", name)[:64]
+
+
+def _same(value: Any, off: Any) -> bool:
+    """``value == off``, with booleans and numbers kept apart (``True`` is not ``1``)."""
+    return isinstance(value, bool) == isinstance(off, bool) and value == off
 
 
 def _refuse_unknown(body: dict[str, Any], chat: bool) -> None:
@@ -342,7 +369,7 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     """OpenAI's parameters rbee cannot honour: 400 ``unsupported_parameter`` naming each and saying why."""
     for name, why in _UNSUPPORTED.items():
         value = body.get(name)
-        if value is None or (name == "modalities" and value == ["text"]):
+        if value is None or any(_same(value, off) for off in _NOTHING_ASKED.get(name, ())):
             continue
         raise errors.InvalidOperation(f"{name}: {why}", field=name, code="unsupported_parameter")
     if body.get("store") not in (None, False):
