@@ -657,6 +657,7 @@ _BODY = {
             ]
         },
         "instructions": {"type": ["string", "null"]},
+        "previous_response_id": {"type": ["string", "null"], "description": "a response to continue (resp_...)"},
         "max_output_tokens": {"type": ["integer", "null"], "minimum": 1},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
