@@ -197,6 +197,7 @@ async def test_job_client_on_the_wire_gets_every_event_in_order_and_reuses_its_c
         blocks = [b for b in raw.split("\n\n") if b]
         assert blocks[-1] == "data: [DONE]"
         assert all(b.startswith(f"id: {n}\nevent: ") for n, b in enumerate(blocks[:-1], 1))
+    assert http.http1 is not None and http.http1.closed  # leaving ``async with`` closes the pool too
 
 
 async def test_job_client_reports_a_server_that_is_gone() -> None:

@@ -66,6 +66,12 @@ class JobHttp(httpx.AsyncClient):
             await self.http1.aclose()
         await super().aclose()
 
+    async def __aexit__(self, *exc: Any) -> None:
+        # httpx's own __aexit__ closes its transports without calling aclose.
+        if self.http1 is not None:
+            await self.http1.aclose()
+        await super().__aexit__(*exc)
+
 
 class JobClient:
     """Talk to one server's job API, through ``client`` (by default a :class:`JobHttp` of its own)."""
