@@ -209,8 +209,10 @@ def test_bad_tools_name_the_field(fields: dict[str, Any], field: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
-    """A queen whose one worker is a fake one in process."""
+async def with_worker(
+    tmp_path: Path, pieces: list[str], *, chat_tools: bool = False
+) -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
+    """A queen whose one worker is a fake one in process (``chat_tools``: its model's template renders tools)."""
     engine = FakeEngine(model_id=MODEL_ID, pieces=pieces)
     worker = create_worker_app(engine, WorkerSettings(worker_id="w1", aliases=[MODEL]))
     app = create_queen_app(QueenSettings(home=tmp_path))
@@ -223,7 +225,8 @@ async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[
         await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report: dict[str, Any] = {"worker_id": "w1", "model": MODEL_ID, "model_aliases": [MODEL], "state": "ready"}
         report |= {"url": "http://worker", "n_ctx": 4096}
-        beat = {"hive_id": "alpha", "url": "http://hive", "models": [{"id": MODEL_ID, "alias": MODEL}]}
+        models = [{"id": MODEL_ID, "alias": MODEL, "chat_tools": chat_tools}]
+        beat = {"hive_id": "alpha", "url": "http://hive", "models": models}
         assert (await client.post("/v1/hives/heartbeat", json={**beat, "workers": [report]})).status_code == 200
         yield engine, client
 
@@ -335,3 +338,57 @@ async def test_count_tokens_counts_the_tools_told_to_the_model(tmp_path: Path) -
         forced = await client.post("/v1/messages/count_tokens", json={**body, "tool_choice": {"type": "any"}})
         assert forced.status_code == 200, forced.text
         assert forced.json()["input_tokens"] > plain > 0
+
+
+HERMES = [
+    "Let me check. ",
+    "<tool_call>",
+    '{"name": "get_weather", ',
+    '"arguments": {"city": "Paris"}}',
+    "</tool_call>",
+]
+
+
+async def test_auto_with_a_tool_template_gives_the_tools_and_reads_the_models_calls(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, HERMES, chat_tools=True) as (engine, client):
+        r = await client.post("/v1/messages", json=_body(max_tokens=20))
+        assert r.status_code == 200, r.text
+        message = r.json()
+        assert message["stop_reason"] == "tool_use"
+        text, block = message["content"]
+        assert text == {"type": "text", "text": "Let me check."}
+        assert block["type"] == "tool_use" and block["id"].startswith("toolu_")
+        assert (block["name"], block["input"]) == ("get_weather", {"city": "Paris"})
+        request = engine.last_request
+        assert request is not None and request.grammar is None
+        assert [t["function"]["name"] for t in request.tools or []] == ["get_weather", "get_time"]
+        narration = (await client.get(f"/v1/jobs/{r.headers['x-rbee-job-id']}/stream")).text
+        assert "anthropic_tools_template" in narration
+        # Streamed: the text block, then the call's block once it is whole.
+        r = await client.post("/v1/messages", json=_body(max_tokens=20, stream=True))
+        events = _events(r.text)
+        starts = [(d["index"], d["content_block"]["type"]) for n, d in events if n == "content_block_start"]
+        assert starts == [(0, "text"), (1, "tool_use")]
+        stops = [d["index"] for n, d in events if n == "content_block_stop"]
+        assert stops == [0, 1]
+        text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta" and d["index"] == 0)
+        assert text == "Let me check. "
+        partial = [d["delta"]["partial_json"] for n, d in events if n == "content_block_delta" and d["index"] == 1]
+        assert json.loads("".join(partial)) == {"city": "Paris"}
+        assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_auto_with_a_tool_template_and_no_call_is_text(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, ["It is", " sunny."], chat_tools=True) as (engine, client):
+        r = await client.post("/v1/messages", json=_body(max_tokens=20))
+        assert r.json()["content"] == [{"type": "text", "text": "It is sunny."}]
+        assert r.json()["stop_reason"] == "end_turn"
+        assert engine.last_request is not None and engine.last_request.tools is not None
+        r = await client.post("/v1/messages", json=_body(max_tokens=20, stream=True))
+        events = _events(r.text)
+        assert [n for n, _ in events if n == "content_block_start"] == ["content_block_start"]
+        assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+        # tool_choice none: the tools are not given to the template.
+        r = await client.post("/v1/messages", json=_body(max_tokens=20, tool_choice={"type": "none"}))
+        assert r.json()["content"] == [{"type": "text", "text": "It is sunny."}]
+        assert engine.last_request is not None and engine.last_request.tools is None

@@ -25,9 +25,14 @@ schema, so its ``input`` validates against the tool's ``input_schema``; it is
 answered as a ``tool_use`` block (``id`` ``toolu_...``, ``name``, ``input``)
 with ``stop_reason: "tool_use"``, streamed as ``content_block_start`` of type
 ``tool_use`` and ``input_json_delta`` deltas of the input's JSON text. ``auto``
-(the default with tools) answers text, as the OpenAI route's ``auto`` does: the
-model's chat template has no place for tools; the job's narration says so
-(``anthropic_tools_auto``). ``none`` answers text. A call cut short (by
+(the default with tools) does what the OpenAI route's ``auto`` does: a model
+whose own chat template renders tools (the hive's ``chat_tools``) gets them, and
+its calls are read from its answer in its family's format
+(:mod:`rbee.queen.toolcalls`): the text before them as a text block, each call
+a ``tool_use`` block (streamed once it is whole), ``stop_reason: "tool_use"``
+(narrated as ``anthropic_tools_template``); with any other model ``auto``
+answers text and the job's narration says so (``anthropic_tools_auto``).
+``none`` answers text. A call cut short (by
 ``max_tokens``) before its input is whole is answered as the text it is. In
 the conversation, an assistant's ``tool_use`` blocks go back to the template as
 the call's JSON, a user's ``tool_result`` blocks as ``Tool result (name): ...``
@@ -54,7 +59,7 @@ import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -68,6 +73,7 @@ from rbee.contracts.operations import Infer, parse_operation
 from rbee.http import anthropic_error_body
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen import toolcalls
 from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import invalid as _invalid
 from rbee.queen.bodies import number as _number
@@ -83,6 +89,7 @@ from rbee.queen.openai import (
     _json_body,
     _parse_tool_call,
     _release,
+    _renders_tools,
     _Tools,
     _unless_disconnected,
     _with_instructions,
@@ -165,6 +172,9 @@ class _Call:
     stop: tuple[str, ...]
     #: The tools and what ``tool_choice`` asks of them (no tools: choice ``none``).
     tools: _Tools
+    #: ``auto`` with a model whose own chat template renders tools: they go to it, and its
+    #: calls are read from the answer in its family's format (:mod:`rbee.queen.toolcalls`).
+    template_tools: bool = False
 
     @property
     def calling(self) -> bool:
@@ -468,18 +478,36 @@ def _tool_use(text: str) -> dict[str, Any] | None:
     return {"type": "tool_use", "id": _tool_use_id(), "name": call[0], "input": arguments}
 
 
+def _template_blocks(call: _Call, text: str) -> list[dict[str, Any]] | None:
+    """A template-tools answer's blocks: its text, then a ``tool_use`` block per call (None: no call)."""
+    parsed = toolcalls.parse(text, [f["name"] for f in call.tools.functions])
+    if not parsed.calls:
+        return None
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": parsed.content}] if parsed.content else []
+    for found in parsed.calls:
+        blocks.append(
+            {"type": "tool_use", "id": _tool_use_id(), "name": found.name, "input": json.loads(found.arguments)}
+        )
+    return blocks
+
+
 def _message(call: _Call, job: Job, text: str, end: dict[str, Any]) -> dict[str, Any]:
     reason, sequence = _stop(call, end)
-    content: dict[str, Any] = {"type": "text", "text": text}
-    block = _tool_use(text) if call.calling else None
-    if block is not None:
-        content, reason, sequence = block, "tool_use", None
+    content: list[dict[str, Any]] | None = [{"type": "text", "text": text}]
+    if call.calling:
+        block = _tool_use(text)
+        if block is not None:
+            content, reason, sequence = [block], "tool_use", None
+    elif call.template_tools:
+        blocks = _template_blocks(call, text)
+        if blocks is not None:
+            content, reason, sequence = blocks, "tool_use", None
     return {
         "id": _message_id(job),
         "type": "message",
         "role": "assistant",
         "model": call.model,
-        "content": [content],
+        "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
         "usage": _usage(end),
@@ -494,24 +522,35 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(event="ping", data='{"type":"ping"}', sep="\n")
 
 
-def _block_start(block: dict[str, Any]) -> bytes:
-    return _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+def _block_start(block: dict[str, Any], index: int = 0) -> bytes:
+    return _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
 
 
-def _block_stop() -> bytes:
-    return _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+def _block_stop(index: int = 0) -> bytes:
+    return _event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
-_TEXT_DELTA = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+def _text_delta(text: str, index: int = 0) -> bytes:
+    head = f'{{"type":"content_block_delta","index":{index},"delta":{{"type":"text_delta","text":'
+    return f"event: content_block_delta\ndata: {head}{_dumps(text)}}}}}\n\n".encode()
 
 
-def _text_delta(text: str) -> bytes:
-    return f"event: content_block_delta\ndata: {_TEXT_DELTA}{_dumps(text)}}}}}\n\n".encode()
-
-
-def _json_delta(piece: str) -> bytes:
+def _json_delta(piece: str, index: int = 0) -> bytes:
     delta = {"type": "input_json_delta", "partial_json": piece}
-    return _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+
+class _TextStream:
+    """A plain answer: one text block, opened before the first token."""
+
+    def opening(self) -> bytes:
+        return _block_start({"type": "text", "text": ""})
+
+    def feed(self, text: str) -> bytes:
+        return _text_delta(text)
+
+    def finish(self) -> tuple[bytes, bool]:
+        return _block_stop(), False
 
 
 class _ToolUseStream:
@@ -521,6 +560,9 @@ class _ToolUseStream:
     def __init__(self) -> None:
         self.calls = _CallStream()  # the OpenAI route's: the name, then the arguments' text
         self.opened = False
+
+    def opening(self) -> bytes:
+        return b""
 
     def feed(self, text: str) -> bytes:
         out = []
@@ -538,11 +580,58 @@ class _ToolUseStream:
         if not self.opened:
             # Cut short before the name: what there is, as text.
             text = self.calls.text
-            return _block_start({"type": "text", "text": ""}) + (
-                _text_delta(text) if text else b""
-            ) + _block_stop(), False
+            delta = _text_delta(text) if text else b""
+            return _block_start({"type": "text", "text": ""}) + delta + _block_stop(), False
         tail = b"".join(_json_delta(d["function"]["arguments"]) for d in self.calls.finish())
         return tail + _block_stop(), _tool_use(self.calls.text) is not None
+
+
+class _TemplateStream:
+    """An answer in the model's own tool-call format: its text as a text block, until a call
+    opens; each call, once whole, a ``tool_use`` block of its own (:mod:`rbee.queen.toolcalls`)."""
+
+    def __init__(self, call: _Call) -> None:
+        self.scanner = toolcalls.ToolCallScanner([f["name"] for f in call.tools.functions])
+        self.index = 0
+        self.text_open = False
+        self.called = False
+
+    def opening(self) -> bytes:
+        return b""
+
+    def _frames(self, items: list[str | toolcalls.ToolCall]) -> bytes:
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                if not item:
+                    continue
+                if not self.text_open:
+                    out.append(_block_start({"type": "text", "text": ""}, self.index))
+                    self.text_open = True
+                out.append(_text_delta(item, self.index))
+                continue
+            if self.text_open:
+                out.append(_block_stop(self.index))
+                self.text_open = False
+                self.index += 1
+            block = {"type": "tool_use", "id": _tool_use_id(), "name": item.name, "input": {}}
+            out.append(_block_start(block, self.index))
+            out.append(_json_delta(item.arguments, self.index))
+            out.append(_block_stop(self.index))
+            self.index += 1
+            self.called = True
+        return b"".join(out)
+
+    def feed(self, text: str) -> bytes:
+        return self._frames(self.scanner.feed(text))
+
+    def finish(self) -> tuple[bytes, bool]:
+        out = self._frames(self.scanner.finish())
+        if self.text_open:
+            out += _block_stop(self.index)
+        elif not self.called and self.index == 0:
+            out += _block_start({"type": "text", "text": ""}) + _block_stop()  # nothing said: an empty text
+        return out, self.called
 
 
 async def _stream(
@@ -561,13 +650,18 @@ async def _stream(
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
         yield _event("message_start", {"type": "message_start", "message": start})
-        tool = _ToolUseStream() if call.calling else None
-        if tool is None:
-            yield _block_start({"type": "text", "text": ""})
+        blocks: _TextStream | _ToolUseStream | _TemplateStream = _TextStream()
+        if call.calling:
+            blocks = _ToolUseStream()
+        elif call.template_tools:
+            blocks = _TemplateStream(call)
+        opening = blocks.opening()
+        if opening:
+            yield opening
         yield _event("ping", {"type": "ping"})
         kind, data = first
         while kind == "token":
-            frame = _text_delta(data) if tool is None else tool.feed(data)
+            frame = blocks.feed(data)
             if frame:
                 yield frame
             kind, data = await anext(events)
@@ -578,13 +672,10 @@ async def _stream(
             yield _event("error", anthropic_error_body(message, status=status))
             return
         reason, sequence = _stop(call, end)
-        if tool is None:
-            yield _block_stop()
-        else:
-            tail, whole = tool.finish()
-            yield tail
-            if whole:
-                reason, sequence = "tool_use", None
+        tail, called = blocks.finish()
+        yield tail
+        if called:
+            reason, sequence = "tool_use", None
         yield _event(
             "message_delta",
             {
@@ -601,10 +692,18 @@ async def _stream(
 # -- endpoints -----------------------------------------------------------------
 
 
+def _offer_tools(state: QueenState, call: _Call) -> _Call:
+    """``tool_choice`` auto: the tools go to a model whose own chat template renders them."""
+    tools = call.tools
+    if tools.choice != "auto" or not tools.functions or not _renders_tools(state, call.model):
+        return call
+    return replace(call, op=call.op.model_copy(update={"tools": tools.as_openai()}), template_tools=True)
+
+
 async def _messages_endpoint(request: Request) -> Response:
     state = _state(request)
     try:
-        call = _parse(await _json_body(request))
+        call = _offer_tools(state, _parse(await _json_body(request)))
         job = await state.jobs.submit(call.op)
     except errors.RbeeError as exc:
         return _rbee_error_response(exc, {REQUEST_ID_HEADER: _request_id()})
@@ -615,7 +714,15 @@ async def _messages_endpoint(request: Request) -> Response:
             path="/v1/messages",
             stream=call.stream,
         )
-        if call.tools.choice == "auto":
+        if call.template_tools:
+            names = [f["name"] for f in call.tools.functions]
+            narrate(
+                "anthropic_tools_template",
+                f"tool_choice auto: {len(names)} tool(s) given to the model's chat template; its calls are read "
+                "from the answer",
+                tools=names,
+            )
+        elif call.tools.choice == "auto":
             names = [f["name"] for f in call.tools.functions]
             narrate(
                 "anthropic_tools_auto",
