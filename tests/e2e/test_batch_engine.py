@@ -263,3 +263,43 @@ def test_a_greedy_answer_under_a_grammar_is_the_grammar_first_answer(engine: Lla
         )
     )
     assert again == text
+
+
+_PREAMBLE = (
+    "You are a careful assistant for a bee-keeping club. Answer in one short sentence, plainly,"
+    " without lists, and say when you do not know. The club meets on Tuesdays in the old barn"
+    " behind the church, and new members are always welcome to come and watch the hives."
+)
+
+
+def test_n_copies_of_one_prompt_evaluate_it_once_and_answer_as_alone(engine: LlamaEngine) -> None:
+    prompt = _PREAMBLE + " Question: when does the club meet? Answer:"
+    alone, outcome = _alone(engine, prompt, 24)
+    _alone(engine, "Something else entirely, to move the slots' caches on.", 4)  # not reused below
+    engine.batch.slots[outcome.slot].cached.clear()  # that slot's cache may not help either
+    import llama_cpp
+
+    llama_cpp.llama_memory_seq_rm(engine.batch.mem, outcome.slot, -1, -1)
+    shared = engine.batch.shared
+    runs = _together(engine, [_greedy(prompt, 24) for _ in range(3)])
+    assert [sink.text for sink, _ in runs] == [alone] * 3
+    reused = sorted(o.tokens_reused for _, o in runs)
+    # One evaluated the prompt; the other two started from a copy of its KV.
+    assert reused[1:] == [o.tokens_in - 1 for _, o in runs][1:]
+    assert engine.batch.shared - shared == 2
+
+
+def test_chats_with_one_long_system_prompt_share_it_and_answer_as_alone(engine: LlamaEngine) -> None:
+    questions = ["Where does the club meet?", "Who may come?"]
+    prompts = [_PREAMBLE.replace("bee-keeping", "honey") + f" Question: {q} Answer:" for q in questions]
+    alone = [_alone(engine, p, 16)[0] for p in prompts]
+    for slot in engine.batch.slots:  # cold caches, so only sharing can help
+        import llama_cpp
+
+        slot.cached.clear()
+        llama_cpp.llama_memory_seq_rm(engine.batch.mem, slot.index, -1, -1)
+    shared = engine.batch.shared
+    runs = _together(engine, [_greedy(p, 16) for p in prompts])
+    assert [sink.text for sink, _ in runs] == alone
+    assert engine.batch.shared - shared == 1
+    assert max(o.tokens_reused for _, o in runs) >= 40  # the preamble came from the other slot

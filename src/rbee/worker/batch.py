@@ -6,7 +6,13 @@ slot's cells) and runs the step loop on a thread of its own. Each step:
 
 1. takes in new sequences (each into the free slot whose cached tokens share
    the longest prefix with its prompt; only the rest of the prompt is
-   evaluated) and drops cancelled ones, freeing their slot;
+   evaluated) and drops cancelled ones, freeing their slot. A prompt that
+   shares a longer prefix with a *running* sequence (``n`` choices of one
+   request, or many chats with one system prompt) gets that slot's KV copied
+   into a free one (``llama_memory_seq_cp``, a memory copy of the stream)
+   instead of evaluating it again; if the running one is still evaluating its
+   prompt, the newcomer waits for it rather than evaluate the same tokens
+   beside it;
 2. builds one ``llama_batch``: the last sampled token of every generating
    sequence, then prompt tokens of starting sequences up to ``chunk`` tokens
    in all (chunked prefill: a 2 000-token prompt joins over four steps and
@@ -62,6 +68,10 @@ GATHER_QUIET_S = 0.003
 GATHER_MAX_S = 0.012
 #: Presence, frequency and repetition penalties look at this many of the last tokens.
 PENALTY_LAST_N = 64
+#: A running sequence's prompt KV is copied into a new sequence's slot when they share
+#: at least this many more tokens than any free slot's cache does: copying a slot's stream
+#: costs about what evaluating a few dozen tokens does.
+SHARE_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,7 @@ class BatchLoop:
         n_threads: int | None,
         chunk: int = 512,
         name: str = "rbee-engine",
+        flash_attn: bool | None = None,
     ) -> None:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
@@ -142,6 +153,10 @@ class BatchLoop:
         # A slot's prefix can be cut anywhere only if the sliding-window layers keep every cell.
         params.swa_full = True
         params.no_perf = True
+        if flash_attn is not None:
+            params.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         if n_threads:
             params.n_threads = n_threads
             params.n_threads_batch = n_threads
@@ -154,6 +169,12 @@ class BatchLoop:
         self.n_ctx_slot = int(llama_cpp.llama_n_ctx_seq(ctx))
         self.batch = llama_cpp.llama_batch_init(chunk, 0, 1)
         self.slots = [_Slot(i) for i in range(slots)]
+        # Copying a stream's KV into another and cutting it needs positional (attention) memory.
+        self.can_share = slots > 1 and not (
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
+        #: Prompts that started from another slot's KV (for the tests and the bench).
+        self.shared = 0
         self.eog = llama_cpp.llama_vocab_is_eog
         self._piece_buf = ctypes.create_string_buffer(256)
         # Candidates for the samplers applied from here (grammar sequences): the whole
@@ -273,8 +294,12 @@ class BatchLoop:
         for slot in self.slots:
             if slot.seq is not None and slot.seq.cancelled:
                 self._finish(slot.seq, "cancelled", [])
+        later: list[_Seq] = []
         while self._waiting and any(s.seq is None for s in self.slots):
-            self._place(self._waiting.popleft())
+            seq = self._waiting.popleft()
+            if not self._place(seq):
+                later.append(seq)  # waits for a running sequence's prompt to be in its KV
+        self._waiting.extendleft(reversed(later))
         running = [s for s in self.slots if s.seq is not None]
         if not running:
             return
@@ -390,8 +415,9 @@ class BatchLoop:
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
 
-    def _place(self, seq: _Seq) -> None:
-        """Put ``seq`` into the free slot whose cache shares the longest prefix with its prompt."""
+    def _place(self, seq: _Seq) -> bool:
+        """Put ``seq`` into the free slot whose cache shares the longest prefix with its prompt,
+        or start it from a running slot's KV; False: it waits for that slot's prompt."""
         free = [s for s in self.slots if s.seq is None]
         shared = {s.index: _common_prefix(s.cached, seq.feed) for s in free}
         best = max(free, key=lambda s: shared[s.index])
@@ -399,15 +425,25 @@ class BatchLoop:
             # Nothing worth keeping in common (a BOS at most): take the slot used least recently,
             # so that the other slots' caches wait for their own next turn.
             best = min(free, key=lambda s: s.used)
-        self._uses += 1
-        best.used = self._uses
         # At least the last prompt token is evaluated: its logits give the first token.
         reuse = min(shared[best.index], len(seq.feed) - 1)
+        donor = self._donor(seq, reuse)
+        if donor is not None:
+            donor_slot, share = donor
+            if _common_prefix(donor_slot.cached, seq.feed) < share:
+                return False  # its prompt is still being evaluated: wait for it
+            best = min(free, key=lambda s: s.used)  # the whole stream is replaced
+            llama_cpp.llama_memory_seq_cp(self.mem, donor_slot.index, best.index, -1, -1)
+            best.cached = donor_slot.cached[:]
+            reuse = share
+            self.shared += 1
+        self._uses += 1
+        best.used = self._uses
         try:
             grammar = self._grammar(seq.req)
         except ValueError as exc:  # a grammar llama.cpp refused (admission checks it first)
             self._finish(seq, "error", [], error=exc)
-            return
+            return True
         sampler = self._sampler(seq.req)
         if not llama_cpp.llama_memory_seq_rm(self.mem, best.index, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, best.index, -1, -1)
@@ -423,6 +459,21 @@ class BatchLoop:
         seq.outcome.tokens_reused = reuse
         seq.outcome.slot = best.index
         seq.sink.post([SlotStart(best.index, reuse, len(seq.prompt))])
+        return True
+
+    def _donor(self, seq: _Seq, reuse: int) -> tuple[_Slot, int] | None:
+        """The running slot whose prompt shares the most with ``seq``'s, and how many tokens
+        ``seq`` would take from it; None unless that beats ``reuse`` by SHARE_MIN_TOKENS."""
+        if not self.can_share:
+            return None
+        best: tuple[_Slot, int] | None = None
+        for slot in self.slots:
+            if slot.seq is None:
+                continue
+            share = min(_common_prefix(slot.seq.feed, seq.feed), len(seq.feed) - 1)
+            if share >= reuse + SHARE_MIN_TOKENS and (best is None or share > best[1]):
+                best = (slot, share)
+        return best
 
     def _grammar(self, req: GenerationRequest) -> Any:
         """The sequence's grammar sampler, or None; ``ValueError`` if llama.cpp cannot parse it."""
