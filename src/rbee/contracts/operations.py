@@ -309,7 +309,7 @@ class Infer(OperationBase):
 
     @model_validator(mode="after")
     def _resume_fits(self) -> Infer:
-        if len(self.resume_tokens) >= self.max_tokens:
+        if len(self.resume_tokens) >= self.max_tokens and not self.to_the_context:
             raise ValueError(
                 f"resume_tokens: {len(self.resume_tokens)} tokens already reach max_tokens ({self.max_tokens})"
             )

@@ -217,7 +217,17 @@ class Worker:
         self.grammar_of(op)
         tokens_in = self.count_input(op)
         n_ctx = self.engine.n_ctx
-        if tokens_in + op.max_tokens > n_ctx:
+        if op.to_the_context:  # it generates what the context leaves (see execute)
+            if tokens_in + len(op.resume_tokens) >= n_ctx:
+                field = "messages" if op.messages is not None else "prompt"
+                raise InvalidOperation(
+                    f"{field}: the prompt is {tokens_in} tokens; it does not fit the context of {n_ctx} tokens"
+                    " with room for an answer",
+                    field=field,
+                    tokens_in=tokens_in,
+                    n_ctx=n_ctx,
+                )
+        elif tokens_in + op.max_tokens > n_ctx:
             raise InvalidOperation(
                 f"max_tokens: the prompt is {tokens_in} tokens and max_tokens is {op.max_tokens}; "
                 f"together they exceed the context of {n_ctx} tokens",
@@ -354,7 +364,7 @@ class Worker:
         req = GenerationRequest(
             prompt=op.prompt or "",
             messages=_messages(op) if op.messages is not None else None,
-            max_tokens=op.max_tokens,
+            max_tokens=op.max_tokens if not op.to_the_context else max(1, self.engine.n_ctx - self.count_input(op)),
             temperature=op.temperature,
             top_p=op.top_p,
             top_k=op.top_k,
