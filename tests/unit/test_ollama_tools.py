@@ -128,8 +128,10 @@ async def test_generate_refuses_tools(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
-    """A queen whose one worker is a fake one in process."""
+async def with_worker(
+    tmp_path: Path, pieces: list[str], *, chat_tools: bool = False
+) -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
+    """A queen whose one worker is a fake one in process (``chat_tools``: its model's template renders tools)."""
     engine = FakeEngine(model_id=MODEL_ID, pieces=pieces)
     worker = create_worker_app(engine, WorkerSettings(worker_id="w1", aliases=[MODEL]))
     app = create_queen_app(QueenSettings(home=tmp_path))
@@ -142,7 +144,8 @@ async def with_worker(tmp_path: Path, pieces: list[str]) -> AsyncIterator[tuple[
         await asyncio.wait_for(worker.state.worker.load_done.wait(), 10)  # the model is loaded
         report: dict[str, Any] = {"worker_id": "w1", "model": MODEL_ID, "model_aliases": [MODEL], "state": "ready"}
         report |= {"url": "http://worker", "n_ctx": 4096}
-        beat = {"hive_id": "alpha", "url": "http://hive", "models": [{"id": MODEL_ID, "alias": MODEL}]}
+        models = [{"id": MODEL_ID, "alias": MODEL, "chat_tools": chat_tools}]
+        beat = {"hive_id": "alpha", "url": "http://hive", "models": models}
         assert (await client.post("/v1/hives/heartbeat", json={**beat, "workers": [report]})).status_code == 200
         yield engine, client
 
@@ -217,3 +220,43 @@ async def test_show_says_tools_are_a_capability(tmp_path: Path) -> None:
     async with with_worker(tmp_path, CALL_PIECES) as (_, client):
         shown = (await client.post("/api/show", json={"model": MODEL})).json()
         assert shown["capabilities"] == ["completion", "tools"]
+
+
+HERMES = [
+    "Let me check. ",
+    "<tool_call>",
+    '{"name": "get_weather", ',
+    '"arguments": {"city": "Paris"}}',
+    "</tool_call>",
+]
+PARIS = [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+
+
+async def test_a_model_with_a_tool_template_gets_the_tools_and_decides(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, HERMES, chat_tools=True) as (engine, client):
+        body = {"model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "stream": False}
+        answer = (await client.post("/api/chat", json=body)).json()
+        assert answer["message"] == {"role": "assistant", "content": "Let me check.", "tool_calls": PARIS}
+        assert answer["done_reason"] == "stop"
+        request = engine.last_request
+        assert request is not None and request.grammar is None
+        assert [t["function"]["name"] for t in request.tools or []] == ["get_weather", "get_time"]
+        # Streamed: the text as it comes, then the call in a chunk of its own once it is whole.
+        lines = _lines(await client.post("/api/chat", json={**body, "stream": True}))
+        assert [line["message"].get("tool_calls") for line in lines] == [None, PARIS, None]
+        assert "".join(line["message"]["content"] for line in lines) == "Let me check. "
+        assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
+        # After a tool result the tools still go to the template: the model decides again.
+        messages = [*ASK, CALLED, {"role": "tool", "content": "18C", "tool_name": "get_weather"}]
+        await client.post("/api/chat", json={**body, "messages": messages})
+        assert engine.last_request is not None and engine.last_request.tools is not None
+
+
+async def test_a_model_with_a_tool_template_that_answers_text(tmp_path: Path) -> None:
+    async with with_worker(tmp_path, ["It is", " sunny."], chat_tools=True) as (_, client):
+        body = {"model": MODEL, "messages": ASK, "tools": [WEATHER]}
+        answer = (await client.post("/api/chat", json={**body, "stream": False})).json()
+        assert answer["message"] == {"role": "assistant", "content": "It is sunny."}
+        lines = _lines(await client.post("/api/chat", json=body))
+        assert "".join(line["message"]["content"] for line in lines) == "It is sunny."
+        assert all("tool_calls" not in line["message"] for line in lines)

@@ -26,6 +26,26 @@ those about the runtime (``num_ctx``, ``num_gpu``, ``num_thread``...) are
 accepted and ignored, said in the job's narration. ``format`` (``"json"``: any JSON object, or a
 JSON schema) becomes the job's ``json_schema``.
 
+Tools (``tools`` on ``/api/chat``: OpenAI-style function definitions, as Ollama takes
+them). Ollama has no ``tool_choice``: a model whose template takes tools decides
+whether to call one, and Ollama refuses tools for any other model. Here a model
+whose own chat template renders tools (the hive's ``chat_tools``) gets them and
+decides, its calls read from its answer in its family's format
+(:mod:`rbee.queen.toolcalls`). Any other model (the bundled one) is still useful
+with tools: the answer is a call of one of them generated under a grammar of the
+tools' schemas (``{"name", "arguments"}``, as the OpenAI route's ``required``), so
+its arguments are valid against the tool's ``parameters`` -- until the last message
+is a tool result, which is answered with text, so the usual loop (call, run it,
+answer) ends. Calls are answered as ``message.tool_calls: [{"function": {"name",
+"arguments": {...}}}]`` (arguments an object) with ``content: ""`` (the text before
+them, from a tool template) and ``done_reason: "stop"``; streamed, a call arrives in
+a chunk of its own once it is whole. A constrained call cut short (``num_predict``)
+is answered as the text it is. In the chat, an assistant's ``tool_calls`` go back to
+the template as each call's JSON, a ``role: "tool"`` message as a user turn ``Tool
+result (name): ...`` (``tool_name``, else the call it answers, in order). The job's
+narration says which it was (``ollama_tools``); ``/api/show`` lists ``tools`` among
+the capabilities.
+
 ``/api/embed`` and ``/api/embeddings`` go to a ready worker of the model as
 ``/v1/embeddings`` does (:mod:`rbee.queen.tokens`), starting one first when none is
 ready. ``DELETE /api/delete`` is a ``model_delete`` job on each hive that has the
@@ -54,6 +74,7 @@ from rbee.contracts.operations import Infer, ModelDelete, ModelDownload, parse_k
 from rbee.http import is_admin
 from rbee.jobs.job import Job
 from rbee.narration import bound, narrate
+from rbee.queen import toolcalls
 from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai import (
@@ -64,6 +85,7 @@ from rbee.queen.openai import (
     _job_events,
     _json_body,
     _parse_tool_call,
+    _renders_tools,
     _status_of,
     _Tools,
     _unless_disconnected,
@@ -236,6 +258,11 @@ class _Call:
     def calling(self) -> bool:
         """The answer is a grammar-constrained tool call."""
         return self.tools is not None and self.tools.calls
+
+    @property
+    def template_tools(self) -> bool:
+        """The tools went to the model's own chat template: its calls are read from its answer."""
+        return self.tools is not None and self.tools.choice == "auto"
 
 
 def _model_name(body: dict[str, Any]) -> str:
@@ -422,26 +449,31 @@ def _messages(raw: Any) -> list[dict[str, str]]:
     return out
 
 
-def _tools(body: dict[str, Any]) -> _Tools | None:
-    """The chat's ``tools``: a call of one of them is the answer, unless the chat ends with a tool result.
+def _tools(body: dict[str, Any], template: bool) -> _Tools | None:
+    """The chat's ``tools`` (None: none given).
 
-    Ollama has no ``tool_choice``: a model whose template takes tools decides
-    for itself. rbee's queen renders no template's tools yet, so a chat with
-    tools is answered with a grammar-constrained call (its arguments valid
-    against the tool's parameters) -- and, once the last message is a tool
-    result, with text, so the usual loop (call, result, answer) ends.
+    Ollama has no ``tool_choice``: a model whose template takes tools decides for
+    itself. So does one here whose own chat template renders them (``template``):
+    choice ``auto``, the tools go to the template. For any other model a chat with
+    tools is answered with a grammar-constrained call (choice ``required``: its
+    arguments valid against the tool's parameters) -- and, once the last message
+    is a tool result, with text (``none``), so the usual loop (call, result,
+    answer) ends.
     """
     raw = body.get("tools")
     if raw in (None, []):
         return None
+    tools = _openai_tools({"tools": raw, "tool_choice": "required"})
+    if template:
+        return _Tools(tools.functions, "auto")
     messages = body.get("messages")
     last = messages[-1] if isinstance(messages, list) and messages else None
     answered = isinstance(last, dict) and last.get("role") == "tool"
-    tools = _openai_tools({"tools": raw, "tool_choice": "required"})
     return _Tools(tools.functions, "none") if answered else tools
 
 
-def _parse(body: Any, chat: bool) -> _Call:
+def _parse(body: Any, chat: bool, *, template_tools: bool = False) -> _Call:
+    """``template_tools``: the model's own chat template renders tools (:func:`_tools`)."""
     if not isinstance(body, dict):
         raise _Refused("the body must be a JSON object")
     model = _model_name(body)
@@ -458,8 +490,10 @@ def _parse(body: Any, chat: bool) -> _Call:
         messages = _messages(body.get("messages"))
         if not messages:
             return _Call(chat=chat, model=model, stream=stream, keep_alive=keep_alive, ignored=ignored)
-        tools = _tools(body)
-        if tools is not None and tools.calls:
+        tools = _tools(body, template_tools)
+        if tools is not None and tools.choice == "auto":
+            fields["tools"] = tools.as_openai()
+        elif tools is not None and tools.calls:
             if "json_schema" in fields:
                 raise _Refused("format: cannot be given with tools (the answer is a call of one of them)")
             # The call is the answer: generated under its schema, the tools told in the system turn.
@@ -543,6 +577,8 @@ class _Format:
         self.model = call.model
         #: The answer is a tool call: the tokens are held and the call said once it is whole.
         self.calling = call.calling
+        #: The tools the model's own template was given (its calls are read from the answer), else None.
+        self.names = [f["name"] for f in call.tools.functions] if call.template_tools and call.tools else None
 
     def _head(self) -> dict[str, Any]:
         return {"model": self.model, "created_at": _now()}
@@ -554,6 +590,14 @@ class _Format:
 
     def piece(self, text: str) -> bytes:
         return (_dumps({**self._head(), **self._body(text), "done": False}) + "\n").encode()
+
+    def scanner(self) -> toolcalls.ToolCallScanner | None:
+        """What reads the model's own calls from a streamed answer (None: no tools went to its template)."""
+        return None if self.names is None else toolcalls.ToolCallScanner(self.names)
+
+    @staticmethod
+    def call_of(found: toolcalls.ToolCall) -> dict[str, Any]:
+        return {"function": {"name": found.name, "arguments": json.loads(found.arguments)}}
 
     def tool_calls(self, text: str) -> list[dict[str, Any]] | None:
         """Ollama's ``tool_calls`` (arguments an object) of a generated call, or None if it is not a whole one."""
@@ -571,6 +615,12 @@ class _Format:
         return _line({**self._head(), "message": message, "done": False})
 
     def final(self, end: dict[str, Any], text: str = "") -> dict[str, Any]:
+        if self.names is not None:
+            parsed = toolcalls.parse(text, self.names)
+            if parsed.calls:
+                found = [self.call_of(c) for c in parsed.calls]
+                message = {"role": "assistant", "content": parsed.content, "tool_calls": found}
+                return {**self._head(), "message": message, "done": True, **_stats(end), "done_reason": "stop"}
         calls = self.tool_calls(text)
         if calls is not None:
             body = {"message": {"role": "assistant", "content": "", "tool_calls": calls}}
@@ -601,13 +651,24 @@ async def _stream(
     try:
         kind, data = first
         held: list[str] = []  # a call's tokens, said once it is whole
+        scanner = fmt.scanner()
+        called = False
         while kind == "token":
             if fmt.calling:
                 held.append(data)
+            elif scanner is not None:
+                for item in scanner.feed(data):
+                    called = called or not isinstance(item, str)
+                    yield fmt.piece(item) if isinstance(item, str) else fmt.called([fmt.call_of(item)])
             else:
                 yield fmt.piece(data)
             kind, data = await anext(events)
-        if data.get("status") == "completed":
+        if data.get("status") == "completed" and scanner is not None:
+            for item in scanner.finish():
+                called = called or not isinstance(item, str)
+                yield fmt.piece(item) if isinstance(item, str) else fmt.called([fmt.call_of(item)])
+            yield _line({**fmt.final(data), **({"done_reason": "stop"} if called else {})})
+        elif data.get("status") == "completed":
             text = "".join(held)
             calls = fmt.tool_calls(text)
             if calls is not None:
@@ -637,12 +698,14 @@ async def _submit(request: Request, state: QueenState, op: Any, call: _Call, pat
         )
         if call.tools is not None:
             names = [f["name"] for f in call.tools.functions]
-            why = (
-                "the answer is a call of one of them (Ollama has no tool_choice; the model's template has no "
-                "place for tools, so the call is constrained to their schemas)"
-                if call.calling
-                else "answered as text: the last message is a tool result"
-            )
+            why = "answered as text: the last message is a tool result"
+            if call.template_tools:
+                why = "given to the model's chat template; its calls are read from the answer"
+            elif call.calling:
+                why = (
+                    "the answer is a call of one of them (Ollama has no tool_choice; the model's template has no "
+                    "place for tools, so the call is constrained to their schemas)"
+                )
             narrate("ollama_tools", f"{len(names)} tool(s) given: {why}", tools=names, call=call.calling)
         if call.ignored:
             narrate(
@@ -690,7 +753,8 @@ async def _generate(request: Request, chat: bool) -> Response:
         body = await _json_body(request)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             model = body["model"]
-        call = _parse(body, chat)
+        renders = chat and model is not None and _renders_tools(state, _rbee_model(model))
+        call = _parse(body, chat, template_tools=renders)
         if call.op is None:
             return await _lifecycle(request, state, call, path)
         job = await _submit(request, state, call.op, call, path)
