@@ -794,7 +794,7 @@ async def _count_tokens_endpoint(request: Request) -> Response:
     state = _state(request)
     headers = {REQUEST_ID_HEADER: _request_id()}
     try:
-        call = _parse(await _json_body(request), counting=True)
+        call = _offer_tools(state, _parse(await _json_body(request), counting=True))
         pending = state.router.admit(call.op)  # an unknown model is 404 here, as for /v1/messages
         if pending is not None:
             await pending
