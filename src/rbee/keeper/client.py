@@ -160,6 +160,7 @@ class QueenClient:
         except (OSError, http.client.HTTPException) as exc:
             raise QueenUnreachable(self.url, describe(exc), hint=self.unreachable_hint) from None
         finally:
+            response.close()
             conn.close()
         return Response(response.status, data)
 
@@ -276,6 +277,9 @@ class QueenClient:
                 except (OSError, http.client.HTTPException) as exc:
                     reason = describe(exc)
                 finally:
+                    # A response that will close its connection owns the socket: closing the
+                    # connection alone would leave it open until the garbage collector finds it.
+                    response.close()
                     conn.close()
             failures += 1
             if failures > reconnects:
