@@ -1,15 +1,21 @@
 """Anthropic's Messages API with the official ``anthropic`` SDK, the real bundled model and a queen with a token.
 
 The queen runs with ``--local-hive`` and ``--token``; the SDK sends the token as
-``x-api-key``, which the queen accepts as its bearer token.
+``x-api-key``, which the queen accepts as its bearer token. A forced tool call
+(``tool_choice`` any or tool) is constrained by a grammar of the tool's
+``input_schema``, so every call's ``input`` validates (``jsonschema_rs``, which
+schemathesis brings), greedy or sampled.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
+import jsonschema_rs
 import pytest
 
 from cluster import Daemon, free_port, queen, wait_for
@@ -130,16 +136,28 @@ def test_bad_input_is_a_bad_request_naming_the_field(client: anthropic.Anthropic
     assert "temperature" in caught.value.message
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [image]}])  # type: ignore[list-item]
+        with_image: Any = [{"role": "user", "content": [image]}]
+        client.messages.create(model=MODEL, max_tokens=4, messages=with_image)
     assert "messages[0].content[0].type" in caught.value.message and "image" in caught.value.message
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(
             model=MODEL,
             max_tokens=4,
             messages=HELLO,  # type: ignore[arg-type]
-            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+            tools=[{"name": "has space", "input_schema": {"type": "object"}}],
         )
-    assert "tools" in caught.value.message
+    assert "tools[0].name" in caught.value.message
+    tools: Any = [{"name": "f", "input_schema": {"type": "object"}}]
+    hello: Any = HELLO
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model=MODEL,
+            max_tokens=4,
+            messages=hello,
+            tools=tools,
+            tool_choice={"type": "tool", "name": "g"},
+        )
+    assert "tool_choice.name" in caught.value.message
 
 
 def test_the_api_key_is_the_queens_token(cluster: Daemon) -> None:
@@ -155,3 +173,108 @@ def test_the_api_key_is_the_queens_token(cluster: Daemon) -> None:
     # The token as a bearer token works here too.
     r = httpx.post(f"{cluster.url}/v1/messages/count_tokens", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 200 and r.json()["input_tokens"] > 0
+
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER: Any = {"name": "get_weather", "description": "The current weather in a city", "input_schema": WEATHER_SCHEMA}
+TIME: Any = {
+    "name": "get_time",
+    "description": "The current time in a time zone",
+    "input_schema": {
+        "type": "object",
+        "properties": {"zone": {"type": "string", "maxLength": 40}},
+        "required": ["zone"],
+    },
+}
+ASK: Any = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+
+def test_a_forced_tool_call_validates_greedy_and_sampled(client: anthropic.Anthropic) -> None:
+    for temperature in (0.0, 1.0, 1.0, 1.0, 1.0, 1.0):
+        message = client.messages.create(
+            model=MODEL,
+            max_tokens=120,
+            messages=ASK,
+            tools=[WEATHER, TIME],
+            tool_choice={"type": "any"},
+            extra_body={"temperature": temperature},
+        )
+        assert message.stop_reason == "tool_use", message
+        (block,) = message.content
+        assert block.type == "tool_use" and block.id.startswith("toolu_")
+        assert block.name in ("get_weather", "get_time")
+        assert isinstance(block.input, dict)
+        schema = WEATHER_SCHEMA if block.name == "get_weather" else TIME["input_schema"]
+        jsonschema_rs.validate(schema, block.input)
+
+
+def test_a_named_tool_call_streamed_validates(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=120,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0},
+    ) as stream:
+        kinds, partial = [], []
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "content_block_start":
+                assert event.content_block.type == "tool_use" and event.content_block.name == "get_weather"
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                partial.append(event.delta.partial_json)
+        final = stream.get_final_message()
+    wire = [k for k in kinds if k not in ("ping", "input_json")]
+    assert wire[:2] == ["message_start", "content_block_start"]
+    assert wire[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert final.stop_reason == "tool_use"
+    (block,) = final.content
+    assert block.type == "tool_use" and block.name == "get_weather"
+    jsonschema_rs.validate(WEATHER_SCHEMA, block.input)
+    assert json.loads("".join(partial)) == block.input
+    # Greedy: the same call as not streaming.
+    whole = client.messages.create(
+        model=MODEL,
+        max_tokens=120,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0},
+    )
+    assert whole.content[0].input == block.input  # type: ignore[union-attr]
+
+
+def test_the_tool_result_goes_back_through_the_template(client: anthropic.Anthropic) -> None:
+    first = client.messages.create(
+        model=MODEL,
+        max_tokens=120,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice={"type": "any"},
+        extra_body={"temperature": 0},
+    )
+    block = first.content[0]
+    assert block.type == "tool_use"
+    messages: list[Any] = [
+        *ASK,
+        {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "18C, sunny"}]},
+    ]
+    answer = client.messages.create(
+        model=MODEL,
+        max_tokens=24,
+        messages=messages,
+        tools=[WEATHER],
+        extra_body={"temperature": 0},
+    )
+    assert answer.content[0].type == "text" and answer.content[0].text
+    assert answer.stop_reason in ("end_turn", "max_tokens")

@@ -1,4 +1,9 @@
-"""Ollama's API through a real queen (``--local-hive``) and the real model, with the official ``ollama`` client."""
+"""Ollama's API through a real queen (``--local-hive``) and the real model, with the official ``ollama`` client.
+
+Tool calls are constrained by a grammar of the tools' schemas, so the arguments of every
+call validate (``jsonschema_rs``, which schemathesis brings) against the schema the client
+sent.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import ollama
 import pytest
 
@@ -34,8 +40,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @pytest.fixture(scope="module")
-def client(cluster: Daemon) -> ollama.Client:
-    return ollama.Client(host=cluster.url, timeout=240)
+def client(cluster: Daemon) -> Iterator[ollama.Client]:
+    with ollama.Client(host=cluster.url, timeout=240) as c:  # closed, so no socket is left for the GC
+        yield c
 
 
 def _job(cluster: Daemon, job_id: str) -> dict[str, Any]:
@@ -180,6 +187,70 @@ def test_embed_and_the_older_embeddings(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as unknown:
         client.embed(model="no-such-model", input="x")
     assert unknown.value.status_code == 404
+
+
+def get_weather(city: str, unit: str) -> str:
+    """The current weather in a city.
+
+    Args:
+      city: The city's name
+      unit: celsius or fahrenheit
+    """
+    return f"18 degrees {unit} and sunny in {city}"
+
+
+#: What the client sends for ``get_weather`` (it keeps a schema's types, enums and required only).
+WEATHER_SCHEMA = ollama._utils.convert_function_to_tool(get_weather).model_dump(exclude_none=True)["function"][
+    "parameters"
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+TOOL_OPTIONS = {"temperature": 0, "num_predict": 120}
+
+
+def test_chat_with_tools_is_a_call_whose_arguments_validate(client: ollama.Client, cluster: Daemon) -> None:
+    answer = client.chat(model=MODEL, messages=ASK, tools=[get_weather], options=TOOL_OPTIONS)
+    assert answer.done and answer.done_reason == "stop"
+    assert answer.message.role == "assistant" and not answer.message.content
+    (call,) = answer.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert isinstance(call.function.arguments, dict)
+    jsonschema_rs.validate(WEATHER_SCHEMA, dict(call.function.arguments))
+    # Sampled, each call still validates.
+    for seed in range(5):
+        options = {"temperature": 1.0, "seed": seed, "num_predict": 120}
+        sampled = client.chat(model=MODEL, messages=ASK, tools=[get_weather], options=options)
+        (call,) = sampled.message.tool_calls or []
+        jsonschema_rs.validate(WEATHER_SCHEMA, dict(call.function.arguments))
+
+
+def test_chat_with_tools_streamed_has_the_call_in_a_chunk(client: ollama.Client) -> None:
+    parts = list(client.chat(model=MODEL, messages=ASK, tools=[get_weather], options=TOOL_OPTIONS, stream=True))
+    calls = [c for p in parts for c in (p.message.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema_rs.validate(WEATHER_SCHEMA, dict(calls[0].function.arguments))
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+    assert all(not p.done for p in parts[:-1])
+    # Greedy: the same call as not streaming.
+    whole = client.chat(model=MODEL, messages=ASK, tools=[get_weather], options=TOOL_OPTIONS)
+    assert whole.message.tool_calls is not None
+    assert dict(whole.message.tool_calls[0].function.arguments) == dict(calls[0].function.arguments)
+
+
+def test_the_tool_result_goes_back_and_the_answer_is_text(client: ollama.Client) -> None:
+    first = client.chat(model=MODEL, messages=ASK, tools=[get_weather], options=TOOL_OPTIONS)
+    (call,) = first.message.tool_calls or []
+    result = get_weather(**call.function.arguments)
+    messages: list[Any] = [*ASK, first.message, {"role": "tool", "content": result, "tool_name": "get_weather"}]
+    answer = client.chat(model=MODEL, messages=messages, tools=[get_weather], options=GREEDY)
+    assert (answer.message.content or "").strip() and not answer.message.tool_calls
+    assert answer.done_reason in ("stop", "length")
+
+
+def test_a_bad_tool_is_a_response_error_naming_it(client: ollama.Client) -> None:
+    bad = {"type": "function", "function": {"name": "has space", "parameters": {"type": "object"}}}
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model=MODEL, messages=ASK, tools=[bad])
+    assert caught.value.status_code == 400 and "tools[0].function.name" in caught.value.error
 
 
 @pytest.fixture(scope="module")
