@@ -303,3 +303,42 @@ def test_chats_with_one_long_system_prompt_share_it_and_answer_as_alone(engine: 
     assert [sink.text for sink, _ in runs] == alone
     assert engine.batch.shared - shared == 1
     assert max(o.tokens_reused for _, o in runs) >= 40  # the preamble came from the other slot
+
+
+def test_integer_bounds_in_a_schema_hold_when_sampling(engine: LlamaEngine) -> None:
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from rbee.worker.schema import schema_grammar
+
+    class Review(BaseModel):  # the schema below, as a validator
+        model_config = ConfigDict(extra="forbid", strict=True)
+        stars: int = Field(ge=1, le=5)
+        number: int = Field(gt=-20, le=250)
+        weight: float = Field(ge=0)
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+            "number": {"type": "integer", "exclusiveMinimum": -20, "maximum": 250},
+            "weight": {"type": "number", "minimum": 0},
+        },
+        "required": ["stars", "number", "weight"],
+        "additionalProperties": False,
+    }
+    grammar = schema_grammar(schema)
+    requests = [
+        GenerationRequest(
+            prompt="A review as JSON:",
+            max_tokens=96,
+            temperature=1.5,
+            top_k=0,
+            top_p=1.0,
+            min_p=0.0,
+            seed=i,
+            grammar=grammar,
+        )
+        for i in range(12)
+    ]
+    answers = [Review.model_validate_json(sink.text) for sink, _ in _together(engine, requests)]
+    assert len({a.number for a in answers}) > 1

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rbee.chat_templates import GGUF, render, template_for
+from rbee.worker.schema import schema_grammar  # re-exported: the engine's grammars come from there
 
 __all__ = [
     "STOP_REASONS",
@@ -51,6 +52,7 @@ __all__ = [
     "generate",
     "parse_device",
     "parse_kv_override",
+    "schema_grammar",
 ]
 
 #: ``error`` is set only when the engine raised; the job then ends ``failed``.
@@ -92,20 +94,6 @@ class GenerationRequest:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repeat_penalty != 1.0
-
-
-def schema_grammar(schema: dict[str, Any]) -> str:
-    """A JSON schema as a GBNF grammar (llama-cpp-python's converter); ``ValueError`` if it cannot be."""
-    import json
-
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
-    except RecursionError:
-        raise ValueError("the schema is nested too deeply") from None
-    except Exception as exc:  # the converter raises what it meets: KeyError, TypeError, ValueError...
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
 
 @dataclass
