@@ -34,7 +34,7 @@ from rbee.keeper.errors import (
 from rbee.wire import protocol
 from rbee.wire.errors import error_object, from_wire
 from rbee.wire.protocol import DONE
-from rbee.wire.sse import Event, Frame, iter_frames
+from rbee.wire.sse import Decoder, Event, Frame
 
 __all__ = ["QueenClient", "Event", "Response", "DONE", "STREAM_READ_TIMEOUT_S", "describe"]
 
@@ -293,4 +293,8 @@ def _frames(response: http.client.HTTPResponse) -> Iterator[Frame]:
     ``read1`` returns what has arrived (at most one chunk) without waiting for
     more, so each token is seen as soon as the queen sends it.
     """
-    return iter_frames(iter(lambda: response.read1(65536), b""))
+    decoder = Decoder()
+    feed, read1 = decoder.feed, response.read1
+    while chunk := read1(65536):
+        yield from feed(chunk)
+    yield from decoder.close()
