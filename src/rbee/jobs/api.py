@@ -9,19 +9,18 @@ report state.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
 
 from rbee.contracts.operations import OperationBase, parse_operation
 from rbee.errors import AmbiguousJobId, InvalidOperation, JobConflict, JobNotFound
-from rbee.jobs.job import Event, Job
+from rbee.jobs.job import Cursor, Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
+from rbee.server.sse import EventStream, Source, frames
 from rbee.wire.protocol import DONE, MIN_PREFIX_HEX, PING_INTERVAL_S, job_id_prefix
 
 __all__ = [
@@ -38,8 +37,6 @@ __all__ = [
 MAX_BODY_BYTES = 1 << 20
 #: Frames written as one chunk at most, when a reader is behind (a late client's replay).
 MAX_BATCH = 256
-#: How often, while streams are open, the server looks for its own shutdown.
-_EXIT_POLL_S = 0.5
 #: Candidates named when a short id matches several jobs.
 _CANDIDATES = 5
 
@@ -82,33 +79,6 @@ class JobServer:
         self.ping_interval_s = ping_interval_s
         #: Open ``/stream`` responses of live jobs.
         self.active_streams = 0
-        # Streams waiting for events, ended together if the server shuts down.
-        self._streams: set[_EventStream] = set()
-        self._exit_timer: asyncio.TimerHandle | None = None
-
-    def _watch(self, stream: _EventStream) -> None:
-        self._streams.add(stream)
-        if self._exit_timer is None:
-            self._exit_timer = asyncio.get_running_loop().call_later(_EXIT_POLL_S, self._check_exit)
-
-    def _unwatch(self, stream: _EventStream) -> None:
-        self._streams.discard(stream)
-
-    def _check_exit(self) -> None:
-        """End the open streams once the server begins to shut down.
-
-        uvicorn drains connections before the lifespan ends the jobs, so a
-        stream left open would hold the shutdown for its whole grace period.
-        A timer, not a task: it lives only while streams are open.
-        """
-        self._exit_timer = None
-        if not self._streams:
-            return
-        if _server_exiting():
-            for stream in list(self._streams):
-                stream.close()
-            return
-        self._exit_timer = asyncio.get_running_loop().call_later(_EXIT_POLL_S, self._check_exit)
 
     async def submit(self, operation: OperationBase) -> Job:
         if self.admit is not None:
@@ -319,29 +289,16 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
             after = int(header.strip())
         job = server.registry.find(job_id)
         if job is not None:
-            return _EventStream(server, job, after, cancel_on_disconnect)
+            return EventStream(_JobEvents(server, job, after, cancel_on_disconnect), ping_s=server.ping_interval_s)
         stored = server.history_events(job_id) if server.history_events is not None else None
         if stored is None:
             raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
-        return _Replay(stored, after)
+        return EventStream(_Replay(stored, after), ping_s=None)
 
     return router
 
 
 _DONE_FRAME = f"data: {DONE}\n\n"
-_PING_FRAME = b": ping\n\n"
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-store"),
-    (b"connection", b"keep-alive"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-def _frames(events: list[Event]) -> str:
-    # Event data is one line of JSON (json never emits a raw newline), so the
-    # frames are built directly rather than through a general encoder.
-    return "".join([f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n" for event_id, kind, data in events])
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -390,162 +347,57 @@ def _event_id(value: str | None) -> int:
     return int(value.strip())
 
 
-def _server_exiting() -> bool:
-    """Whether the uvicorn server running this process has been told to stop.
-
-    uvicorn installs its own method as the SIGTERM handler, so the server is
-    found through it; anything else (tests, other servers) reads as running.
-    """
-    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-    return bool(getattr(server, "should_exit", False))
-
-
-class _SSEResponse(Response):
-    """``text/event-stream``, written by the request's own task."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self) -> None:
-        # Nothing of Response.__init__ is needed: no body to render, fixed headers.
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = list(_SSE_HEADERS)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        if scope.get("method") == "HEAD":
-            # Headers only: a HEAD request must not open a stream that never ends for it.
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
-            await self.stream(receive, send)
-        if self.background is not None:
-            await self.background()
-
-    async def stream(self, receive: Receive, send: Send) -> None:
-        raise NotImplementedError
-
-
-class _Replay(_SSEResponse):
-    """A finished job's stored events, then ``[DONE]``."""
+class _Replay(Source):
+    """A finished job's stored events, at most :data:`MAX_BATCH` frames a write, then ``[DONE]``."""
 
     def __init__(self, events: list[Event], after: int) -> None:
-        super().__init__()
         self.events = [e for e in events if e[0] > after]
+        self.at = 0
 
-    async def stream(self, receive: Receive, send: Send) -> None:
-        events = self.events
-        for start in range(0, len(events), MAX_BATCH):
-            chunk = _frames(events[start : start + MAX_BATCH]).encode()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": _DONE_FRAME.encode(), "more_body": False})
+    def take(self) -> tuple[bytes, bool]:
+        start, self.at = self.at, self.at + MAX_BATCH
+        batch = frames(self.events[start : self.at])
+        if self.at >= len(self.events):
+            return (batch + _DONE_FRAME).encode(), True
+        return batch.encode(), False
 
 
-class _EventStream(_SSEResponse):
+class _JobEvents(Source):
     """A live job's events as they are appended, then ``[DONE]``.
 
-    A stream is a race between the job's events, the client leaving, a
-    keep-alive ping and the server shutting down. The frames are written by
-    the request's task itself; once it has to wait, one small task waits for
-    the client's disconnect, a timer marks a ping due after a quiet interval,
-    and the server's exit watch may close the stream: each of them only
-    resolves the future the writer waits on (sse-starlette runs four tasks in
-    a task group per stream, more than the rest of a short job costs). Every
-    event already in the log goes out as one chunk (one socket write), so a
-    reader that fell behind, or a burst of events, costs one write rather
-    than one per event; the bytes on the wire are the same frames either way.
+    Every event already in the log goes out as one chunk, so a reader that
+    fell behind, or a burst of events, costs one write rather than one per
+    event; the job's producer paces itself by this reader's cursor.
     """
 
     def __init__(self, server: JobServer, job: Job, after: int, cancel_on_disconnect: bool) -> None:
-        super().__init__()
         self.server = server
         self.job = job
         self.after = after
         self.cancel_on_disconnect = cancel_on_disconnect
-        self._closed = False
-        self._ping_due = False
-        self._quiet = True
-        self._waiting: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.cursor: Cursor | None = None
 
-    def close(self) -> None:
-        """Stop the stream at the next chance (the client left, the server is exiting)."""
-        self._closed = True
-        self._wake()
+    def take(self) -> tuple[bytes, bool]:
+        job, cursor = self.job, self.cursor
+        if cursor is None:  # attached at the first write, so a response never sent holds no cursor
+            cursor = self.cursor = job.attach(self.after)
+            self.server.active_streams += 1
+        batch = job.take(cursor, MAX_BATCH)
+        if job.ended and cursor.pos >= len(job.events):
+            return (frames(batch) + _DONE_FRAME).encode(), True  # the last frames, [DONE] and the end: one write
+        return frames(batch).encode() if batch else b"", False
 
-    def _wake(self) -> None:
-        fut = self._waiting
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def changed(self) -> asyncio.Future[None]:
+        return self.job.next_event()
 
-    def _tick(self) -> None:
-        if self._closed:
-            return
-        if self._quiet:
-            self._ping_due = True
-            self._wake()
-        self._quiet = True
-        self._timer = asyncio.get_running_loop().call_later(self.server.ping_interval_s, self._tick)
+    def forget(self, fut: asyncio.Future[None]) -> None:
+        self.job.forget(fut)
 
-    async def _listen(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self.close()
-                return
-
-    def _arm(self, receive: Receive) -> asyncio.Task[None]:
-        """Start watching for the client leaving, pings and the server's exit (first wait only).
-
-        A stream whose job has already ended is written out and closed
-        without ever waiting, so it needs none of this.
-        """
-        loop = asyncio.get_running_loop()
-        self.server._watch(self)
-        self._timer = loop.call_later(self.server.ping_interval_s, self._tick)
-        return loop.create_task(self._listen(receive), name=f"{self.job.id}:disconnect")
-
-    async def stream(self, receive: Receive, send: Send) -> None:
+    async def aclose(self, finished: bool) -> None:
         job, server = self.job, self.server
-        cursor = job.attach(self.after)
-        server.active_streams += 1
-        listener: asyncio.Task[None] | None = None
-        done = False
-        try:
-            while not self._closed:
-                batch = job.take(cursor, MAX_BATCH)
-                if job.ended and cursor.pos >= len(job.events):
-                    # The last frames, [DONE] and the end of the body in one write.
-                    done = True
-                    body = (_frames(batch) + _DONE_FRAME).encode()
-                    await send({"type": "http.response.body", "body": body, "more_body": False})
-                    return
-                if batch:
-                    self._quiet = False
-                    await send({"type": "http.response.body", "body": _frames(batch).encode(), "more_body": True})
-                elif self._ping_due:
-                    self._ping_due = False
-                    await send({"type": "http.response.body", "body": _PING_FRAME, "more_body": True})
-                else:
-                    if listener is None:
-                        listener = self._arm(receive)
-                    fut = self._waiting = job.next_event()
-                    try:
-                        await fut
-                    finally:
-                        self._waiting = None
-                        job.forget(fut)
-        finally:
-            self._closed = True
+        if self.cursor is not None:
             server.active_streams -= 1
-            job.detach(cursor)
-            if listener is not None:
-                self._timer.cancel()  # type: ignore[union-attr]
-                listener.cancel()
-                server._unwatch(self)
-            if self.cancel_on_disconnect and not job.done and job.cancel_reason is None:
-                server.registry.cancel(job.id, "client disconnected")
-            if not done:
-                # Closed before the end (the client left, the server is exiting): finish the body.
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if listener is not None:
-                await asyncio.wait([listener])  # no task outlives its response
+            job.detach(self.cursor)
+            self.cursor = None
+        if self.cancel_on_disconnect and not job.done and job.cancel_reason is None:
+            server.registry.cancel(job.id, "client disconnected")

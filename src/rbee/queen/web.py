@@ -27,11 +27,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rbee.errors import RbeeError
 from rbee.jobs.job import Job
 from rbee.queen.telemetry import Telemetry
+from rbee.server.sse import EventStream, ServerSentEvent
 
 __all__ = ["JobWatch", "cluster_snapshot", "snapshot_events", "web_router", "PUBLIC_PATHS", "TICK_S", "KEEPALIVE_S"]
 
@@ -293,7 +293,7 @@ async def snapshot_events(state: Any, *, tick_s: float, keepalive_s: float) -> A
                 last, sent_at = body, now
                 # ``now`` lets the page age heartbeats against the queen's clock, not its own.
                 data = body[:-1] + f',"now":{time.time():.3f}}}'
-                yield ServerSentEvent(data=data, event="cluster", id=str(seq), sep="\n")
+                yield ServerSentEvent(data=data, event="cluster", id=seq)
             wait = min(tick_s, max(0.0, keepalive_s - (time.monotonic() - sent_at)))
             try:
                 await asyncio.wait_for(wake.wait(), wait)
@@ -360,13 +360,9 @@ def web_router(
         response_class=Response,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
-    async def cluster_events(request: Request) -> EventSourceResponse:
+    async def cluster_events(request: Request) -> EventStream:
         state = get_state(request)
-        return EventSourceResponse(
-            snapshot_events(state, tick_s=tick_s, keepalive_s=keepalive_s),
-            ping=0,  # snapshots themselves arrive at least every keepalive_s
-            sep="\n",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        # No pings: snapshots themselves arrive at least every keepalive_s.
+        return EventStream(snapshot_events(state, tick_s=tick_s, keepalive_s=keepalive_s), ping_s=None)
 
     return router
