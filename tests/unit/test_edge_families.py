@@ -154,3 +154,12 @@ async def test_openapi_declares_each_familys_error_shape(tmp_path: Path) -> None
         for status in ("401", "403", "413", "415"):
             ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
             assert ref == f"#/components/schemas/{component}", (path, status)
+
+
+async def test_415_for_a_delete_body_that_is_not_json_in_ollamas_shape(tmp_path: Path) -> None:
+    async with queen(tmp_path) as client:
+        r = await client.request(
+            "DELETE", "/api/delete", content=b'{"model": "m"}', headers={"Content-Type": "text/plain"}
+        )
+        assert r.status_code == 415, r.text
+        _ollama(r.json(), 415)

@@ -64,7 +64,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -92,12 +92,10 @@ from rbee.queen.openai import (
     _with_instructions,
 )
 from rbee.queen.openai import _tools as _openai_tools
+from rbee.queen.state import QueenState
 
 # tokens.py's worker selection and call (private there): a ready worker of the model, the least busy.
 from rbee.queen.tokens import _forward as _worker_call
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
 
 __all__ = ["OLLAMA_VERSION", "ollama_router"]
 
@@ -1060,10 +1058,8 @@ async def _delete(request: Request) -> Response:
     length = request.headers.get("content-length")
     has_body = length.strip() not in ("", "0") if length is not None else "transfer-encoding" in request.headers
     if has_body and kind != "application/json":
-        # The edge checks the bodies of POSTs; a DELETE's is checked here, in the edge's shape.
-        shown = kind or "none"
-        message = f"the body must be application/json, not {shown}"
-        return JSONResponse({"error": {"kind": "unsupported_media_type", "message": message}}, 415)
+        # The edge checks the bodies of POSTs; a DELETE's is checked here, in Ollama's shape as the edge's are.
+        return _error(f"the body must be application/json, not {kind or 'none'}", 415)
     try:
         body = _body_object(await _json_body(request))
         name = _model_name(body)
