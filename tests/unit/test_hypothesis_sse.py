@@ -146,7 +146,7 @@ def test_the_decoder_reads_any_mix_of_line_ends_however_the_bytes_are_cut(
     data = (b"\xef\xbb\xbf" if bom else b"") + text.encode()
 
     decoder = Decoder()
-    frames = [tuple(f) for chunk in cut(data, points) for f in decoder.feed(chunk)] + list(decoder.close())
+    frames = [f for chunk in cut(data, points) for f in decoder.feed(chunk)] + decoder.close()
 
     assert frames == expected
     assert decoder.last_event_id == (str(len(body)) if body else "")

@@ -22,7 +22,6 @@ from collections.abc import Generator, Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from rbee import errors
 from rbee.keeper.errors import (
     BadSetting,
     KeeperError,
@@ -32,7 +31,6 @@ from rbee.keeper.errors import (
     problems_line,
 )
 from rbee.wire import protocol
-from rbee.wire.errors import error_object, from_wire
 from rbee.wire.protocol import DONE
 from rbee.wire.sse import Decoder, Event, Frame
 
@@ -166,6 +164,9 @@ class QueenClient:
 
     def refused(self, status: int, body: bytes) -> RequestRefused:
         """The queen's ``{"error": {...}}`` answer as an error to show."""
+        # Imported here, where something went wrong: the keeper's start is on the clock.
+        from rbee.wire.errors import error_object, from_wire
+
         err = error_object(body)
         if err is None:
             text = body.decode(errors="replace").strip()[:200] or http.client.responses.get(status, "")
@@ -265,12 +266,14 @@ class QueenClient:
                             continue  # already seen before a reconnect
                         last = number
                         failures = 0
-                        event = Event(number, kind, data)
                         try:
-                            event.data  # noqa: B018 - parsed here, where a frame that is not JSON breaks the stream
-                        except errors.StreamBroken as exc:
-                            raise StreamBroken(f"the stream of {job_id} broke: {exc.message}") from None
-                        yield event
+                            parsed = json.loads(data)  # here, where data that is not JSON breaks the stream
+                        except ValueError:
+                            raise StreamBroken(
+                                f"the stream of {job_id} broke: event {number} ({kind}) does not carry JSON: "
+                                f"{data[:80]!r}"
+                            ) from None
+                        yield Event(number, kind, data, parsed)
                         if kind == protocol.EVENT_END:
                             return
                     reason = "the queen closed the stream before the job's end"

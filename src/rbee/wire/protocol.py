@@ -29,6 +29,7 @@ __all__ = [
     "MIN_PREFIX_HEX",
     "PING_INTERVAL_S",
     "RETRY_AFTER",
+    "is_job_id",
     "job_id_prefix",
     "job_path",
     "short_job_id",
@@ -72,16 +73,23 @@ def stream_path(job_id: str) -> str:
 
 
 JOB_ID_PREFIX = "job-"
+# Patterns as text, compiled (and cached by re) on first use: the keeper imports this module on
+# every run and uses neither on most.
 #: A job's full id: ``job-`` and a UUID.
-JOB_ID = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+JOB_ID = r"^job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 #: A short job id needs at least this many hex characters after ``job-`` (``job-43d5``, ``43d5b140``).
 MIN_PREFIX_HEX = 4
-_PREFIX = re.compile(r"^(?:job-)?([0-9a-f][0-9a-f-]*)$")
+_PREFIX = r"^(?:job-)?([0-9a-f][0-9a-f-]*)$"
+
+
+def is_job_id(text: str) -> bool:
+    """Whether ``text`` is a full job id (``job-`` and a UUID)."""
+    return re.match(JOB_ID, text) is not None
 
 
 def job_id_prefix(given: str) -> str | None:
     """``job-`` plus the hex start of an id, for a short id (``43d5b140``, ``job-43d5``); else None."""
-    match = _PREFIX.match(given.strip().lower())
+    match = re.match(_PREFIX, given.strip().lower())
     if match is None or sum(ch != "-" for ch in match.group(1)) < MIN_PREFIX_HEX:
         return None
     return f"{JOB_ID_PREFIX}{match.group(1)}"
