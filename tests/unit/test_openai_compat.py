@@ -18,8 +18,8 @@ from fastapi import FastAPI
 
 from rbee.contracts.operations import LIMITS
 from rbee.errors import InvalidOperation
-from rbee.queen import openai as api
 from rbee.queen.app import QueenSettings, create_queen_app
+from rbee.queen.openai import routes, schema
 from rbee.worker.app import WorkerSettings, create_worker_app
 from rbee.worker.engine import FakeEngine
 
@@ -65,16 +65,16 @@ async def with_worker(tmp_path: Path, n_ctx: int = N_CTX) -> AsyncIterator[tuple
         yield app, client
 
 
-def _parse(chat: bool = True, **fields: Any) -> api._Call:
+def _parse(chat: bool = True, **fields: Any) -> schema.Call:
     base = {"messages": CHAT} if chat else {"prompt": "x"}
-    return api._parse({"model": "m", **base, **fields}, chat=chat)
+    return schema.parse({"model": "m", **base, **fields}, chat=chat)
 
 
 # -- requests ---------------------------------------------------------------------
 
 
 def test_max_tokens_defaults_and_n_predict() -> None:
-    assert _parse().to_the_context and _parse().op.max_tokens == api.DEFAULT_CHAT_MAX_TOKENS
+    assert _parse().to_the_context and _parse().op.max_tokens == schema.DEFAULT_CHAT_MAX_TOKENS
     assert not _parse(max_tokens=5).to_the_context
     assert not _parse(chat=False).to_the_context and _parse(chat=False).op.max_tokens == 16
     assert _parse(n_predict=7).op.max_tokens == 7 and not _parse(n_predict=7).to_the_context
@@ -255,8 +255,8 @@ async def test_a_first_chat_with_no_worker_yet_runs_to_the_context(tmp_path: Pat
     ):
         beat = {"hive_id": "alpha", "url": "http://hive", "models": [{"id": MODEL_ID, "alias": MODEL}], "workers": []}
         assert (await client.post("/v1/hives/heartbeat", json=beat)).status_code == 200
-        call = api._parse({"model": MODEL, "messages": CHAT}, chat=True)
-        op = (await api._to_the_context(app.state.queen, call)).op
-        assert op.to_the_context and op.max_tokens == api.DEFAULT_CHAT_MAX_TOKENS
-        given = api._parse({"model": MODEL, "messages": CHAT, "max_tokens": 7}, chat=True)
-        assert not (await api._to_the_context(app.state.queen, given)).op.to_the_context
+        call = schema.parse({"model": MODEL, "messages": CHAT}, chat=True)
+        op = (await routes._to_the_context(app.state.queen, call)).op
+        assert op.to_the_context and op.max_tokens == schema.DEFAULT_CHAT_MAX_TOKENS
+        given = schema.parse({"model": MODEL, "messages": CHAT, "max_tokens": 7}, chat=True)
+        assert not (await routes._to_the_context(app.state.queen, given)).op.to_the_context

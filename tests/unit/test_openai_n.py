@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from rbee.queen import openai as api
 from rbee.queen.app import QueenSettings, create_queen_app
+from rbee.queen.openai import routes, schema
 from rbee.worker.app import WorkerSettings, create_worker_app
 from rbee.worker.engine import FakeEngine
 
@@ -70,12 +70,12 @@ def _chunks(text: str) -> list[dict[str, Any]]:
 
 
 def test_n_is_bounded_and_seeds_follow() -> None:
-    call = api._parse({"model": "m", "messages": CHAT, "n": 8, "seed": 7}, chat=True)
+    call = schema.parse({"model": "m", "messages": CHAT, "n": 8, "seed": 7}, chat=True)
     assert call.n == 8
-    assert [api._seeded(call.op, i).seed for i in range(3)] == [7, 8, 9]
-    unseeded = api._parse({"model": "m", "prompt": "x", "n": 2}, chat=False).op
-    assert api._seeded(unseeded, 1).seed is None
-    assert api._seeded(api._parse({"model": "m", "prompt": "x", "seed": 2**32 - 1}, chat=False).op, 1).seed == 0
+    assert [routes.seeded(call.op, i).seed for i in range(3)] == [7, 8, 9]
+    unseeded = schema.parse({"model": "m", "prompt": "x", "n": 2}, chat=False).op
+    assert routes.seeded(unseeded, 1).seed is None
+    assert routes.seeded(schema.parse({"model": "m", "prompt": "x", "seed": 2**32 - 1}, chat=False).op, 1).seed == 0
 
 
 async def test_chat_n_answers_n_choices_with_usage_summed(tmp_path: Path) -> None:

@@ -17,9 +17,12 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from rbee import __version__
 from rbee.contracts.operations import Infer, parse_operation
 from rbee.errors import InvalidOperation
-from rbee.queen import openai as api
+from rbee.queen.openai import errors as openai_errors
+from rbee.queen.openai import format as openai_format
+from rbee.queen.openai import schema
 from rbee.worker.app import WorkerSettings, create_worker_app
 from rbee.worker.engine import FakeEngine, schema_grammar
 
@@ -29,18 +32,18 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 def _chat(**fields: Any) -> Infer:
-    return api._parse({"model": "m", "messages": CHAT, **fields}, chat=True).op
+    return schema.parse({"model": "m", "messages": CHAT, **fields}, chat=True).op
 
 
 def _completion(**fields: Any) -> Infer:
-    return api._parse({"model": "m", "prompt": "x", **fields}, chat=False).op
+    return schema.parse({"model": "m", "prompt": "x", **fields}, chat=False).op
 
 
 def _refused(fields: dict[str, Any], chat: bool = True) -> str | None:
     body = {"model": "m", **({"messages": CHAT} if chat else {"prompt": "x"}), **fields}
     with pytest.raises(InvalidOperation) as caught:
-        api._parse(body, chat=chat)
-    return api._param_name(caught.value.field)
+        schema.parse(body, chat=chat)
+    return openai_errors.param_name(caught.value.field)
 
 
 # -- requests ------------------------------------------------------------------
@@ -132,10 +135,10 @@ LP = [
 ]
 
 
-def _format(chat: bool, **fields: Any) -> api._Format:
+def _format(chat: bool, **fields: Any) -> openai_format.Format:
     op = _chat(**fields) if chat else _completion(**fields)
-    call = api._Call(op=op, chat=chat, model="m", stream=True, include_usage=False)
-    return api._Format(call, SimpleNamespace(id="job-abc-1", created_at=1.0))  # type: ignore[arg-type]
+    call = schema.Call(op=op, chat=chat, model="m", stream=True, include_usage=False)
+    return openai_format.Format(call, SimpleNamespace(id="job-abc-1", created_at=1.0))  # type: ignore[arg-type]
 
 
 def _data(chunk: bytes) -> dict[str, Any]:
@@ -152,7 +155,7 @@ def test_chat_logprobs_shape() -> None:
     assert choice["logprobs"] == {"content": LP, "refusal": None}
     plain = _data(fmt.token("x"))
     assert plain["choices"][0]["logprobs"] is None
-    assert plain["system_fingerprint"] == "rbee-" + api.__version__ + "-m"
+    assert plain["system_fingerprint"] == "rbee-" + __version__ + "-m"
     whole = fmt.whole("Hello", {"tokens_in": 5, "tokens_out": 2, "tokens_reused": 3}, LP)
     assert whole["choices"][0]["logprobs"]["content"] == LP
     assert whole["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
@@ -173,12 +176,12 @@ def test_completion_logprobs_shape_with_offsets_across_chunks() -> None:
 
 
 def test_a_worker_refusal_names_the_field_the_client_sent() -> None:
-    call = api._parse({"model": "m", "messages": CHAT, "response_format": {"type": "json_object"}}, chat=True)
+    call = schema.parse({"model": "m", "messages": CHAT, "response_format": {"type": "json_object"}}, chat=True)
     end = {"status": "failed", "error": {"kind": "invalid_operation", "message": "json_schema: no way"}}
-    body = json.loads(api._end_error_response(end, {}, call).body)
+    body = json.loads(openai_errors.end_error_response(end, {}, call).body)
     assert body["error"]["param"] == "response_format"
     end["error"]["message"] = "logit_bias: 99 is not a token"
-    assert json.loads(api._end_error_response(end, {}, call).body)["error"]["param"] == "logit_bias"
+    assert json.loads(openai_errors.end_error_response(end, {}, call).body)["error"]["param"] == "logit_bias"
 
 
 # -- the worker ----------------------------------------------------------------

@@ -19,8 +19,10 @@ import pytest
 from fastapi import FastAPI
 
 from rbee.errors import InvalidOperation
-from rbee.queen import openai as api
+from rbee.queen import tools
 from rbee.queen.app import QueenSettings, create_queen_app
+from rbee.queen.openai import errors as openai_errors
+from rbee.queen.openai import schema
 from rbee.worker.app import WorkerSettings, create_worker_app
 from rbee.worker.engine import FakeEngine
 
@@ -41,14 +43,14 @@ TIME = {"type": "function", "function": {"name": "get_time"}}
 CALL_PIECES = ['{"name": "get', '_weather", "arguments": ', '{"city": ', '"Par', 'is"}', "}"]
 
 
-def _parse(**fields: Any) -> api._Call:
-    return api._parse({"model": "m", "messages": CHAT, **fields}, chat=True)
+def _parse(**fields: Any) -> schema.Call:
+    return schema.parse({"model": "m", "messages": CHAT, **fields}, chat=True)
 
 
 def _refused(**fields: Any) -> str | None:
     with pytest.raises(InvalidOperation) as caught:
         _parse(**fields)
-    return api._param_name(caught.value.field)
+    return openai_errors.param_name(caught.value.field)
 
 
 # -- requests ---------------------------------------------------------------------
@@ -124,7 +126,7 @@ def test_bad_tools_name_the_field(fields: dict[str, Any], param: str) -> None:
 
 def test_completions_refuse_tools() -> None:
     with pytest.raises(InvalidOperation) as caught:
-        api._parse({"model": "m", "prompt": "x", "tools": [WEATHER]}, chat=False)
+        schema.parse({"model": "m", "prompt": "x", "tools": [WEATHER]}, chat=False)
     assert caught.value.field == "tools"
 
 
@@ -158,7 +160,7 @@ def test_tool_turns_go_through_the_template_as_text() -> None:
 
 
 def test_call_stream_sends_the_name_then_the_arguments() -> None:
-    calls = api._CallStream()
+    calls = tools.CallStream()
     deltas = [d for piece in CALL_PIECES for d in calls.feed(piece)] + calls.finish()
     assert deltas[0] == {
         "index": 0,

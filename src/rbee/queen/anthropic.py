@@ -78,23 +78,21 @@ from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import invalid as _invalid
 from rbee.queen.bodies import number as _number
 from rbee.queen.bodies import queen_state as _state
-from rbee.queen.openai import (
-    _STATUS_BY_KIND,
-    _TOOL_NAME,
-    JOB_ID_HEADER,
-    _CallStream,
-    _collect,
-    _Events,
-    _job_events,
-    _json_body,
-    _parse_tool_call,
-    _release,
-    _renders_tools,
-    _Tools,
-    _unless_disconnected,
-    _with_instructions,
-)
+from rbee.queen.openai.errors import STATUS_BY_KIND as _STATUS_BY_KIND
 from rbee.queen.scheduler import COUNT_TIMEOUT_S
+from rbee.queen.tools import TOOL_NAME as _TOOL_NAME
+from rbee.queen.tools import CallStream as _CallStream
+from rbee.queen.tools import Tools as _Tools
+from rbee.queen.tools import parse_tool_call as _parse_tool_call
+from rbee.queen.tools import with_instructions as _with_instructions
+from rbee.queen.translate import JOB_ID_HEADER
+from rbee.queen.translate import Events as _Events
+from rbee.queen.translate import collect as _collect
+from rbee.queen.translate import job_events as _job_events
+from rbee.queen.translate import json_body as _json_body
+from rbee.queen.translate import release as _release
+from rbee.queen.translate import renders_tools as _renders_tools
+from rbee.queen.translate import unless_disconnected as _unless_disconnected
 
 if TYPE_CHECKING:
     from rbee.queen.app import QueenState

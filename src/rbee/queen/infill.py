@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from rbee import errors
@@ -45,28 +44,20 @@ from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import invalid as _invalid
 from rbee.queen.bodies import number as _number
 from rbee.queen.bodies import queen_state as _state
-from rbee.queen.openai import (
-    _COMPLETION_ERRORS,
-    _FIELD_PREFIX,
-    _INFORMATIONAL_LLAMA_CPP,
-    _NOTHING_ASKED,
-    _UNSUPPORTED,
+from rbee.queen.openai.errors import FIELD_PREFIX, error_chunk, error_response, rbee_error_response, status_of
+from rbee.queen.openai.routes import COMPLETION_ERRORS
+from rbee.queen.openai.schema import INFORMATIONAL_LLAMA_CPP, NOTHING_ASKED, UNSUPPORTED, said, same
+from rbee.queen.translate import (
     JOB_ID_HEADER,
-    _collect,
-    _error_chunk,
-    _error_response,
-    _Events,
-    _job_events,
-    _json_body,
-    _ping,
-    _rbee_error_response,
-    _release,
-    _said,
-    _same,
-    _status_of,
-    _unless_disconnected,
+    Events,
+    collect,
+    job_events,
+    json_body,
+    release,
     to_the_context,
+    unless_disconnected,
 )
+from rbee.server.sse import EventStream
 
 if TYPE_CHECKING:
     from rbee.queen.app import QueenState
@@ -133,16 +124,16 @@ def _extra(raw: Any) -> list[dict[str, str]]:
 
 def _refuse_unknown(body: dict[str, Any]) -> None:
     for name in body:
-        if name in _READ or name in _INFORMATIONAL_LLAMA_CPP:
+        if name in _READ or name in INFORMATIONAL_LLAMA_CPP:
             continue
-        if name in _UNSUPPORTED:
+        if name in UNSUPPORTED:
             value = body[name]
-            if value is None or any(_same(value, off) for off in _NOTHING_ASKED.get(name, ())):
+            if value is None or any(same(value, off) for off in NOTHING_ASKED.get(name, ())):
                 continue
-            raise errors.InvalidOperation(f"{name}: {_UNSUPPORTED[name]}", field=name, code="unsupported_parameter")
+            raise errors.InvalidOperation(f"{name}: {UNSUPPORTED[name]}", field=name, code="unsupported_parameter")
         raise errors.InvalidOperation(
-            f"Unrecognized request argument supplied: {_said(str(name))}",
-            field=_said(str(name)),
+            f"Unrecognized request argument supplied: {said(str(name))}",
+            field=said(str(name)),
             code="unknown_parameter",
         )
 
@@ -290,7 +281,7 @@ def _chunk(value: dict[str, Any]) -> bytes:
 
 
 async def _stream(
-    state: QueenState, job: Job, call: _Call, first: tuple[str, Any], events: _Events
+    state: QueenState, job: Job, call: _Call, first: tuple[str, Any], events: Events
 ) -> AsyncIterator[bytes]:
     try:
         parts: list[str] = []
@@ -305,9 +296,9 @@ async def _stream(
             final = _final(call, "".join(parts), data)
             yield _chunk({**final, "content": ""} if "content" in final else final)
         else:
-            yield _error_chunk(data)  # the failure is the last thing said
+            yield error_chunk(data)  # the failure is the last thing said
     finally:
-        await _release(state, job, events)
+        await release(state, job, events)
 
 
 def _end_error(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
@@ -317,24 +308,24 @@ def _end_error(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
     message = str(error.get("message") or f"the job ended {end.get('status')}")
     param = None
     if kind == "invalid_operation":
-        named = _FIELD_PREFIX.match(message)
+        named = FIELD_PREFIX.match(message)
         if named is not None:
             renamed = _renamed(errors.InvalidOperation(message, field=named.group(1)))
             message, param = renamed.message, renamed.field
-    return _error_response(message, status=_status_of(kind), code=kind, param=param, headers=headers)
+    return error_response(message, status=status_of(kind), code=kind, param=param, headers=headers)
 
 
 async def _infill(request: Request) -> Response:
     state = _state(request)
     try:
-        call = _parse(await _json_body(request))
+        call = _parse(await json_body(request))
         if call.to_the_context:
             call = replace(call, op=await to_the_context(state, call.op, "input_prefix"))
         job = await state.jobs.submit(call.op)
     except errors.InvalidOperation as exc:
-        return _rbee_error_response(_renamed(exc))
+        return rbee_error_response(_renamed(exc))
     except errors.RbeeError as exc:
-        return _rbee_error_response(exc)
+        return rbee_error_response(exc)
     with bound(job, actor="queen"):
         files = len(call.op.infill_files)
         narrate(
@@ -346,34 +337,32 @@ async def _infill(request: Request) -> Response:
             files=files,
         )
     headers = {JOB_ID_HEADER: job.id}
-    events = _job_events(job)
+    events = job_events(job)
     first: Any
     try:
-        work = anext(events) if call.stream else _collect(events)
-        present, first = await _unless_disconnected(request, work)
+        work = anext(events) if call.stream else collect(events)
+        present, first = await unless_disconnected(request, work)
     except BaseException:
-        await _release(state, job, events)
+        await release(state, job, events)
         raise
     if not present or first is None:
-        await _release(state, job, events)
+        await release(state, job, events)
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
-        await _release(state, job, events)
+        await release(state, job, events)
         text, end = first
         if end.get("status") != "completed":
             return _end_error(end, headers)
         return JSONResponse(_final(call, text, end), headers=headers)
     kind, data = first
     if kind == "end" and data.get("status") != "completed":
-        await _release(state, job, events)
+        await release(state, job, events)
         return _end_error(data, headers)
-    return EventSourceResponse(
+    return EventStream(
         _stream(state, job, call, first, events),
-        ping=state.settings.ping_interval_s,
-        ping_message_factory=_ping,
-        sep="\n",
-        headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(_release, state, job, events),
+        ping_s=state.settings.ping_interval_s,
+        headers=headers,
+        background=BackgroundTask(release, state, job, events),
     )
 
 
@@ -405,7 +394,7 @@ def infill_router() -> APIRouter:
         _PATH,
         summary="Fill in the middle (llama.cpp server's /infill), for models with FIM tokens",
         response_model=None,
-        responses={200: {"content": {"text/event-stream": {}}}, **_COMPLETION_ERRORS},
+        responses={200: {"content": {"text/event-stream": {}}}, **COMPLETION_ERRORS},
         openapi_extra=_body_schema(_BODY),
     )
     async def infill(request: Request) -> Response:

@@ -77,25 +77,22 @@ from rbee.narration import bound, narrate
 from rbee.queen import toolcalls
 from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import queen_state as _state
-from rbee.queen.openai import (
-    DEFAULT_CHAT_MAX_TOKENS,
-    JOB_ID_HEADER,
-    _abandon,
-    _collect,
-    _job_events,
-    _json_body,
-    _parse_tool_call,
-    _renders_tools,
-    _status_of,
-    _Tools,
-    _unless_disconnected,
-    _with_instructions,
-)
-from rbee.queen.openai import _tools as _openai_tools
+from rbee.queen.openai.errors import status_of as _status_of
 from rbee.queen.state import QueenState
 
 # tokens.py's worker selection and call (private there): a ready worker of the model, the least busy.
 from rbee.queen.tokens import _forward as _worker_call
+from rbee.queen.tools import Tools as _Tools
+from rbee.queen.tools import parse_tool_call as _parse_tool_call
+from rbee.queen.tools import parse_tools as _openai_tools
+from rbee.queen.tools import with_instructions as _with_instructions
+from rbee.queen.translate import DEFAULT_CHAT_MAX_TOKENS, JOB_ID_HEADER
+from rbee.queen.translate import abandon as _abandon
+from rbee.queen.translate import collect as _collect
+from rbee.queen.translate import job_events as _job_events
+from rbee.queen.translate import json_body as _json_body
+from rbee.queen.translate import renders_tools as _renders_tools
+from rbee.queen.translate import unless_disconnected as _unless_disconnected
 
 __all__ = ["OLLAMA_VERSION", "ollama_router"]
 

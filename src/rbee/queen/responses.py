@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from rbee import errors
@@ -60,25 +59,22 @@ from rbee.narration import bound, narrate
 from rbee.queen.bodies import invalid as _invalid
 from rbee.queen.bodies import number as _number
 from rbee.queen.bodies import queen_state as _state
-from rbee.queen.openai import (
-    _COMPLETION_ERRORS,
+from rbee.queen.openai.errors import end_error_response, error_response, rbee_error_response, status_of
+from rbee.queen.openai.routes import COMPLETION_ERRORS
+from rbee.queen.openai.schema import said
+from rbee.queen.translate import (
     DEFAULT_CHAT_MAX_TOKENS,
     JOB_ID_HEADER,
     REQUEST_ID_HEADER,
-    _collect,
-    _end_error_response,
-    _error_response,
-    _Events,
-    _job_events,
-    _json_body,
-    _ping,
-    _rbee_error_response,
-    _release,
-    _said,
-    _status_of,
-    _unless_disconnected,
+    Events,
+    collect,
+    job_events,
+    json_body,
+    release,
     to_the_context,
+    unless_disconnected,
 )
+from rbee.server.sse import EventStream
 
 if TYPE_CHECKING:
     from rbee.queen.app import QueenState
@@ -228,7 +224,7 @@ _UNSUPPORTED = {
 
 def _refuse_unknown(body: dict[str, Any]) -> None:
     """As OpenAI answers a parameter it does not know: 400 ``unknown_parameter`` naming it."""
-    unknown = [_said(str(k)) for k in body if k not in _HONOURED | _INFORMATIONAL | set(_UNSUPPORTED)]
+    unknown = [said(str(k)) for k in body if k not in _HONOURED | _INFORMATIONAL | set(_UNSUPPORTED)]
     if unknown:
         which = "argument" if len(unknown) == 1 else "arguments"
         raise errors.InvalidOperation(
@@ -437,11 +433,11 @@ def _failure(end: dict[str, Any]) -> dict[str, Any]:
     error = end.get("error") or {}
     kind = str(error.get("kind") or end.get("status") or "internal")
     message = str(error.get("message") or f"the job ended {end.get('status')}")
-    return {"code": "server_error" if _status_of(kind) >= 500 else kind, "message": message}
+    return {"code": "server_error" if status_of(kind) >= 500 else kind, "message": message}
 
 
 async def _stream(
-    state: QueenState, job: Job, answer: _Answer, first: tuple[str, Any], events: _Events
+    state: QueenState, job: Job, answer: _Answer, first: tuple[str, Any], events: Events
 ) -> AsyncIterator[bytes]:
     try:
         seq = 0
@@ -484,7 +480,7 @@ async def _stream(
         name = "response.incomplete" if whole["status"] == "incomplete" else "response.completed"
         yield event(name, {"response": whole})
     finally:
-        await _release(state, job, events)
+        await release(state, job, events)
 
 
 # -- endpoints -----------------------------------------------------------------
@@ -497,13 +493,13 @@ def _request_id() -> str:
 async def _create(request: Request) -> Response:
     state = _state(request)
     try:
-        body = await _json_body(request)
+        body = await json_body(request)
         call = _parse(body, _previous(state, body))
         if call.to_the_context:
             call = replace(call, op=await to_the_context(state, call.op, "input"))
         job = await state.jobs.submit(call.op)
     except errors.RbeeError as exc:
-        return _rbee_error_response(exc, {REQUEST_ID_HEADER: _request_id()})
+        return rbee_error_response(exc, {REQUEST_ID_HEADER: _request_id()})
     with bound(job, actor="queen"):
         narrate(
             "openai_request",
@@ -513,18 +509,18 @@ async def _create(request: Request) -> Response:
         )
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
     answer = _Answer(job.id, job.created_at, call.model, call.echo)
-    events = _job_events(job)
+    events = job_events(job)
     first: Any
     try:
         if call.stream:
-            present, first = await _unless_disconnected(request, anext(events))
+            present, first = await unless_disconnected(request, anext(events))
         else:
-            present, first = await _unless_disconnected(request, _collect(events))
+            present, first = await unless_disconnected(request, collect(events))
     except BaseException:
-        await _release(state, job, events)
+        await release(state, job, events)
         raise
     if not present or first is None:
-        await _release(state, job, events)
+        await release(state, job, events)
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
         text, end = first
@@ -535,13 +531,11 @@ async def _create(request: Request) -> Response:
     if kind == "end" and data.get("status") != "completed":
         await events.aclose()
         return _end_error(data, headers)
-    return EventSourceResponse(
+    return EventStream(
         _stream(state, job, answer, first, events),
-        ping=state.settings.ping_interval_s,
-        ping_message_factory=_ping,
-        sep="\n",
-        headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(_release, state, job, events),
+        ping_s=state.settings.ping_interval_s,
+        headers=headers,
+        background=BackgroundTask(release, state, job, events),
     )
 
 
@@ -554,8 +548,8 @@ def _end_error(end: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
         for name, new in _RENAMED.items():
             if message.startswith(f"{name}: "):
                 message = new + message[len(name) :]
-                return _error_response(message, status=400, code="invalid_operation", param=new, headers=headers)
-    return _end_error_response(end, headers)
+                return error_response(message, status=400, code="invalid_operation", param=new, headers=headers)
+    return end_error_response(end, headers)
 
 
 def _previous(state: QueenState, body: Any) -> list[dict[str, str]] | None:
@@ -590,7 +584,7 @@ def _previous(state: QueenState, body: Any) -> list[dict[str, str]] | None:
 
 def _not_found(response_id: str) -> JSONResponse:
     message = f"no response with id {response_id!r}"
-    return _error_response(message, status=404, code="not_found", param="response_id")
+    return error_response(message, status=404, code="not_found", param="response_id")
 
 
 def _from_history(state: QueenState, response_id: str) -> dict[str, Any] | None:
@@ -673,7 +667,7 @@ _BODY = {
 _CREATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}},
     409: {"description": "the job was cancelled"},
-    **_COMPLETION_ERRORS,
+    **COMPLETION_ERRORS,
 }
 
 

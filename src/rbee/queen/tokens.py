@@ -32,7 +32,8 @@ from rbee import errors
 from rbee.contracts.operations import DEFAULT_MODEL, Infer
 from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import queen_state as _state
-from rbee.queen.openai import _json_body, _rbee_error_response
+from rbee.queen.openai.errors import rbee_error_response as _rbee_error_response
+from rbee.queen.translate import json_body as _json_body
 from rbee.worker.app import MAX_EMBED_INPUTS, DetokenizeBody, TokenizeBody
 
 if TYPE_CHECKING:
