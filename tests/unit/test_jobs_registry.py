@@ -16,6 +16,7 @@ from rbee.contracts.operations import Infer, OperationBase, Status
 from rbee.errors import JobConflict, JobNotFound, QueueFull, WorkerFailed
 from rbee.jobs import JobRegistry, current_job, emit_progress, emit_result, emit_token, set_end_fields
 from rbee.jobs.job import Job
+from rbee.jobs.registry import JobHooks
 from rbee.narration import narrate
 
 Exec = Callable[[OperationBase], Awaitable[Any]]
@@ -368,28 +369,55 @@ async def test_current_job_is_the_running_job_and_absent_outside(registry: JobRe
 # -- bookkeeping hooks ---------------------------------------------------------------
 
 
-async def test_hooks_see_creation_and_the_end_event() -> None:
-    created: list[str] = []
-    ended: list[tuple[str, str]] = []
-    registry = JobRegistry(
-        actor="test",
-        on_create=lambda job: created.append(job.id),
-        on_end=lambda job, end: ended.append((job.id, end["status"])),
-    )
+class _Log(JobHooks):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def on_accepted(self, job: Job) -> None:
+        self.seen.append(("accepted", job.id, job.status.value))
+
+    def on_started(self, job: Job) -> None:
+        self.seen.append(("started", job.id, job.status.value))
+
+    def on_finished(self, job: Job, end: dict[str, Any]) -> None:
+        self.seen.append(("finished", job.id, end["status"]))
+
+
+async def test_hooks_see_each_step_of_a_job_in_order() -> None:
+    first, second = _Log(), _Log()
+    registry = JobRegistry(actor="test", hooks=[first, second])
 
     async def executor(op: OperationBase) -> None:
         raise WorkerFailed("no")
 
     job = await run(registry, executor)
-    assert created == [job.id]
-    assert ended == [(job.id, "failed")]
+    expected = [("accepted", job.id, "queued"), ("started", job.id, "running"), ("finished", job.id, "failed")]
+    assert first.seen == expected and second.seen == expected
 
 
-async def test_failing_end_hook_does_not_change_the_outcome() -> None:
-    def broken(job: Job, end: dict[str, Any]) -> None:
-        raise RuntimeError("disk full")
+async def test_a_job_cancelled_before_it_ran_finishes_without_starting() -> None:
+    log = _Log()
+    registry = JobRegistry(actor="test", hooks=[log])
 
-    registry = JobRegistry(actor="test", on_end=broken)
+    async def executor(op: OperationBase) -> None:
+        return None
+
+    job = registry.submit(Status(), executor)
+    registry.cancel(job.id)
+    await registry.wait(job)
+    assert log.seen == [("accepted", job.id, "queued"), ("finished", job.id, "cancelled")]
+
+
+async def test_failing_hook_does_not_change_the_outcome_nor_the_other_hooks() -> None:
+    class Broken(JobHooks):
+        def on_accepted(self, job: Job) -> None:
+            raise RuntimeError("disk full")
+
+        def on_finished(self, job: Job, end: dict[str, Any]) -> None:
+            raise RuntimeError("disk full")
+
+    log = _Log()
+    registry = JobRegistry(actor="test", hooks=[Broken(), log])
 
     async def executor(op: OperationBase) -> None:
         return None
@@ -397,6 +425,7 @@ async def test_failing_end_hook_does_not_change_the_outcome() -> None:
     job = await run(registry, executor)
     assert end_of(job)["status"] == "completed"
     assert registry.live == 0
+    assert [step for step, _, _ in log.seen] == ["accepted", "started", "finished"]
 
 
 # -- cleanup and scale ----------------------------------------------------------------

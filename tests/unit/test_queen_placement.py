@@ -148,9 +148,7 @@ async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 def make_queen(telemetry: Telemetry, hive: FakeHive, http: httpx.AsyncClient) -> Queen:
     scheduler = Scheduler(telemetry, http, spawn_timeout_s=10)
-    registry = JobRegistry(
-        actor="queen", on_create=scheduler.job_created, on_end=lambda job, end: scheduler.job_ended(job)
-    )
+    registry = JobRegistry(actor="queen", hooks=[scheduler])
     return Queen(scheduler, hive, registry)
 
 

@@ -15,9 +15,10 @@ from fastapi import FastAPI
 from rbee.contracts.cluster import Heartbeat, ModelReport, WorkerReport
 from rbee.contracts.operations import Infer
 from rbee.jobs.job import Job
+from rbee.jobs.timeline import Step
 from rbee.queen.app import QueenSettings, create_queen_app
-from rbee.queen.telemetry import Telemetry
-from rbee.queen.web import JobWatch, cluster_snapshot, snapshot_events
+from rbee.queen.placements import Placement, Placements
+from rbee.queen.web import cluster_snapshot, snapshot_events
 
 TOKEN = "web-unit-test-token-0123456789"
 pytestmark = pytest.mark.timeout(30)
@@ -68,7 +69,7 @@ async def test_page_shell_is_served_without_the_token_and_nothing_else_is(app: F
 async def test_snapshot_names_models_as_people_type_them_and_the_busy_worker(app: FastAPI) -> None:
     state = app.state.queen
     state.telemetry.heartbeat(_beat(worker_state="busy"))
-    snap = cluster_snapshot(state)
+    snap = cluster_snapshot(state.page)
     assert [h["hive_id"] for h in snap["hives"]] == ["alpha"]
     assert "last_heartbeat_s_ago" not in snap["hives"][0]  # aged by the page, so unchanged snapshots compare equal
     assert snap["models"] == [
@@ -77,13 +78,13 @@ async def test_snapshot_names_models_as_people_type_them_and_the_busy_worker(app
     # The hive's report is a heartbeat old; the queen knows the worker runs nothing now.
     assert snap["workers"][0]["state"] == "ready"
     assert snap["workers"][0]["current_job"] is None
-    assert cluster_snapshot(state) == snap
+    assert cluster_snapshot(state.page) == snap
 
 
 async def test_snapshots_are_sent_when_a_job_starts_and_ends_without_waiting_for_the_tick(app: FastAPI) -> None:
     state = app.state.queen
     # A tick far longer than the test: only notifications can wake the stream.
-    frames = snapshot_events(state, tick_s=60, keepalive_s=60)
+    frames = snapshot_events(state.page, tick_s=60, keepalive_s=60)
     try:
         first: Any = await asyncio.wait_for(anext(frames), 5)
         assert first.event == "cluster" and json.loads(first.data)["jobs"] == []
@@ -104,7 +105,7 @@ async def test_forgotten_hive_leaves_the_next_snapshot(app: FastAPI) -> None:
     state = app.state.queen
     state.telemetry.heartbeat(_beat("alpha"))
     state.telemetry.heartbeat(_beat("beta"))
-    frames = snapshot_events(state, tick_s=60, keepalive_s=60)
+    frames = snapshot_events(state.page, tick_s=60, keepalive_s=60)
     try:
         snap = json.loads((await asyncio.wait_for(anext(frames), 5)).data)
         assert {h["hive_id"] for h in snap["hives"]} == {"alpha", "beta"}
@@ -116,15 +117,31 @@ async def test_forgotten_hive_leaves_the_next_snapshot(app: FastAPI) -> None:
         await frames.aclose()
 
 
-async def test_job_watch_finds_the_worker_of_a_job_first_read_after_its_tokens() -> None:
-    watch = JobWatch(Telemetry())
+async def test_placements_say_where_a_job_is_and_tokens_make_it_first_token() -> None:
+    woken: list[None] = []
+    placements = Placements(notify=lambda: woken.append(None))
     job = Job("job-1", Infer(prompt="hello"))
-    watch.created(job)
-    job.add_narration({"actor": "queen", "action": "infer_queued"})
-    job.add_narration({"actor": "queen", "action": "infer_worker", "worker_id": "worker-1", "hive_id": "alpha"})
-    job.add_narration({"actor": "worker", "action": "infer_start"})
+    placements.on_accepted(job)
+    [live] = placements.live()
+    assert (live.step, live.worker_id) == (Step.CREATED, None)
+    placements.step(job.id, Step.QUEUED)
+    placements.placed(Placement(job.id, "alpha", "worker-1", attempt=1))
+    assert (live.step, live.worker_id, live.hive_id) == (Step.PLACED, "worker-1", "alpha")
     await job.add_token("hi")
-    [live] = watch.live()
-    assert (live.worker_id, live.hive_id, live.phase) == ("worker-1", "alpha", "streaming")
-    watch.ended(job, {})
-    assert watch.live() == []
+    assert live.step is Step.FIRST_TOKEN
+    placements.on_finished(job, {})
+    assert placements.live() == [] and len(woken) == 2
+
+
+async def test_the_page_shows_the_worker_the_scheduler_placed_a_job_on(app: FastAPI) -> None:
+    state = app.state.queen
+    state.telemetry.heartbeat(_beat())
+    job = Job("job-1", Infer(prompt="hello", model="gemma3-270m"))
+    state.store.created(job)
+    state.placements.on_accepted(job)
+    state.placements.placed(Placement(job.id, "alpha", "worker-1"))
+    # Narration says nothing of it: the page reads what the scheduler published, not the job's log.
+    snap = cluster_snapshot(state.page)
+    [shown] = [j for j in snap["jobs"] if j["job_id"] == job.id]
+    assert (shown["worker_id"], shown["hive_id"], shown["phase"]) == ("worker-1", "alpha", "worker chosen")
+    assert snap["workers"][0]["current_job"] == job.id and snap["workers"][0]["state"] == "busy"

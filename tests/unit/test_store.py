@@ -31,7 +31,7 @@ def store(db: Path) -> Iterator[JobStore]:
 
 
 def registry_for(store: JobStore) -> JobRegistry:
-    return JobRegistry(actor="queen", on_create=store.created, on_end=store.ended)
+    return JobRegistry(actor="queen", hooks=[store])
 
 
 async def run(registry: JobRegistry, op: OperationBase, executor: Any) -> Job:

@@ -26,6 +26,7 @@ from typing import Any
 from rbee.contracts.events import TERMINAL, JobStatus
 from rbee.contracts.operations import OperationBase
 from rbee.errors import JobConflict
+from rbee.jobs.record import JobRecord
 
 __all__ = ["Job", "TOKEN_WINDOW", "NARRATION_CAP", "STALL_LIMIT_S", "Event", "Cursor"]
 
@@ -67,6 +68,7 @@ class Job:
         "_waiters",
         "cancel_reason",
         "created_at",
+        "duration_ms",
         "end_fields",
         "error",
         "events",
@@ -91,6 +93,7 @@ class Job:
         self._t0 = time.perf_counter()
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self.duration_ms: float | None = None
         self.timeout_s = timeout_s
         self.error: dict[str, Any] | None = None
         self.end_fields: dict[str, Any] = {}
@@ -130,21 +133,32 @@ class Job:
         elif new in TERMINAL:
             self.finished_at = now
 
+    def record(self) -> JobRecord:
+        """The job's record as it stands now (without its payload and text, which the caller adds when asked)."""
+        fields = dict(self.end_fields)
+        tokens_in = fields.pop("tokens_in", None)
+        tokens_out = fields.pop("tokens_out", self.tokens or None)
+        return JobRecord(
+            job_id=self.id,
+            operation=self.operation.name,
+            status=self.status.value,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            duration_ms=self.duration_ms,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            error=self.error,
+            events=len(self.events),
+            tokens=self.tokens,
+            narration_dropped=self.narration_dropped,
+            result=self.result,
+            extra=fields,
+        )
+
     def summary(self) -> dict[str, Any]:
-        return {
-            "job_id": self.id,
-            "operation": self.operation.name,
-            "status": self.status.value,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "error": self.error,
-            "tokens": self.tokens,
-            "events": len(self.events),
-            "narration_dropped": self.narration_dropped,
-            **({"result": self.result} if self.result is not None else {}),
-            **self.end_fields,
-        }
+        """The record's JSON (``GET /v1/jobs/{id}``)."""
+        return self.record().to_wire()
 
     # -- producing ---------------------------------------------------------
 
@@ -234,11 +248,12 @@ class Job:
         if not self.done:
             self.transition(status)
         self.error = error
+        self.duration_ms = round(self.elapsed_ms(), 3)
         end = {
             "job_id": self.id,
             "status": self.status.value,
             "error": error,
-            "duration_ms": round(self.elapsed_ms(), 3),
+            "duration_ms": self.duration_ms,
             "narration_dropped": self.narration_dropped,
             **self.end_fields,
         }

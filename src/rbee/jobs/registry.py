@@ -24,7 +24,16 @@ from rbee.errors import JobCancelled, JobConflict, JobNotFound, JobTimedOut, Que
 from rbee.jobs.job import Job
 from rbee.narration import narrate
 
-__all__ = ["JobRegistry", "Executor", "current_job", "emit_token", "emit_progress", "emit_result", "set_end_fields"]
+__all__ = [
+    "JobRegistry",
+    "JobHooks",
+    "Executor",
+    "current_job",
+    "emit_token",
+    "emit_progress",
+    "emit_result",
+    "set_end_fields",
+]
 
 Executor = Callable[[OperationBase], Awaitable[Any]]
 
@@ -60,6 +69,30 @@ def set_end_fields(**fields: Any) -> None:
     current_job().end_fields.update(fields)
 
 
+class JobHooks:
+    """What a part of a server learns of each job's life: override the steps it uses.
+
+    Every hook is called on the event loop, in the order the hooks were given:
+
+    * :meth:`on_accepted`: the job exists (inside the request that created it,
+      so the caller is known) and its task has not run yet;
+    * :meth:`on_started`: its task began running it;
+    * :meth:`on_finished`: its ``end`` event is in the log (``end`` is its data).
+      A job cancelled before it ever ran finishes without starting.
+
+    A hook that raises is logged and does not change the job or the other hooks.
+    """
+
+    def on_accepted(self, job: Job) -> None:
+        """The job was created; its task has not run yet."""
+
+    def on_started(self, job: Job) -> None:
+        """The job's task began running it."""
+
+    def on_finished(self, job: Job, end: dict[str, Any]) -> None:
+        """The job ended; ``end`` is its ``end`` event's data."""
+
+
 class JobRegistry:
     """All jobs of one server, each with exactly one owned task."""
 
@@ -69,14 +102,13 @@ class JobRegistry:
         actor: str,
         ttl_s: float = 600.0,
         max_live_jobs: int = 100_000,
-        on_create: Callable[[Job], None] | None = None,
-        on_end: Callable[[Job, dict[str, Any]], None] | None = None,
+        hooks: Sequence[JobHooks] = (),
     ) -> None:
         self.actor = actor
         self.ttl_s = ttl_s
         self.max_live_jobs = max_live_jobs
-        self.on_create = on_create
-        self.on_end = on_end
+        #: Told of every job's steps, in this order (see :class:`JobHooks`).
+        self.hooks: list[JobHooks] = list(hooks)
         self._jobs: dict[str, Job] = {}
         self._live = 0
 
@@ -118,8 +150,7 @@ class JobRegistry:
         job = Job(f"job-{uuid.uuid4()}", operation, timeout_s=timeout_s)
         self._jobs[job.id] = job
         self._live += 1
-        if self.on_create is not None:
-            self.on_create(job)
+        self._tell(job, "on_accepted", lambda hook: hook.on_accepted(job))
         ctx = contextvars.copy_context()
         ctx.run(self._bind, job)
         job.task = asyncio.get_running_loop().create_task(self._run(job, executor), name=job.id, context=ctx)
@@ -129,12 +160,20 @@ class JobRegistry:
         _current.set(job)
         narration.bind_in_context(job, self.actor)
 
+    def _tell(self, job: Job, step: str, call: Callable[[JobHooks], None]) -> None:
+        for hook in self.hooks:
+            try:
+                call(hook)
+            except Exception:  # bookkeeping must not change the outcome
+                narration.log().error(f"{step} hook failed", job_id=job.id, traceback=traceback.format_exc())
+
     async def _run(self, job: Job, executor: Executor) -> None:
         status = JobStatus.COMPLETED
         error: dict[str, Any] | None = None
         cancelled_by_owner = False
         try:
             job.transition(JobStatus.RUNNING)
+            self._tell(job, "on_started", lambda hook: hook.on_started(job))
             narrate("job_start", f"Running {job.operation.name}", operation=job.operation.name)
             async with asyncio.timeout(job.timeout_s) as deadline:
                 try:
@@ -181,11 +220,7 @@ class JobRegistry:
             pass
         end = job.finish(status, error)
         self._live -= 1
-        if self.on_end is not None:
-            try:
-                self.on_end(job, end)
-            except Exception:  # bookkeeping must not change the outcome
-                narration.log().error("on_end failed", job_id=job.id, traceback=traceback.format_exc())
+        self._tell(job, "on_finished", lambda hook: hook.on_finished(job, end))
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> Job:
         """Cancel a running job. A finished job raises :class:`JobConflict`."""

@@ -7,14 +7,12 @@ all declare, written once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 
 from rbee import errors
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
+from rbee.queen.state import QueenState
 
 __all__ = ["body_schema", "invalid", "number", "queen_state"]
 

@@ -1,16 +1,16 @@
 """Prometheus metrics of the queen (``GET /metrics``), names prefixed ``rbee_``.
 
-Counters and histograms are updated when a job ends; gauges (live jobs, queue
-depth, hives and workers by state, active streams) are read from the queen's
-state at scrape time, so they can never drift from it. The registry belongs to
-the app (built in the lifespan), not to the process.
+Counters and histograms are updated when a job ends (a job hook); gauges (live
+jobs, queue depth, hives and workers by state, active streams) are read at
+scrape time from the parts that hold them, so they can never drift from them.
+The registry belongs to the app (built in the lifespan), not to the process.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PCounter
@@ -18,9 +18,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rbee.jobs.job import Job
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
+from rbee.jobs.registry import JobHooks, JobRegistry
+from rbee.queen.scheduler import Scheduler
+from rbee.queen.telemetry import Telemetry
 
 __all__ = ["QueenMetrics", "CONTENT_TYPE"]
 
@@ -28,21 +28,25 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Live(Collector):
-    def __init__(self, state: QueenState) -> None:
-        self.state = state
+    def __init__(
+        self, registry: JobRegistry, scheduler: Scheduler, telemetry: Telemetry, streams: Callable[[], int]
+    ) -> None:
+        self.registry = registry
+        self.scheduler = scheduler
+        self.telemetry = telemetry
+        self.streams = streams
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.state
         jobs = GaugeMetricFamily("rbee_jobs", "Jobs in memory by operation and state", labels=["operation", "state"])
-        counts = Counter((j.operation.name, j.status.value) for j in state.registry.list(limit=len(state.registry)))
+        counts = Counter((j.operation.name, j.status.value) for j in self.registry.list(limit=len(self.registry)))
         for (op, st), n in sorted(counts.items()):
             jobs.add_metric([op, st], n)
         yield jobs
         queue = GaugeMetricFamily("rbee_queue_depth", "Jobs waiting for a worker, per model", labels=["model"])
-        for model, depth in sorted(state.scheduler.queue_depths().items()):
+        for model, depth in sorted(self.scheduler.queue_depths().items()):
             queue.add_metric([model], depth)
         yield queue
-        snap = state.telemetry.snapshot()
+        snap = self.telemetry.snapshot()
         hives = GaugeMetricFamily("rbee_hives", "Hives by state", labels=["state"])
         for st, n in sorted(Counter(h["state"] for h in snap["hives"]).items()):
             hives.add_metric([st], n)
@@ -51,11 +55,15 @@ class _Live(Collector):
         for st, n in sorted(Counter(w["state"] for w in snap["workers"]).items()):
             workers.add_metric([st], n)
         yield workers
-        yield GaugeMetricFamily("rbee_active_streams", "Open job event streams", value=state.jobs.active_streams)
+        yield GaugeMetricFamily("rbee_active_streams", "Open job event streams", value=self.streams())
 
 
-class QueenMetrics:
-    def __init__(self, state: QueenState) -> None:
+class QueenMetrics(JobHooks):
+    """The queen's metrics: ``streams`` says how many job event streams are open."""
+
+    def __init__(
+        self, registry: JobRegistry, scheduler: Scheduler, telemetry: Telemetry, streams: Callable[[], int]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.jobs_finished = PCounter(
             "rbee_jobs_finished",
@@ -79,9 +87,9 @@ class QueenMetrics:
             buckets=(1, 5, 10, 20, 40, 60, 100, 200, 500, 1000),
             registry=self.registry,
         )
-        self.registry.register(_Live(state))
+        self.registry.register(_Live(registry, scheduler, telemetry, streams))
 
-    def job_ended(self, job: Job, end: dict[str, Any]) -> None:
+    def on_finished(self, job: Job, end: dict[str, Any]) -> None:
         self.jobs_finished.labels(job.operation.name, end["status"]).inc()
         if end.get("narration_dropped"):
             self.narration_dropped.inc(end["narration_dropped"])

@@ -18,7 +18,7 @@ from rbee.contracts.operations import OperationBase
 from rbee.jobs.client import JobClient, StreamBroken, Unreachable
 from rbee.jobs.registry import current_job
 
-__all__ = ["relay_job", "raise_for_end", "RemoteEnd", "TokenTrail"]
+__all__ = ["relay_job", "raise_for_end", "cancel_remote", "RemoteEnd", "TokenTrail"]
 
 RemoteEnd = dict[str, Any]
 
@@ -95,7 +95,7 @@ async def _submit(
         except BaseException:
             submitting.cancel()
             raise asyncio.CancelledError from None
-        await _cancel_remote(client, remote_id)
+        await cancel_remote(client, remote_id)
         raise
 
 
@@ -136,7 +136,7 @@ async def _follow(
     except (StreamBroken, Unreachable) as exc:
         raise lost(f"{where} went away: {exc.message}") from None
     except asyncio.CancelledError:
-        await _cancel_remote(client, remote_id)
+        await cancel_remote(client, remote_id)
         raise
     if end is None:  # pragma: no cover - events() raises first
         raise lost(f"{where} closed the stream without an end")
@@ -179,7 +179,7 @@ def _trail_token(raw: str, index: int, trail: TokenTrail) -> tuple[str, str]:
     return str(data.get("t", "")), raw
 
 
-async def _cancel_remote(client: JobClient, remote_id: str) -> None:
+async def cancel_remote(client: JobClient, remote_id: str) -> None:
     """Best effort, bounded: the remote stream also cancels on disconnect."""
     try:
         await asyncio.shield(asyncio.wait_for(client.cancel(remote_id), 2.0))

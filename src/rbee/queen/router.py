@@ -1,12 +1,20 @@
-"""The queen's executor: one operation in, the right handler run."""
+"""The queen's admission and executor: one operation in, a ticket out, then the right handler run.
+
+Admission (:meth:`QueenRouter.admit`) runs during the client's ``POST``,
+before a job exists, and returns a :class:`Ticket`. An operation forwarded to
+a hive is submitted to the hive right there (so the hive's own refusal is the
+``POST``'s answer); the ticket carries that hive job into the queen job's
+execution, which follows it instead of submitting again. A ticket whose job is
+refused after admission, or ends before it ran, cancels its hive job: nothing
+is left running on a hive for a job that does not exist.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import platform
-import time
-from collections.abc import Awaitable
+from dataclasses import dataclass
 
 import httpx
 
@@ -23,17 +31,57 @@ from rbee.http import is_admin
 from rbee.jobs.client import JobClient, Unreachable
 from rbee.jobs.registry import emit_progress, emit_result
 from rbee.narration import narrate
-from rbee.queen.relay import raise_for_end, relay_job
+from rbee.queen.relay import cancel_remote, raise_for_end, relay_job
 from rbee.queen.scheduler import Scheduler
 from rbee.queen.telemetry import Telemetry
 
-__all__ = ["QueenRouter", "ADMIN_OPERATIONS"]
+__all__ = ["QueenRouter", "Ticket", "HiveJob", "ADMIN_OPERATIONS"]
 
-#: Operations that change the cluster for everyone: with several tokens, only the admin token runs them.
 #: How long a client's POST waits for a hive to take a forwarded operation.
 PRESUBMIT_TIMEOUT_S = 10.0
 
+#: Operations that change the cluster for everyone: with several tokens, only the admin token runs them.
 ADMIN_OPERATIONS = frozenset({"worker_spawn", "worker_stop", "worker_stop_all", "model_download", "model_delete"})
+
+
+@dataclass(frozen=True, slots=True)
+class HiveJob:
+    """A job a hive took during the client's ``POST``, before the queen's own job existed."""
+
+    hive_id: str
+    client: JobClient
+    remote_id: str
+
+
+class Ticket:
+    """An admitted operation, and what admission started for it.
+
+    Its hive job (if any) goes to exactly one place: the job's execution
+    (:meth:`take`), or :meth:`cancel` when the job is refused or ends before
+    it ran.
+    """
+
+    __slots__ = ("_hive_job", "operation")
+
+    def __init__(self, operation: OperationBase, hive_job: HiveJob | None = None) -> None:
+        self.operation = operation
+        self._hive_job = hive_job
+
+    @property
+    def hive_job(self) -> HiveJob | None:
+        """The hive job not yet taken or cancelled."""
+        return self._hive_job
+
+    def take(self) -> HiveJob | None:
+        """The hive job, now the caller's to follow (None: there is none, or it was taken)."""
+        hive_job, self._hive_job = self._hive_job, None
+        return hive_job
+
+    async def cancel(self) -> None:
+        """Cancel the hive job nobody will follow (bounded; a no-op once taken)."""
+        hive_job = self.take()
+        if hive_job is not None:
+            await cancel_remote(hive_job.client, hive_job.remote_id)
 
 
 class QueenRouter:
@@ -42,29 +90,46 @@ class QueenRouter:
         self.scheduler = scheduler
         self.http = http
         self.token = token
-        self._presubmitted: dict[int, tuple[str, float]] = {}
+        # Cancellations of hive jobs whose queen job ended before it ran (awaited by aclose).
+        self._cancelling: set[asyncio.Task[None]] = set()
 
-    def admit(self, op: OperationBase) -> Awaitable[None] | None:
-        """Checks done at POST time, before a job exists."""
+    async def admit(self, op: OperationBase) -> Ticket:
+        """Checks done at POST time, before a job exists; a refusal raises."""
         if op.name in ADMIN_OPERATIONS and not is_admin():
             raise errors.Forbidden(f"{op.name} changes the cluster for everyone; it needs the admin token")
         if isinstance(op, Infer):
-            return self.scheduler.admit(op)
-        if isinstance(op, WorkerStopAll):
+            counting = self.scheduler.admit(op)
+            if counting is not None:
+                await counting
+        elif isinstance(op, WorkerStopAll):
             self._stop_targets(op)
-            return None
-        if op.forwarded_to_hive:
+        elif op.forwarded_to_hive:
             self.telemetry.hive(getattr(op, "hive_id", "localhost"))
-            return self._presubmit(op)
-        return None
+            return Ticket(op, await self._presubmit(op))
+        return Ticket(op)
 
-    async def _presubmit(self, op: OperationBase) -> None:
+    def settle(self, ticket: Ticket) -> None:
+        """The ticket's job ended: a hive job it never took is cancelled (in a task of the router's own)."""
+        if ticket.hive_job is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            ticket.cancel(), name=f"cancel-untaken:{ticket.hive_job.remote_id}"
+        )
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def aclose(self) -> None:
+        """Wait for the cancellations still in flight (each is bounded)."""
+        if self._cancelling:
+            await asyncio.gather(*self._cancelling, return_exceptions=True)
+
+    async def _presubmit(self, op: OperationBase) -> HiveJob:
         """Submit a hive operation to its hive while the client's POST is open.
 
         The hive validates the operation against its own state (a model in use,
         an unknown worker, a source that is not a model); its 4xx then becomes
         this POST's answer instead of a failed job. The executor follows the
-        hive job that was started here.
+        hive job that was started here (it rides on the ticket).
         """
         hive_id = str(getattr(op, "hive_id", "localhost"))
         hive = self.telemetry.hive(hive_id)
@@ -80,16 +145,10 @@ class QueenRouter:
             raise errors.HiveUnreachable(
                 f"hive {hive_id} did not take the operation within {PRESUBMIT_TIMEOUT_S:g} s"
             ) from None
-        self._presubmitted[id(op)] = (remote_id, time.monotonic())
-        self._forget_stale()
+        return HiveJob(hive_id, client, remote_id)
 
-    def _forget_stale(self) -> None:
-        # An admitted operation whose job was then never created leaves an entry behind.
-        cutoff = time.monotonic() - 60.0
-        for key in [k for k, (_, at) in self._presubmitted.items() if at < cutoff]:
-            del self._presubmitted[key]
-
-    async def __call__(self, op: OperationBase) -> None:
+    async def __call__(self, op: OperationBase, ticket: Ticket | None = None) -> None:
+        """Run ``op`` as the current job; ``ticket`` is what its admission started."""
         narrate("route_job", f"Executing operation: {op.name}", operation=op.name)
         if isinstance(op, Infer):
             await self.scheduler.infer(op)
@@ -102,7 +161,7 @@ class QueenRouter:
         elif isinstance(op, WorkerStopAll):
             await self.worker_stop_all(op)
         elif op.forwarded_to_hive:
-            await self.forward(op)
+            await self.forward(op, ticket.take() if ticket is not None else None)
         else:
             raise errors.UnsupportedOperation(f"the queen has no handler for {op.name!r}")
 
@@ -121,15 +180,17 @@ class QueenRouter:
         narrate("hive_list", f"{len(hives)} hive(s) known")
         emit_result({"hives": hives})
 
-    async def forward(self, op: OperationBase) -> None:
+    async def forward(self, op: OperationBase, presubmitted: HiveJob | None = None) -> None:
+        """Run ``op`` on its hive: follow the hive job admission started, else submit it now."""
         hive_id = str(getattr(op, "hive_id", "localhost"))
         hive = self.telemetry.hive(hive_id)
-        presubmitted = self._presubmitted.pop(id(op), None)
         if presubmitted is None and self.telemetry.state_of(hive) != "online":
             raise self.telemetry.offline(hive)
         narrate("forward_start", f"Forwarding {op.name} to hive {hive_id} at {hive.url}", hive_id=hive_id)
-        client = JobClient(hive.url, token=self.token, client=self.http)
-        remote_id = presubmitted[0] if presubmitted is not None else None
+        if presubmitted is not None:
+            client, remote_id = presubmitted.client, presubmitted.remote_id
+        else:
+            client, remote_id = JobClient(hive.url, token=self.token, client=self.http), None
         end = await relay_job(client, op, where=f"hive {hive_id}", remote_id=remote_id)
         raise_for_end(end, f"hive {hive_id}")
         narrate("forward_complete", f"{op.name} completed on hive {hive_id}", hive_id=hive_id)

@@ -73,8 +73,11 @@ from rbee import errors
 from rbee.contracts.cluster import WorkerReport
 from rbee.contracts.operations import Infer, WorkerSpawn, WorkerStop
 from rbee.jobs.client import JobClient
-from rbee.jobs.registry import current_job, emit_progress, set_end_fields
+from rbee.jobs.job import Job
+from rbee.jobs.registry import JobHooks, current_job, emit_progress, set_end_fields
+from rbee.jobs.timeline import Step
 from rbee.narration import narrate
+from rbee.queen.placements import Placement, Placements
 from rbee.queen.relay import TokenTrail, raise_for_end, relay_job
 from rbee.queen.telemetry import HiveView, Telemetry, WorkerView
 
@@ -170,7 +173,7 @@ class _Waiter:
         self.seq = seq
 
 
-class Scheduler:
+class Scheduler(JobHooks):
     def __init__(
         self,
         telemetry: Telemetry,
@@ -179,8 +182,11 @@ class Scheduler:
         token: str | None = None,
         queue_size: int = 64,
         spawn_timeout_s: float = 180.0,
+        placements: Placements | None = None,
     ) -> None:
         self.telemetry = telemetry
+        #: Where each job is, published as the scheduler decides (the web page reads it).
+        self.placements = placements if placements is not None else Placements()
         self.http = http
         self.token = token
         self.queue_size = queue_size
@@ -297,13 +303,15 @@ class Scheduler:
             max(0, max(1, w.report.slots) - self.inflight.get(w.worker_id, 0)) for w in self._candidates(op, set())
         )
 
-    def job_created(self, job: Any) -> None:
-        """A job was admitted (its task has not run yet)."""
+    # -- job hooks -------------------------------------------------------
+
+    def on_accepted(self, job: Job) -> None:
+        """An admitted ``infer`` counts against its model's queue bound until it holds a worker."""
         op = job.operation
         if isinstance(op, Infer):
             self._pending.setdefault(op.model, set()).add(job.id)
 
-    def job_ended(self, job: Any) -> None:
+    def on_finished(self, job: Job, end: dict[str, Any]) -> None:
         op = job.operation
         if isinstance(op, Infer):
             pending = self._pending.get(op.model)
@@ -350,6 +358,7 @@ class Scheduler:
     async def acquire(self, op: Infer, excluded: set[str]) -> Lease:
         narrate("infer_schedule", f"Finding a worker for {op.model}", model=op.model)
         job = current_job()
+        self.placements.step(job.id, Step.SCHEDULING)
         queue = self.queues.setdefault(op.model, deque())
         waiter: _Waiter | None = None
         last_position = -1
@@ -370,11 +379,14 @@ class Scheduler:
                         lease = Lease(pick, pick.hive_id)
                         self._leases.add(lease)
                         self._pending.get(op.model, set()).discard(job.id)
+                        placement = Placement(job.id, pick.hive_id, pick.worker_id, attempt=len(excluded) + 1)
+                        self.placements.placed(placement)
                         narrate(
                             "infer_worker",
                             f"Scheduled on worker {pick.worker_id} on hive {pick.hive_id} ({pick.report.url})",
                             worker_id=pick.worker_id,
                             hive_id=pick.hive_id,
+                            attempt=placement.attempt,
                         )
                         return lease
                     if waiter is None:
@@ -385,6 +397,7 @@ class Scheduler:
                             raise errors.QueueFull(f"the queue for {op.model} is full", retry_after_s=2)
                         waiter = _Waiter(job.id, next(self._seq))
                         queue.append(waiter)
+                        self.placements.step(job.id, Step.QUEUED)
                         narrate("infer_queued", f"All workers for {op.model} are busy; waiting in the queue")
                     position = queue.index(waiter) + 1
                     if position != last_position:
@@ -400,12 +413,14 @@ class Scheduler:
                     )
                 spawning = self._spawns.get(op.model)
                 if spawning is not None and not spawning.done():
+                    self.placements.step(job.id, Step.SPAWNING)
                     await self._ensure_spawn(op.model, hives[0], op.device or "cpu")
                     continue
                 if memory_since is None:
                     memory_since = time.monotonic()
                 decision = self._place(op, hives, time.monotonic() - memory_since, job.id)
                 if isinstance(decision, str):
+                    self.placements.step(job.id, Step.SPAWNING)
                     await self._ensure_spawn(op.model, decision, op.device or "cpu")
                 elif isinstance(decision, _Evict):
                     await self._evict(decision, op.model)
@@ -765,6 +780,7 @@ class Scheduler:
                     continue
                 if job.tokens == 0 and not retried:
                     retried = True
+                    self.placements.step(job.id, Step.RETRYING)
                     narrate(
                         "infer_retry",
                         f"Worker {lease.worker_id} was lost before the first token ({exc.message});"
@@ -789,6 +805,7 @@ class Scheduler:
             remaining = job.timeout_s - job.elapsed_ms() / 1000.0
             update["timeout_s"] = max(0.001, remaining)
         worker_op = op.model_copy(update=update)
+        self.placements.step(job.id, Step.DISPATCHED)
         narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
         started = time.perf_counter()
         end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail)

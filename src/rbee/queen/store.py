@@ -26,14 +26,20 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rbee.jobs.job import Job
+from rbee.jobs.record import JobRecord
+from rbee.jobs.registry import JobHooks
 
 __all__ = ["JobStore", "MAX_STORED_EVENTS", "FLUSH_DELAY_S"]
 
 StoredEvent = tuple[int, str, str]
+
+#: The fields of a stored job's end event that its record carries.
+_END_FIELDS = ("ttft_ms", "tokens_per_s", "stop_reason", "worker_id", "hive_id", "history_dropped", "failovers")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -73,9 +79,16 @@ _UPDATE = (
 )
 
 
-class JobStore:
-    def __init__(self, path: Path) -> None:
+class JobStore(JobHooks):
+    """The history, told of each job's steps (a :class:`~rbee.jobs.registry.JobHooks`).
+
+    ``owner`` names the caller creating a job (the fingerprint of its token),
+    asked when the job is accepted.
+    """
+
+    def __init__(self, path: Path, *, owner: Callable[[], str | None] | None = None) -> None:
         self.path = path
+        self._owner = owner
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -198,6 +211,19 @@ class JobStore:
         self.db.execute("COMMIT")
         return len(updates)
 
+    # -- job hooks -------------------------------------------------------
+
+    def on_accepted(self, job: Job) -> None:
+        self.created(job, owner=self._owner() if self._owner is not None else None)
+
+    def on_started(self, job: Job) -> None:
+        self.started(job)
+
+    def on_finished(self, job: Job, end: dict[str, Any]) -> None:
+        self.ended(job, end)
+
+    # -- writes ----------------------------------------------------------
+
     def created(self, job: Job, owner: str | None = None) -> None:
         """Record a new job; ``owner`` is the fingerprint of the token that created it."""
         payload = json.dumps(job.operation.to_wire())
@@ -253,7 +279,7 @@ class JobStore:
             self._updates.append((*outcome, job.id))
         self._later()
 
-    def _row(self, row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    def _record(self, row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
         (
             job_id,
             operation,
@@ -270,45 +296,40 @@ class JobStore:
             text,
             end,
         ) = row
-        record: dict[str, Any] = {
-            "job_id": job_id,
-            "operation": operation,
-            "status": status,
-            "created_at": created,
-            "started_at": started,
-            "finished_at": finished,
-            "duration_ms": duration,
-            "tokens_in": t_in,
-            "tokens_out": t_out,
-            "error": {"kind": ekind, "message": emsg} if ekind else None,
-            "payload": json.loads(payload),
-        }
-        if text is not None:
-            record["text"] = text
+        extra: dict[str, Any] = {}
         if end:
             end_event = json.loads(end)
-            for key in (
-                "ttft_ms",
-                "tokens_per_s",
-                "stop_reason",
-                "worker_id",
-                "hive_id",
-                "history_dropped",
-                "failovers",
-            ):
-                if key in end_event:
-                    record[key] = end_event[key]
-        return record
+            extra = {key: end_event[key] for key in _END_FIELDS if key in end_event}
+        return JobRecord(
+            job_id=job_id,
+            operation=operation,
+            status=status,
+            created_at=created,
+            started_at=started,
+            finished_at=finished,
+            duration_ms=duration,
+            tokens_in=t_in,
+            tokens_out=t_out,
+            error={"kind": ekind, "message": emsg} if ekind else None,
+            payload=json.loads(payload),
+            text=text,
+            extra=extra,
+        )
 
     _COLUMNS = (
         "job_id, operation, payload, status, created_at, started_at, finished_at, duration_ms,"
         " tokens_in, tokens_out, error_kind, error_message, text, end_event"
     )
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def record(self, job_id: str) -> JobRecord | None:
         self.flush()
         row = self.db.execute(f"SELECT {self._COLUMNS} FROM jobs WHERE job_id=?", (job_id,)).fetchone()
-        return None if row is None else self._row(row)
+        return None if row is None else self._record(row)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job's record as JSON (``GET /v1/jobs/{id}``), None for an unknown job."""
+        record = self.record(job_id)
+        return None if record is None else record.to_wire()
 
     def matching(self, prefix: str, limit: int = 10) -> list[str]:
         """The ids that start with ``prefix`` (at most ``limit``), for short job ids.
@@ -325,7 +346,7 @@ class JobStore:
         )
         return [row[0] for row in rows.fetchall()]
 
-    def recent(self, limit: int = 100, *, owner: str | None = None) -> list[dict[str, Any]]:
+    def records(self, limit: int = 100, *, owner: str | None = None) -> list[JobRecord]:
         """The newest jobs; with ``owner``, only the jobs that token created."""
         self.flush()
         if owner is None:
@@ -334,7 +355,11 @@ class JobStore:
             rows = self.db.execute(
                 f"SELECT {self._COLUMNS} FROM jobs WHERE owner=? ORDER BY created_at DESC LIMIT ?", (owner, limit)
             )
-        return [self._row(r) for r in rows.fetchall()]
+        return [self._record(r) for r in rows.fetchall()]
+
+    def recent(self, limit: int = 100, *, owner: str | None = None) -> list[dict[str, Any]]:
+        """:meth:`records` as JSON (``GET /v1/jobs``)."""
+        return [record.to_wire() for record in self.records(limit, owner=owner)]
 
     def events(self, job_id: str) -> list[StoredEvent] | None:
         self.flush()

@@ -21,7 +21,6 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -29,11 +28,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from rbee.errors import RbeeError
-from rbee.jobs.job import Job
+from rbee.jobs.record import JobRecord
+from rbee.queen.placements import Placements
+from rbee.queen.scheduler import Scheduler
 from rbee.queen.telemetry import Telemetry
 from rbee.server.sse import EventStream, ServerSentEvent
 
-__all__ = ["JobWatch", "cluster_snapshot", "snapshot_events", "web_router", "PUBLIC_PATHS", "TICK_S", "KEEPALIVE_S"]
+__all__ = ["ClusterPage", "cluster_snapshot", "snapshot_events", "web_router", "PUBLIC_PATHS", "TICK_S", "KEEPALIVE_S"]
 
 #: Paths served without the token (see :class:`rbee.http.BearerAuth`).
 PUBLIC_PATHS = ("/", "/static/*")
@@ -59,86 +60,25 @@ _SECURITY_HEADERS = {
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
-@dataclass
-class _Live:
-    """What a running job's narration has said so far about where it is."""
-
-    job: Job
-    pos: int = 0
-    phase: str = "starting"
-    worker_id: str | None = None
-    hive_id: str | None = None
-
-
-_PHASES = {
-    "infer_schedule": "scheduling",
-    "infer_queued": "queued",
-    "infer_spawn": "spawning a worker",
-    "infer_spawn_wait": "spawning a worker",
-    "infer_worker": "worker chosen",
-    "infer_dispatch": "dispatched",
-    "infer_retry": "retrying",
-}
-
-
-class JobWatch:
-    """The queen's job hooks: bookkeeping first, then tell the page.
-
-    Wraps the history's ``on_create``/``on_end`` so a job appearing or ending
-    wakes every cluster stream, and keeps the running jobs to learn, from their
-    own narration, which worker each one runs on.
-    """
+class ClusterPage:
+    """What the page shows, from the parts that know it: the hives and workers
+    (telemetry), the queen's own load (scheduler), where each live job is
+    (placements) and the recent jobs (``history``: the newest records)."""
 
     def __init__(
         self,
         telemetry: Telemetry,
-        *,
-        on_create: Callable[[Job], None] | None = None,
-        on_end: Callable[[Job, dict[str, Any]], None] | None = None,
+        scheduler: Scheduler,
+        placements: Placements,
+        history: Callable[[int], list[JobRecord]],
     ) -> None:
         self.telemetry = telemetry
-        self.on_create = on_create
-        self.on_end = on_end
-        self._live: dict[str, _Live] = {}
+        self.scheduler = scheduler
+        self.placements = placements
+        self.history = history
 
-    def created(self, job: Job) -> None:
-        if self.on_create is not None:
-            self.on_create(job)
-        self._live[job.id] = _Live(job)
-        self.telemetry.notify()
-
-    def ended(self, job: Job, end: dict[str, Any]) -> None:
-        self._live.pop(job.id, None)
-        try:
-            if self.on_end is not None:
-                self.on_end(job, end)
-        finally:
-            self.telemetry.notify()
-
-    def live(self) -> list[_Live]:
-        """The running jobs, their narration read up to now (only what is new)."""
-        for live in self._live.values():
-            self._follow(live)
-        return list(self._live.values())
-
-    def _follow(self, live: _Live) -> None:
-        # The log is in order: the worker is chosen before the first token, and
-        # nothing said after it changes where the job runs.
-        events = live.job.events
-        for _, kind, data in events[live.pos :]:
-            if kind == "token":
-                live.phase = "streaming"
-            if kind != "narration" or live.phase == "streaming":
-                continue
-            event = json.loads(data)
-            if event.get("actor") != "queen":
-                continue
-            action = event.get("action")
-            live.phase = _PHASES.get(action, live.phase)
-            if action == "infer_worker":
-                live.worker_id = event.get("worker_id")
-                live.hive_id = event.get("hive_id")
-        live.pos = len(events)
+    def snapshot(self) -> dict[str, Any]:
+        return cluster_snapshot(self)
 
 
 def _prompt_preview(payload: dict[str, Any]) -> str | None:
@@ -189,15 +129,14 @@ def _models(hives: list[dict[str, Any]], workers: list[dict[str, Any]], queues: 
     return sorted(models.values(), key=lambda m: m["name"])
 
 
-def cluster_snapshot(state: Any) -> dict[str, Any]:
+def cluster_snapshot(page: ClusterPage) -> dict[str, Any]:
     """Everything the page shows, from the queen's own state (no I/O but the history)."""
-    telemetry: Telemetry = state.telemetry
-    snap = telemetry.snapshot()
-    live = {entry.job.id: entry for entry in state.watch.live()}
+    snap = page.telemetry.snapshot()
+    live = {entry.job.id: entry for entry in page.placements.live()}
     on_worker = {entry.worker_id: entry for entry in live.values() if entry.worker_id}
     for hive in snap["hives"]:
         hive.pop("last_heartbeat_s_ago", None)  # the page ages it; a changing number would defeat change detection
-    inflight: dict[str, int] = state.scheduler.inflight
+    inflight: dict[str, int] = page.scheduler.inflight
     workers = []
     for w in snap["workers"]:
         entry = on_worker.get(w["worker_id"])
@@ -227,29 +166,29 @@ def cluster_snapshot(state: Any) -> dict[str, Any]:
                 "memory_bytes": w.get("memory_bytes"),
             }
         )
-    queues: dict[str, int] = state.scheduler.queue_depths()
+    queues: dict[str, int] = page.scheduler.queue_depths()
     models = _models(snap["hives"], workers, queues)
     jobs = []
-    for record in state.store.recent(RECENT_JOBS):
-        entry = live.get(record["job_id"])
-        payload = record.get("payload") or {}
+    for record in page.history(RECENT_JOBS):
+        entry = live.get(record.job_id)
+        payload = record.payload or {}
         job = {
-            "job_id": record["job_id"],
-            "operation": record["operation"],
-            "status": record["status"],
-            "created_at": record["created_at"],
-            "duration_ms": record.get("duration_ms"),
-            "tokens_out": record.get("tokens_out"),
-            "error": record.get("error"),
+            "job_id": record.job_id,
+            "operation": record.operation,
+            "status": record.status,
+            "created_at": record.created_at,
+            "duration_ms": record.duration_ms,
+            "tokens_out": record.tokens_out,
+            "error": record.error,
             "model": payload.get("model"),
             "prompt": _prompt_preview(payload),
-            "worker_id": record.get("worker_id"),
-            "hive_id": record.get("hive_id"),
+            "worker_id": record.worker_id,
+            "hive_id": record.hive_id,
         }
         if entry is not None:
             job.update(
                 status=entry.job.status.value,
-                phase=entry.phase,
+                phase=entry.step.value,
                 tokens_out=entry.job.tokens,
                 worker_id=entry.worker_id,
                 hive_id=entry.hive_id,
@@ -273,20 +212,20 @@ async def _watch_changes(telemetry: Telemetry, wake: asyncio.Event) -> None:
         wake.set()
 
 
-async def snapshot_events(state: Any, *, tick_s: float, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
+async def snapshot_events(page: ClusterPage, *, tick_s: float, keepalive_s: float) -> AsyncIterator[ServerSentEvent]:
     """``cluster`` events: one at once, then on every change and at least every ``keepalive_s``.
 
     The response ends this generator when the client goes or the server shuts down.
     """
     wake = asyncio.Event()
-    watcher = asyncio.create_task(_watch_changes(state.telemetry, wake), name="web:cluster-changes")
+    watcher = asyncio.create_task(_watch_changes(page.telemetry, wake), name="web:cluster-changes")
     last = ""
     sent_at = float("-inf")
     seq = 0
     try:
         while True:
             wake.clear()
-            body = _dumps(cluster_snapshot(state))
+            body = _dumps(page.snapshot())
             now = time.monotonic()
             if body != last or now - sent_at >= keepalive_s:
                 seq += 1
@@ -328,7 +267,7 @@ class _NoAsset(RbeeError):
 
 
 def web_router(
-    get_state: Callable[[Request], Any], *, tick_s: float = TICK_S, keepalive_s: float = KEEPALIVE_S
+    get_state: Callable[[Request], ClusterPage], *, tick_s: float = TICK_S, keepalive_s: float = KEEPALIVE_S
 ) -> APIRouter:
     """The page (``/``, ``/static/...``) and the cluster feed (``/v1/cluster/events``)."""
     router = APIRouter(tags=["web"])
