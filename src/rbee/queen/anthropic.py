@@ -60,7 +60,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
@@ -80,6 +80,7 @@ from rbee.queen.bodies import number as _number
 from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai.errors import STATUS_BY_KIND as _STATUS_BY_KIND
 from rbee.queen.scheduler import COUNT_TIMEOUT_S
+from rbee.queen.state import QueenState
 from rbee.queen.tools import TOOL_NAME as _TOOL_NAME
 from rbee.queen.tools import CallStream as _CallStream
 from rbee.queen.tools import Tools as _Tools
@@ -93,9 +94,6 @@ from rbee.queen.translate import json_body as _json_body
 from rbee.queen.translate import release as _release
 from rbee.queen.translate import renders_tools as _renders_tools
 from rbee.queen.translate import unless_disconnected as _unless_disconnected
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
 
 __all__ = ["REQUEST_ID_HEADER", "anthropic_router"]
 
