@@ -232,3 +232,21 @@ def test_summary_reports_state_and_counts() -> None:
     assert summary["operation"] == "infer"
     assert summary["status"] == "queued"
     assert summary["events"] == 0
+
+
+async def test_a_live_record_has_every_key_of_both_old_shapes() -> None:
+    job = Job("job-x", Infer(prompt="hi"))
+    job.transition(JobStatus.RUNNING)
+    await job.add_token("a")
+    running = job.summary()
+    # What a live job always said, and what a record from the history says.
+    live_keys = {"job_id", "operation", "status", "created_at", "started_at", "finished_at", "error"}
+    assert live_keys | {"tokens", "events", "narration_dropped"} <= set(running)
+    assert {"duration_ms", "tokens_in", "tokens_out"} <= set(running)
+    assert (running["tokens"], running["tokens_out"], running["duration_ms"]) == (1, 1, None)
+    job.end_fields.update(tokens_in=3, tokens_out=7, worker_id="worker-1", ttft_ms=1.5)
+    end = job.finish(JobStatus.COMPLETED, None)
+    ended = job.summary()
+    assert ended["tokens_out"] == 7 and ended["tokens_in"] == 3 and ended["tokens"] == 1
+    assert ended["duration_ms"] == end["duration_ms"] and ended["worker_id"] == "worker-1"
+    assert job.record().worker_id == "worker-1"

@@ -138,3 +138,16 @@ def test_rbee_json_jobs_show_keeps_the_timeline_as_data(queen: _Queen) -> None:
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["timeline"] == JOB["timeline"]
+
+
+def test_a_live_job_of_an_older_queen_shows_its_tokens_and_duration() -> None:
+    from rbee.keeper.tables import job_row
+
+    older = {"job_id": "job-5678", "operation": "infer", "status": "running", "created_at": 10.0, "tokens": 5}
+    assert job_row(older)["tokens"] == 5
+    ended = {**older, "status": "completed", "finished_at": 12.0}
+    assert job_row(ended)["duration"] == "2000 ms"
+    out = io.StringIO()
+    print_job("job-5678", ended, out=out, colour=False)
+    fields = dict(row[:2] for row in rows_of(out.getvalue(), "job-5678"))
+    assert fields.get("tokens out") == "5"

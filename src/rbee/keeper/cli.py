@@ -223,37 +223,6 @@ def jobs() -> None:
     """
 
 
-def _duration(ms: float | None) -> str | None:
-    if ms is None:
-        return None
-    return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
-
-
-def _job_row(job: dict[str, Any]) -> dict[str, Any]:
-    from rbee.keeper.tables import age, prompt_of
-
-    duration = job.get("duration_ms")
-    if duration is None and job.get("finished_at") and (job.get("started_at") or job.get("created_at")):
-        duration = (job["finished_at"] - (job.get("started_at") or job["created_at"])) * 1000
-    tokens = job.get("tokens_out")
-    if tokens is None:
-        tokens = job.get("tokens") or None
-    error = job.get("error")
-    raw_payload = job.get("payload")
-    payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
-    prompt = prompt_of(payload)
-    return {
-        **job,
-        "short_id": short_id(str(job.get("job_id", ""))),
-        "model": payload.get("model"),
-        "prompt": one_line(prompt, 30) if prompt else None,
-        "age": age(job.get("created_at")),
-        "duration": _duration(duration),
-        "tokens": tokens,
-        "error": one_line(f"{error.get('kind')}: {error.get('message')}", 80) if isinstance(error, dict) else None,
-    }
-
-
 @jobs.command("list", context_settings=CONTEXT)
 @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many jobs.")
 @output_options
@@ -269,9 +238,9 @@ def jobs_list(session: Session, limit: int) -> None:
     if session.json_mode:
         print_json({"jobs": rows})
         return
-    from rbee.keeper.tables import JOB_COLUMNS, print_rows
+    from rbee.keeper.tables import JOB_COLUMNS, job_row, print_rows
 
-    print_rows("jobs", [_job_row(j) for j in rows], JOB_COLUMNS, out=sys.stdout, colour=session.renderer.colour_out)
+    print_rows("jobs", [job_row(j) for j in rows], JOB_COLUMNS, out=sys.stdout, colour=session.renderer.colour_out)
 
 
 @jobs.command("show", context_settings=CONTEXT)

@@ -14,11 +14,14 @@ import json
 import time
 from typing import IO, Any
 
+from rbee.jobs.record import JobRecord
+
 __all__ = [
     "print_result",
     "print_rows",
     "print_mapping",
     "print_job",
+    "job_row",
     "cell",
     "label",
     "age",
@@ -275,6 +278,33 @@ _JOB_FIELDS = (
 )
 
 
+def _duration(ms: float | None) -> str | None:
+    if ms is None:
+        return None
+    return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def job_row(job: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``rbee jobs list``: the job's record (:class:`JobRecord`) with what the columns show."""
+    from rbee.keeper.errors import one_line
+    from rbee.keeper.session import short_id
+
+    record = JobRecord.from_wire(job)
+    payload = record.payload or {}
+    prompt = prompt_of(payload)
+    error = record.error
+    return {
+        **job,
+        "short_id": short_id(record.job_id),
+        "model": payload.get("model"),
+        "prompt": one_line(prompt, 30) if prompt else None,
+        "age": age(job.get("created_at")),
+        "duration": _duration(record.duration_ms),
+        "tokens": record.tokens_out,
+        "error": one_line(f"{error.get('kind')}: {error.get('message')}", 80) if error is not None else None,
+    }
+
+
 def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -> None:
     """``rbee jobs show``: the job's fields, its prompt and output, then its timeline.
 
@@ -284,13 +314,15 @@ def print_job(job_id: str, job: dict[str, Any], *, out: IO[str], colour: bool) -
     """
     from rich.table import Table
 
-    raw_payload = job.get("payload")
-    payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
-    known = {**job, "model": payload.get("model"), "age": age(job.get("created_at"))}
-    if known.get("tokens_out") is None and job.get("tokens"):
-        known["tokens_out"] = job["tokens"]
-    if known.get("duration_ms") is None and job.get("finished_at") and job.get("created_at"):
-        known["duration_ms"] = (job["finished_at"] - job["created_at"]) * 1000
+    record = JobRecord.from_wire(job)
+    payload = record.payload or {}
+    known = {
+        **job,
+        "tokens_out": record.tokens_out,
+        "duration_ms": record.duration_ms,
+        "model": payload.get("model"),
+        "age": age(job.get("created_at")),
+    }
     fields = {k: known.get(k) for k in _JOB_FIELDS if known.get(k) is not None}
     if "failovers" in fields and isinstance(fields["failovers"], list):
         fields["failovers"] = len(fields["failovers"]) or None
