@@ -619,3 +619,34 @@ async def test_a_short_id_resolves_only_among_the_jobs_the_caller_may_see(client
         assert response.status_code == 404
     finally:
         server.visible = None
+
+
+async def test_a_server_told_to_stop_ends_its_open_streams_at_once() -> None:
+    """uvicorn waits for open connections before the lifespan ends the jobs: the stream must end first."""
+    env = make_env()
+    sock = _free_socket()
+    server = uvicorn.Server(uvicorn.Config(env.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10))
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="test:uvicorn")
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await asyncio.sleep(0.01)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=base) as client:
+            job_id = await submit(client, "tok 1; block")
+            seen: list[str] = []
+            async with asyncio.timeout(5), aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/stream") as source:
+                async for sse in source.aiter_sse():
+                    seen.append(sse.event)
+                    if sse.event == "token":
+                        server.should_exit = True  # what uvicorn's SIGTERM handler does
+                started = asyncio.get_running_loop().time()
+        assert seen[-1] == "token" and "end" not in seen  # closed, not ended: a reconnect resumes the job
+        async with asyncio.timeout(5):
+            await serving
+        assert asyncio.get_running_loop().time() - started < 2.0  # not the 10 s grace period
+    finally:
+        server.should_exit = True
+        if not serving.done():
+            serving.cancel()
+        sock.close()
