@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -47,6 +47,7 @@ from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai.errors import FIELD_PREFIX, error_chunk, error_response, rbee_error_response, status_of
 from rbee.queen.openai.routes import COMPLETION_ERRORS
 from rbee.queen.openai.schema import INFORMATIONAL_LLAMA_CPP, NOTHING_ASKED, UNSUPPORTED, said, same
+from rbee.queen.state import QueenState
 from rbee.queen.translate import (
     JOB_ID_HEADER,
     Events,
@@ -58,9 +59,6 @@ from rbee.queen.translate import (
     unless_disconnected,
 )
 from rbee.server.sse import EventStream
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
 
 __all__ = ["infill_router"]
 

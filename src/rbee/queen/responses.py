@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -62,6 +62,7 @@ from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai.errors import end_error_response, error_response, rbee_error_response, status_of
 from rbee.queen.openai.routes import COMPLETION_ERRORS
 from rbee.queen.openai.schema import said
+from rbee.queen.state import QueenState
 from rbee.queen.translate import (
     DEFAULT_CHAT_MAX_TOKENS,
     JOB_ID_HEADER,
@@ -75,9 +76,6 @@ from rbee.queen.translate import (
     unless_disconnected,
 )
 from rbee.server.sse import EventStream
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
 
 __all__ = ["responses_router"]
 

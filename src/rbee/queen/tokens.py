@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
@@ -33,12 +33,10 @@ from rbee.contracts.operations import DEFAULT_MODEL, Infer
 from rbee.queen.bodies import body_schema as _body_schema
 from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai.errors import rbee_error_response as _rbee_error_response
+from rbee.queen.state import QueenState
+from rbee.queen.telemetry import WorkerView
 from rbee.queen.translate import json_body as _json_body
 from rbee.worker.app import MAX_EMBED_INPUTS, DetokenizeBody, TokenizeBody
-
-if TYPE_CHECKING:
-    from rbee.queen.app import QueenState
-    from rbee.queen.telemetry import WorkerView
 
 __all__ = ["TOKENIZE_TIMEOUT_S", "EMBED_TIMEOUT_S", "tokens_router"]
 
