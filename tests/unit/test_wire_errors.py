@@ -102,3 +102,9 @@ def test_an_answer_of_another_shape_keeps_its_status_and_text() -> None:
     assert type(got) is errors.RbeeError
     assert got.status_code == 502 and got.message == "HTTP 502: <html>Bad Gateway</html>"
     assert error_object(b'{"error": "text"}') is None and error_object(b"[1]") is None
+
+
+def test_every_kind_the_keeper_has_a_hint_for_is_a_kind_servers_send() -> None:
+    from rbee.keeper.errors import HINTS
+
+    assert set(HINTS) <= set(KINDS)
