@@ -20,7 +20,8 @@ from pathlib import Path
 
 import psutil
 
-from rbee.hive.gguf import GGUFError, read_gguf
+from rbee.errors import GGUFError
+from rbee.hive.gguf import read_gguf
 
 __all__ = [
     "DEFAULT_N_CTX",

@@ -36,9 +36,17 @@ from urllib.parse import urlsplit
 import httpx
 
 from rbee.contracts.operations import ModelDownload, check_model_ref
-from rbee.errors import ChecksumMismatch, DownloadFailed, InvalidOperation, JobConflict, ModelNotFound, RbeeError
+from rbee.errors import (
+    ChecksumMismatch,
+    DownloadFailed,
+    GGUFError,
+    InvalidOperation,
+    JobConflict,
+    ModelNotFound,
+    RbeeError,
+)
 from rbee.hive.catalog import ModelCatalog, ModelEntry
-from rbee.hive.gguf import MAGIC, GGUFError, check_complete
+from rbee.hive.gguf import MAGIC, check_complete
 from rbee.hive.policy import DownloadPolicy
 from rbee.hive.source import DEFAULT_HF_ENDPOINT, Source, model_id_for, parse_source, public_url, server_digests
 from rbee.hive.transfer import WRITE_CHUNK, PartFile, Progress, human_bytes

@@ -15,7 +15,8 @@ from typing import Any
 
 from rbee import errors
 from rbee.contracts.operations import OperationBase
-from rbee.jobs.client import JobClient, StreamBroken, Unreachable
+from rbee.errors import StreamBroken, Unreachable
+from rbee.jobs.client import JobClient
 from rbee.jobs.registry import current_job
 
 __all__ = ["relay_job", "raise_for_end", "cancel_remote", "RemoteEnd", "TokenTrail"]

@@ -27,8 +27,9 @@ from rbee.contracts.operations import (
     Status,
     WorkerStopAll,
 )
+from rbee.errors import Unreachable
 from rbee.http import is_admin
-from rbee.jobs.client import JobClient, Unreachable
+from rbee.jobs.client import JobClient
 from rbee.jobs.registry import emit_progress, emit_result
 from rbee.narration import narrate
 from rbee.queen.relay import cancel_remote, raise_for_end, relay_job
