@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
@@ -18,10 +18,8 @@ from rbee import errors
 from rbee.contracts.operations import LIMITS, Infer
 from rbee.jobs.job import Job
 from rbee.queen.scheduler import COUNT_TIMEOUT_S, _input_bound
-
-if TYPE_CHECKING:
-    from rbee.queen.state import QueenState
-    from rbee.queen.telemetry import WorkerView
+from rbee.queen.state import QueenState
+from rbee.queen.telemetry import WorkerView
 
 __all__ = [
     "CLIENT_GONE",

@@ -1,17 +1,17 @@
-"""OpenAI's error shape, the one mapping from rbee's errors (raised, or a job's ``end``) to it."""
+"""The one mapping from rbee's errors (raised, or a job's ``end``) to OpenAI's error answers
+(the object itself: :func:`rbee.server.errors.openai_error_body`)."""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from rbee import errors
+from rbee.queen.openai.schema import Call
 from rbee.queen.translate import dumps
-
-if TYPE_CHECKING:
-    from rbee.queen.openai.schema import Call
+from rbee.server.errors import openai_error_body
 
 __all__ = [
     "FIELD_PREFIX",
@@ -19,7 +19,6 @@ __all__ = [
     "end_error_response",
     "error_chunk",
     "error_response",
-    "error_type",
     "openai_error_body",
     "param_name",
     "rbee_error_response",
@@ -31,21 +30,6 @@ STATUS_BY_KIND: dict[str, int] = {
     for cls in vars(errors).values()
     if isinstance(cls, type) and issubclass(cls, errors.RbeeError) and cls is not errors.RbeeError
 }
-
-
-def error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
-
-
-def openai_error_body(message: str, *, status: int, code: str | None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
 def status_of(kind: str) -> int:

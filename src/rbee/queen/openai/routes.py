@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,6 +21,7 @@ from rbee.queen.bodies import queen_state as _state
 from rbee.queen.openai.errors import end_error_response, error_chunk, error_response, rbee_error_response
 from rbee.queen.openai.format import DONE_FRAME, Format, usage_of
 from rbee.queen.openai.schema import CHAT_BODY, COMPLETION_BODY, Call, parse
+from rbee.queen.state import QueenState
 from rbee.queen.translate import (
     CLIENT_GONE,
     JOB_ID_HEADER,
@@ -38,9 +39,6 @@ from rbee.queen.translate import (
     unless_disconnected,
 )
 from rbee.server.sse import EventStream
-
-if TYPE_CHECKING:
-    from rbee.queen.state import QueenState
 
 __all__ = ["COMPLETION_ERRORS", "JOB_IDS_HEADER", "openai_router"]
 
