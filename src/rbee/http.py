@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbee.errors import InvalidOperation, PayloadTooLarge, QueueFull, RbeeError
+from rbee.server.errors import openai_error_body
 
 __all__ = [
     "install_edge",
@@ -451,8 +452,7 @@ def edge_error_body(path: str, status: int, kind: str, message: str) -> dict[str
     if family == "ollama":
         return {"error": message}
     if family == "openai":
-        code = _OPENAI_CODES.get(kind, kind)
-        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        return openai_error_body(message, status=status, code=_OPENAI_CODES.get(kind, kind))
     return {"error": {"kind": kind, "message": message}}
 
 
