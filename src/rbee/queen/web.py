@@ -11,7 +11,9 @@ and sends it as a bearer header on every request, SSE included.
 workers (with the queen job each one runs), queue depth per model, models,
 recent jobs. A snapshot is sent when something changed (a heartbeat, a job
 created or ended, a worker chosen) and at least every :data:`KEEPALIVE_S`, so
-the page never polls and notices a dead connection.
+the page never polls and notices a dead connection. Where a live job is (its
+step and its worker) is what the scheduler published
+(:mod:`rbee.queen.placements`); the page never reads a job's narration back.
 """
 
 from __future__ import annotations
