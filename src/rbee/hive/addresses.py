@@ -10,9 +10,10 @@ from __future__ import annotations
 import socket
 from urllib.parse import urlsplit
 
-__all__ = ["listen_socket", "reachable_host", "url_host"]
+__all__ = ["WILDCARDS", "listen_socket", "reachable_host", "url_host"]
 
-_WILDCARDS = ("", "0.0.0.0", "::")
+#: Bind addresses that mean every address of the machine.
+WILDCARDS = ("", "0.0.0.0", "::")
 
 
 def url_host(host: str) -> str:
@@ -26,7 +27,7 @@ def reachable_host(bind_host: str, toward: str | None = None) -> str:
     A wildcard bind is reachable at the address of the interface that routes
     toward ``toward`` (the queen), else at the host name's address.
     """
-    if bind_host not in _WILDCARDS:
+    if bind_host not in WILDCARDS:
         return bind_host
     target = urlsplit(toward).hostname if toward else None
     if target:

@@ -18,7 +18,7 @@ from fastapi.responses import PlainTextResponse
 from rbee import __version__
 from rbee.config import HIVE_PORT, rbee_home
 from rbee.contracts.operations import HiveOperation
-from rbee.hive.addresses import reachable_host, url_host
+from rbee.hive.addresses import WILDCARDS, reachable_host, url_host
 from rbee.hive.catalog import ModelCatalog
 from rbee.hive.download import Downloader
 from rbee.hive.heartbeat import Deliver, DeviceProbe, HeartbeatLoop, HttpDelivery
@@ -105,6 +105,9 @@ class HiveState:
             target = f"the queen at {settings.queen_url}"
         self.heartbeat: HeartbeatLoop | None = None
         if deliver is not None:
+            # Bound to every address and told none to advertise, the hive is reached at the
+            # address its machine routes toward the queen from, looked up again each beat.
+            follows = settings.advertise_host is None and settings.host in WILDCARDS
             self.heartbeat = HeartbeatLoop(
                 hive_id=settings.hive_id,
                 url=self.url,
@@ -114,6 +117,7 @@ class HiveState:
                 interval_s=settings.heartbeat_interval_s,
                 devices=self.devices,
                 target=target,
+                address=self.follow_address if follows else None,
             )
         self.models_dir = self.home / "models" / settings.hive_id
         policy = DownloadPolicy(allow=settings.allow_download_from, model_dirs=settings.model_dirs, home=self.home)
@@ -137,6 +141,23 @@ class HiveState:
         self.jobs = JobServer(
             self.registry, self.router, admit=self.router.admit, ping_interval_s=settings.ping_interval_s
         )
+
+    def follow_address(self) -> str:
+        """The hive's URL now; when its machine's address changed, the workers' URLs follow."""
+        host = reachable_host(self.settings.host, self.settings.queen_url)
+        if host != self.public_host:
+            old = self.public_host
+            self.public_host = host
+            self.url = f"http://{url_host(host)}:{self.settings.port}"
+            self.supervisor.readdress(host)
+            narrate(
+                "hive_address_changed",
+                f"This machine's address changed from {old} to {host}; the hive is now at {self.url}",
+                actor="hive",
+                old=old,
+                new=host,
+            )
+        return self.url
 
     def _workers_changed(self) -> None:
         if self.heartbeat is not None:

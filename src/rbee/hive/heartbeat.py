@@ -158,9 +158,13 @@ class HeartbeatLoop:
         devices: DeviceProbe | None = None,
         poll_timeout_s: float = 1.0,
         target: str = "the queen",
+        address: Callable[[], str] | None = None,
     ) -> None:
         self.hive_id = hive_id
         self.url = url
+        #: The hive's URL as it is now (a hive bound to every address follows its machine's
+        #: address from one heartbeat to the next); None: ``url`` never changes.
+        self.address = address
         self.supervisor = supervisor
         self.catalog = catalog
         self.deliver = deliver
@@ -232,6 +236,8 @@ class HeartbeatLoop:
 
     async def build(self, *, goodbye: bool = False) -> Heartbeat:
         # Busy/idle comes from the workers themselves, all asked at once.
+        if self.address is not None:
+            self.url = self.address()
         await self.supervisor.refresh(self.poll_timeout_s)
         models = await self.catalog.models()
         return Heartbeat(

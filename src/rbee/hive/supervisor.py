@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -117,6 +118,14 @@ class Supervisor:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def readdress(self, host: str) -> None:
+        """The machine's address changed: workers (bound with the hive, to every address)
+        are reached at ``host`` from now on, the running ones too."""
+        self.advertise_host = host
+        for worker in self.workers.values():
+            port = urlsplit(worker.url).port
+            worker.url = f"http://{url_host(host)}:{port}"
 
     # -- memory ---------------------------------------------------------------
 
