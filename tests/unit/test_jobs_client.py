@@ -264,3 +264,36 @@ async def test_a_frame_that_is_not_json_breaks_the_stream_when_read() -> None:
     assert events[0].raw == "not json"  # relayed as it came
     with pytest.raises(StreamBroken, match="does not carry JSON"):
         events[0].data  # noqa: B018
+
+
+@pytest.mark.timeout(20)
+async def test_a_stream_that_goes_silent_is_broken_after_the_silence_bound() -> None:
+    """A peer whose machine vanished sends no reset: one frame, then nothing, connection open."""
+    opened, finished = asyncio.Event(), asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        frame = b'id: 1\nevent: token\ndata: {"t":"x","i":0}\n\n'
+        writer.write(head + b"%x\r\n%s\r\n" % (len(frame), frame))
+        await writer.drain()
+        opened.set()
+        await finished.wait()  # holds the connection open, says nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with JobClient(f"http://127.0.0.1:{port}", silence_s=0.5) as jc:
+            started = asyncio.get_running_loop().time()
+            got: list[str] = []
+            with pytest.raises(StreamBroken, match="went silent"):
+                async for event in jc.events("job-1"):
+                    got.append(event.kind)
+            assert got == ["token"] and opened.is_set()
+            assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        finished.set()
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -83,8 +83,12 @@ class JobClient:
         token: str | None = None,
         client: httpx.AsyncClient | None = None,
         connect_timeout_s: float = 5.0,
+        silence_s: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: A stream with no byte for this long is broken (the servers ping every
+        #: ``PING_INTERVAL_S`` of quiet): a machine that vanished sends no reset.
+        self.silence_s = SILENCE_S if silence_s is None else silence_s
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._own = client is None
         self.client = client or JobHttp(
@@ -168,7 +172,8 @@ class JobClient:
             headers[protocol.LAST_EVENT_ID] = str(after)
         got_end = False
         try:
-            async with self._stream(protocol.stream_path(job_id), params, headers) as chunks:
+            async with self._stream(protocol.stream_path(job_id), params, headers) as body:
+                chunks = _unless_silent(body, self.silence_s)
                 frames = aiter_frames(chunks)
                 done = False
                 try:
@@ -181,11 +186,18 @@ class JobClient:
                         yield Event(int(event_id) if event_id.isdigit() else 0, kind, data)
                 finally:
                     await frames.aclose()
+                    await chunks.aclose()
                 if done:
-                    await _drain(chunks)
+                    await _drain(body)
         except (httpx.TransportError, http1.WireError) as exc:
             if not got_end:
                 raise StreamBroken(f"the stream from {self.base_url} broke: {_why(exc)}", url=self.base_url) from None
+        except _Silent:
+            if not got_end:
+                raise StreamBroken(
+                    f"the stream from {self.base_url} went silent: no byte, not even a ping, for {self.silence_s:g} s",
+                    url=self.base_url,
+                ) from None
         if not got_end:
             raise StreamBroken(f"the stream from {self.base_url} closed before the job's end", url=self.base_url)
 
@@ -215,6 +227,28 @@ class JobClient:
     def _check_event_stream(self, content_type: str) -> None:
         if not content_type.startswith(protocol.EVENT_STREAM):
             raise StreamBroken(f"{self.base_url} answered {content_type or 'no content type'}, not events")
+
+
+#: Twice the servers' ping interval and some: a stream quiet this long has lost its peer.
+SILENCE_S = 2 * protocol.PING_INTERVAL_S + 5.0
+
+
+class _Silent(Exception):
+    """No byte arrived on a stream for ``silence_s``."""
+
+
+async def _unless_silent(chunks: AsyncIterator[bytes], silence_s: float) -> AsyncGenerator[bytes, None]:
+    """``chunks``, raising :class:`_Silent` when the next one takes longer than ``silence_s``."""
+    it = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(silence_s):
+                chunk = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _Silent from None
+        yield chunk
 
 
 #: How long the rest of a stream after ``[DONE]`` (the end of the body) may take to arrive.
