@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +32,8 @@ class RecordingHive:
     """A stand-in hive that takes every job, ends it at once, and records what it was asked."""
 
     def __init__(self) -> None:
+        #: Seconds each POST takes before the hive answers it.
+        self.delay_s = 0.0
         self.submitted: list[str] = []
         self.cancelled: list[str] = []
         lock = threading.Lock()
@@ -50,6 +53,7 @@ class RecordingHive:
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
+                time.sleep(hive.delay_s)
                 with lock:
                     job_id = f"job-hive-{len(hive.submitted) + 1}"
                     hive.submitted.append(job_id)
@@ -151,3 +155,30 @@ async def test_two_admissions_of_equal_operations_keep_their_own_hive_jobs(tmp_p
             await state.registry.wait(job)
         assert [job.status.value for job in jobs] == ["completed", "completed"]
     assert sorted(hive.submitted) == ["job-hive-1", "job-hive-2"] and hive.cancelled == []
+
+
+async def test_a_post_given_up_on_cancels_the_hive_job_once_it_lands(
+    tmp_path: Path, hive: RecordingHive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rbee.queen.router
+
+    monkeypatch.setattr(rbee.queen.router, "PRESUBMIT_TIMEOUT_S", 0.2)
+    hive.delay_s = 0.6  # the hive takes the job after the POST stopped waiting for it
+    async with queen(tmp_path, hive) as (_, client):
+        response = await client.post("/v1/jobs", json={"operation": "worker_list", "hive_id": "alpha"})
+        assert response.status_code == 502 and "did not take the operation" in response.text
+        await until(lambda: hive.cancelled)
+    assert hive.submitted == ["job-hive-1"] and hive.cancelled == ["job-hive-1"]
+
+
+async def test_a_client_gone_during_admission_leaves_no_hive_job(tmp_path: Path, hive: RecordingHive) -> None:
+    hive.delay_s = 0.4
+    async with queen(tmp_path, hive) as (app, _):
+        posting = asyncio.ensure_future(app.state.queen.jobs.submit(WorkerList(hive_id="alpha")))
+        await asyncio.sleep(0.1)  # the hive has the POST and has not answered yet
+        posting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await posting
+        await until(lambda: hive.cancelled)
+        assert app.state.queen.registry.live == 0
+    assert hive.submitted == ["job-hive-1"] and hive.cancelled == ["job-hive-1"]

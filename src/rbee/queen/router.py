@@ -40,6 +40,8 @@ __all__ = ["QueenRouter", "Ticket", "HiveJob", "ADMIN_OPERATIONS"]
 
 #: How long a client's POST waits for a hive to take a forwarded operation.
 PRESUBMIT_TIMEOUT_S = 10.0
+#: How long a submission given up on may still land (and then be cancelled on the hive).
+LATE_SUBMIT_S = 5.0
 
 #: Operations that change the cluster for everyone: with several tokens, only the admin token runs them.
 ADMIN_OPERATIONS = frozenset({"worker_spawn", "worker_stop", "worker_stop_all", "model_download", "model_delete"})
@@ -91,7 +93,8 @@ class QueenRouter:
         self.scheduler = scheduler
         self.http = http
         self.token = token
-        # Cancellations of hive jobs whose queen job ended before it ran (awaited by aclose).
+        # Cancellations of hive jobs nobody follows: their queen job ended before it ran, or their
+        # POST was given up on and landed later (awaited by aclose, each bounded).
         self._cancelling: set[asyncio.Task[None]] = set()
 
     async def admit(self, op: OperationBase) -> Ticket:
@@ -113,16 +116,17 @@ class QueenRouter:
         """The ticket's job ended: a hive job it never took is cancelled (in a task of the router's own)."""
         if ticket.hive_job is None:
             return
-        task = asyncio.get_running_loop().create_task(
-            ticket.cancel(), name=f"cancel-untaken:{ticket.hive_job.remote_id}"
-        )
-        self._cancelling.add(task)
-        task.add_done_callback(self._cancelling.discard)
+        name = f"cancel-untaken:{ticket.hive_job.remote_id}"
+        self._own(asyncio.get_running_loop().create_task(ticket.cancel(), name=name))
 
-    async def aclose(self) -> None:
-        """Wait for the cancellations still in flight (each is bounded)."""
-        if self._cancelling:
-            await asyncio.gather(*self._cancelling, return_exceptions=True)
+    async def aclose(self, deadline_s: float = 2.0) -> None:
+        """Wait (bounded) for the cancellations still in flight; cancel what is left."""
+        if not self._cancelling:
+            return
+        _, pending = await asyncio.wait(set(self._cancelling), timeout=deadline_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _presubmit(self, op: OperationBase) -> HiveJob:
         """Submit a hive operation to its hive while the client's POST is open.
@@ -137,16 +141,41 @@ class QueenRouter:
         if self.telemetry.state_of(hive) != "online":
             raise self.telemetry.offline(hive)
         client = JobClient(hive.url, token=self.token, client=self.http)
+        # Shielded: a POST given up on (timeout, or the client gone) may still land, and is then cancelled.
+        submitting = asyncio.get_running_loop().create_task(client.submit(op), name=f"presubmit@{hive_id}")
         try:
             async with asyncio.timeout(PRESUBMIT_TIMEOUT_S):
-                remote_id = await client.submit(op)
+                remote_id = await asyncio.shield(submitting)
         except Unreachable as exc:
             raise errors.HiveUnreachable(f"hive {hive_id} did not answer: {exc.message}") from None
         except TimeoutError:
+            self._cancel_if_it_lands(client, submitting)
             raise errors.HiveUnreachable(
                 f"hive {hive_id} did not take the operation within {PRESUBMIT_TIMEOUT_S:g} s"
             ) from None
+        except asyncio.CancelledError:
+            self._cancel_if_it_lands(client, submitting)
+            raise
         return HiveJob(hive_id, client, remote_id)
+
+    def _cancel_if_it_lands(self, client: JobClient, submitting: asyncio.Task[str]) -> None:
+        """A submission nobody waits for: if the hive takes the job after all (soon), cancel it there."""
+
+        async def cancel() -> None:
+            try:
+                remote_id = await asyncio.wait_for(submitting, LATE_SUBMIT_S)  # cancels it on timeout
+            except asyncio.CancelledError:
+                submitting.cancel()
+                raise
+            except Exception:  # it did not land: nothing to cancel
+                return
+            await cancel_remote(client, remote_id)
+
+        self._own(asyncio.get_running_loop().create_task(cancel(), name=f"cancel-late:{submitting.get_name()}"))
+
+    def _own(self, task: asyncio.Task[None]) -> None:
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     async def __call__(self, op: OperationBase, ticket: Ticket | None = None) -> None:
         """Run ``op`` as the current job; ``ticket`` is what its admission started."""
