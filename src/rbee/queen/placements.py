@@ -33,6 +33,11 @@ class Placement:
     #: 1 for the job's first worker; each retry or failover places it again.
     attempt: int = 1
 
+    def fields(self) -> dict[str, Any]:
+        """What the placement's narration (``infer_worker``) carries: the job's log keeps it, and the
+        timeline marks the step :attr:`~rbee.jobs.timeline.Step.PLACED` by it, for live and stored jobs alike."""
+        return {"worker_id": self.worker_id, "hive_id": self.hive_id, "attempt": self.attempt}
+
 
 @dataclass(slots=True)
 class LiveJob:

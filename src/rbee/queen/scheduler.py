@@ -384,9 +384,7 @@ class Scheduler(JobHooks):
                         narrate(
                             "infer_worker",
                             f"Scheduled on worker {pick.worker_id} on hive {pick.hive_id} ({pick.report.url})",
-                            worker_id=pick.worker_id,
-                            hive_id=pick.hive_id,
-                            attempt=placement.attempt,
+                            **placement.fields(),
                         )
                         return lease
                     if waiter is None:
