@@ -425,3 +425,14 @@ async def test_delete_of_an_unknown_model_is_404(client: httpx.AsyncClient) -> N
     r = await client.request("DELETE", "/api/delete", json={"model": "nope"})
     assert _error(r, 404) == "model 'nope' not found"
     assert "model is required" in _error(await client.request("DELETE", "/api/delete", json={}), 400)
+
+
+def test_without_num_predict_a_chat_runs_to_the_end_of_the_context() -> None:
+    from rbee.queen import ollama
+
+    chat = ollama._parse({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, chat=True)
+    assert chat.op is not None and chat.op.to_the_context  # the worker bounds it by its context
+    unlimited = ollama._parse({"model": MODEL, "prompt": "x", "options": {"num_predict": -1}}, chat=False)
+    assert unlimited.op is not None and unlimited.op.to_the_context
+    bounded = ollama._parse({"model": MODEL, "prompt": "x", "options": {"num_predict": 7}}, chat=False)
+    assert bounded.op is not None and not bounded.op.to_the_context and bounded.op.max_tokens == 7

@@ -62,7 +62,7 @@ import json
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,7 +86,7 @@ from rbee.queen.tools import Tools as _Tools
 from rbee.queen.tools import parse_tool_call as _parse_tool_call
 from rbee.queen.tools import parse_tools as _openai_tools
 from rbee.queen.tools import with_instructions as _with_instructions
-from rbee.queen.translate import DEFAULT_CHAT_MAX_TOKENS, JOB_ID_HEADER
+from rbee.queen.translate import DEFAULT_CHAT_MAX_TOKENS, JOB_ID_HEADER, to_the_context
 from rbee.queen.translate import abandon as _abandon
 from rbee.queen.translate import collect as _collect
 from rbee.queen.translate import job_events as _job_events
@@ -513,7 +513,9 @@ def _parse(body: Any, chat: bool, *, template_tools: bool = False) -> _Call:
             # Ollama renders the prompt with the model's template: one user turn, after the system one.
             turns = [{"role": "system", "content": system}] if system else []
             fields["messages"] = [*turns, {"role": "user", "content": prompt or ""}]
-    fields.setdefault("max_tokens", DEFAULT_CHAT_MAX_TOKENS)
+    if "max_tokens" not in fields:  # Ollama's default: until the model stops or the context is full
+        fields["max_tokens"] = DEFAULT_CHAT_MAX_TOKENS
+        fields["to_the_context"] = True
     wire = {"operation": "infer", "model": _rbee_model(model), **fields}
     if keep_alive is not None:
         wire["keep_alive"] = keep_alive
@@ -752,6 +754,10 @@ async def _generate(request: Request, chat: bool) -> Response:
         call = _parse(body, chat, template_tools=renders)
         if call.op is None:
             return await _lifecycle(request, state, call, path)
+        if call.op.to_the_context:
+            named = "messages" if call.op.messages is not None else "prompt"
+            call = replace(call, op=await to_the_context(state, call.op, named))
+        assert call.op is not None
         job = await _submit(request, state, call.op, call, path)
     except _Refused as exc:
         return _error(exc.message, exc.status)
