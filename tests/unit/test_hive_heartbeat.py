@@ -178,3 +178,21 @@ async def test_gpus_come_from_nvidia_smi(tmp_path: Path) -> None:
     assert gpu["memory_bytes"] == 81559 * 1024 * 1024
     assert gpu["memory_used_bytes"] == 1024 * 1024 * 1024
     assert gpu["utilization_pct"] == 3.0
+
+
+async def test_failing_heartbeats_back_off_with_jitter_up_to_a_bound(parts) -> None:
+    from rbee.hive.heartbeat import MAX_BACKOFF_S
+
+    loop = loop_for(parts, lambda beat: None, interval_s=1.0)
+    assert loop.next_wait_s() == 1.0
+    waits = []
+    for failures in range(1, 9):
+        loop.failures = failures
+        samples = [loop.next_wait_s() for _ in range(200)]
+        nominal = min(2 ** (failures - 1), MAX_BACKOFF_S)
+        assert all(0.8 * nominal <= w <= 1.2 * nominal for w in samples)
+        assert max(samples) - min(samples) > 0.05 * nominal  # jittered, not one instant for every hive
+        waits.append(nominal)
+    assert waits[:4] == [1, 2, 4, 8] and max(waits) == MAX_BACKOFF_S
+    loop.failures = 0
+    assert loop.next_wait_s() == 1.0  # delivered again: back to the interval

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import platform
+import random
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -141,6 +142,11 @@ def _number(text: str) -> float | None:
 def _mib(text: str) -> int | None:
     value = _number(text)
     return None if value is None else int(value * 1024 * 1024)
+
+
+#: The longest wait between heartbeats while they fail (the time a hive may take to be seen
+#: again once its queen is back).
+MAX_BACKOFF_S = 8.0
 
 
 class HeartbeatLoop:
@@ -269,7 +275,8 @@ class HeartbeatLoop:
             if self.failures == 1:
                 narrate(
                     "heartbeat_failed",
-                    f"Cannot deliver heartbeats to {self.target}: {_why(exc)}; retrying every {self.interval_s:g} s",
+                    f"Cannot deliver heartbeats to {self.target}: {_why(exc)}; retrying, backing off"
+                    f" up to {max(MAX_BACKOFF_S, self.interval_s):g} s between tries",
                     level="warn",
                     actor="hive",
                     hive_id=self.hive_id,
@@ -292,12 +299,21 @@ class HeartbeatLoop:
         self._arrival = asyncio.Event()
         return True
 
+    def next_wait_s(self) -> float:
+        """How long until the next beat: the interval, or after failures an interval that
+        doubles up to :data:`MAX_BACKOFF_S`, with +-20 % jitter so that hives cut off together
+        do not all come back in the same instant (a queen restarting, a switch rebooted)."""
+        if not self.failures:
+            return self.interval_s
+        backoff = min(self.interval_s * 2 ** (self.failures - 1), max(MAX_BACKOFF_S, self.interval_s))
+        return backoff * random.uniform(0.8, 1.2)
+
     async def run(self) -> None:
         while True:
             self._poke.clear()
             await self.beat()
             try:
-                async with asyncio.timeout(self.interval_s):
+                async with asyncio.timeout(self.next_wait_s()):
                     await self._poke.wait()
             except TimeoutError:
                 pass
