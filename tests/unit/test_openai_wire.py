@@ -1,5 +1,6 @@
-"""The bytes of the OpenAI-shaped streams, pinned: a chat with usage, a completion, a forced tool
-call the model did not make (its text, as text) and a Responses API stream, each frame by frame.
+"""The bytes of the streams the queen's APIs write, pinned: an OpenAI chat with usage, a
+completion, a forced tool call the model did not make (its text, as text), a Responses API
+stream and an Anthropic Messages stream, each frame by frame.
 
 ``recorded/openai_streams.json`` was written by the sse-starlette streams these replaced;
 ids, times and the fingerprint are masked, everything else must match byte for byte
@@ -42,6 +43,7 @@ REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "responses": ("/v1/responses", {"input": "hi", "max_output_tokens": 5}),
+    "anthropic": ("/v1/messages", {"messages": CHAT, "max_tokens": 5}),
 }
 
 
