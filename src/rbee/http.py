@@ -60,6 +60,7 @@ __all__ = [
     "current_principal",
     "is_admin",
     "token_id",
+    "VOUCHED",
 ]
 
 MAX_BODY_BYTES = 1 << 20
@@ -72,6 +73,10 @@ class Principal:
     id: str
     admin: bool
 
+
+#: The ASGI scope key under which an authenticator placed in front of :class:`BearerAuth`
+#: leaves the :class:`Principal` it has checked (a scope is the server's, never the client's).
+VOUCHED = "rbee.principal"
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("rbee_principal", default=None)
 
@@ -236,6 +241,15 @@ class BearerAuth:
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        vouched = scope.get(VOUCHED)
+        if isinstance(vouched, Principal):
+            # An authenticator in front of this one (the queen's hive credentials) checked the caller.
+            reset = _principal.set(vouched)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _principal.reset(reset)
+            return
         if self.expected is None or scope["type"] not in ("http", "websocket") or self._is_public(scope):
             await self.app(scope, receive, send)
             return

@@ -22,6 +22,7 @@ from rbee.jobs.api import job_router
 from rbee.narration import narrate
 from rbee.queen.anthropic import anthropic_router
 from rbee.queen.infill import infill_router
+from rbee.queen.invites import mount_invites
 from rbee.queen.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rbee.queen.ollama import ollama_router
 from rbee.queen.openai import openai_router
@@ -104,6 +105,7 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     app.add_middleware(_Ownership)
     tokens = [t for t in (settings.token, *settings.user_tokens) if t]
     install_edge(app, token=tokens or None, public=PUBLIC_PATHS)
+    mount_invites(app, settings)  # joining hives: its routes, and its gate in front of the bearer check
 
     def queen(request: Request) -> QueenState:
         state: QueenState = request.app.state.queen
