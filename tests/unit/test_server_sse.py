@@ -31,6 +31,7 @@ class Client:
         self.messages: list[dict[str, Any]] = []
         self.gone = asyncio.Event()
         self.first_body = asyncio.Event()
+        self.sent_at: list[float] = []
 
     async def receive(self) -> dict[str, Any]:
         await self.gone.wait()
@@ -39,6 +40,7 @@ class Client:
     async def send(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
         if message["type"] == "http.response.body" and message["body"]:
+            self.sent_at.append(asyncio.get_running_loop().time())
             self.first_body.set()
 
     @property
@@ -109,6 +111,19 @@ async def test_a_ping_is_written_after_each_quiet_interval_and_never_while_frame
     assert PING.decode() not in before
     assert 2 <= after.count(PING.decode()) <= 4
     assert after.endswith("data: [DONE]\n\n")
+
+
+async def test_no_silence_is_longer_than_the_ping_interval() -> None:
+    client = Client()
+
+    async def uneven() -> AsyncIterator[bytes]:
+        for pause in (0.01, 0.09, 0.17, 0.05, 0.26, 0.12):  # frames just before, at and past each ping
+            await asyncio.sleep(pause)
+            yield b"data: x\n\n"
+
+    await run(EventStream(uneven(), ping_s=0.1), client)
+    gaps = [b - a for a, b in zip(client.sent_at, client.sent_at[1:], strict=False)]
+    assert max(gaps) < 0.1 * 1.5, gaps
 
 
 async def test_no_ping_is_written_when_pings_are_off() -> None:

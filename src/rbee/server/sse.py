@@ -13,8 +13,8 @@ and the server shutting down; the first to finish ends the others:
   most :data:`MAX_BUFFER` frames ahead of the socket.
 * **the client leaving**: one small task reads ``receive`` for
   ``http.disconnect`` and closes the stream;
-* **a ping** (``: ping`` by default) is written after ``ping_s`` seconds
-  in which nothing else was (a timer, not a task);
+* **a ping** (``: ping`` by default) is written once ``ping_s`` seconds
+  have passed since the last bytes, so no silence is longer (a timer, not a task);
 * **shutdown**: :class:`ShutdownWatch`, the process's one detector, closes
   every open stream once uvicorn has been told to stop (uvicorn waits for
   open connections before the lifespan ends the jobs, so a stream left open
@@ -309,7 +309,8 @@ class EventStream(Response):
         #: Closed before the end (the client left, the server is exiting).
         self.closed = False
         self._ping_due = False
-        self._quiet = True
+        #: When the last bytes went out (the loop's clock), once the writer has had to wait.
+        self._written_at = 0.0
         self._waiting: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -324,14 +325,19 @@ class EventStream(Response):
             fut.set_result(None)
 
     def _tick(self) -> None:
+        """A ping is due ``ping_s`` after the last bytes: never a longer silence (clients time out on
+        one, :mod:`rbee.jobs.client` at twice the interval)."""
         if self.closed:
             return
-        if self._quiet:
+        assert self.ping_s is not None
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._written_at
+        if quiet >= self.ping_s * 0.99:
             self._ping_due = True
             self._wake()
-        self._quiet = True
-        assert self.ping_s is not None
-        self._timer = asyncio.get_running_loop().call_later(self.ping_s, self._tick)
+            self._timer = loop.call_later(self.ping_s, self._tick)
+        else:
+            self._timer = loop.call_later(self.ping_s - quiet, self._tick)
 
     async def _listen(self, receive: Receive) -> None:
         while True:
@@ -345,6 +351,7 @@ class EventStream(Response):
         loop = asyncio.get_running_loop()
         self.watch.add(self)
         if self.ping_s is not None:
+            self._written_at = loop.time()  # the writes so far were just now
             self._timer = loop.call_later(self.ping_s, self._tick)
         return loop.create_task(self._listen(receive), name="sse:disconnect")
 
@@ -361,6 +368,7 @@ class EventStream(Response):
 
     async def _write(self, receive: Receive, send: Send) -> None:
         source = self.source
+        clock = asyncio.get_running_loop().time
         listener: asyncio.Task[None] | None = None
         finished = False
         try:
@@ -371,10 +379,11 @@ class EventStream(Response):
                     await send({"type": "http.response.body", "body": body, "more_body": False})
                     return
                 if body:
-                    self._quiet = False
+                    self._written_at = clock()
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 elif self._ping_due:
                     self._ping_due = False
+                    self._written_at = clock()
                     await send({"type": "http.response.body", "body": self.ping, "more_body": True})
                 else:
                     if listener is None:
