@@ -13,6 +13,11 @@ A hive that stops sends one last heartbeat with ``goodbye`` set (its workers
 already stopped): the queen shows it ``offline`` at once, schedules nothing on
 it and forgets it as it forgets a silent hive. Its next ordinary heartbeat (a
 restart) brings it back ``online``.
+
+A hive that serves HTTPS reports its certificate's SHA-256 fingerprint
+(``tls_fingerprint``, ``SHA256:<base64>``); its workers serve the same
+certificate, and the queen connects to the hive and to them pinned to it
+(:mod:`rbee.wire.tls`), refusing one that presents another.
 """
 
 from __future__ import annotations
@@ -97,3 +102,6 @@ class Heartbeat(BaseModel):
     worker_tokens: dict[str, str] = Field(default_factory=dict, repr=False)
     #: The hive is stopping: this is its last heartbeat.
     goodbye: bool = False
+    #: The fingerprint of the certificate the hive and its workers serve (None: plain HTTP,
+    #: or a certificate to be verified the usual way).
+    tls_fingerprint: str | None = Field(default=None, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ class HiveSettings:
     keep_alive_s: float = 300.0
     #: A cap on the memory this hive's workers hold in all (None: the machine's).
     memory_limit_bytes: int | None = None
+    #: The certificate and key the hive serves HTTPS with, and its workers too (None: plain HTTP).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: The fingerprint of ``tls_cert``, reported in every heartbeat for the queen to pin.
+    tls_fingerprint: str | None = None
+    #: The queen's certificate must have this fingerprint (None: the usual verification of https).
+    queen_fingerprint: str | None = None
 
 
 class HiveState:
@@ -76,11 +84,17 @@ class HiveState:
         self.settings = settings
         self.home = settings.home or rbee_home()
         self.public_host = settings.advertise_host or reachable_host(settings.host, settings.queen_url)
-        self.url = f"http://{url_host(self.public_host)}:{settings.port}"
+        tls = settings.tls_cert is not None and settings.tls_key is not None
+        self.scheme = "https" if tls else "http"
+        self.url = f"{self.scheme}://{url_host(self.public_host)}:{settings.port}"
         self.started_at = time.time()
+        # The workers serve the hive's own certificate: the client that polls them trusts exactly it.
         self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            timeout=httpx.Timeout(5.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            verify=_trusting_file(settings.tls_cert) if tls and settings.tls_cert else True,
         )
+        self.queen_http: httpx.AsyncClient | None = None
         self.catalog = ModelCatalog(self.home / "hives" / settings.hive_id / "models.sqlite", hive_id=settings.hive_id)
         self.devices = DeviceProbe()
         self.supervisor = Supervisor(
@@ -97,11 +111,19 @@ class HiveState:
             state_dir=self.home / "hives" / settings.hive_id / "workers",
             keep_alive_s=settings.keep_alive_s,
             memory_limit_bytes=settings.memory_limit_bytes,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
         )
         deliver: Deliver | None = settings.deliver
         target = "the queen"
         if deliver is None and settings.queen_url:
-            deliver = HttpDelivery(settings.queen_url, self.http, token=settings.token)
+            from rbee.jobs.client import JobHttp
+            from rbee.wire.tls import Trust
+
+            trust = Trust()
+            trust.pin("queen", settings.queen_fingerprint, [settings.queen_url])
+            self.queen_http = JobHttp(timeout=httpx.Timeout(5.0), trust=trust)
+            deliver = HttpDelivery(settings.queen_url, self.queen_http, token=settings.token)
             target = f"the queen at {settings.queen_url}"
         self.heartbeat: HeartbeatLoop | None = None
         if deliver is not None:
@@ -118,6 +140,7 @@ class HiveState:
                 devices=self.devices,
                 target=target,
                 address=self.follow_address if follows else None,
+                tls_fingerprint=settings.tls_fingerprint if tls else None,
             )
         self.models_dir = self.home / "models" / settings.hive_id
         policy = DownloadPolicy(allow=settings.allow_download_from, model_dirs=settings.model_dirs, home=self.home)
@@ -148,7 +171,7 @@ class HiveState:
         if host != self.public_host:
             old = self.public_host
             self.public_host = host
-            self.url = f"http://{url_host(host)}:{self.settings.port}"
+            self.url = f"{self.scheme}://{url_host(host)}:{self.settings.port}"
             self.supervisor.readdress(host)
             narrate(
                 "hive_address_changed",
@@ -176,6 +199,12 @@ class HiveState:
                 await self.heartbeat.beat(goodbye=True)
         except TimeoutError:
             pass
+
+
+def _trusting_file(cert: Path) -> ssl.SSLContext:
+    from rbee.wire.tls import trusting_pem
+
+    return trusting_pem(cert.read_text())
 
 
 def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
@@ -213,6 +242,8 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
             await state.final_heartbeat()
             await state.downloads.aclose()
             await state.http.aclose()
+            if state.queen_http is not None:
+                await state.queen_http.aclose()
             await state.catalog.aclose()
             narrate("hive_stopped", f"Hive {settings.hive_id} stopped", actor="hive", hive_id=settings.hive_id)
 
@@ -254,6 +285,7 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
             "hf_endpoint": state.downloads.hf_endpoint,
             "queen_url": settings.queen_url,
             "auth": settings.token is not None,
+            "tls_fingerprint": settings.tls_fingerprint,
             "worker_engine": settings.worker_engine,
             "workers": len(state.supervisor.workers),
             "models": len(state.catalog.models_now()),

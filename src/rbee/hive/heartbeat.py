@@ -6,9 +6,11 @@ its address, devices, workers (how busy, from each worker's ``/v1/ready``,
 polled in parallel with a short timeout, with each one's resident memory), its
 memory (:class:`~rbee.contracts.cluster.HostMemory`: RAM, GPUs' VRAM, the
 ``--memory-limit``) and models (each with what one worker of it would need
-here). The last one, sent as the hive stops, says ``goodbye``. Delivery is a callable:
-an HTTP POST to the queen (:class:`HttpDelivery`), or a direct call when the
-hive runs inside the queen's process. A queen that cannot be reached is
+here). The last one, sent as the hive stops, says ``goodbye``; a hive serving HTTPS
+says which certificate (``tls_fingerprint``). Delivery is a callable:
+an HTTP POST to the queen (:class:`HttpDelivery`, through a client that pins the
+queen's certificate when the hive was given ``--queen-fingerprint``), or a
+direct call when the hive runs inside the queen's process. A queen that cannot be reached is
 reported once per outage and retried every interval; the loop never dies of it.
 """
 
@@ -165,8 +167,10 @@ class HeartbeatLoop:
         poll_timeout_s: float = 1.0,
         target: str = "the queen",
         address: Callable[[], str] | None = None,
+        tls_fingerprint: str | None = None,
     ) -> None:
         self.hive_id = hive_id
+        self.tls_fingerprint = tls_fingerprint
         self.url = url
         #: The hive's URL as it is now (a hive bound to every address follows its machine's
         #: address from one heartbeat to the next); None: ``url`` never changes.
@@ -257,6 +261,7 @@ class HeartbeatLoop:
             memory=await self.memory(),
             worker_tokens={w.worker_id: w.token for w in self.supervisor.all() if w.token},
             goodbye=goodbye,
+            tls_fingerprint=self.tls_fingerprint,
         )
 
     async def beat(self, *, goodbye: bool = False) -> bool:

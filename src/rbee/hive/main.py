@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from rbee.config import HIVE_PORT
+from rbee.daemon import tls_options
 
 _HIVE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -17,6 +18,36 @@ def _check_hive_id(ctx: click.Context, param: click.Parameter, value: str) -> st
     if not _HIVE_ID.match(value):
         raise click.BadParameter("must be 1-128 characters of letters, digits and . _ : -")
     return value
+
+
+def _check_fingerprint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    from rbee.wire.tls import parse_fingerprint
+
+    try:
+        return parse_fingerprint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _check_queen(queen_url: str, pin: str) -> None:
+    """SSH's first contact: a queen that answers with another certificate is refused before anything is sent.
+
+    Exit 1 with one line; a queen not running yet is looked at again by every heartbeat.
+    """
+    import ssl
+    from urllib.parse import urlsplit
+
+    from rbee.wire.tls import CertificateMismatch, pinned_context
+
+    parts = urlsplit(queen_url)
+    try:
+        pinned_context(parts.hostname or "", parts.port or 443, pin, timeout_s=3.0)
+    except CertificateMismatch as exc:
+        raise click.ClickException(f"refusing the queen at {queen_url}: {exc} (--queen-fingerprint)") from None
+    except (OSError, ssl.SSLError, TimeoutError):
+        return  # not up yet, or not TLS: the heartbeats say so, and retry
 
 
 def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -35,6 +66,14 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--port", "-p", default=HIVE_PORT, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--hive-id", default="localhost", show_default=True, callback=_check_hive_id, help="This hive's name.")
 @click.option("--queen-url", default=None, help="Send heartbeats to this queen (none: no heartbeats).")
+@click.option(
+    "--queen-fingerprint",
+    envvar="RBEE_QUEEN_FINGERPRINT",
+    default=None,
+    callback=_check_fingerprint,
+    metavar="SHA256:...",
+    help="Trust only the https queen whose certificate has this SHA-256 fingerprint (the queen prints it).",
+)
 @click.option("--token", envvar="RBEE_TOKEN", default=None, help="Bearer token required by every endpoint but /health.")
 @click.option("--home", type=click.Path(path_type=Path), default=None, help="Data directory (default $RBEE_HOME).")
 @click.option(
@@ -88,6 +127,7 @@ def _check_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     type=click.Path(path_type=Path, file_okay=False),
     help="A directory local model files may be downloaded from, besides $RBEE_HOME/models (repeatable).",
 )
+@tls_options
 def main(
     host: str,
     port: int,
@@ -103,6 +143,10 @@ def main(
     hf_endpoint: str | None,
     allow_download_from: tuple[str, ...],
     model_dirs: tuple[Path, ...],
+    queen_fingerprint: str | None,
+    tls_mode: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run a hive: the workers and model files of this machine, reporting to a queen.
 
@@ -110,15 +154,21 @@ def main(
     Examples:
       rbee-hive --queen-url http://127.0.0.1:7833 --hive-id beta --host 127.0.0.2
       RBEE_TOKEN=... rbee-hive --host 0.0.0.0 --queen-url http://queen-host:7833 --hive-id gpu-box
+      rbee-hive --host 0.0.0.0 --tls auto --queen-url https://queen-host:7833 --queen-fingerprint SHA256:...
     """
-    from rbee.daemon import preflight, serve
+    from rbee.daemon import announce, preflight, resolve_tls, serve
 
     if keep_alive_s < 0 and keep_alive_s != -1:
         raise click.BadParameter("must be -1 (for ever), 0 or a number of seconds", param_hint="--keep-alive")
+    if queen_fingerprint and not (queen_url or "").startswith("https://"):
+        raise click.BadParameter("a fingerprint pins an https:// --queen-url", param_hint="--queen-fingerprint")
     preflight("hive", host, token)
     if home is not None:
         home = home.expanduser().resolve()
         os.environ["RBEE_HOME"] = str(home)
+    tls = resolve_tls("hive", tls_mode, tls_cert, tls_key, name=f"hive-{hive_id}", host=host)
+    if queen_url and queen_fingerprint:
+        _check_queen(queen_url, queen_fingerprint)
     from rbee.hive.app import HiveSettings, create_hive_app
 
     sock = None
@@ -146,8 +196,14 @@ def main(
         hf_endpoint=hf_endpoint,
         allow_download_from=allow_download_from,
         model_dirs=model_dirs,
+        tls_cert=tls.cert if tls else None,
+        tls_key=tls.key if tls else None,
+        tls_fingerprint=tls.fingerprint if tls else None,
+        queen_fingerprint=queen_fingerprint,
     )
-    serve(create_hive_app(settings), host, port, sock=sock)
+    if tls is not None:
+        announce("hive", tls)
+    serve(create_hive_app(settings), host, port, sock=sock, tls=tls)
 
 
 if __name__ == "__main__":

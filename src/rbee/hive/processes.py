@@ -40,6 +40,7 @@ __all__ = [
     "send_signal",
     "start",
     "terminate",
+    "tls_args",
     "wait_ready",
 ]
 
@@ -99,6 +100,13 @@ def progress(done: int, total: int) -> None:
 
 
 # -- starting -----------------------------------------------------------------
+
+
+def tls_args(tls: tuple[Path, Path] | None) -> list[str]:
+    """The worker's flags to serve HTTPS with the hive's certificate (paths only: the key stays in its file)."""
+    if tls is None:
+        return []
+    return ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
 
 
 async def start(

@@ -78,6 +78,8 @@ class Supervisor:
         state_dir: Path | None = None,
         keep_alive_s: float = 300.0,
         memory_limit_bytes: int | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
         self.home = home
         self.log_dir = home / "logs"
@@ -100,6 +102,10 @@ class Supervisor:
         self.keep_alive_s = keep_alive_s
         #: A cap on what this hive's workers may hold in all (None: the machine's memory).
         self.memory_limit_bytes = memory_limit_bytes
+        #: The hive's certificate and key, which its workers serve too (None: plain HTTP), so the
+        #: queen reaches every one of them pinned to the fingerprint in the hive's heartbeat.
+        self.tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+        self.scheme = "https" if self.tls is not None else "http"
 
     # -- looking up -----------------------------------------------------------
 
@@ -125,7 +131,7 @@ class Supervisor:
         self.advertise_host = host
         for worker in self.workers.values():
             port = urlsplit(worker.url).port
-            worker.url = f"http://{url_host(host)}:{port}"
+            worker.url = f"{self.scheme}://{url_host(host)}:{port}"
 
     # -- memory ---------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class Supervisor:
         )
         sock = listen_socket(self.host)
         try:
-            url = f"http://{url_host(self.advertise_host)}:{sock.getsockname()[1]}"
+            url = f"{self.scheme}://{url_host(self.advertise_host)}:{sock.getsockname()[1]}"
             argv = [
                 *self.command,
                 "--model",
@@ -220,6 +226,7 @@ class Supervisor:
                 str(plan.n_ctx),
                 "--keep-alive",
                 f"{self.keep_alive_s:g}",
+                *processes.tls_args(self.tls),
                 *self.extra_args,  # last: a --slots here wins
             ]
             token = secrets.token_urlsafe(24) if self.token else None

@@ -10,8 +10,13 @@ Submitting a job and following its stream, the two requests on the path from
 prompt to token, go through the small HTTP/1.1 client of
 :mod:`rbee.wire.http1` when the httpx client given is a :class:`JobHttp`
 (which carries one, and closes it with itself) and the server is a plain
-``http://`` URL; the other requests, and every client built another way (an
-ASGI app mounted in a test), use httpx.
+``http://`` URL (or an ``https://`` one, when the client has a
+:class:`~rbee.wire.tls.Trust`); the other requests, and every client built
+another way (an ASGI app mounted in a test), use httpx.
+
+A :class:`JobHttp` given a ``trust`` sends every ``https://`` request, on
+either path, with the context the trust gives its origin: the certificate a
+hive's heartbeat pinned for it and its workers, else the usual checks.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -31,6 +37,7 @@ from rbee.errors import RbeeError, StreamBroken, Unreachable
 from rbee.wire import http1, protocol
 from rbee.wire.errors import from_response
 from rbee.wire.sse import Event, aiter_frames
+from rbee.wire.tls import Trust, describe
 
 __all__ = ["JobClient", "JobHttp", "StreamBroken", "StreamEvent", "Unreachable", "error_from_response"]
 
@@ -43,23 +50,58 @@ def error_from_response(response: httpx.Response) -> RbeeError:
     return from_response(response.status_code, response.headers, response.content)
 
 
+class _TrustTransport(httpx.AsyncBaseTransport):
+    """httpx's transport, with each ``https://`` origin's TLS context from a :class:`Trust`."""
+
+    def __init__(self, trust: Trust, **options: Any) -> None:
+        self.trust = trust
+        self.options = options
+        self.plain = httpx.AsyncHTTPTransport(**options)
+        self._secure: dict[ssl.SSLContext, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme != "https":
+            return await self.plain.handle_async_request(request)
+        try:
+            context = await self.trust.context(url.host, url.port or 443)
+        except (OSError, TimeoutError) as exc:
+            raise httpx.ConnectError(describe(exc), request=request) from None
+        transport = self._secure.get(context)
+        if transport is None:
+            transport = self._secure[context] = httpx.AsyncHTTPTransport(verify=context, **self.options)
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for transport in (self.plain, *self._secure.values()):
+            await transport.aclose()
+        self._secure.clear()
+
+
 class JobHttp(httpx.AsyncClient):
-    """An httpx client that also holds a pool of plain HTTP/1.1 connections for the hot job requests.
+    """An httpx client that also holds a pool of HTTP/1.1 connections for the hot job requests.
 
     Built and closed by its owner (the queen's lifespan), like any httpx
     client; :meth:`aclose` closes the pool too. A client given its own
     ``transport``, ``mounts`` or ``proxy``, or one that proxies from the
     environment, has no pool (:attr:`http1` is None) and sends everything
-    through httpx.
+    through httpx. With ``trust``, ``https://`` requests (both ways) take
+    their TLS context from it.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, trust: Trust | None = None, **kwargs: Any) -> None:
         custom = any(kwargs.get(name) is not None for name in ("transport", "mounts", "proxy"))
+        if trust is not None and not custom:
+            options = {"limits": kwargs.pop("limits", httpx.Limits(max_keepalive_connections=32))}
+            kwargs["transport"] = _TrustTransport(trust, **options)
+        super().__init__(**kwargs)
         proxied = kwargs.get("trust_env", True) and any(k in urllib.request.getproxies() for k in ("http", "all"))
+        self.trust = trust
         self.http1: http1.Pool | None = None
         if not custom and not proxied:
-            self.http1 = http1.Pool(connect_timeout_s=self.timeout.connect, read_timeout_s=self.timeout.read)
+            self.http1 = http1.Pool(
+                connect_timeout_s=self.timeout.connect, read_timeout_s=self.timeout.read, trust=trust
+            )
 
     async def aclose(self) -> None:
         if self.http1 is not None:
@@ -84,6 +126,7 @@ class JobClient:
         client: httpx.AsyncClient | None = None,
         connect_timeout_s: float = 5.0,
         silence_s: float | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: A stream with no byte for this long is broken (the servers ping every
@@ -92,13 +135,18 @@ class JobClient:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._own = client is None
         self.client = client or JobHttp(
-            timeout=httpx.Timeout(connect_timeout_s, read=None), limits=httpx.Limits(max_keepalive_connections=32)
+            timeout=httpx.Timeout(connect_timeout_s, read=None),
+            limits=httpx.Limits(max_keepalive_connections=32),
+            trust=trust,
         )
         self._pool: http1.Pool | None = None
         parts = urlsplit(self.base_url)
-        if isinstance(self.client, JobHttp) and parts.scheme == "http" and parts.hostname:
-            self._pool = self.client.http1
-        self._key = (parts.hostname or "", parts.port or 80)
+        self._secure = parts.scheme == "https"
+        if isinstance(self.client, JobHttp) and parts.hostname:
+            pool = self.client.http1
+            if parts.scheme == "http" or (self._secure and pool is not None and pool.trust is not None):
+                self._pool = pool
+        self._key = (parts.hostname or "", parts.port or (443 if self._secure else 80))
         self._prefix = parts.path
 
     async def aclose(self) -> None:
@@ -135,7 +183,12 @@ class JobClient:
         headers = {**self.headers, "Content-Type": "application/json"}
         try:
             answer = await pool.request(
-                self._key, "POST", self._prefix + protocol.JOBS_PATH, headers, json.dumps(body).encode()
+                self._key,
+                "POST",
+                self._prefix + protocol.JOBS_PATH,
+                headers,
+                json.dumps(body).encode(),
+                secure=self._secure,
             )
         except http1.WireError as exc:
             raise self._unreachable(str(exc)) from None
@@ -216,7 +269,7 @@ class JobClient:
                 yield response.aiter_bytes()
             return
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
-        async with pool.stream(self._key, "GET", target, headers) as answer:
+        async with pool.stream(self._key, "GET", target, headers, secure=self._secure) as answer:
             assert answer.chunks is not None
             if answer.status != 200:
                 body = b"".join([piece async for piece in answer.chunks])

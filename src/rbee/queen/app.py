@@ -131,10 +131,12 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     @app.get("/v1/info", tags=["meta"])
     async def info(request: Request) -> dict[str, Any]:
         state = queen(request)
+        fingerprint = getattr(request.app.state, "tls_fingerprint", None)  # set by queen-rbee --tls
         return {
             "component": "queen",
             "version": __version__,
-            "base_url": settings.url,
+            "base_url": settings.url.replace("http://", "https://", 1) if fingerprint else settings.url,
+            "tls_fingerprint": fingerprint,
             "port": settings.port,
             "pid": os.getpid(),
             "started_at": state.started_at,
@@ -149,6 +151,8 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     @app.post("/v1/hives/heartbeat", tags=["cluster"])
     async def heartbeat(request: Request, beat: Heartbeat) -> dict[str, Any]:
         state = queen(request)
+        # The hive and its workers are reached pinned to the certificate the hive reports.
+        state.trust.pin(beat.hive_id, beat.tls_fingerprint, [beat.url, *(w.url for w in beat.workers)])
         hive, new = state.telemetry.heartbeat(beat)
         if beat.goodbye:
             narrate("hive_goodbye", f"Hive {hive.hive_id} stopped; it is offline", hive_id=hive.hive_id)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from rbee.config import QUEEN_PORT
+from rbee.daemon import tls_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +44,7 @@ from rbee.config import QUEEN_PORT
     multiple=True,
     help="A host name this queen answers for besides its addresses, localhost and this machine's name (repeatable).",
 )
+@tls_options
 def main(
     host: str,
     port: int,
@@ -54,10 +56,13 @@ def main(
     home: Path | None,
     allow_origins: tuple[str, ...],
     allow_hosts: tuple[str, ...],
+    tls_mode: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run the queen: job server, scheduler and telemetry registry of an rbee cluster."""
     from rbee.config import MIN_TOKEN_CHARS
-    from rbee.daemon import preflight, serve
+    from rbee.daemon import announce, preflight, resolve_tls, serve
 
     every = [t for t in tokens if t]
     if tokens_file is not None:
@@ -71,6 +76,7 @@ def main(
     preflight("queen", host, token)
     if home is not None:
         os.environ["RBEE_HOME"] = str(home)
+    tls = resolve_tls("queen", tls_mode, tls_cert, tls_key, name="queen", host=host)
     # Through the environment, so the local hive and the workers it starts take them too.
     for name, values in (("RBEE_ALLOW_ORIGINS", allow_origins), ("RBEE_ALLOW_HOSTS", allow_hosts)):
         if values:
@@ -87,7 +93,11 @@ def main(
         local_hive_port=local_hive_port,
         queue_size=queue_size,
     )
-    serve(create_queen_app(settings), host, port)
+    app = create_queen_app(settings)
+    if tls is not None:
+        announce("queen", tls)
+        app.state.tls_fingerprint = tls.fingerprint  # for /v1/info: what hives and keepers pin
+    serve(app, host, port, tls=tls)
 
 
 if __name__ == "__main__":

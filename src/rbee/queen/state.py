@@ -39,6 +39,7 @@ from rbee.queen.settings import QueenSettings
 from rbee.queen.store import JobStore
 from rbee.queen.telemetry import Telemetry
 from rbee.queen.web import ClusterPage
+from rbee.wire.tls import Trust
 
 __all__ = ["QueenState", "QueenJobs"]
 
@@ -88,9 +89,12 @@ class QueenState:
         self.store = JobStore(home / "queen.sqlite", owner=_owner)
         self.interrupted = self.store.mark_interrupted()
         self.telemetry = Telemetry(interval_s=settings.heartbeat_interval_s, forget_after_s=settings.forget_after_s)
+        #: The certificate each hive reported (its own and its workers'), pinned from its heartbeats.
+        self.trust = Trust()
         self.http = JobHttp(
             timeout=httpx.Timeout(10.0, read=None),
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+            trust=self.trust,
         )
         self.placements = Placements(notify=self.telemetry.notify)
         self.scheduler = Scheduler(

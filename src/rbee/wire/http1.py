@@ -8,7 +8,9 @@ rest of the relay, and all of it in the time to first token. A
 :class:`~rbee.jobs.client.JobClient` sends those two requests through this
 client when it is given one (:class:`~rbee.jobs.client.JobHttp` carries a
 :class:`Pool` for plain ``http://`` URLs); everything else (proxies, TLS,
-tests that mount an ASGI app) stays on httpx. The benchmarks measure servers
+tests that mount an ASGI app) stays on httpx. ``https://`` URLs are sent
+here too when the pool has a :class:`~rbee.wire.tls.Trust`, which gives each
+connection its context (a pinned certificate, or the usual verification). The benchmarks measure servers
 through :class:`Connection`, for the same reason: the client must cost little
 next to what it measures.
 
@@ -28,6 +30,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
+
+    from rbee.wire.tls import Trust
 
 __all__ = ["IDLE_S", "Connection", "Pool", "Response", "WireError", "request_head"]
 
@@ -62,26 +70,36 @@ def request_head(host: str, port: int, method: str, target: str, headers: dict[s
 class Connection:
     """One HTTP/1.1 connection on asyncio streams; requests on it are sequential."""
 
-    __slots__ = ("expiry", "key", "reader", "reusable", "writer")
+    __slots__ = ("expiry", "key", "reader", "reusable", "secure", "writer")
 
-    def __init__(self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        key: tuple[str, int],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        secure: bool = False,
+    ) -> None:
         self.key = key
+        self.secure = secure
         self.reader = reader
         self.writer = writer
         self.reusable = False
         self.expiry: asyncio.TimerHandle | None = None
 
     @classmethod
-    async def open(cls, host: str, port: int, *, timeout_s: float | None = None) -> Connection:
-        """A new connection (:class:`WireError` if none can be made within ``timeout_s``)."""
+    async def open(
+        cls, host: str, port: int, *, timeout_s: float | None = None, ssl: ssl.SSLContext | None = None
+    ) -> Connection:
+        """A new connection, over TLS with ``ssl`` (:class:`WireError` if none can be made within ``timeout_s``)."""
         try:
             async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEAD)
+                reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEAD, ssl=ssl)
         except TimeoutError:
             raise WireError(f"no connection within {timeout_s:g} s") from None
-        except OSError as exc:
-            raise WireError(exc.strerror or str(exc) or type(exc).__name__) from None
-        return cls((host, port), reader, writer)
+        except OSError as exc:  # ssl.SSLError is one: a refused certificate
+            raise WireError(_reason(exc)) from None
+        return cls((host, port), reader, writer, secure=ssl is not None)
 
     def close(self) -> None:
         if self.expiry is not None:
@@ -141,15 +159,38 @@ class Connection:
                 yield data
 
 
-class Pool:
-    """Keep-alive connections to rbee daemons, kept for the event loop that uses the pool."""
+def _reason(exc: OSError) -> str:
+    if type(exc).__module__ in ("ssl", "rbee.wire.tls"):
+        from rbee.wire.tls import describe
 
-    def __init__(self, *, connect_timeout_s: float | None = 5.0, read_timeout_s: float | None = None) -> None:
+        return describe(exc)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+#: Where a pooled connection goes: host, port, and whether it is TLS (never shared between the two).
+_Slot = tuple[str, int, bool]
+
+
+class Pool:
+    """Keep-alive connections to rbee daemons, kept for the event loop that uses the pool.
+
+    With ``trust``, a request made with ``secure=True`` goes over TLS, its
+    context given by the trust (a pinned certificate, or the usual checks).
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float | None = 5.0,
+        read_timeout_s: float | None = None,
+        trust: Trust | None = None,
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.trust = trust
         #: The loop whose connections the pool keeps (the first that used it).
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._idle: dict[tuple[str, int], list[Connection]] = {}
+        self._idle: dict[_Slot, list[Connection]] = {}
         self._closed = False
 
     @property
@@ -171,12 +212,22 @@ class Pool:
             with contextlib.suppress(OSError, RuntimeError):
                 await conn.writer.wait_closed()
 
-    async def _connect(self, key: tuple[str, int]) -> Connection:
+    async def _connect(self, key: tuple[str, int], secure: bool) -> Connection:
         if self._closed:
             raise WireError("the client is closed")
-        return await Connection.open(key[0], key[1], timeout_s=self.connect_timeout_s)
+        context = None
+        if secure:
+            if self.trust is None:
+                raise WireError("this client has no TLS settings")
+            try:
+                context = await self.trust.context(key[0], key[1])
+            except TimeoutError:
+                raise WireError(f"no connection within {self.trust.timeout_s:g} s") from None
+            except OSError as exc:
+                raise WireError(_reason(exc)) from None
+        return await Connection.open(key[0], key[1], timeout_s=self.connect_timeout_s, ssl=context)
 
-    def _checkout(self, key: tuple[str, int]) -> Connection | None:
+    def _checkout(self, key: _Slot) -> Connection | None:
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
             # Connections made on another loop (one that has ended) cannot be used on this one.
@@ -196,7 +247,7 @@ class Pool:
         return None
 
     def _checkin(self, conn: Connection) -> None:
-        conns = self._idle.setdefault(conn.key, [])
+        conns = self._idle.setdefault((*conn.key, conn.secure), [])
         if self._closed or not conn.reusable or not conn.usable or len(conns) >= _MAX_IDLE_PER_HOST:
             conn.close()
             return
@@ -207,19 +258,25 @@ class Pool:
     def _expire(self, conn: Connection) -> None:
         conn.expiry = None
         with contextlib.suppress(ValueError):
-            self._idle.get(conn.key, []).remove(conn)
+            self._idle.get((*conn.key, conn.secure), []).remove(conn)
         conn.close()
 
     async def _send(
-        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], body: bytes | None
+        self,
+        key: tuple[str, int],
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        secure: bool,
     ) -> tuple[Connection, int, dict[str, str]]:
         """Write the request and read the answer's head, on a pooled connection or a new one."""
         data = request_head(key[0], key[1], method, target, headers, body) + (body or b"")
-        pooled = self._checkout(key)
+        pooled = self._checkout((key[0], key[1], secure))
         for conn in (pooled, None) if pooled is not None else (None,):
             fresh = conn is None
             if conn is None:
-                conn = await self._connect(key)
+                conn = await self._connect(key, secure)
             try:
                 conn.writer.write(data)
                 async with asyncio.timeout(self.read_timeout_s):
@@ -242,9 +299,16 @@ class Pool:
         raise WireError("no connection")  # pragma: no cover - the loop returns or raises
 
     async def request(
-        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], body: bytes | None = None
+        self,
+        key: tuple[str, int],
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None = None,
+        *,
+        secure: bool = False,
     ) -> Response:
-        conn, status, answer = await self._send(key, method, target, headers, body)
+        conn, status, answer = await self._send(key, method, target, headers, body, secure)
         try:
             async with asyncio.timeout(self.read_timeout_s):
                 content = await conn.body(answer)
@@ -260,13 +324,13 @@ class Pool:
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str]
+        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], *, secure: bool = False
     ) -> AsyncIterator[Response]:
         """The answer, its body to be read from ``chunks``.
 
         The connection is reused only if the body was read to its end.
         """
-        conn, status, answer = await self._send(key, method, target, headers, None)
+        conn, status, answer = await self._send(key, method, target, headers, None, secure)
         finished = False
 
         async def chunks() -> AsyncIterator[bytes]:

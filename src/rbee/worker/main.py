@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from rbee.contracts.operations import check_model_ref
+from rbee.daemon import tls_options
 
 __all__ = ["main"]
 
@@ -167,6 +168,7 @@ def _listen(host: str, port: int, fd: int | None) -> socket.socket:
     type=click.IntRange(0),
     help="fake: fail after this many pieces.",
 )
+@tls_options
 def main(
     model_path: Path | None,
     worker_id: str | None,
@@ -191,6 +193,9 @@ def main(
     fake_tokens: int,
     fake_delay_ms: float,
     fake_fail_after: int | None,
+    tls_mode: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run a worker: load one model and generate tokens for ``infer`` jobs."""
     if keep_alive_s < 0 and keep_alive_s != -1:
@@ -231,9 +236,10 @@ def main(
             kv_overrides=overrides,
         )
 
-    from rbee.daemon import preflight, serve
+    from rbee.daemon import announce, preflight, resolve_tls, serve
 
     preflight("worker", host, token)
+    tls = resolve_tls("worker", tls_mode, tls_cert, tls_key, name=f"worker-{worker_id or 'any'}", host=host)
     from rbee.narration import narrate
     from rbee.worker.app import WorkerSettings, create_worker_app, new_worker_id
 
@@ -251,13 +257,16 @@ def main(
     )
     sock = _listen(host, port, fd)
     bound_host, bound_port = sock.getsockname()[:2]
+    scheme = "https" if tls is not None else "http"
+    if tls is not None:
+        announce("worker", tls)
     narrate(
         "worker_listening",
-        f"Worker {settings.worker_id} listening on http://{bound_host}:{bound_port}",
+        f"Worker {settings.worker_id} listening on {scheme}://{bound_host}:{bound_port}",
         worker_id=settings.worker_id,
         port=bound_port,
     )
-    serve(create_worker_app(engine, settings), host, bound_port, sock=sock)
+    serve(create_worker_app(engine, settings), host, bound_port, sock=sock, tls=tls)
 
 
 if __name__ == "__main__":
