@@ -18,10 +18,14 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["Machine", "Network", "available"]
+__all__ = ["Machine", "Network", "available", "wait_until"]
+
+_DELAY = Path(__file__).with_name("delay.py")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -70,6 +74,10 @@ class Machine:
         _ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", "eth0")
         self.address = address
 
+    def delay(self, seconds: float) -> None:
+        """Put a delay line of ``seconds`` each way in its cable (:mod:`netns.delay`)."""
+        self.network.delay(self, seconds)
+
     def pids(self) -> list[int]:
         listed = _ip("netns", "pids", self.ns, check=False)
         return [int(p) for p in listed.stdout.split()]
@@ -103,6 +111,7 @@ class Network:
         self._root_port = f"rbr{self.tag}"
         #: The root namespace's own address on the switch (a client only: nothing binds it).
         self.root_address = f"{self.subnet}.254"
+        self._delays: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Network:
         try:
@@ -138,12 +147,34 @@ class Network:
         self.machines[name] = machine
         return machine
 
+    def delay(self, machine: Machine, seconds: float) -> None:
+        """Cut ``machine``'s switch port from the bridge and join them through a userspace
+        delay line instead: every frame each way arrives ``seconds`` later."""
+        near, far = f"d-{machine.name}"[:15], f"e-{machine.name}"[:15]
+        _ip("-n", self.switch, "link", "set", machine.port, "nomaster")
+        _ip("-n", self.switch, "link", "add", near, "type", "veth", "peer", "name", far)
+        _ip("-n", self.switch, "link", "set", near, "master", "br0", "up")
+        _ip("-n", self.switch, "link", "set", far, "up")
+        _ip("-n", self.switch, "link", "set", machine.port, "promisc", "on")
+        _ip("-n", self.switch, "link", "set", far, "promisc", "on")
+        line = [sys.executable, str(_DELAY)]
+        for ns, names in [(m.ns, ["eth0"]) for m in self.machines.values()] + [
+            (self.switch, [machine.port, near, far, "root"])
+        ]:
+            subprocess.run(["ip", "netns", "exec", ns, *line, "--offloads-off", *names], check=True, timeout=10)
+        subprocess.run([*line, "--offloads-off", self._root_port], check=True, timeout=10)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.switch, *line, machine.port, far, str(seconds)])
+        self._delays.append(proc)
+
     def next_address(self) -> str:
         address = f"{self.subnet}.{self._next}"
         self._next += 1
         return address
 
     def close(self) -> None:
+        for proc in self._delays:
+            proc.kill()
+            proc.wait(5)
         for machine in list(self.machines.values()):
             machine.destroy()
         _ip("link", "del", self._root_port, check=False)
