@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from rbee import __version__
-from rbee.keeper import lifecycle
+from rbee.keeper import join, lifecycle
 from rbee.keeper.chat import chat as chat_command
 from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, one_line
 from rbee.keeper.machines import hive, model, queen, worker
@@ -34,6 +34,7 @@ from rbee.keeper.options import (
     output_options,
     pass_session,
     print_json,
+    tls_flag,
     unescape,
 )
 from rbee.keeper.session import Session, short_id
@@ -54,6 +55,21 @@ _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
     "--token",
     metavar="TOKEN",
     help="Bearer token for a queen that requires one. Default: $RBEE_TOKEN, else the config.",
+)
+@click.option(
+    "--queen-fingerprint",
+    metavar="SHA256:...",
+    expose_value=False,
+    callback=tls_flag,
+    help="Trust only the https queen whose certificate has this SHA-256 fingerprint (`rbee queen status`"
+    " on its machine shows it). Default: $RBEE_QUEEN_FINGERPRINT.",
+)
+@click.option(
+    "--ca-cert",
+    metavar="PEM",
+    expose_value=False,
+    callback=tls_flag,
+    help="Verify an https queen against this certificate file, not the system's store. Default: $RBEE_CA_CERT.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Hide progress and the summary; show only the output.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the servers' narration of every step on stderr.")
@@ -449,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
 cli.add_command(lifecycle.ps)
 cli.add_command(lifecycle.stop)
 cli.add_command(chat_command)
+hive.add_command(join.hive_invite)
+hive.add_command(join.hive_join)
+hive.add_command(join.hive_remove)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 the keeper's terminal does not reach it), appends its output to
 ``$RBEE_HOME/logs/hive-<id>.log``, and once it answers ``/health`` writes
 ``$RBEE_HOME/hives/<id>/hive.pid`` and ``hive.json`` (its address and queen),
-then waits briefly for its first heartbeat to reach the queen. Several hives
+then waits briefly for its first heartbeat to reach the queen. A hive that joined
+with an invite (``rbee hive join``) has its own credentials in
+``$RBEE_HOME/hives/<id>/credentials.json`` (mode 0600): its queen and its token,
+which every later start of that hive uses. Several hives
 may run on one machine (one per address, as the tests do on 127.0.0.2 and
 127.0.0.3); each is known by its hive id.
 """
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,9 @@ __all__ = [
     "stop_hive",
     "hive_info",
     "hive_paths",
+    "Credentials",
+    "read_credentials",
+    "save_credentials",
     "local_hives",
     "default_hive_id",
     "pick_hive_id",
@@ -87,6 +93,45 @@ def hive_paths(hive_id: str, home: Path | None = None) -> tuple[Path, Path, Path
     home = home or rbee_home()
     folder = home / "hives" / hive_id
     return folder / "hive.pid", folder / "hive.json", home / "logs" / f"hive-{hive_id}.log"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a hive got for its invite: its name, its queen, its own token (and the queen's TLS fingerprint)."""
+
+    hive_id: str
+    queen_url: str
+    token: str = field(repr=False)
+    tls_fingerprint: str | None = None
+
+
+def credentials_path(hive_id: str, home: Path | None = None) -> Path:
+    return (home or rbee_home()) / "hives" / hive_id / "credentials.json"
+
+
+def save_credentials(credentials: Credentials, home: Path | None = None) -> Path:
+    """Write them with mode 0600 (created so, never widened first), replacing any before."""
+    path = credentials_path(credentials.hive_id, home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(asdict(credentials), fh)
+        fh.write("\n")
+    partial.replace(path)
+    return path
+
+
+def read_credentials(hive_id: str, home: Path | None = None) -> Credentials | None:
+    """The stored credentials of a hive that joined with an invite, or None."""
+    data = _read_state(credentials_path(hive_id, home))
+    if not all(isinstance(data.get(k), str) for k in ("hive_id", "queen_url", "token")):
+        return None
+    fingerprint = data.get("tls_fingerprint")
+    return Credentials(
+        data["hive_id"], data["queen_url"], data["token"], fingerprint if isinstance(fingerprint, str) else None
+    )
 
 
 def local_hives(home: Path | None = None) -> list[str]:
@@ -162,8 +207,14 @@ def start_hive(
     timeout_s: float = START_TIMEOUT_S,
     extra_args: Sequence[str] = (),
 ) -> HiveProcess:
-    """Start a hive daemon that joins the queen at ``queen_url``, or find the one already running."""
+    """Start a hive daemon that joins the queen at ``queen_url``, or find the one already running.
+
+    A hive that joined with an invite reports to the queen and with the token of its credentials.
+    """
     check_hive_id(hive_id)
+    joined = read_credentials(hive_id, home)
+    if joined is not None:
+        queen_url, token = joined.queen_url, joined.token
     pid_file, state_file, log = hive_paths(hive_id, home)
     running = _running(hive_id, home)
     if running is not None:
@@ -188,6 +239,8 @@ def start_hive(
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "rbee.hive.main", "--host", host, "--port", str(port), "--hive-id", hive_id]
         cmd += ["--queen-url", queen_url]
+        if joined is not None and joined.tls_fingerprint and _hive_takes("queen_fingerprint"):
+            cmd += ["--queen-fingerprint", joined.tls_fingerprint]
         if worker_engine:
             cmd += ["--worker-engine", worker_engine]
         cmd += list(extra_args)
@@ -216,6 +269,13 @@ def start_hive(
         state_file.write_text(json.dumps(state) + "\n")
         ok, problem = _first_heartbeat(client, min(FIRST_HEARTBEAT_WAIT_S, max(1.0, deadline - time.monotonic())))
     return HiveProcess(hive_id, url, proc.pid, log, queen_url, heartbeats_ok=ok, heartbeat_problem=problem)
+
+
+def _hive_takes(option: str) -> bool:
+    """Whether rbee-hive has an option (named as its parameter), for one that newer hives add."""
+    from rbee.hive.main import main
+
+    return any(p.name == option for p in main.params)
 
 
 def _first_heartbeat(client: QueenClient, timeout_s: float) -> tuple[bool | None, str | None]:

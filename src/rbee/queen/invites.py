@@ -369,7 +369,7 @@ def _present_hive_tokens(http: Any, tokens: _HiveTokens) -> Callable[[], None]:
 
 
 class InviteBody(BaseModel):
-    ttl_s: float = Field(default=INVITE_TTL_S, ge=10, le=7 * 86_400, description="How long the invite is valid.")
+    ttl_s: float = Field(default=INVITE_TTL_S, ge=1, le=7 * 86_400, description="How long the invite is valid.")
 
 
 class JoinBody(BaseModel):
