@@ -117,9 +117,7 @@ def test_a_hive_joins_with_an_invite_runs_a_job_and_is_revoked_by_remove(machine
     # The invite was spent.
     again = m.other("hive", "join", invite, "--hive-id", "gamma", "--no-start")
     assert again.returncode != 0
-    assert again.stderr.splitlines() == [
-        "rbee: the invite was used already; make a new one with `rbee hive invite`"
-    ]
+    assert again.stderr.splitlines() == ["rbee: the invite was used already; make a new one with `rbee hive invite`"]
     assert not (m.there_home / "hives" / "gamma").exists()
 
     # A hive's token is not the admin token.
