@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -45,7 +46,8 @@ def _check_queen(queen_url: str, pin: str) -> None:
     try:
         pinned_context(parts.hostname or "", parts.port or 443, pin, timeout_s=3.0)
     except CertificateMismatch as exc:
-        raise click.ClickException(f"refusing the queen at {queen_url}: {exc} (--queen-fingerprint)") from None
+        print(f"hive: refusing the queen at {queen_url}: {exc} (--queen-fingerprint)", file=sys.stderr)
+        raise SystemExit(1) from None
     except (OSError, ssl.SSLError, TimeoutError):
         return  # not up yet, or not TLS: the heartbeats say so, and retry
 

@@ -9,6 +9,13 @@ the reading loop, where the caller can cancel the job.
 A stream ends at ``data: [DONE]``; one that breaks before its ``end`` event is
 reconnected with ``Last-Event-ID`` (the queen replays from there) a few times,
 then reported as :class:`~rbee.keeper.errors.StreamBroken`, never as success.
+
+An ``https://`` queen is verified by the fingerprint of its certificate when
+one is given (``--queen-fingerprint`` / ``RBEE_QUEEN_FINGERPRINT``: the
+certificate is looked at once, compared, then trusted alone for the run's
+requests, :mod:`rbee.wire.tls`), else against ``--ca-cert`` /
+``RBEE_CA_CERT`` or the system's store. :mod:`ssl` and :mod:`rbee.wire.tls`
+are imported only for an ``https://`` queen.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ from __future__ import annotations
 import errno
 import http.client
 import json
+import os
 import socket
 import time
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 from rbee.keeper.errors import (
@@ -33,6 +41,9 @@ from rbee.keeper.errors import (
 from rbee.wire import protocol
 from rbee.wire.protocol import DONE
 from rbee.wire.sse import Decoder, Event, Frame
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["QueenClient", "Event", "Response", "DONE", "STREAM_READ_TIMEOUT_S", "describe"]
 
@@ -68,6 +79,13 @@ def describe(exc: BaseException) -> str:
         return "the connection closed without an answer"
     if isinstance(exc, http.client.IncompleteRead):
         return "the connection closed in the middle of an answer"
+    if type(exc).__module__ == "ssl":
+        from rbee.wire.tls import describe as tls_reason
+
+        reason = tls_reason(exc)
+        if "certificate was refused" in reason:
+            reason += "; pin it with --queen-fingerprint, or pass --ca-cert"
+        return reason
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
     text = (text or type(exc).__name__).splitlines()[0]
     return (text[:1].lower() + text[1:])[:200]
@@ -88,6 +106,8 @@ class QueenClient:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 30.0,
         unreachable_hint: str | None = None,
+        fingerprint: str | None = None,
+        ca_cert: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
@@ -106,6 +126,22 @@ class QueenClient:
         self.headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
+        self.fingerprint = fingerprint or os.environ.get("RBEE_QUEEN_FINGERPRINT") or None
+        self.ca_cert = ca_cert or os.environ.get("RBEE_CA_CERT") or None
+        if self.fingerprint or self.ca_cert:
+            if not self._https:
+                flag = "--queen-fingerprint" if self.fingerprint else "--ca-cert"
+                raise BadSetting(f"{flag} verifies an https:// queen; the queen URL {self.url} is http")
+            from rbee.wire.tls import parse_fingerprint
+
+            if self.fingerprint:
+                try:
+                    self.fingerprint = parse_fingerprint(self.fingerprint)
+                except ValueError as exc:
+                    raise BadSetting(f"--queen-fingerprint: {exc}") from None
+            if self.ca_cert and not os.path.isfile(self.ca_cert):
+                raise BadSetting(f"--ca-cert: no file {self.ca_cert!r}")
+        self._context: ssl.SSLContext | None = None
 
     def close(self) -> None:
         """Nothing is held between requests; kept for symmetry with other clients."""
@@ -124,10 +160,8 @@ class QueenClient:
         """Send one request on a fresh connection; returns the connection and the response head."""
         conn: http.client.HTTPConnection
         if self._https:
-            import ssl
-
             conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.connect_timeout_s, context=ssl.create_default_context()
+                self._host, self._port, timeout=self.connect_timeout_s, context=self._tls()
             )
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout_s)
@@ -148,6 +182,30 @@ class QueenClient:
         except BaseException:
             conn.close()
             raise
+
+    def _tls(self) -> ssl.SSLContext:
+        """The context of every connection to an https queen: its pinned certificate, or the usual checks."""
+        if self._context is not None:
+            return self._context
+        from rbee.wire.tls import CertificateMismatch, describe, pinned_context, verifying
+
+        if self.fingerprint is None:
+            self._context = verifying(self.ca_cert)
+            return self._context
+        try:
+            self._context = pinned_context(
+                self._host, self._port or 443, self.fingerprint, timeout_s=self.connect_timeout_s
+            )
+        except CertificateMismatch as exc:
+            raise KeeperError(
+                f"refusing the queen at {self.url}: {exc} (check --queen-fingerprint or RBEE_QUEEN_FINGERPRINT;"
+                " `rbee queen status` on the queen's machine shows its fingerprint)"
+            ) from None
+        except OSError as exc:
+            raise QueenUnreachable(
+                self.url, describe(exc), hint=self.unreachable_hint, connect=_refused_at_connect(exc)
+            ) from None
+        return self._context
 
     def request(self, method: str, path: str, *, json_body: Any = None, timeout_s: float | None = None) -> Response:
         body = None if json_body is None else json.dumps(json_body).encode()

@@ -1,9 +1,11 @@
 """What every ``rbee`` command shares: the context settings, the session, ``--json``, ``-q``, ``-v``,
-``--queen-url`` and ``--token`` after the command as before it, ``--hive``, text flags' escapes."""
+``--queen-url``, ``--token``, ``--queen-fingerprint`` and ``--ca-cert`` after the command as before it,
+``--hive``, text flags' escapes."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,6 +24,7 @@ __all__ = [
     "default_model",
     "unescape",
     "GLOBAL_OPTIONS",
+    "tls_flag",
 ]
 
 #: The model ``rbee infer`` asks for unless told (or configured) otherwise.
@@ -41,6 +44,34 @@ def _set_token(ctx: click.Context, param: click.Parameter, value: str | None) ->
         ctx.ensure_object(Session).set_flags(token=value)
 
 
+def tls_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--queen-fingerprint`` / ``--ca-cert``: through the environment, as ``RBEE_QUEEN_FINGERPRINT`` /
+    ``RBEE_CA_CERT``, so every client of the queen this run makes verifies it alike."""
+    if value:
+        os.environ["RBEE_QUEEN_FINGERPRINT" if param.name == "queen_fingerprint" else "RBEE_CA_CERT"] = value
+
+
+def _tls_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["--queen-fingerprint", "queen_fingerprint"],
+            metavar="SHA256:...",
+            expose_value=False,
+            callback=tls_flag,
+            help="Trust only the https queen whose certificate has this fingerprint (`rbee queen status` on its"
+            " machine shows it). Default: $RBEE_QUEEN_FINGERPRINT.",
+        ),
+        click.Option(
+            ["--ca-cert", "ca_cert"],
+            metavar="PEM",
+            expose_value=False,
+            callback=tls_flag,
+            help="Verify an https queen against this certificate file instead of the system's store."
+            " Default: $RBEE_CA_CERT.",
+        ),
+    ]
+
+
 def _global_options() -> list[click.Option]:
     return [
         click.Option(
@@ -57,11 +88,12 @@ def _global_options() -> list[click.Option]:
             callback=_set_token,
             help="Bearer token for a queen that requires one (as before the command).",
         ),
+        *_tls_options(),
     ]
 
 
 #: The global options every command that talks to the queen takes after its name as well.
-GLOBAL_OPTIONS = ("--queen-url", "--token")
+GLOBAL_OPTIONS = ("--queen-url", "--token", "--queen-fingerprint", "--ca-cert")
 
 
 class Group(click.Group):

@@ -142,6 +142,7 @@ class QueenState:
             await asyncio.sleep(1.0)
             self.registry.sweep()
             for hive_id in self.telemetry.sweep():
+                self.trust.forget(hive_id)
                 narrate("hive_forgotten", f"Hive {hive_id} was not heard from for 60 s; forgotten", hive_id=hive_id)
 
     async def aclose(self) -> None:

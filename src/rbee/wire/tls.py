@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "PREFIX",
     "CertificateMismatch",
+    "PinConflict",
     "Trust",
     "fingerprint",
     "fingerprint_pem",
@@ -59,6 +60,18 @@ class CertificateMismatch(ssl.SSLError):
 
     def __str__(self) -> str:
         return f"the certificate of {self.where} is {self.seen}, not the pinned {self.pinned}"
+
+
+class PinConflict(CertificateMismatch):
+    """Two parties pinned one origin to different certificates: it cannot present both, so it is refused."""
+
+    def __init__(self, where: str, claims: dict[str, str]) -> None:
+        super().__init__(where, "", ", ".join(sorted(set(claims.values()))))
+        self.claims = dict(claims)
+
+    def __str__(self) -> str:
+        said = "; ".join(f"{group} says {pin}" for group, pin in sorted(self.claims.items()))
+        return f"{self.where} is pinned to different certificates ({said}); refused"
 
 
 def fingerprint(der: bytes) -> str:
@@ -218,15 +231,17 @@ class Trust:
 
     The queen pins each hive's origins (the hive and its workers, which serve the
     hive's certificate) to the fingerprint the hive reported in its heartbeat
-    (:meth:`pin`); a context per fingerprint is made once, from the certificate
-    first seen at one of them. Origins with no pin are verified against
-    ``ca_cert`` or the system's store.
+    (:meth:`pin`, one group per hive); a context per fingerprint is made once, from
+    the certificate first seen at one of them. An origin two groups pin to
+    different fingerprints is refused: its certificate cannot be both. Origins
+    with no pin are verified against ``ca_cert`` or the system's store.
     """
 
     def __init__(self, *, ca_cert: str | None = None, timeout_s: float = 5.0) -> None:
         self.ca_cert = ca_cert
         self.timeout_s = timeout_s
-        self._pins: dict[Origin, str] = {}
+        #: origin -> group -> fingerprint
+        self._pins: dict[Origin, dict[str, str]] = {}
         self._groups: dict[str, set[Origin]] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._default: ssl.SSLContext | None = None
@@ -234,16 +249,25 @@ class Trust:
     def pin(self, group: str, pin: str | None, urls: Iterable[str | None]) -> None:
         """Pin the origins of ``urls`` to ``pin`` (None: no pin), in place of what ``group`` pinned before."""
         for old in self._groups.pop(group, set()):
-            self._pins.pop(old, None)
+            claims = self._pins.get(old)
+            if claims is not None:
+                claims.pop(group, None)
+                if not claims:
+                    del self._pins[old]
         if pin is None:
             return
         found = {o for o in map(origin, filter(None, urls)) if o is not None}
         for o in found:
-            self._pins[o] = pin
+            self._pins.setdefault(o, {})[group] = pin
         self._groups[group] = found
 
-    def expected(self, host: str, port: int) -> str | None:
-        return self._pins.get((host, port))
+    def forget(self, group: str) -> None:
+        """Drop what ``group`` pinned (a hive the queen forgot)."""
+        self.pin(group, None, ())
+
+    def expected(self, host: str, port: int) -> set[str]:
+        """The fingerprints pinned for ``host:port`` (empty: none)."""
+        return set(self._pins.get((host, port), {}).values())
 
     def default(self) -> ssl.SSLContext:
         if self._default is None:
@@ -252,9 +276,13 @@ class Trust:
 
     async def context(self, host: str, port: int) -> ssl.SSLContext:
         """The context for a connection to ``host:port`` (:class:`CertificateMismatch` for a wrong certificate)."""
-        pin = self._pins.get((host, port))
-        if pin is None:
+        claims = self._pins.get((host, port))
+        if not claims:
             return self.default()
+        pins = set(claims.values())
+        if len(pins) > 1:
+            raise PinConflict(f"{host}:{port}", claims)
+        pin = pins.pop()
         ctx = self._contexts.get(pin)
         if ctx is None:
             der = await apeer_certificate(host, port, timeout_s=self.timeout_s)
