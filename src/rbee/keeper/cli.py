@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from rbee import __version__
-from rbee.keeper import join, lifecycle
+from rbee.keeper import install, join, lifecycle
 from rbee.keeper.chat import chat as chat_command
 from rbee.keeper.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, one_line
 from rbee.keeper.machines import hive, model, queen, worker
@@ -468,6 +468,10 @@ cli.add_command(chat_command)
 hive.add_command(join.hive_invite)
 hive.add_command(join.hive_join)
 hive.add_command(join.hive_remove)
+hive.add_command(install.hive_install)
+hive.add_command(install.hive_uninstall)
+queen.add_command(install.queen_install)
+queen.add_command(install.queen_uninstall)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ def hive_status(session: Session, hive_id: str | None) -> None:
       rbee hive status --hive-id beta
     """
     from rbee.keeper.hive_daemon import LOCAL_HIVE_ID, hive_info, pick_hive_id
+    from rbee.keeper.service import describe, hive_unit_name, service_info
 
     name = pick_hive_id(hive_id)
     info = hive_info(name, token=session.token)
@@ -238,8 +239,15 @@ def hive_status(session: Session, hive_id: str | None) -> None:
     if info is None and name == LOCAL_HIVE_ID:
         info = _hive_in_queen(session, name)
         where = "running inside queen-rbee"
+    unit = service_info(hive_unit_name(name), token=session.token)
+    if info is None and unit is not None and unit.get("info"):
+        info, where = unit["info"], "running as a service"
     if info is None:
+        if unit is not None:
+            raise KeeperError(f"rbee-hive {name} is not running on this machine; its service {describe(unit)}")
         raise KeeperError(f"rbee-hive {name} is not running on this machine (start it with `rbee hive start`)")
+    if unit is not None:
+        info = {**info, "service": describe(unit)}
     if session.json_mode:
         print_json(info)
         return
@@ -556,11 +564,18 @@ def queen_status(session: Session) -> None:
     Example:
       rbee queen status
     """
+    from rbee.keeper.service import QUEEN_UNIT, describe, unit_state
+
+    unit = unit_state(QUEEN_UNIT) if session.local else None
     try:
         info = session.client.info()
     except QueenUnreachable as exc:
         hint = "start it with `rbee queen start`" if session.local else "check --queen-url"
+        if unit is not None:
+            hint = f"its service {describe(unit)}"
         raise KeeperError(f"queen-rbee is not running at {session.url}: {exc.reason} ({hint})") from None
+    if unit is not None:
+        info = {**info, "service": describe(unit)}
     if session.json_mode:
         print_json(info)
         return
