@@ -251,5 +251,8 @@ def test_a_machine_that_vanishes_mid_job_loses_no_greedy_job(cluster: Cluster) -
     assert "".join(t for _, t in tokens) == "".join(f"tok{k} " for k in range(120))
     assert end["failovers"][0]["after_tokens"] >= 20
     cluster.figures["vanished_to_job_resumed_s"] = round(took, 2)
+    # The hive's missing heartbeats give the worker up (stale after 6 s), not the
+    # stream's silence bound (35 s).
+    assert took < 20
     cluster.figures["vanished_jobs_lost"] = 0
     cluster.figures["vanished_to_stale_s"] = round(wait_until(lambda: cluster.state(on) != "online", 30), 2)

@@ -63,7 +63,7 @@ import itertools
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ from rbee.jobs.registry import JobHooks, current_job, emit_progress, set_end_fie
 from rbee.jobs.timeline import Step
 from rbee.narration import narrate
 from rbee.queen.placements import Placement, Placements
-from rbee.queen.relay import TokenTrail, raise_for_end, relay_job
+from rbee.queen.relay import RemoteEnd, TokenTrail, raise_for_end, relay_job
 from rbee.queen.telemetry import HiveView, Telemetry, WorkerView
 
 __all__ = ["Scheduler", "Lease"]
@@ -791,6 +791,49 @@ class Scheduler(JobHooks):
             finally:
                 self.release(lease, op.model, completed, op.keep_alive)
 
+    async def _relay_watched(self, lease: Lease, relay: Coroutine[Any, Any, RemoteEnd]) -> RemoteEnd:
+        """``relay`` raced against its hive's heartbeats: when the hive has gone stale and
+        the stream has brought nothing for a heartbeat interval, the worker is taken for lost
+        (a machine that vanished sends no reset; its stream would only end at the client's
+        silence bound)."""
+        job = current_job()
+        relaying = asyncio.create_task(relay, name=f"queen:relay:{job.id}")
+        watching = asyncio.create_task(self._hive_gone(lease, job), name=f"queen:hive-watch:{job.id}")
+        try:
+            await asyncio.wait({relaying, watching}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            relaying.cancel()
+            watching.cancel()
+            await asyncio.gather(relaying, watching, return_exceptions=True)
+            raise
+        if relaying.done():
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            return relaying.result()
+        relaying.cancel()  # the relay cancels the remote job on its way out (bounded)
+        await asyncio.gather(relaying, return_exceptions=True)
+        lost = watching.exception()
+        raise lost if lost is not None else errors.WorkerLost(f"worker {lease.worker_id}'s hive went away")
+
+    async def _hive_gone(self, lease: Lease, job: Any) -> None:
+        """Returns (raising :class:`WorkerLost`) once ``lease``'s hive is stale and ``job`` quiet."""
+        interval = self.telemetry.interval_s
+        seen = len(job.events)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                hive = self.telemetry.hive(lease.hive_id)
+            except errors.HiveNotFound:
+                hive = None
+            quiet = len(job.events) == seen
+            seen = len(job.events)
+            if quiet and (hive is None or self.telemetry.state_of(hive) != "online"):
+                age = f"{hive.age_s():.0f} s" if hive is not None else "a while"
+                raise errors.WorkerLost(
+                    f"hive {lease.hive_id} has sent no heartbeat for {age} and worker {lease.worker_id}'s stream"
+                    f" has been silent for {interval:g} s: its machine is taken for gone"
+                )
+
     async def _run_on(self, lease: Lease, op: Infer, trail: TokenTrail | None = None) -> None:
         job = current_job()
         url = lease.worker.report.url
@@ -806,7 +849,9 @@ class Scheduler(JobHooks):
         self.placements.step(job.id, Step.DISPATCHED)
         narrate("infer_dispatch", f"Sending the prompt to worker {lease.worker_id}", worker_id=lease.worker_id)
         started = time.perf_counter()
-        end = await relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail)
+        end = await self._relay_watched(
+            lease, relay_job(client, worker_op, where=f"worker {lease.worker_id}", lost=errors.WorkerLost, trail=trail)
+        )
         fields: dict[str, Any] = {
             k: end[k]
             for k in (
