@@ -1,7 +1,8 @@
 """The job HTTP API, the same on every server (queen, hive, worker).
 
 ``POST /v1/jobs`` validates the operation and starts the job;
-``GET /v1/jobs/{id}/stream`` replays and follows its events over SSE;
+``GET /v1/jobs/{id}/stream`` replays and follows its events over SSE (the job's log
+is a :class:`rbee.server.sse.Source`, written by the one stream writer);
 ``DELETE /v1/jobs/{id}`` cancels; ``GET /v1/jobs/{id}`` and ``GET /v1/jobs``
 report state.
 """
