@@ -124,7 +124,15 @@ def _is_queen(pid: int) -> bool:
 
 
 def spawn_logged(cmd: list[str], log: Path, env: dict[str, str], what: str) -> subprocess.Popen[bytes]:
-    """Start a daemon in its own session, its output appended to ``log`` after a header line."""
+    """Start a daemon in its own session, its output appended to ``log`` after a header line.
+
+    The daemon keeps the file bounded itself (``RBEE_LOG_FILE``: :mod:`rbee.narration.output`);
+    one already past the limit is rotated here first.
+    """
+    from rbee.narration.output import LOG_FILE_ENV, rotate_if_large
+
+    rotate_if_large(log, env)
+    env = {**env, LOG_FILE_ENV: str(log)}
     with log.open("ab") as log_fh:
         log_fh.write(f"--- {what}: {' '.join(cmd[1:])} at {time.ctime()}\n".encode())
         log_fh.flush()

@@ -79,6 +79,11 @@ def _quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _path(path: Path) -> str:
+    """A path setting (``WorkingDirectory=``...): the rest of the line, unquoted, specifiers escaped."""
+    return str(path).replace("%", "%%")
+
+
 def _env_quote(value: str) -> str:
     if value and all(c.isalnum() or c in "-_.:/+=@" for c in value):
         return value
@@ -117,12 +122,12 @@ class ServiceSpec:
             "[Service]",
             "Type=simple",
             "ExecStart=" + " ".join(_quote(a) for a in self.argv),
-            f"WorkingDirectory={_quote(str(self.home))}",
+            f"WorkingDirectory={_path(self.home)}",
             "Environment=" + _quote(f"RBEE_HOME={self.home}"),
             "Environment=PYTHONUNBUFFERED=1",
         ]
         if self.secrets:
-            lines.append(f"EnvironmentFile={_quote(str(self.env_path))}")
+            lines.append(f"EnvironmentFile={_path(self.env_path)}")
         lines += [
             "Restart=on-failure",
             "RestartSec=3",

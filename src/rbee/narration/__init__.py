@@ -9,7 +9,8 @@ narration goes to the process log only.
 Sinks:
 
 * the job's event stream (the bound job's ``add_narration``),
-* the process log on stderr, structured (structlog),
+* the process log on stderr, structured (structlog): the journal's under systemd, else a
+  log file that rotates (:mod:`rbee.narration.output`),
 * :func:`capture`, for tests.
 """
 
@@ -26,6 +27,8 @@ from contextvars import ContextVar
 from typing import Any, Protocol, TextIO, cast
 
 import structlog
+
+from rbee.narration.output import RotatingLog, journal_renderer, rotating_log, under_systemd
 
 __all__ = [
     "JobSink",
@@ -53,6 +56,8 @@ _actor: ContextVar[str | None] = ContextVar("rbee_actor", default=None)
 _process_actor = "rbee"
 _captures: list[list[dict[str, Any]]] = []
 _log_level = logging.INFO
+_rotation: RotatingLog | None = None
+_TIMESTAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
 _configured = False
 _logger: Any = None
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
@@ -86,11 +91,13 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
     renderer: Any = (
         structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False, **_NO_PADDING)
     )
+    global _rotation
+    journal = under_systemd()
+    # The journal stamps every line itself and reads its level from the line's <N>.
+    processors: list[Any] = [journal_renderer(renderer)] if journal else [_TIMESTAMPER, renderer]
+    _rotation = None if journal else rotating_log()
     structlog.configure(
-        processors=[
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_log_level),
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
@@ -99,10 +106,14 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
 
 
 class _Stderr:
-    """Whatever ``sys.stderr`` is at write time (tests and daemons swap it)."""
+    """Whatever ``sys.stderr`` is at write time (tests and daemons swap it); its log file is kept bounded."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        written = sys.stderr.write(text)
+        if _rotation is not None:
+            sys.stderr.flush()
+            _rotation.check()
+        return written
 
     def flush(self) -> None:
         sys.stderr.flush()
