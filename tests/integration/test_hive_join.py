@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -53,7 +54,7 @@ class Machines:
         assert run.returncode == 0, run.stderr
         return str(json.loads(run.stdout)["invite"])
 
-    def hives(self) -> dict[str, dict]:
+    def hives(self) -> dict[str, dict[str, Any]]:
         run = self.admin("--json", "hive", "list")
         assert run.returncode == 0, run.stderr
         data = next(json.loads(line)["data"] for line in run.stdout.splitlines() if '"result"' in line)

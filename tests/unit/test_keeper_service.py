@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -152,7 +153,7 @@ def test_a_joined_hive_installs_with_its_own_credentials(tmp_path: Path) -> None
 # -- the daemons' logs -----------------------------------------------------------------
 
 
-def _narrate(lines: int, env: dict[str, str], stderr: object) -> subprocess.CompletedProcess[str]:
+def _narrate(lines: int, env: dict[str, str], stderr: int | IO[Any]) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(
         f"""
         import sys

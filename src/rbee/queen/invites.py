@@ -397,7 +397,14 @@ def invites_router() -> APIRouter:
         narrate("hive_invited", f"Made an invite for a hive, valid for {body.ttl_s:g} s", expires_at=expires_at)
         return {"invite": code, "expires_at": expires_at, "ttl_s": body.ttl_s}
 
-    @router.post(JOIN_PATH, summary="Exchange an invite for a hive's own credentials (no token: the invite is one)")
+    @router.post(
+        JOIN_PATH,
+        summary="Exchange an invite for a hive's own credentials (no token: the invite is one)",
+        responses={
+            403: {"description": "the invite is unknown, used already or expired"},
+            409: {"description": "a hive of that name has joined already"},
+        },
+    )
     async def join(request: Request, body: JoinBody) -> dict[str, Any]:
         token = _credentials(request).join(body.invite, body.hive_id)
         narrate("hive_joined", f"Hive {body.hive_id} joined with an invite", hive_id=body.hive_id)
@@ -408,7 +415,11 @@ def invites_router() -> APIRouter:
         _admin_only("listing hives' credentials")
         return {"hives": _credentials(request).joined()}
 
-    @router.delete("/v1/hives/{hive_id}/credentials", summary="Revoke a joined hive's credentials (admin token)")
+    @router.delete(
+        "/v1/hives/{hive_id}/credentials",
+        summary="Revoke a joined hive's credentials (admin token)",
+        responses={404: {"description": "no hive of that name joined with an invite"}},
+    )
     async def remove(request: Request, hive_id: str) -> dict[str, Any]:
         _admin_only("removing a hive")
         if not _credentials(request).revoke(hive_id):
