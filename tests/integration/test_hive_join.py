@@ -81,7 +81,7 @@ def _kill_started_hives(home: Path) -> None:
 
 @pytest.fixture
 def machines(tmp_path: Path) -> Iterator[Machines]:
-    q = queen(tmp_path / "queen", free_port(), env={"RBEE_TOKEN": ADMIN}).start()
+    q = queen(tmp_path / "queen", free_port(), "--local-hive", env={"RBEE_TOKEN": ADMIN, **FAKE}).start()
     m = Machines(q, _env(tmp_path / "here", RBEE_TOKEN=ADMIN), _env(tmp_path / "there"), tmp_path / "there")
     try:
         yield m
@@ -115,11 +115,23 @@ def test_a_hive_joins_with_an_invite_runs_a_job_and_is_revoked_by_remove(machine
     end = [json.loads(line) for line in run.stdout.splitlines()][-1]["data"]
     assert end["status"] == "completed" and end["hive_id"] == "beta"
 
+    # Stopped and started again, it reports with the credentials it keeps (no token given).
+    assert m.other("hive", "stop", "--hive-id", "beta").returncode == 0
+    wait_for(lambda: m.hives().get("beta", {}).get("state") == "offline", 15)
+    restarted = m.other("hive", "start", "--host", "127.0.0.2", "--port", str(port), "--hive-id", "beta")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "See it with: rbee hive list" in restarted.stderr  # its first heartbeat was accepted
+    wait_for(lambda: m.hives().get("beta", {}).get("state") == "online", 15)
+
     # The invite was spent.
     again = m.other("hive", "join", invite, "--hive-id", "gamma", "--no-start")
     assert again.returncode != 0
     assert again.stderr.splitlines() == ["rbee: the invite was used already; make a new one with `rbee hive invite`"]
     assert not (m.there_home / "hives" / "gamma").exists()
+
+    # The local hive's name is taken by a hive with the admin token.
+    taken = m.other("hive", "join", m.invite(), "--hive-id", "localhost", "--no-start")
+    assert taken.returncode == 1 and "is online already" in taken.stderr
 
     # A hive's token is not the admin token.
     as_hive = m.rbee(_env(m.there_home, RBEE_TOKEN=token), "hive", "invite")

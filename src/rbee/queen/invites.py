@@ -402,11 +402,16 @@ def invites_router() -> APIRouter:
         summary="Exchange an invite for a hive's own credentials (no token: the invite is one)",
         responses={
             403: {"description": "the invite is unknown, used already or expired"},
-            409: {"description": "a hive of that name has joined already"},
+            409: {"description": "a hive of that name has joined already, or is online"},
         },
     )
     async def join(request: Request, body: JoinBody) -> dict[str, Any]:
-        token = _credentials(request).join(body.invite, body.hive_id)
+        credentials = _credentials(request)
+        known = {h.hive_id: h for h in request.app.state.queen.telemetry.hives()}.get(body.hive_id)
+        if known is not None and not known.gone and credentials.token_of(body.hive_id) is None:
+            # A hive with the admin token has that name: its heartbeats and the newcomer's would mix.
+            raise errors.JobConflict(f"a hive named {body.hive_id!r} is online already; join under another name")
+        token = credentials.join(body.invite, body.hive_id)
         narrate("hive_joined", f"Hive {body.hive_id} joined with an invite", hive_id=body.hive_id)
         return {"hive_id": body.hive_id, "token": token, "heartbeat_path": HEARTBEAT_PATH}
 
