@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -164,3 +166,44 @@ def test_an_expired_wrong_or_damaged_invite_is_one_line_and_a_failure(machines: 
     damaged = m.other("hive", "join", "rbee-invite:%%%", "--no-start")
     assert damaged.returncode == 2 and len(damaged.stderr.splitlines()) == 1 and "damaged" in damaged.stderr
     assert not (m.there_home / "hives").exists()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, verify=False, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_an_invite_from_a_tls_queen_pins_its_certificate_on_the_other_machine(tmp_path: Path) -> None:
+    port = free_port()
+    args = [str(BIN / "queen-rbee"), "--host", "127.0.0.1", "--port", str(port), "--tls", "auto"]
+    q = Daemon("queen", args, home=tmp_path / "queen", url=f"https://127.0.0.1:{port}", env={"RBEE_TOKEN": ADMIN})
+    q.home.mkdir(parents=True)
+    with open(q.log_path, "ab") as log:
+        q.proc = subprocess.Popen(q.args, env=q.env, stdout=log, stderr=subprocess.STDOUT)
+    there = tmp_path / "there"
+    try:
+        pattern = re.compile(r"certificate fingerprint (SHA256:[A-Za-z0-9+/]{43})")
+        fingerprint = wait_for(lambda: (found := pattern.search(q.log())) and found.group(1), 15)
+        wait_for(lambda: _answers(q.url + "/health"), 15)
+        m = Machines(
+            q, _env(tmp_path / "here", RBEE_TOKEN=ADMIN, RBEE_QUEEN_FINGERPRINT=fingerprint), _env(there), there
+        )
+        made = json.loads(m.admin("hive", "invite", "--json").stdout)
+        assert made["tls_fingerprint"] == fingerprint and made["queen_url"] == q.url
+
+        hive_port = free_port("127.0.0.2")
+        join = ("hive", "join", made["invite"], "--host", "127.0.0.2", "--port", str(hive_port), "--hive-id", "beta")
+        joined = m.other(*join, "--worker-engine", "fake")
+        assert joined.returncode == 0, joined.stderr
+        hive_pid = int((there / "hives" / "beta" / "hive.pid").read_text())
+        cmdline = psutil.Process(hive_pid).cmdline()
+        assert cmdline[cmdline.index("--queen-fingerprint") + 1] == fingerprint
+        assert cmdline[cmdline.index("--queen-url") + 1] == q.url
+        wait_for(lambda: m.hives().get("beta", {}).get("state") == "online", 15)
+        run = m.admin("infer", "--hive", "beta", "--max-tokens", "3", "hello")
+        assert run.returncode == 0, run.stderr
+    finally:
+        _kill_started_hives(there)
+        q.stop()

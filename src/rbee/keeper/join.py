@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,7 +101,11 @@ def hive_invite(session: Session, ttl_s: float, advertised: str | None) -> None:
         raise client.refused(response.status, response.body)
     answer = response.json()
     fingerprint = client.info().get("tls_fingerprint")
-    invite = encode_invite(url, str(answer["invite"]), fingerprint if isinstance(fingerprint, str) else None)
+    if not isinstance(fingerprint, str):
+        fingerprint = None
+    elif url.startswith("http://"):
+        url = "https://" + url.removeprefix("http://")  # the queen serves HTTPS only
+    invite = encode_invite(url, str(answer["invite"]), fingerprint)
     expires_at = float(answer["expires_at"])
     if session.json_mode:
         print_json({"invite": invite, "queen_url": url, "expires_at": expires_at, "tls_fingerprint": fingerprint})
@@ -153,13 +158,15 @@ def hive_join(
     from rbee.keeper.client import QueenClient
     from rbee.keeper.hive_daemon import Credentials, check_hive_id, default_hive_id, save_credentials, start_hive
 
+    # The global --queen-fingerprint pins the queen named on the command line; the invite's pins its own.
+    given_pin = os.environ.pop("RBEE_QUEEN_FINGERPRINT", None)
     if code is not None:
-        queen_url, fingerprint = _check_url(target), None
+        queen_url, fingerprint = _check_url(target), given_pin
     else:
         queen_url, code, fingerprint = decode_invite(target)
         queen_url = _check_url(queen_url)
     name = check_hive_id(hive_id) if hive_id else default_hive_id()
-    with QueenClient(queen_url, None) as client:
+    with QueenClient(queen_url, None, fingerprint=fingerprint) as client:
         response = client.request("POST", "/v1/hives/join", json_body={"invite": code.strip(), "hive_id": name})
         if response.status != 200:
             raise client.refused(response.status, response.body)
