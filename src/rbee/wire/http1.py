@@ -70,7 +70,7 @@ def request_head(host: str, port: int, method: str, target: str, headers: dict[s
 class Connection:
     """One HTTP/1.1 connection on asyncio streams; requests on it are sequential."""
 
-    __slots__ = ("expiry", "key", "reader", "reusable", "secure", "writer")
+    __slots__ = ("expiry", "key", "peer", "reader", "reusable", "secure", "writer")
 
     def __init__(
         self,
@@ -82,6 +82,15 @@ class Connection:
     ) -> None:
         self.key = key
         self.secure = secure
+        #: The fingerprint of the server's certificate (TLS only).
+        self.peer: str | None = None
+        if secure:
+            obj = writer.get_extra_info("ssl_object")
+            der = obj.getpeercert(binary_form=True) if obj is not None else None
+            if der:
+                from rbee.wire.tls import fingerprint
+
+                self.peer = fingerprint(der)
         self.reader = reader
         self.writer = writer
         self.reusable = False
@@ -273,6 +282,9 @@ class Pool:
         """Write the request and read the answer's head, on a pooled connection or a new one."""
         data = request_head(key[0], key[1], method, target, headers, body) + (body or b"")
         pooled = self._checkout((key[0], key[1], secure))
+        if pooled is not None and secure and self.trust is not None and not self.trust.holds(*key, pooled.peer):
+            pooled.close()  # pinned to another certificate since it was made: a new connection is checked again
+            pooled = None
         for conn in (pooled, None) if pooled is not None else (None,):
             fresh = conn is None
             if conn is None:

@@ -231,8 +231,9 @@ class Trust:
 
     The queen pins each hive's origins (the hive and its workers, which serve the
     hive's certificate) to the fingerprint the hive reported in its heartbeat
-    (:meth:`pin`, one group per hive); a context per fingerprint is made once, from
-    the certificate first seen at one of them. An origin two groups pin to
+    (:meth:`pin`, one group per hive). The certificate at each origin is looked at
+    once, before the first connection (a worker's too, so a wrong one is named as
+    such), and one context per fingerprint trusts it for all of them. An origin two groups pin to
     different fingerprints is refused: its certificate cannot be both. Origins
     with no pin are verified against ``ca_cert`` or the system's store.
     """
@@ -244,6 +245,7 @@ class Trust:
         self._pins: dict[Origin, dict[str, str]] = {}
         self._groups: dict[str, set[Origin]] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
+        self._looked: set[tuple[Origin, str]] = set()
         self._default: ssl.SSLContext | None = None
 
     def pin(self, group: str, pin: str | None, urls: Iterable[str | None]) -> None:
@@ -269,6 +271,11 @@ class Trust:
         """The fingerprints pinned for ``host:port`` (empty: none)."""
         return set(self._pins.get((host, port), {}).values())
 
+    def holds(self, host: str, port: int, seen: str | None) -> bool:
+        """Whether a connection made earlier to ``host:port``, whose certificate was ``seen``, is still trusted."""
+        claims = self._pins.get((host, port))
+        return not claims or set(claims.values()) == {seen}
+
     def default(self) -> ssl.SSLContext:
         if self._default is None:
             self._default = verifying(self.ca_cert)
@@ -284,8 +291,12 @@ class Trust:
             raise PinConflict(f"{host}:{port}", claims)
         pin = pins.pop()
         ctx = self._contexts.get(pin)
-        if ctx is None:
+        if ctx is None or ((host, port), pin) not in self._looked:
             der = await apeer_certificate(host, port, timeout_s=self.timeout_s)
             _check(der, pin, f"{host}:{port}")
-            ctx = self._contexts[pin] = trusting(der)
+            if len(self._looked) > 4096:  # origins come and go with workers
+                self._looked.clear()
+            self._looked.add(((host, port), pin))
+            if ctx is None:
+                ctx = self._contexts[pin] = trusting(der)
         return ctx
