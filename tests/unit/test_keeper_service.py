@@ -91,11 +91,20 @@ def test_hive_install_dry_run_prints_a_unit_systemd_accepts_with_the_token_kept_
 
 
 def test_queen_install_dry_run_is_a_system_unit_when_asked(tmp_path: Path) -> None:
-    run = rbee(_env(tmp_path), "--queen-url", "http://127.0.0.1:9123", "queen", "install", "--dry-run", "--system")
+    run = rbee(
+        _env(tmp_path),
+        "--queen-url",
+        "http://127.0.0.1:9123",
+        "queen",
+        "install",
+        "--dry-run",
+        "--system",
+        "--tls=auto",
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     (exec_start,) = [line for line in lines if line.startswith("ExecStart=")]
-    assert "-m rbee.queen.main --host 127.0.0.1 --port 9123 --local-hive" in exec_start
+    assert exec_start.endswith("-m rbee.queen.main --host 127.0.0.1 --port 9123 --local-hive --tls=auto")
     assert "WantedBy=multi-user.target" in lines and not any(line.startswith("EnvironmentFile") for line in lines)
     assert "/etc/systemd/system/rbee-queen.service" in run.stderr
     verify(run.stdout, "rbee-queen.service", tmp_path / "verify")
@@ -141,12 +150,13 @@ def test_install_writes_the_unit_and_a_private_environment_file_enables_it_and_u
 def test_a_joined_hive_installs_with_its_own_credentials(tmp_path: Path) -> None:
     env = _env(tmp_path, RBEE_TOKEN="the-admin-token-is-not-used-here")
     own = "rbh_its-own-token-0123456789"
-    save_credentials(Credentials("gpu-box", "http://192.168.7.1:7833", own), Path(env["RBEE_HOME"]))
+    pin = "SHA256:" + "A" * 43
+    save_credentials(Credentials("gpu-box", "https://192.168.7.1:7833", own, pin), Path(env["RBEE_HOME"]))
     run = rbee(env, "hive", "install", "--dry-run", "--user")
     assert run.returncode == 0, run.stderr
     (exec_start,) = [line for line in run.stdout.splitlines() if line.startswith("ExecStart=")]
     assert "--host 0.0.0.0" in exec_start and "--hive-id gpu-box" in exec_start
-    assert "--queen-url http://192.168.7.1:7833" in exec_start
+    assert "--queen-url https://192.168.7.1:7833" in exec_start and f"--queen-fingerprint={pin}" in exec_start
     assert own not in run.stdout + run.stderr and "rbee-hive-gpu-box.env" in run.stdout
 
 
@@ -180,6 +190,18 @@ def test_under_systemd_the_log_is_the_journal_s_lines_with_priorities_and_no_fil
     assert lines[0].startswith("<4>line 0 ") and lines[1].startswith("<6>line 1 ")
     assert not any(line[3:7].isdigit() for line in lines[:-1])  # no timestamp: the journal stamps lines
     assert not log.exists()  # no file of its own, and nothing rotated
+
+    # A hive's worker inherits the hive's environment but writes to a file of its own: timestamps stay.
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("ab") as fh:
+        assert _narrate(1, {**env, "JOURNAL_STREAM": "8:12345"}, fh).returncode == 0
+    assert worker_log.read_text()[:4].isdigit()
+    journal = tmp_path / "journal"  # stands in for journald's socket: JOURNAL_STREAM names what stderr is
+    journal.touch()
+    named = f"{journal.stat().st_dev}:{journal.stat().st_ino}"
+    with journal.open("ab") as fh:
+        assert _narrate(1, {**env, "JOURNAL_STREAM": named}, fh).returncode == 0
+    assert journal.read_text().startswith("<4>line 0 ")
 
     plain = _narrate(
         1, {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "JOURNAL_STREAM")}, subprocess.PIPE

@@ -119,6 +119,8 @@ def hive_install(
     if not dry_run and name in local_hives(home):
         raise KeeperError(f"rbee-hive {name} runs here already; stop it first (rbee hive stop --hive-id {name})")
     extra = [f"--worker-engine={worker_engine}"] if worker_engine else []
+    if joined is not None and joined.tls_fingerprint:
+        extra.append(f"--queen-fingerprint={joined.tls_fingerprint}")
     if keep_alive is not None:
         extra.append(f"--keep-alive={keep_alive:g}")
     if memory_limit is not None:
@@ -177,12 +179,26 @@ def _removed(session: Session, unit: str, user: bool | None) -> None:
     default=None,
     help="As queen-rbee's: more tokens, one a line.",
 )
+@click.option(
+    "--tls",
+    "tls_mode",
+    type=click.Choice(["off", "auto"]),
+    default="off",
+    show_default=True,
+    help="As queen-rbee's: auto serves HTTPS with a certificate made once in the data directory.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the unit; write and start nothing.")
 @_scope_option
 @output_options
 @pass_session
 def queen_install(
-    session: Session, host: str | None, local_hive: bool, tokens_file: str | None, dry_run: bool, user: bool | None
+    session: Session,
+    host: str | None,
+    local_hive: bool,
+    tokens_file: str | None,
+    tls_mode: str,
+    dry_run: bool,
+    user: bool | None,
 ) -> None:
     """Install the queen as a systemd unit (rbee-queen.service) at the queen URL's port, enable and start it.
 
@@ -209,6 +225,8 @@ def queen_install(
     extra = ["--local-hive" if local_hive else "--no-local-hive"]
     if tokens_file:
         extra.append(f"--tokens-file={os.path.abspath(tokens_file)}")
+    if tls_mode != "off":
+        extra.append(f"--tls={tls_mode}")
     spec = queen_spec(host=host, port=port, token=session.token, home=rbee_home(), scope=_scope(user), extra_args=extra)
     _finish(session, spec, dry_run)
 

@@ -51,8 +51,11 @@ def hive() -> None:
       rbee hive status --hive-id beta
       rbee hive stop --hive-id beta
 
-    On another machine, run `rbee hive start --host 0.0.0.0 --queen-url http://QUEEN:7833`
-    with RBEE_TOKEN set (a hive reachable from the network requires a token).
+    On another machine, run `rbee hive join INVITE` with what `rbee hive invite` printed on
+    the queen's (the hive gets credentials of its own; `rbee hive remove NAME` revokes them),
+    or `rbee hive start --host 0.0.0.0 --queen-url http://QUEEN:7833` with RBEE_TOKEN set (a
+    hive reachable from the network requires a token). `rbee hive install` runs it as a
+    systemd service.
     """
 
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
-from rbee.narration.output import RotatingLog, journal_renderer, rotating_log, under_systemd
+from rbee.narration.output import RotatingLog, journal_renderer, rotating_log, writes_to_journal
 
 __all__ = [
     "JobSink",
@@ -92,10 +92,10 @@ def configure_logging(level: str | None = None, *, json_logs: bool | None = None
         structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False, **_NO_PADDING)
     )
     global _rotation
-    journal = under_systemd()
     # The journal stamps every line itself and reads its level from the line's <N>.
+    journal = writes_to_journal()
     processors: list[Any] = [journal_renderer(renderer)] if journal else [_TIMESTAMPER, renderer]
-    _rotation = None if journal else rotating_log()
+    _rotation = rotating_log()  # none under systemd
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_log_level),

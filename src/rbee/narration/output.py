@@ -2,9 +2,10 @@
 
 * Under systemd (``INVOCATION_ID`` or ``JOURNAL_STREAM`` in the environment) a
   daemon writes to stdout and stderr only, which the journal keeps: no file of
-  its own, no timestamp (the journal stamps each line), and each line starts
-  with its syslog priority (``<6>`` info, ``<4>`` warning...), which journald
-  reads as the line's level.
+  its own, and while stderr is the journal (:func:`writes_to_journal`) no
+  timestamp (the journal stamps each line) and each line starts with its syslog
+  priority (``<6>`` info, ``<4>`` warning...), which journald reads as the
+  line's level.
 * Started by the keeper, a daemon's stdout and stderr are its log file
   (``RBEE_LOG_FILE`` names it). Past ``RBEE_LOG_MAX_BYTES`` (10 MiB) the file
   becomes ``.1`` (``.1`` becomes ``.2``..., ``RBEE_LOG_BACKUPS`` of them, 3)
@@ -26,6 +27,7 @@ __all__ = [
     "MAX_BYTES",
     "BACKUPS",
     "under_systemd",
+    "writes_to_journal",
     "journal_renderer",
     "RotatingLog",
     "rotating_log",
@@ -45,6 +47,22 @@ def under_systemd(env: Mapping[str, str] | None = None) -> bool:
     """Whether systemd runs this process (its output then goes to the journal)."""
     env = os.environ if env is None else env
     return bool(env.get("INVOCATION_ID") or env.get("JOURNAL_STREAM"))
+
+
+def writes_to_journal(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process's stderr is the journal: ``JOURNAL_STREAM`` names it (device:inode), or
+    systemd runs the process and says nothing of its stream. A hive's workers inherit the hive's
+    environment but write to files of their own, which keep their timestamps."""
+    env = os.environ if env is None else env
+    stream = env.get("JOURNAL_STREAM")
+    if not stream:
+        return bool(env.get("INVOCATION_ID"))
+    try:
+        dev, ino = (int(part) for part in stream.split(":"))
+        ours = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (ours.st_dev, ours.st_ino) == (dev, ino)
 
 
 def journal_renderer(inner: Callable[[Any, str, Any], str]) -> Callable[[Any, str, Any], str]:
