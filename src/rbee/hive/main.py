@@ -169,6 +169,19 @@ def main(
         home = home.expanduser().resolve()
         os.environ["RBEE_HOME"] = str(home)
     tls = resolve_tls("hive", tls_mode, tls_cert, tls_key, name=f"hive-{hive_id}", host=host)
+    if tls is not None and token and queen_url and queen_url.startswith("http://"):
+        from urllib.parse import urlsplit
+
+        from rbee.config import is_loopback
+
+        if not is_loopback(urlsplit(queen_url).hostname or ""):
+            # With TLS on, no token crosses the network in clear: the heartbeats carry it.
+            print(
+                "hive: refusing to start: --tls is on but --queen-url is http://, which would send the token"
+                " in clear; give the queen's https:// URL (and --queen-fingerprint)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     if queen_url and queen_fingerprint:
         _check_queen(queen_url, queen_fingerprint)
     from rbee.hive.app import HiveSettings, create_hive_app
