@@ -1,9 +1,11 @@
-"""The ``install`` and ``uninstall`` commands of ``rbee hive`` and ``rbee queen`` (the units: rbee.keeper.service)."""
+"""The ``install`` and ``uninstall`` commands of ``rbee hive`` and ``rbee queen`` (the units: rbee.keeper.service,
+imported when a command runs: the keeper's start stays small)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,9 +13,11 @@ from rbee.config import HIVE_PORT, rbee_home
 from rbee.keeper.errors import BadSetting, KeeperError
 from rbee.keeper.lifecycle import KEEP_ALIVE
 from rbee.keeper.options import CONTEXT, output_options, pass_session, print_json
-from rbee.keeper.service import Scope, ServiceSpec
 from rbee.keeper.session import Session
 from rbee.units import parse_size
+
+if TYPE_CHECKING:
+    from rbee.keeper.service import Scope, ServiceSpec
 
 __all__ = ["hive_install", "hive_uninstall", "queen_install", "queen_uninstall"]
 
