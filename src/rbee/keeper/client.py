@@ -187,7 +187,7 @@ class QueenClient:
         """The context of every connection to an https queen: its pinned certificate, or the usual checks."""
         if self._context is not None:
             return self._context
-        from rbee.wire.tls import CertificateMismatch, describe, pinned_context, verifying
+        from rbee.wire.tls import CertificateMismatch, pinned_context, verifying
 
         if self.fingerprint is None:
             self._context = verifying(self.ca_cert)

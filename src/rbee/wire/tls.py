@@ -124,6 +124,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"its certificate was refused: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return "the TLS handshake failed: the server does not speak TLS (is its URL http://?)"
         return f"the TLS handshake failed: {exc.reason or exc}"
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return (text or type(exc).__name__).splitlines()[0][:200]
