@@ -35,6 +35,10 @@ async def queen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             yield client
 
 
+def _worker(url: str) -> dict[str, Any]:
+    return {"worker_id": "w1", "model": "m", "device": "cpu", "state": "ready", "url": url, "pid": 1}
+
+
 async def join(client: httpx.AsyncClient, hive_id: str) -> str:
     made = await client.post("/v1/hives/invites", json={}, headers=AS_ADMIN)
     assert made.status_code == 201, made.text
@@ -109,6 +113,15 @@ async def test_the_queen_presents_a_joined_hive_its_own_token_and_the_admin_toke
         ("http://127.0.0.3:7835/v1/jobs", f"Bearer {ADMIN}"),
         ("http://127.0.0.2:40001/v1/ready", f"Bearer {ADMIN}"),  # a worker there has a token of its own
     ]
+    # A worker it reports without a token of its own gets the hive's token, never the admin token.
+    reported = {**beat("beta", "http://127.0.0.2:7835"), "workers": [_worker("http://127.0.0.9:4000")]}
+    await queen.post("/v1/hives/heartbeat", json=reported, headers={"Authorization": f"Bearer {token}"})
+    seen.clear()
+    await state.http.get("http://127.0.0.9:4000/v1/ready", headers=AS_ADMIN)
+    await state.http.get("http://127.0.0.9:4000/v1/ready", headers={"Authorization": "Bearer its-own"})
+    # (A queen without tokens has no admin token to keep: what the caller sends goes as it is.)
+    expected = f"Bearer {token}" if state.settings.token else f"Bearer {ADMIN}"
+    assert [auth for _, auth in seen] == [expected, "Bearer its-own"]
     if state.http.http1 is not None:
         signed = state.http.http1._tokens.sign(("127.0.0.2", 7835), {"Authorization": f"Bearer {ADMIN}", "X": "1"})
         assert signed == {"X": "1", "Authorization": f"Bearer {token}"}

@@ -304,28 +304,42 @@ def _origin(url: str) -> tuple[str, int]:
 
 
 class _HiveTokens:
-    """Which token the queen presents at an address: a joined hive's own, else what the caller set."""
+    """Which token the queen presents at an address: a joined hive's own, else what the caller set.
 
-    def __init__(self, credentials: HiveCredentials, hives: Callable[[], list[Any]]) -> None:
+    The hive's own address gets the hive's token. So does one of its workers' addresses when the
+    caller would send the admin token there (a worker it reported without a token of its own):
+    whatever a joined machine reports, the admin token never goes to it.
+    """
+
+    def __init__(self, credentials: HiveCredentials, hives: Callable[[], list[Any]], admin: str | None) -> None:
         self.credentials = credentials
         self.hives = hives
+        self.admin = f"Bearer {admin}" if admin else None
 
-    def token_at(self, host: str, port: int) -> str | None:
+    def token_at(self, host: str, port: int, authorization: str | None = None) -> str | None:
+        at = (host, port)
         for hive in self.hives():
             token = self.credentials.token_of(hive.hive_id)
-            if token is not None and _origin(hive.url) == (host, port):
+            if token is None:
+                continue
+            if _origin(hive.url) == at:
+                return token
+            ours = authorization is not None and authorization == self.admin
+            if ours and any(w.report.url and _origin(w.report.url) == at for w in hive.workers.values()):
                 return token
         return None
 
     def sign(self, key: tuple[str, int], headers: dict[str, str]) -> dict[str, str]:
-        token = self.token_at(*key)
+        given = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+        token = self.token_at(*key, given)
         if token is None:
             return headers
         kept = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         return {**kept, "Authorization": f"Bearer {token}"}
 
     async def on_request(self, request: httpx.Request) -> None:
-        token = self.token_at(request.url.host, request.url.port or (443 if request.url.scheme == "https" else 80))
+        port = request.url.port or (443 if request.url.scheme == "https" else 80)
+        token = self.token_at(request.url.host, port, request.headers.get("authorization"))
         if token is not None:
             request.headers["Authorization"] = f"Bearer {token}"
 
@@ -454,7 +468,7 @@ def mount_invites(app: FastAPI, settings: QueenSettings) -> None:
         async with inner(app) as value:
             credentials = HiveCredentials(settings.home or rbee_home())
             state = app.state.queen
-            undo = _present_hive_tokens(state.http, _HiveTokens(credentials, state.telemetry.hives))
+            undo = _present_hive_tokens(state.http, _HiveTokens(credentials, state.telemetry.hives, settings.token))
             app.state.hive_credentials = credentials
             try:
                 yield value
