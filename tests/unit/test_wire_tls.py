@@ -7,6 +7,7 @@ import base64
 import hashlib
 import ssl
 import stat
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -267,3 +268,82 @@ def test_tls_flags_that_do_not_fit_together_are_one_line_and_exit_2(
         assert exited.value.code == 2
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("hive: refusing to start: ")
+
+
+# -- the keeper's client -------------------------------------------------------------
+
+
+async def test_the_keeper_pins_the_queen_or_verifies_it_against_a_ca(certs: dict[str, tuple[Path, Path, str]]) -> None:
+    from rbee.keeper.client import QueenClient
+    from rbee.keeper.errors import BadSetting, KeeperError, QueenUnreachable
+
+    cert, key, fp = certs["one"]
+    async with https_server(cert, key) as server:
+        url = f"https://127.0.0.1:{server.port}"
+
+        def ask(**options: str) -> int:
+            return QueenClient(url, "s3cret-token", **options).request("GET", "/v1/info").status
+
+        assert await asyncio.to_thread(ask, fingerprint=fp) == 200
+        assert await asyncio.to_thread(ask, ca_cert=str(cert)) == 200
+        with pytest.raises(KeeperError, match=r"refusing the queen at .* not the pinned"):
+            await asyncio.to_thread(ask, fingerprint=certs["two"][2])
+        with pytest.raises(QueenUnreachable, match=r"certificate was refused.*--queen-fingerprint"):
+            await asyncio.to_thread(ask)
+        await asyncio.sleep(0.05)
+    assert sum(b"s3cret-token" in got for got in server.received) == 2  # only the two trusted requests
+    with pytest.raises(BadSetting, match="not a SHA-256 fingerprint"):
+        QueenClient(url, fingerprint="nonsense")
+    with pytest.raises(BadSetting, match="verifies an https:// queen"):
+        QueenClient(f"http://127.0.0.1:{server.port}", fingerprint=fp)
+
+
+# -- the hive's heartbeats to a pinned queen ---------------------------------------------
+
+
+def _tiny_gguf(path: Path) -> Path:
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    kvs = [s("general.architecture") + struct.pack("<I", 8) + s("gemma3")]
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    return path
+
+
+async def test_a_hive_narrates_a_queen_with_another_certificate_and_sends_it_nothing(
+    certs: dict[str, tuple[Path, Path, str]], tmp_path: Path
+) -> None:
+    from rbee import narration
+    from rbee.hive.catalog import ModelCatalog
+    from rbee.hive.heartbeat import HeartbeatLoop, HttpDelivery
+    from rbee.hive.supervisor import Supervisor
+
+    cert, key, fp = certs["one"]
+    bundled = _tiny_gguf(tmp_path / "bundled-q4_k_m.gguf")
+    catalog = ModelCatalog(tmp_path / "models.sqlite", bundled=lambda: bundled)
+    async with https_server(cert, key) as server, httpx.AsyncClient() as workers:
+        url = f"https://127.0.0.1:{server.port}"
+        trust = tls.Trust()
+        trust.pin("queen", certs["two"][2], [url])
+        supervisor = Supervisor(home=tmp_path, http=workers)
+        async with JobHttp(trust=trust) as http:
+            loop = HeartbeatLoop(
+                hive_id="pinned",
+                url="https://127.0.0.1:7835",
+                supervisor=supervisor,
+                catalog=catalog,
+                deliver=HttpDelivery(url, http, token="hive-token-0123456789"),
+                tls_fingerprint=certs["two"][2],
+            )
+            with narration.capture() as events:
+                assert await loop.beat() is False
+                trust.pin("queen", fp, [url])  # the queen the pin names is back
+                assert await loop.beat() is True
+        await supervisor.aclose()
+        await asyncio.sleep(0.05)
+    await catalog.aclose()
+    failed = next(e for e in events if e["action"] == "heartbeat_failed")
+    assert f"is {fp}, not the pinned {certs['two'][2]}" in failed["human"]
+    assert any(e["action"] == "heartbeat_restored" for e in events)
+    carried = [got for got in server.received if b"hive-token-0123456789" in got]
+    assert len(carried) == 1 and b'"tls_fingerprint":"' + certs["two"][2].encode() in carried[0]

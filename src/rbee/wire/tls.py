@@ -219,12 +219,12 @@ Origin = tuple[str, int]
 
 def origin(url: str) -> Origin | None:
     """``(host, port)`` of an ``https://`` URL, None for any other."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        return None
     try:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            return None
         return parts.hostname, parts.port or 443
-    except ValueError:
+    except ValueError:  # a malformed address or port
         return None
 
 
