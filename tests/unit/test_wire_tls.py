@@ -281,8 +281,9 @@ async def test_the_keeper_pins_the_queen_or_verifies_it_against_a_ca(certs: dict
     async with https_server(cert, key) as server:
         url = f"https://127.0.0.1:{server.port}"
 
-        def ask(**options: str) -> int:
-            return QueenClient(url, "s3cret-token", **options).request("GET", "/v1/info").status
+        def ask(fingerprint: str | None = None, ca_cert: str | None = None) -> int:
+            client = QueenClient(url, "s3cret-token", fingerprint=fingerprint, ca_cert=ca_cert)
+            return client.request("GET", "/v1/info").status
 
         assert await asyncio.to_thread(ask, fingerprint=fp) == 200
         assert await asyncio.to_thread(ask, ca_cert=str(cert)) == 200
