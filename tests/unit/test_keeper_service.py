@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import pytest
 
-from cluster import BIN
+from cluster import BIN, free_port
 from rbee.keeper.hive_daemon import Credentials, save_credentials
 from rbee.narration.output import rotate, rotate_if_large, under_systemd
 
@@ -233,3 +233,16 @@ def test_the_keeper_rotates_a_large_log_before_it_starts_a_daemon_on_it(tmp_path
     rotate(log, 2)
     rotate(log, 2)  # nothing to move but the backups
     assert (tmp_path / "queen.log.2").read_text() == "newer\n" and not (tmp_path / "queen.log.3").exists()
+
+
+def test_queen_status_shows_its_unit_when_the_queen_does_not_answer(tmp_path: Path, systemctl: Path) -> None:
+    env = _env(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}"
+    installed = rbee(env, "--queen-url", url, "queen", "install", "--user")
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.startswith("Installed and started rbee-queen.service (user unit: ")
+    status = rbee(env, "--queen-url", url, "queen", "status")
+    assert status.returncode == 1 and len(status.stderr.splitlines()) == 1
+    assert status.stderr.rstrip().endswith("(its service rbee-queen.service (user unit): inactive (dead), enabled)")
+    assert rbee(env, "queen", "uninstall").returncode == 0
+    assert not (tmp_path / "xdg" / "systemd" / "user" / "rbee-queen.service").exists()
