@@ -130,11 +130,17 @@ async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, PayloadTooLarge):
         # The edge's own refusal (a streamed body over the limit, found while a handler read it).
         path = request.url.path
-        return JSONResponse(edge_error_body(path, 413, exc.kind, exc.message), status_code=413)
+        body = edge_error_body(path, 413, exc.kind, exc.message, families=_families(request))
+        return JSONResponse(body, status_code=413)
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
     return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+
+
+def _families(request: Request) -> bool:
+    """Whether the app answers each API's paths in that API's error shape (the queen does)."""
+    return bool(getattr(request.app.state, "api_families", True))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -148,7 +154,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": error}, status_code=422)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    body = edge_error_body(request.url.path, exc.status_code, kind, message)
+    body = edge_error_body(request.url.path, exc.status_code, kind, message, families=_families(request))
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -170,8 +176,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes with 413, streamed or not."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, families: bool = True) -> None:
         self.app = app
+        self.families = families
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -186,7 +193,7 @@ class BodyLimit:
                     too_big = False
                 if too_big:
                     message = f"the body is over {self.limit} bytes"
-                    await _refuse(send, scope["path"], 413, "payload_too_large", message)
+                    await _refuse(send, scope["path"], 413, "payload_too_large", message, families=self.families)
                     return
         seen = 0
 
@@ -217,8 +224,11 @@ class BearerAuth:
     can ask for the token (a navigation cannot send the header).
     """
 
-    def __init__(self, app: ASGIApp, token: str | Sequence[str] | None, public: Iterable[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str | Sequence[str] | None, public: Iterable[str] = (), families: bool = True
+    ) -> None:
         self.app = app
+        self.families = families
         tokens = [token] if isinstance(token, str) else [t for t in (token or ()) if t]
         self.accepted = [(f"Bearer {t}".encode(), Principal(token_id(t), admin=(i == 0))) for i, t in enumerate(tokens)]
         self.expected = self.accepted[0][0] if self.accepted else None
@@ -267,10 +277,12 @@ class BearerAuth:
             principal = self._match(api_key)
         if principal is None:
             message = "a valid bearer token is required (Authorization: Bearer ...)"
-            if api_family(scope["path"]) == "anthropic":
+            if self.families and api_family(scope["path"]) == "anthropic":
                 message = "a valid API key is required (x-api-key: ..., or Authorization: Bearer ...)"
             challenge = [(b"www-authenticate", b"Bearer")]
-            await _refuse(send, scope["path"], 401, "unauthorized", message, extra_headers=challenge)
+            await _refuse(
+                send, scope["path"], 401, "unauthorized", message, extra_headers=challenge, families=self.families
+            )
             return
         reset = _principal.set(principal)
         try:
@@ -321,8 +333,15 @@ class BrowserGuard:
     ``/health`` is exempt from the host check, so probes by address always work.
     """
 
-    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        allowed_hosts: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
+        families: bool = True,
+    ) -> None:
         self.app = app
+        self.families = families
         # The host name only: getfqdn() would ask DNS, which can take seconds on a machine without it.
         names = {"localhost", socket.gethostname().lower()}
         self.hosts = frozenset(
@@ -351,11 +370,25 @@ class BrowserGuard:
         host = headers.get("host", "")
         path = scope["path"]
         if path != "/health" and not self._host_ok(host):
-            await _refuse(send, path, 403, "forbidden", f"this server does not answer for the host {host!r}")
+            await _refuse(
+                send,
+                path,
+                403,
+                "forbidden",
+                f"this server does not answer for the host {host!r}",
+                families=self.families,
+            )
             return
         origin = headers.get("origin")
         if origin is not None and not self._origin_ok(origin, host):
-            await _refuse(send, path, 403, "forbidden", f"requests from the web origin {origin!r} are not allowed")
+            await _refuse(
+                send,
+                path,
+                403,
+                "forbidden",
+                f"requests from the web origin {origin!r} are not allowed",
+                families=self.families,
+            )
             return
         cors = [] if origin is None else [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
         if cors and scope.get("method") != "OPTIONS":
@@ -375,7 +408,7 @@ class BrowserGuard:
             if kind != "application/json":
                 shown = kind or "none"
                 message = f"the body must be application/json, not {shown}"
-                await _refuse(send, path, 415, "unsupported_media_type", message)
+                await _refuse(send, path, 415, "unsupported_media_type", message, families=self.families)
                 return
         if not cors:
             await self.app(scope, receive, send)
@@ -458,9 +491,10 @@ def api_family(path: str) -> Family:
 _OPENAI_CODES = {"unauthorized": "invalid_api_key"}
 
 
-def edge_error_body(path: str, status: int, kind: str, message: str) -> dict[str, Any]:
-    """An edge refusal (``kind``: rbee's word for it) in the error shape of ``path``'s API."""
-    family = api_family(path)
+def edge_error_body(path: str, status: int, kind: str, message: str, *, families: bool = True) -> dict[str, Any]:
+    """An edge refusal (``kind``: rbee's word for it) in the error shape of ``path``'s API
+    (``families`` False: a server that speaks only rbee's own, as hives and workers do)."""
+    family = api_family(path) if families else "rbee"
     if family == "anthropic":
         return anthropic_error_body(message, status=status)
     if family == "ollama":
@@ -478,8 +512,10 @@ async def _refuse(
     message: str,
     *,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
+    families: bool = True,
 ) -> None:
-    await _send_json(send, status, edge_error_body(path, status, kind, message), extra_headers=extra_headers)
+    body = edge_error_body(path, status, kind, message, families=families)
+    await _send_json(send, status, body, extra_headers=extra_headers)
 
 
 async def _send_json(
@@ -499,20 +535,29 @@ def install_edge(
     public: Iterable[str] = (),
     allowed_hosts: Iterable[str] = (),
     allowed_origins: Iterable[str] = (),
+    api_families: bool = True,
 ) -> None:
     """Error mapping, body limit, browser guard and auth for one server.
 
     ``token``, ``public``: see :class:`BearerAuth`; ``allowed_hosts``, ``allowed_origins``:
-    see :class:`BrowserGuard`.
+    see :class:`BrowserGuard`; ``api_families``: each API's paths answer in that API's
+    error shape (:func:`api_family`); off, every path answers in rbee's (a hive's or a
+    worker's API, whose one client is the queen).
     """
+    app.state.api_families = api_families
     app.add_exception_handler(RbeeError, _rbee_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(BodyLimit, limit=max_body)
-    app.add_middleware(BearerAuth, token=token, public=tuple(public))
+    app.add_middleware(BodyLimit, limit=max_body, families=api_families)
+    app.add_middleware(BearerAuth, token=token, public=tuple(public), families=api_families)
     # Added last, so it runs first: a refused page never reaches auth or a handler.
-    app.add_middleware(BrowserGuard, allowed_hosts=tuple(allowed_hosts), allowed_origins=tuple(allowed_origins))
-    _document_errors(app, auth=bool(token), public=tuple(public))
+    app.add_middleware(
+        BrowserGuard,
+        allowed_hosts=tuple(allowed_hosts),
+        allowed_origins=tuple(allowed_origins),
+        families=api_families,
+    )
+    _document_errors(app, auth=bool(token), public=tuple(public), families=api_families)
 
 
 #: The one error shape every server answers with (OpenAPI component ``Error``).
@@ -594,7 +639,7 @@ def _edge_shaped(response: dict[str, Any]) -> bool:
     return declared is None or str(declared.get("$ref", "")).endswith("/HTTPValidationError")
 
 
-def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> None:
+def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...], families: bool = True) -> None:
     """Make the OpenAPI schema say what the edge really answers.
 
     Every error is in the shape of its path's API (:func:`api_family`): rbee's own
@@ -645,7 +690,7 @@ def _document_errors(app: FastAPI, *, auth: bool, public: tuple[str, ...]) -> No
                     wanted.add("401")
                 for status in wanted:
                     responses.setdefault(status, {"description": _EDGE_ERRORS[status]})
-                content = errors_by_family[api_family(path)]
+                content = errors_by_family[api_family(path) if families else "rbee"]
                 for status, response in responses.items():
                     if status[:1] in ("4", "5") and _edge_shaped(response):
                         response["content"] = content

@@ -248,7 +248,7 @@ def create_hive_app(settings: HiveSettings | None = None) -> FastAPI:
             narrate("hive_stopped", f"Hive {settings.hive_id} stopped", actor="hive", hive_id=settings.hive_id)
 
     app = FastAPI(title="rbee-hive", version=__version__, lifespan=lifespan)
-    install_edge(app, token=settings.token)
+    install_edge(app, token=settings.token, api_families=False)
 
     def hive(request: Request) -> HiveState:
         state: HiveState = request.app.state.hive

@@ -522,7 +522,7 @@ def create_worker_app(engine: Engine, settings: WorkerSettings | None = None) ->
             await worker.close()
 
     app = FastAPI(title="llm-worker-rbee", version=__version__, lifespan=lifespan)
-    install_edge(app, token=settings.token)
+    install_edge(app, token=settings.token, api_families=False)
 
     def worker_of(request: Request) -> Worker:
         worker: Worker = request.app.state.worker
