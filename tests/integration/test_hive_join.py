@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from cluster import BIN, Daemon, free_port, queen, wait_for
+from rbee.keeper.join import decode_invite
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -192,6 +193,7 @@ def test_an_invite_from_a_tls_queen_pins_its_certificate_on_the_other_machine(tm
         )
         made = json.loads(m.admin("hive", "invite", "--json").stdout)
         assert made["tls_fingerprint"] == fingerprint and made["queen_url"] == q.url
+        assert decode_invite(made["invite"]) == (q.url, made["code"], fingerprint)
 
         hive_port = free_port("127.0.0.2")
         join = ("hive", "join", made["invite"], "--host", "127.0.0.2", "--port", str(hive_port), "--hive-id", "beta")

@@ -108,7 +108,8 @@ def hive_invite(session: Session, ttl_s: float, advertised: str | None) -> None:
     invite = encode_invite(url, str(answer["invite"]), fingerprint)
     expires_at = float(answer["expires_at"])
     if session.json_mode:
-        print_json({"invite": invite, "queen_url": url, "expires_at": expires_at, "tls_fingerprint": fingerprint})
+        shown = {"invite": invite, "code": answer["invite"], "queen_url": url, "expires_at": expires_at}
+        print_json({**shown, "tls_fingerprint": fingerprint})
         return
     click.echo(invite)
     until = time.strftime("%H:%M", time.localtime(expires_at))
