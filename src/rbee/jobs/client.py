@@ -92,7 +92,8 @@ class JobHttp(httpx.AsyncClient):
     def __init__(self, *, trust: Trust | None = None, **kwargs: Any) -> None:
         custom = any(kwargs.get(name) is not None for name in ("transport", "mounts", "proxy"))
         if trust is not None and not custom:
-            options = {"limits": kwargs.pop("limits", httpx.Limits(max_keepalive_connections=32))}
+            # httpx's own defaults, unless given: the transport is made here, not by httpx.
+            options = {"limits": kwargs.pop("limits", httpx.Limits(max_connections=100, max_keepalive_connections=20))}
             kwargs["transport"] = _TrustTransport(trust, **options)
         super().__init__(**kwargs)
         proxied = kwargs.get("trust_env", True) and any(k in urllib.request.getproxies() for k in ("http", "all"))
