@@ -23,7 +23,7 @@ from rbee.errors import InvalidOperation
 from rbee.queen import anthropic as api
 from rbee.queen.app import QueenSettings, create_queen_app
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,7 +17,7 @@ from httpx_sse import aconnect_sse
 
 from rbee.queen.app import QueenSettings, create_queen_app
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -24,7 +24,7 @@ from modelserver import ModelServer, tiny_gguf
 from rbee.contracts.operations import Infer
 from rbee.queen.app import QueenSettings, create_queen_app
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -23,7 +23,8 @@ from rbee.chat_templates import render, template_for
 from rbee.contracts.operations import Infer, parse_operation
 from rbee.errors import InvalidOperation
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine, GenerationOutcome, GenerationRequest, LlamaEngine, generate
+from rbee.worker.engine import GenerationOutcome, GenerationRequest, LlamaEngine, generate
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

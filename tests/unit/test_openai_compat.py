@@ -21,7 +21,7 @@ from rbee.errors import InvalidOperation
 from rbee.queen.app import QueenSettings, create_queen_app
 from rbee.queen.openai import routes, schema
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -24,7 +24,8 @@ from rbee.queen.openai import errors as openai_errors
 from rbee.queen.openai import format as openai_format
 from rbee.queen.openai import schema
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine, schema_grammar
+from rbee.worker.engine import schema_grammar
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

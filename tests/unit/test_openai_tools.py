@@ -24,7 +24,7 @@ from rbee.queen.app import QueenSettings, create_queen_app
 from rbee.queen.openai import errors as openai_errors
 from rbee.queen.openai import schema
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -39,7 +39,7 @@ from rbee.contracts.operations import DEFAULT_MODEL
 from rbee.hive.app import HiveSettings, create_hive_app
 from rbee.queen.app import QueenSettings, create_queen_app
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from rbee.worker.app import Worker, WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,7 +14,8 @@ from rbee.errors import GenerationError
 from rbee.jobs.job import Job
 from rbee.jobs.registry import JobRegistry
 from rbee.worker.bridge import run_generation
-from rbee.worker.engine import FakeEngine, Finished, GenerationOutcome, GenerationRequest, Piece, SlotStart
+from rbee.worker.engine import Finished, GenerationOutcome, GenerationRequest, Piece, SlotStart
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from rbee.worker.engine import (
-    FakeEngine,
     Finished,
     GenerationOutcome,
     GenerationRequest,
@@ -21,6 +20,7 @@ from rbee.worker.engine import (
     parse_device,
     repack_default,
 )
+from rbee.worker.fake import FakeEngine
 
 
 def _scan(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from rbee.contracts.operations import Infer
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine, parse_kv_override
+from rbee.worker.engine import parse_kv_override
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

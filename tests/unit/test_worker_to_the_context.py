@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from rbee.worker.app import WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

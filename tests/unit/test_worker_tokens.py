@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from rbee.worker.app import MAX_EMBED_INPUTS, WorkerSettings, create_worker_app
-from rbee.worker.engine import FakeEngine
+from rbee.worker.fake import FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -200,7 +200,8 @@ def main(
     """Run a worker: load one model and generate tokens for ``infer`` jobs."""
     if keep_alive_s < 0 and keep_alive_s != -1:
         raise click.BadParameter("must be -1 (for ever), 0 or a number of seconds", param_hint="--keep-alive")
-    from rbee.worker.engine import Engine, FakeEngine, LlamaEngine, parse_kv_override
+    from rbee.worker.engine import Engine, LlamaEngine, parse_kv_override
+    from rbee.worker.fake import FakeEngine
 
     overrides: dict[str, bool | int | float | str] = {}
     for text in kv_overrides:
