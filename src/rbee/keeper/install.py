@@ -154,7 +154,13 @@ def _joined_hive(home: Path) -> str | None:
 @output_options
 @pass_session
 def hive_uninstall(session: Session, hive_id: str | None, user: bool | None) -> None:
-    """Stop and disable rbee-hive-NAME.service and remove its unit and environment file."""
+    """Stop and disable rbee-hive-NAME.service and remove its unit and environment file.
+
+    \b
+    Examples:
+      rbee hive uninstall                    # the hive that joined here
+      rbee hive uninstall --hive-id beta --system
+    """
     from rbee.keeper.hive_daemon import check_hive_id, default_hive_id
     from rbee.keeper.service import hive_unit_name
 
@@ -240,7 +246,13 @@ def queen_install(
 @output_options
 @pass_session
 def queen_uninstall(session: Session, user: bool | None) -> None:
-    """Stop and disable rbee-queen.service and remove its unit and environment file."""
+    """Stop and disable rbee-queen.service and remove its unit and environment file.
+
+    \b
+    Examples:
+      rbee queen uninstall
+      rbee queen uninstall --system
+    """
     from rbee.keeper.service import QUEEN_UNIT
 
     _removed(session, QUEEN_UNIT, user)
