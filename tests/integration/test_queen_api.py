@@ -263,7 +263,9 @@ async def test_live_jobs_end_cancelled_when_the_queen_stops(tmp_path: Path) -> N
 async def test_queen_with_a_token_requires_bearer_everywhere_but_health(tmp_path: Path) -> None:
     async with queen(tmp_path, token=TOKEN) as (app, client):
         assert (await client.get("/health")).status_code == 200
-        paths = [p for p in app.openapi()["paths"] if p != "/health"]
+        # A hive joining has no token yet: its one-time invite, in the body, is the credential.
+        assert (await client.post("/v1/hives/join", json={"invite": "x" * 20, "hive_id": "h"})).status_code == 403
+        paths = [p for p in app.openapi()["paths"] if p not in ("/health", "/v1/hives/join")]
         assert "/v1/jobs" in paths and "/v1/hives/heartbeat" in paths
         for path in paths:
             for method in app.openapi()["paths"][path]:

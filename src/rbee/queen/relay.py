@@ -18,6 +18,7 @@ from rbee.contracts.operations import OperationBase
 from rbee.errors import StreamBroken, Unreachable
 from rbee.jobs.client import JobClient
 from rbee.jobs.registry import current_job
+from rbee.wire.errors import from_wire
 
 __all__ = ["relay_job", "raise_for_end", "cancel_remote", "RemoteEnd", "TokenTrail"]
 
@@ -44,15 +45,14 @@ def raise_for_end(end: RemoteEnd, where: str) -> None:
     status = end.get("status")
     if status == "completed":
         return
-    error = end.get("error") or {}
-    message = str(error.get("message") or f"the job on {where} ended {status}")
+    error = dict(end.get("error") or {})
+    error["message"] = str(error.get("message") or f"the job on {where} ended {status}")
     if status == "timed_out":
-        raise errors.JobTimedOut(message)
+        raise errors.JobTimedOut(error["message"])
     if status == "cancelled":
-        raise errors.JobCancelled(message)
-    exc = errors.RbeeError(message)
-    exc.kind = str(error.get("kind") or "remote_failed")
-    raise exc
+        raise errors.JobCancelled(error["message"])
+    error.setdefault("kind", "remote_failed")
+    raise from_wire(error)  # the remote's own error type, its fields kept
 
 
 async def relay_job(
