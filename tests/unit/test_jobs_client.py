@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -158,11 +158,11 @@ async def five_hundred_tokens(op: OperationBase) -> None:
 
 
 @contextlib.asynccontextmanager
-async def live_server() -> AsyncIterator[str]:
+async def live_server(run: Callable[[OperationBase], Awaitable[None]] = five_hundred_tokens) -> AsyncIterator[str]:
     registry = JobRegistry(actor="test")
     app = FastAPI()
     install_edge(app)
-    app.include_router(job_router(lambda request: JobServer(registry, five_hundred_tokens)))
+    app.include_router(job_router(lambda request: JobServer(registry, run)))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
@@ -297,3 +297,68 @@ async def test_a_stream_that_goes_silent_is_broken_after_the_silence_bound() -> 
         server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 1)
+
+
+async def test_a_streamed_submit_gives_the_id_then_every_event_in_one_request(app: FastAPI) -> None:
+    sent: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), event_hooks={"request": [record]})
+    async with JobClient("http://test", client=http) as jc:
+        ids: list[str] = []
+        async with asyncio.timeout(10):
+            events = [e async for e in jc.run(Infer(prompt="one two"), started=ids.append)]
+    await http.aclose()
+    assert [r.method for r in sent] == ["POST"] and sent[0].url.params["stream"] == "true"
+    assert ids and ids[0].startswith("job-")
+    assert [e.data["t"] for e in events if e.kind == "token"] == ["one", "two"]
+    assert events[-1].kind == "end" and events[-1].data["status"] == "completed"
+
+
+async def test_a_streamed_submit_that_is_refused_is_the_typed_error_and_starts_nothing(client: JobClient) -> None:
+    ids: list[str] = []
+    with pytest.raises(errors.InvalidOperation) as refused:
+        async for _ in client.run({"operation": "infer", "prompt": 5}, started=ids.append):
+            pass
+    assert refused.value.field == "prompt" and not ids
+    assert await client.list() == []
+
+
+async def slow_tokens(op: OperationBase) -> None:
+    for i in range(1000):
+        await emit_token(f"w{i} ")
+        await asyncio.sleep(0.01)
+
+
+async def test_leaving_a_streamed_submit_cancels_its_job() -> None:
+    async with live_server(slow_tokens) as base, JobHttp() as http:
+        client = JobClient(base, client=http)
+        ids: list[str] = []
+        async with asyncio.timeout(15):
+            async for event in client.run({"operation": "infer", "prompt": "x"}, started=ids.append):
+                if event.kind == "token":
+                    break  # the client leaves after the first token
+            for _ in range(200):
+                if (await client.get(ids[0]))["status"] == "cancelled":
+                    break
+                await asyncio.sleep(0.02)
+        assert (await client.get(ids[0]))["status"] == "cancelled"
+
+
+async def test_a_server_without_streamed_submits_is_followed_with_a_second_request() -> None:
+    frames = b'id: 1\nevent: end\ndata: {"status":"completed"}\n\ndata: [DONE]\n\n'
+
+    def older(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":  # ignores ?stream=true, as a server before it did
+            return httpx.Response(201, json={"job_id": "job-1", "sse_url": "/v1/jobs/job-1/stream"})
+        assert request.url.params["cancel_on_disconnect"] == "true"
+        return httpx.Response(200, content=frames, headers={"content-type": "text/event-stream"})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(older))
+    async with JobClient("http://test", client=http) as jc:
+        ids: list[str] = []
+        events = [e async for e in jc.run({"operation": "status"}, started=ids.append)]
+    await http.aclose()
+    assert ids == ["job-1"] and [e.kind for e in events] == ["end"]

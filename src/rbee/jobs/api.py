@@ -22,7 +22,7 @@ from rbee.jobs.job import Cursor, Event, Job
 from rbee.jobs.registry import Executor, JobRegistry
 from rbee.jobs.timeline import timeline
 from rbee.server.sse import EventStream, Source, frames
-from rbee.wire.protocol import DONE, MIN_PREFIX_HEX, PING_INTERVAL_S, job_id_prefix
+from rbee.wire.protocol import DONE, JOB_ID_HEADER, MIN_PREFIX_HEX, PING_INTERVAL_S, job_id_prefix
 
 __all__ = [
     "JobServer",
@@ -179,12 +179,28 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
         status_code=201,
         operation_id="submit_job",
         summary="Submit an operation as a job",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "parameters": [
+                {
+                    "name": "stream",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "boolean", "default": False},
+                    "description": "answer with the job's event stream at once instead of its id",
+                }
+            ],
+        },
         responses={
             201: {
                 "description": "the job was accepted",
                 "content": {"application/json": {"schema": _CREATED}},
                 "links": _JOB_LINKS,
+            },
+            200: {
+                "description": "with ?stream=true: the job was accepted and its events follow"
+                " (its id in x-rbee-job-id; leaving cancels it)",
+                "content": {"text/event-stream": {}},
             },
             422: {"description": "invalid operation"},
             413: {"description": "body too large"},
@@ -196,15 +212,21 @@ def job_router(get_server: Callable[[Request], JobServer], operations: Any = Non
             503: {"description": "no worker can serve the model"},
         },
     )
-    async def submit_job(request: Request) -> JSONResponse:
+    async def submit_job(request: Request) -> Response:
         server = get_server(request)
         body = await request.body()
         operation = parse_operation(body)
+        streamed = _flag("stream", request.query_params.get("stream"))
         job = await server.submit(operation)
+        location = {"Location": f"/v1/jobs/{job.id}", JOB_ID_HEADER: job.id}
+        if streamed:
+            # Submitted and streamed in one round trip: the job's events follow at once, as
+            # its stream would give them with cancel_on_disconnect (a caller one network hop
+            # away saves the second request's round trip before its first token).
+            events = _JobEvents(server, job, 0, True)
+            return EventStream(events, ping_s=server.ping_interval_s, headers=location)
         return JSONResponse(
-            {"job_id": job.id, "sse_url": f"/v1/jobs/{job.id}/stream"},
-            status_code=201,
-            headers={"Location": f"/v1/jobs/{job.id}"},
+            {"job_id": job.id, "sse_url": f"/v1/jobs/{job.id}/stream"}, status_code=201, headers=location
         )
 
     @router.get("/v1/jobs", operation_id="list_jobs", summary="Recent jobs")

@@ -26,7 +26,7 @@ import contextlib
 import json
 import ssl
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -224,36 +224,112 @@ class JobClient:
         headers = {**self.headers, **protocol.ACCEPT_EVENTS}
         if after:
             headers[protocol.LAST_EVENT_ID] = str(after)
-        got_end = False
+        ended = _Ended()
         try:
             async with self._stream(protocol.stream_path(job_id), params, headers) as body:
-                chunks = _unless_silent(body, self.silence_s)
-                frames = aiter_frames(chunks)
-                done = False
-                try:
-                    async for event_id, kind, data in frames:
-                        if kind == protocol.EVENT_MESSAGE and data == protocol.DONE:
-                            done = True
-                            break
-                        if kind == protocol.EVENT_END:
-                            got_end = True
-                        yield Event(int(event_id) if event_id.isdigit() else 0, kind, data)
-                finally:
-                    await frames.aclose()
-                    await chunks.aclose()
-                if done:
-                    await _drain(body)
+                async for event in self._read(body, ended):
+                    yield event
         except (httpx.TransportError, http1.WireError) as exc:
-            if not got_end:
-                raise StreamBroken(f"the stream from {self.base_url} broke: {_why(exc)}", url=self.base_url) from None
+            self._broken(ended, exc)
+        if not ended.seen:
+            raise StreamBroken(f"the stream from {self.base_url} closed before the job's end", url=self.base_url)
+
+    async def run(
+        self, operation: OperationBase | dict[str, Any], *, started: Callable[[str], None] | None = None
+    ) -> AsyncIterator[Event]:
+        """Submit ``operation`` and yield its events up to ``end``, in one round trip
+        (``POST /v1/jobs?stream=true``; leaving cancels the job). ``started`` is told the
+        job's id before its first event. A server that answers with the job's id instead
+        (without streamed submits) is followed with a second request."""
+        payload = json.dumps(operation.to_wire() if isinstance(operation, OperationBase) else operation).encode()
+        headers = {**self.headers, **protocol.ACCEPT_EVENTS, "Content-Type": "application/json"}
+        ended = _Ended()
+        job_id: str | None = None
+        body: AsyncIterator[bytes] | None = None
+        try:
+            async with self._submit_stream(payload, headers) as (job_id, body):
+                if started is not None:
+                    started(job_id)
+                if body is not None:
+                    async for event in self._read(body, ended):
+                        yield event
+        except (httpx.TransportError, http1.WireError) as exc:
+            if job_id is None:
+                raise self._unreachable(_why(exc)) from None
+            self._broken(ended, exc)
+        if job_id is not None and body is None:  # an answer of 201: the events, asked for on their own
+            async for event in self.events(job_id, cancel_on_disconnect=True):
+                yield event
+            return
+        if not ended.seen:
+            raise StreamBroken(f"the stream from {self.base_url} closed before the job's end", url=self.base_url)
+
+    @contextlib.asynccontextmanager
+    async def _submit_stream(
+        self, payload: bytes, headers: dict[str, str]
+    ) -> AsyncIterator[tuple[str, AsyncIterator[bytes] | None]]:
+        """``POST ?stream=true``: the job's id and its events' body (None: the server answered 201)."""
+        pool = self._direct()
+        if pool is None:
+            url = self.base_url + protocol.JOBS_PATH
+            request = self.client.build_request(
+                "POST", url, params={"stream": "true"}, content=payload, headers=headers
+            )
+            response = await self.client.send(request, stream=True)
+            try:
+                if response.status_code == 201:
+                    await response.aread()
+                    yield str(response.json()["job_id"]), None
+                    return
+                if response.status_code != 200:
+                    await response.aread()
+                    raise error_from_response(response)
+                self._check_event_stream(response.headers.get("content-type", ""))
+                yield response.headers.get(protocol.JOB_ID_HEADER, ""), response.aiter_bytes()
+            finally:
+                await response.aclose()
+            return
+        target = self._prefix + protocol.JOBS_PATH + "?stream=true"
+        async with pool.stream(self._key, "POST", target, headers, payload, secure=self._secure) as answer:
+            assert answer.chunks is not None
+            if answer.status == 201:
+                body = b"".join([piece async for piece in answer.chunks])
+                yield str(json.loads(body)["job_id"]), None
+                return
+            if answer.status != 200:
+                body = b"".join([piece async for piece in answer.chunks])
+                raise from_response(answer.status, answer.headers, body)
+            self._check_event_stream(answer.headers.get("content-type", ""))
+            yield answer.headers.get(protocol.JOB_ID_HEADER, ""), answer.chunks
+
+    async def _read(self, body: AsyncIterator[bytes], ended: _Ended) -> AsyncIterator[Event]:
+        """The events of an event-stream ``body`` up to ``[DONE]``; ``ended.seen`` once ``end`` came."""
+        chunks = _unless_silent(body, self.silence_s)
+        frames = aiter_frames(chunks)
+        done = False
+        try:
+            async for event_id, kind, data in frames:
+                if kind == protocol.EVENT_MESSAGE and data == protocol.DONE:
+                    done = True
+                    break
+                if kind == protocol.EVENT_END:
+                    ended.seen = True
+                yield Event(int(event_id) if event_id.isdigit() else 0, kind, data)
         except _Silent:
-            if not got_end:
+            if not ended.seen:
                 raise StreamBroken(
                     f"the stream from {self.base_url} went silent: no byte, not even a ping, for {self.silence_s:g} s",
                     url=self.base_url,
                 ) from None
-        if not got_end:
-            raise StreamBroken(f"the stream from {self.base_url} closed before the job's end", url=self.base_url)
+        finally:
+            await frames.aclose()
+            await chunks.aclose()
+        if done:
+            await _drain(body)
+
+    def _broken(self, ended: _Ended, exc: Exception) -> None:
+        if not ended.seen:
+            raise StreamBroken(f"the stream from {self.base_url} broke: {_why(exc)}", url=self.base_url) from None
 
     @contextlib.asynccontextmanager
     async def _stream(
@@ -285,6 +361,15 @@ class JobClient:
 
 #: Twice the servers' ping interval and some: a stream quiet this long has lost its peer.
 SILENCE_S = 2 * protocol.PING_INTERVAL_S + 5.0
+
+
+class _Ended:
+    """Whether a stream has brought its job's ``end`` (what a break after it does not spoil)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
 
 
 class _Silent(Exception):

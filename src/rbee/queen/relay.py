@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rbee import errors
@@ -19,6 +20,7 @@ from rbee.errors import StreamBroken, Unreachable
 from rbee.jobs.client import JobClient
 from rbee.jobs.registry import current_job
 from rbee.wire.errors import from_wire
+from rbee.wire.sse import Event
 
 __all__ = ["relay_job", "raise_for_end", "cancel_remote", "RemoteEnd", "TokenTrail"]
 
@@ -75,35 +77,35 @@ async def relay_job(
     another worker).
     """
     job = current_job()
-    if remote_id is None:
-        remote_id = await _submit(client, operation, where, lost)
-    return await _follow(client, job, remote_id, where=where, lost=lost, results=results, trail=trail)
-
-
-async def _submit(
-    client: JobClient, operation: OperationBase | dict[str, Any], where: str, lost: type[errors.RbeeError]
-) -> str:
-    submitting = asyncio.ensure_future(client.submit(operation))
+    if remote_id is not None:
+        events = client.events(remote_id, cancel_on_disconnect=True)
+        return await _follow(
+            client, job, events, lambda: remote_id, where=where, lost=lost, results=results, trail=trail
+        )
+    # Submitted and streamed in one request: a server one network hop away costs one
+    # round trip before its first event, not two.
+    started: list[str] = []
+    events = client.run(operation, started=started.append)
     try:
-        return await asyncio.shield(submitting)
+        return await _follow(
+            client,
+            job,
+            events,
+            lambda: started[0] if started else None,
+            where=where,
+            lost=lost,
+            results=results,
+            trail=trail,
+        )
     except Unreachable as exc:
         raise lost(f"{where} did not answer: {exc.message}") from None
-    except asyncio.CancelledError:
-        # Cancelled while the POST was in flight: let it land (briefly), then
-        # cancel the remote job so it does not run on with nobody to read it.
-        try:
-            remote_id = await asyncio.wait_for(submitting, 2.0)
-        except BaseException:
-            submitting.cancel()
-            raise asyncio.CancelledError from None
-        await cancel_remote(client, remote_id)
-        raise
 
 
 async def _follow(
     client: JobClient,
     job: Any,
-    remote_id: str,
+    events: AsyncIterator[Event],
+    remote_id: Callable[[], str | None],
     *,
     where: str,
     lost: type[errors.RbeeError],
@@ -112,7 +114,7 @@ async def _follow(
 ) -> RemoteEnd:
     end: RemoteEnd | None = None
     try:
-        async for event in client.events(remote_id, cancel_on_disconnect=True):
+        async for event in events:
             kind = event.kind
             if kind == "token":
                 if trail is None:
@@ -137,7 +139,9 @@ async def _follow(
     except (StreamBroken, Unreachable) as exc:
         raise lost(f"{where} went away: {exc.message}") from None
     except asyncio.CancelledError:
-        await cancel_remote(client, remote_id)
+        started = remote_id()
+        if started is not None:  # else it never began, or leaving its stream cancels it
+            await cancel_remote(client, started)
         raise
     if end is None:  # pragma: no cover - events() raises first
         raise lost(f"{where} closed the stream without an end")

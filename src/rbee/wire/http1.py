@@ -336,13 +336,20 @@ class Pool:
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, key: tuple[str, int], method: str, target: str, headers: dict[str, str], *, secure: bool = False
+        self,
+        key: tuple[str, int],
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None = None,
+        *,
+        secure: bool = False,
     ) -> AsyncIterator[Response]:
         """The answer, its body to be read from ``chunks``.
 
         The connection is reused only if the body was read to its end.
         """
-        conn, status, answer = await self._send(key, method, target, headers, None, secure)
+        conn, status, answer = await self._send(key, method, target, headers, body, secure)
         finished = False
 
         async def chunks() -> AsyncIterator[bytes]:

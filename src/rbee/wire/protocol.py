@@ -24,6 +24,7 @@ __all__ = [
     "EVENT_TOKEN",
     "JOBS_PATH",
     "JOB_ID",
+    "JOB_ID_HEADER",
     "JOB_ID_PREFIX",
     "LAST_EVENT_ID",
     "MIN_PREFIX_HEX",
@@ -57,6 +58,8 @@ ACCEPT_EVENTS = {"Accept": EVENT_STREAM, "Cache-Control": "no-store"}
 LAST_EVENT_ID = "Last-Event-ID"
 #: ``429 queue_full`` says in this header how many seconds to wait.
 RETRY_AFTER = "Retry-After"
+#: The job an answer belongs to (a streamed submit's, an OpenAI-shaped answer's).
+JOB_ID_HEADER = "x-rbee-job-id"
 
 #: A server sends a ``: ping`` comment after this many quiet seconds on a stream.
 PING_INTERVAL_S = 15.0
