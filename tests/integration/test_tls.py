@@ -456,3 +456,34 @@ def test_the_openai_sdk_and_the_page_work_over_https_with_a_users_certificate(tm
     finally:
         h.stop()
         q.stop()
+
+
+def test_rbee_hive_start_with_tls_auto_serves_https_pinned_by_the_queen(
+    tls_cluster: TlsCluster, tmp_path: Path
+) -> None:
+    """The keeper starts a hive with --tls auto: it serves HTTPS (its workers too), reports its
+    certificate, runs a job, and the keeper reaches it for status by the pin it kept."""
+    c = tls_cluster
+    home = tmp_path / "keeper"
+    env = {"RBEE_HOME": str(home), "RBEE_CONFIG": str(home / "none.toml"), **FAKE}
+    port = free_port("127.0.0.5")
+    common = ("--queen-fingerprint", c.fingerprint)
+    start = keeper(
+        c.queen.url,
+        *common,
+        *("hive", "start", "--host", "127.0.0.5", "--port", str(port), "--hive-id", "delta"),
+        *("--tls", "auto", "--queen-url", c.queen.url, "--queen-fingerprint", c.fingerprint, "--worker-engine", "fake"),
+        env=env,
+    )
+    try:
+        assert start.returncode == 0, start.stderr
+        assert f"running at https://127.0.0.5:{port}" in start.stdout
+        assert "See it with" in start.stderr  # its first heartbeat reached the queen
+        run = keeper(c.queen.url, *common, "infer", "--hive", "delta", "--max-tokens", "3", "hi", "--json", env=env)
+        assert run.returncode == 0, run.stderr
+        end = json.loads(run.stdout.splitlines()[-1])["data"]
+        assert end["status"] == "completed" and end["hive_id"] == "delta"
+        status = keeper(c.queen.url, *common, "hive", "status", "--hive-id", "delta", env=env)
+        assert status.returncode == 0 and f"https://127.0.0.5:{port}" in status.stdout, status.stdout + status.stderr
+    finally:
+        keeper(c.queen.url, *common, "hive", "stop", "--hive-id", "delta", env=env)

@@ -206,6 +206,9 @@ def start_hive(
     home: Path | None = None,
     timeout_s: float = START_TIMEOUT_S,
     extra_args: Sequence[str] = (),
+    tls: str = "off",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> HiveProcess:
     """Start a hive daemon that joins the queen at ``queen_url``, or find the one already running.
 
@@ -227,7 +230,10 @@ def start_hive(
     except BindRefused as exc:
         raise BadSetting(str(exc)) from None
     url = _url(host, port)
-    with QueenClient(url, token, connect_timeout_s=1.0) as client:
+    served, fingerprint = _hive_certificate(hive_id, host, home, tls, tls_cert, tls_key)
+    if served is not None:
+        url = "https" + url.removeprefix("http")
+    with QueenClient(url, token, connect_timeout_s=1.0, fingerprint=fingerprint) as client:
         health = client.health()
         if health is not None:
             raise KeeperError(
@@ -243,6 +249,8 @@ def start_hive(
             cmd += ["--queen-fingerprint", joined.tls_fingerprint]
         if worker_engine:
             cmd += ["--worker-engine", worker_engine]
+        if served is not None:
+            cmd += ["--tls-cert", str(served[0]), "--tls-key", str(served[1])]
         cmd += list(extra_args)
         env = dict(os.environ)
         env.pop("RBEE_TOKEN", None)
@@ -266,9 +274,37 @@ def start_hive(
             time.sleep(0.1)
         pid_file.write_text(f"{proc.pid}\n")
         state = {"hive_id": hive_id, "url": url, "queen_url": queen_url, "host": host, "port": port, "pid": proc.pid}
+        if fingerprint is not None:
+            state["tls_fingerprint"] = fingerprint
         state_file.write_text(json.dumps(state) + "\n")
         ok, problem = _first_heartbeat(client, min(FIRST_HEARTBEAT_WAIT_S, max(1.0, deadline - time.monotonic())))
     return HiveProcess(hive_id, url, proc.pid, log, queen_url, heartbeats_ok=ok, heartbeat_problem=problem)
+
+
+def _hive_certificate(
+    hive_id: str, host: str, home: Path | None, mode: str, cert: str | None, key: str | None
+) -> tuple[tuple[Path, Path] | None, str | None]:
+    """The certificate and key the hive serves with (None: plain HTTP) and their fingerprint, which
+    the keeper pins to reach it. ``--tls auto`` makes them where the hive itself would."""
+    if cert is not None and key is not None:
+        pair = (Path(cert).resolve(), Path(key).resolve())
+    elif mode == "auto":
+        from rbee.daemon import auto_certificate
+
+        try:
+            pair = auto_certificate((home or rbee_home()) / "tls" / f"hive-{hive_id}", host=host)
+        except ImportError:
+            raise BadSetting("--tls auto needs the cryptography package (pip install cryptography)") from None
+        except OSError as exc:
+            raise BadSetting(f"cannot write the hive's certificate: {exc.strerror or exc}") from None
+    else:
+        return None, None
+    from rbee.wire.tls import fingerprint_pem
+
+    try:
+        return pair, fingerprint_pem(pair[0].read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise BadSetting(f"cannot read the certificate {pair[0]}: {exc}") from None
 
 
 def _hive_takes(option: str) -> bool:
@@ -305,7 +341,9 @@ def hive_info(hive_id: str, *, token: str | None = None, home: Path | None = Non
     info: dict[str, Any] = {"hive_id": hive_id, "url": state.get("url"), "pid": pid, "log": str(log)}
     url = state.get("url")
     if isinstance(url, str):
-        with QueenClient(url, token, connect_timeout_s=1.0) as client:
+        pin = state.get("tls_fingerprint")
+        pinned = pin if isinstance(pin, str) else None
+        with QueenClient(url, token, connect_timeout_s=1.0, fingerprint=pinned) as client:
             try:
                 info.update(client.info())
             except KeeperError as exc:

@@ -123,6 +123,27 @@ def hive_check(session: Session, hive_id: str) -> None:
     metavar="SIZE",
     help="A cap on the memory its workers hold in all, e.g. 8GiB (default: the machine's).",
 )
+@click.option(
+    "--tls",
+    "tls_mode",
+    type=click.Choice(["off", "auto"]),
+    default="off",
+    show_default=True,
+    help="auto: serve HTTPS with a certificate made once in the data directory (its workers use it too).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Serve HTTPS with this certificate (PEM; with --tls-key).",
+)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="The key of --tls-cert.")
+@click.option(
+    "--queen-fingerprint",
+    default=None,
+    metavar="SHA256:...",
+    help="The queen's certificate fingerprint (printed by the queen); the hive talks only to that queen.",
+)
 @click.option("--worker-engine", type=click.Choice(["llama", "fake"]), default=None, hidden=True)
 @output_options
 @pass_session
@@ -136,6 +157,10 @@ def hive_start(
     model_dirs: tuple[str, ...],
     keep_alive: float | None,
     memory_limit: int | None,
+    tls_mode: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    queen_fingerprint: str | None,
     worker_engine: str | None,
 ) -> None:
     """Start a hive on this machine, in the background, and join it to the queen.
@@ -153,6 +178,8 @@ def hive_start(
       rbee hive start --host 127.0.0.2 --hive-id beta
       rbee hive start --hive-id beta --keep-alive 30m --memory-limit 12GiB
       RBEE_TOKEN=... rbee hive start --host 0.0.0.0 --queen-url http://queen-host:7833 --hive-id gpu-box
+      RBEE_TOKEN=... rbee hive start --host 0.0.0.0 --tls auto --queen-url https://queen-host:7833 \\
+          --queen-fingerprint SHA256:... --hive-id gpu-box
     """
     from rbee.keeper.hive_daemon import check_hive_id, default_hive_id, start_hive
 
@@ -164,6 +191,10 @@ def hive_start(
         extra.append(f"--keep-alive={keep_alive:g}")
     if memory_limit is not None:
         extra.append(f"--memory-limit={memory_limit}")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if queen_fingerprint is not None:
+        extra.append(f"--queen-fingerprint={queen_fingerprint}")
     started = start_hive(
         hive_id=name,
         queen_url=queen_url,
@@ -172,6 +203,9 @@ def hive_start(
         token=session.token,
         worker_engine=worker_engine,
         extra_args=extra,
+        tls=tls_mode,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     if session.json_mode:
         print_json(
