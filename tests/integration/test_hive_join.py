@@ -204,6 +204,8 @@ def test_an_invite_from_a_tls_queen_pins_its_certificate_on_the_other_machine(tm
         assert cmdline[cmdline.index("--queen-fingerprint") + 1] == fingerprint
         assert cmdline[cmdline.index("--queen-url") + 1] == q.url
         wait_for(lambda: m.hives().get("beta", {}).get("state") == "online", 15)
+        # The joined hive serves HTTPS too: its own token never crosses in clear.
+        assert "--tls-cert" in cmdline and m.hives()["beta"]["url"] == f"https://127.0.0.2:{hive_port}"
         run = m.admin("infer", "--hive", "beta", "--max-tokens", "3", "hello")
         assert run.returncode == 0, run.stderr
     finally:

@@ -218,6 +218,8 @@ def start_hive(
     joined = read_credentials(hive_id, home)
     if joined is not None:
         queen_url, token = joined.queen_url, joined.token
+        if joined.tls_fingerprint and tls == "off" and tls_cert is None:
+            tls = "auto"  # it joined a queen that runs TLS: its own token never crosses in clear either
     pid_file, state_file, log = hive_paths(hive_id, home)
     running = _running(hive_id, home)
     if running is not None:
