@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -151,6 +153,12 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
     @app.post("/v1/hives/heartbeat", tags=["cluster"])
     async def heartbeat(request: Request, beat: Heartbeat) -> dict[str, Any]:
         state = queen(request)
+        if getattr(request.app.state, "tls_fingerprint", None) and settings.token and _in_clear_off_host(beat.url):
+            # Calling it would send a token in clear over the network this queen encrypts.
+            raise errors.Forbidden(
+                f"url: this queen serves TLS and sends tokens only over HTTPS off its machine, not to {beat.url}"
+                " (start the hive with --tls auto)"
+            )
         # The hive and its workers are reached pinned to the certificate the hive reports.
         state.trust.pin(beat.hive_id, beat.tls_fingerprint, [beat.url, *(w.url for w in beat.workers)])
         hive, new = state.telemetry.heartbeat(beat)
@@ -165,3 +173,17 @@ def create_queen_app(settings: QueenSettings | None = None) -> FastAPI:
         return {"ok": True, "interval_s": settings.heartbeat_interval_s}
 
     return app
+
+
+def _in_clear_off_host(url: str) -> bool:
+    """``url`` is plain HTTP to another machine (loopback stays on this one)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: another machine as far as the queen can tell
