@@ -326,9 +326,8 @@ def llama_like_rbee(model_path: str, **kwargs: Any) -> Any:
       has no parameter for it, so its model parameters are patched while it loads);
     * ggml's tiled CPU matmul off, as the worker's ``--batch-invariant`` has it (ggml
       reads the switch once per process, so it is set before any model runs here);
-    * flash attention off, as the worker's ``--batch-invariant`` has it (its CPU kernel
-      tiles 64 or more queries, so a prompt's last token would come out otherwise than
-      when it is evaluated alone).
+    * flash attention on, as llama.cpp's default (``auto``) resolves it on the CPU
+      (``Llama`` turns it off unless asked).
     """
     os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     import llama_cpp.llama_cpp as low
@@ -346,7 +345,7 @@ def llama_like_rbee(model_path: str, **kwargs: Any) -> Any:
 
     low.llama_model_default_params = params
     try:
-        return Llama(model_path=model_path, verbose=False, **{"flash_attn": False, **kwargs})
+        return Llama(model_path=model_path, verbose=False, **{"flash_attn": True, **kwargs})
     finally:
         low.llama_model_default_params = defaults
 

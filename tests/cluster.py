@@ -89,6 +89,8 @@ class Daemon:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self.proc.wait(10)  # reaped here, not left to the garbage collector
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc is None:

@@ -96,8 +96,9 @@ async def aoai(cluster: Daemon) -> AsyncIterator[openai.AsyncOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def oll(cluster: Daemon) -> ollama.Client:
-    return ollama.Client(host=cluster.url, timeout=240)
+def oll(cluster: Daemon) -> Iterator[ollama.Client]:
+    with ollama.Client(host=cluster.url, timeout=240) as c:  # closed, so no socket is left for the GC
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -272,32 +272,42 @@ _PREAMBLE = (
 )
 
 
-def test_n_copies_of_one_prompt_evaluate_it_once_and_answer_as_alone(engine: LlamaEngine) -> None:
-    prompt = _PREAMBLE + " Question: when does the club meet? Answer:"
-    alone, outcome = _alone(engine, prompt, 24)
-    _alone(engine, "Something else entirely, to move the slots' caches on.", 4)  # not reused below
-    engine.batch.slots[outcome.slot].cached.clear()  # that slot's cache may not help either
+def _cold(engine: LlamaEngine) -> None:
+    """Every slot's cache emptied, so only sharing can help the next prompts."""
     import llama_cpp
 
-    llama_cpp.llama_memory_seq_rm(engine.batch.mem, outcome.slot, -1, -1)
+    for slot in engine.batch.slots:
+        slot.cached.clear()
+        llama_cpp.llama_memory_seq_rm(engine.batch.mem, slot.index, -1, -1)
+
+
+def test_n_copies_of_one_prompt_evaluate_it_once_and_answer_as_a_warm_slot(engine: LlamaEngine) -> None:
+    # The sequence that evaluates the prompt answers as a cold run; a copy of its KV
+    # evaluates only the last prompt token, as a warm slot does, and answers as that does
+    # (flash attention's tiles can make the two differ for a prompt of 64 tokens or more).
+    prompt = _PREAMBLE + " Question: when does the club meet? Answer:"
+    _cold(engine)
+    cold, _ = _alone(engine, prompt, 24)
+    warm, outcome = _alone(engine, prompt, 24)
+    assert outcome.tokens_reused == outcome.tokens_in - 1
+    _cold(engine)
     shared = engine.batch.shared
     runs = _together(engine, [_greedy(prompt, 24) for _ in range(3)])
-    assert [sink.text for sink, _ in runs] == [alone] * 3
-    reused = sorted(o.tokens_reused for _, o in runs)
+    first = [sink.text for sink, o in runs if o.tokens_reused == 0]
+    copies = [sink.text for sink, o in runs if o.tokens_reused == o.tokens_in - 1]
     # One evaluated the prompt; the other two started from a copy of its KV.
-    assert reused[1:] == [o.tokens_in - 1 for _, o in runs][1:]
+    assert first == [cold] and copies == [warm, warm]
     assert engine.batch.shared - shared == 2
 
 
-def test_chats_with_one_long_system_prompt_share_it_and_answer_as_alone(engine: LlamaEngine) -> None:
+def test_chats_with_one_long_system_prompt_share_it_and_answer_as_after_each_other(engine: LlamaEngine) -> None:
     questions = ["Where does the club meet?", "Who may come?"]
     prompts = [_PREAMBLE.replace("bee-keeping", "honey") + f" Question: {q} Answer:" for q in questions]
+    _cold(engine)
+    # One after the other, the second reuses the first's preamble from its slot: what
+    # sharing gives them when they run together.
     alone = [_alone(engine, p, 16)[0] for p in prompts]
-    for slot in engine.batch.slots:  # cold caches, so only sharing can help
-        import llama_cpp
-
-        slot.cached.clear()
-        llama_cpp.llama_memory_seq_rm(engine.batch.mem, slot.index, -1, -1)
+    _cold(engine)
     shared = engine.batch.shared
     runs = _together(engine, [_greedy(p, 16) for p in prompts])
     assert [sink.text for sink, _ in runs] == alone

@@ -121,6 +121,7 @@ class Person:
     def cleanup(self) -> None:
         for proc in self.background:
             with_children(proc.pid, signal.SIGKILL)
+            proc.wait(10)  # reaped, not left to the garbage collector
         pid_files = [self.home / "queen.pid", *self.home.glob("hives/*/hive.pid")]
         for pid_file in pid_files:
             try:

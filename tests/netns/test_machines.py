@@ -241,6 +241,8 @@ def test_a_machine_that_vanishes_mid_job_loses_no_greedy_job(cluster: Cluster) -
                         vanished_at = time.monotonic()
                         machine.cut()
                         machine.destroy()
+                        if daemon.proc is not None:
+                            daemon.proc.wait(10)  # killed with its namespace: reaped here
                         daemon.proc = None
                 elif kind == "end":
                     end = data

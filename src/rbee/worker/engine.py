@@ -393,10 +393,10 @@ class LlamaEngine:
             # sequences shared its steps (3 of 8 prompts changed with three neighbours).
             # Without it the answer is the same alone, warm and in any batch; prompt
             # evaluation is about 20 % slower, generation is not (docs/benchmarks.md).
-            # ggml reads the switch once, at the process's first matmul. Flash attention is
-            # off too: its CPU kernel tiles 64 or more queries and splits a lone query's
-            # keys over the threads beyond 512 cells, so the last prompt token's logits
-            # differed between a cold prompt and a warm one (one re-evaluated token).
+            # ggml reads the switch once, at the process's first matmul. (Flash attention
+            # stays on: its CPU kernel tiles 64 or more queries, so a long prompt's last
+            # token can come out differently cold, among the prompt's queries, than warm,
+            # alone; turning it off cost 4-9 % of generation, docs/benchmarks.md.)
             os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         # The tokenizer and chat templates: the vocabulary only, no weights.
         self._llm = llama_cpp.Llama(
@@ -428,7 +428,6 @@ class LlamaEngine:
                 n_threads=self.n_threads,
                 chunk=self.chunk,
                 name=f"rbee-engine:{self.model_id}",
-                flash_attn=False if self.batch_invariant else None,
             )
         except BaseException:
             self.close()
