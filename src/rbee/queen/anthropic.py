@@ -65,7 +65,6 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from rbee import errors
@@ -94,6 +93,7 @@ from rbee.queen.translate import json_body as _json_body
 from rbee.queen.translate import release as _release
 from rbee.queen.translate import renders_tools as _renders_tools
 from rbee.queen.translate import unless_disconnected as _unless_disconnected
+from rbee.server.sse import EventStream, ServerSentEvent
 
 __all__ = ["REQUEST_ID_HEADER", "anthropic_router"]
 
@@ -514,8 +514,8 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {_dumps(data)}\n\n".encode()
 
 
-def _ping() -> ServerSentEvent:
-    return ServerSentEvent(event="ping", data='{"type":"ping"}', sep="\n")
+#: Anthropic's keep-alive is an event of its own, which its SDKs skip.
+_PING = ServerSentEvent(event="ping", data='{"type":"ping"}')
 
 
 def _block_start(block: dict[str, Any], index: int = 0) -> bytes:
@@ -748,12 +748,11 @@ async def _messages_endpoint(request: Request) -> Response:
     if kind == "end" and data.get("status") != "completed":
         await events.aclose()
         return _end_error_response(data, headers)
-    return EventSourceResponse(
+    return EventStream(
         _stream(state, job, call, first, events),
-        ping=state.settings.ping_interval_s,
-        ping_message_factory=_ping,
-        sep="\n",
-        headers={**headers, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        ping_s=state.settings.ping_interval_s,
+        ping=_PING,
+        headers=headers,
         background=BackgroundTask(_release, state, job, events),
     )
 
