@@ -207,6 +207,9 @@ def _valid_weather(arguments: str) -> None:
     assert value["unit"] in ("celsius", "fahrenheit"), value
 
 
+# Twenty constrained answers sampled from a base model: most tokens it picks are refused
+# and resampled over the whole vocabulary, ~70 ms a step on two shared cores.
+@pytest.mark.timeout(900)
 def test_sampled_json_schema_answers_validate_every_time(oai: openai.OpenAI) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET_SCHEMA, "strict": True}}
 
@@ -230,6 +233,9 @@ def test_sampled_json_schema_answers_validate_every_time(oai: openai.OpenAI) -> 
     print(f"\n{RUNS} json_schema runs in {time.monotonic() - started:.1f}s; {len(set(answers))} distinct answers")
 
 
+# Twenty constrained answers sampled from a base model: most tokens it picks are refused
+# and resampled over the whole vocabulary, ~70 ms a step on two shared cores.
+@pytest.mark.timeout(900)
 def test_sampled_required_tool_calls_validate_every_time(oai: openai.OpenAI) -> None:
     def one(_: int) -> str:
         got = oai.chat.completions.create(
