@@ -759,7 +759,7 @@ async def _messages_endpoint(request: Request) -> Response:
 
 async def _count_on_worker(state: QueenState, op: Infer) -> int | None:
     """The prompt's tokens as a ready worker of the model counts them, or None if none answers."""
-    workers = [w for w in state.scheduler._candidates(op, set()) if w.report.url]
+    workers = [w for w in state.scheduler.candidates(op, set()) if w.report.url]
     for worker in sorted(workers, key=lambda w: state.scheduler.inflight.get(w.worker_id, 0)):
         token = worker.token or state.settings.token
         headers = {"content-type": "application/json"}

@@ -81,7 +81,7 @@ from rbee.queen.openai.errors import status_of as _status_of
 from rbee.queen.state import QueenState
 
 # tokens.py's worker selection and call (private there): a ready worker of the model, the least busy.
-from rbee.queen.tokens import _forward as _worker_call
+from rbee.queen.tokens import forward as _worker_call
 from rbee.queen.tools import Tools as _Tools
 from rbee.queen.tools import parse_tool_call as _parse_tool_call
 from rbee.queen.tools import parse_tools as _openai_tools

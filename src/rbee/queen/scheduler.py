@@ -146,7 +146,7 @@ class _Wait:
     busy: list[str]
 
 
-def _input_bound(op: Infer) -> int:
+def input_bound(op: Infer) -> int:
     """At least as many tokens as ``op``'s input can have (a token is at least one byte)."""
     if op.messages is None:
         return len((op.prompt or "").encode()) + 8
@@ -227,7 +227,7 @@ class Scheduler(JobHooks):
                 f"worker_id: no worker {op.worker_id!r} is known to the queen (workers: {workers})",
                 worker_id=op.worker_id,
             )
-        contexts = [w.report.n_ctx for w in self._candidates(op, set(), fresh_only=False) if w.report.n_ctx]
+        contexts = [w.report.n_ctx for w in self.candidates(op, set(), fresh_only=False) if w.report.n_ctx]
         if contexts and all(op.max_tokens >= n for n in contexts):
             # The prompt is counted by the worker; max_tokens alone can already never fit.
             raise errors.InvalidOperation(
@@ -242,7 +242,7 @@ class Scheduler(JobHooks):
                 f"{waiting} jobs are already waiting for {op.model}; the queue holds {self.queue_size}",
                 retry_after_s=2,
             )
-        if not self._candidates(op, set(), fresh_only=False) and not self._spawn_hives(op):
+        if not self.candidates(op, set(), fresh_only=False) and not self._spawn_hives(op):
             known = sorted({m.alias or m.id for h in self.telemetry.hives() for m in h.models})
             if any(h.has_model(op.model) for h in self.telemetry.hives()) or not self.telemetry.hives():
                 raise errors.NoWorkerAvailable(f"no hive that has {op.model!r} is online")
@@ -260,11 +260,11 @@ class Scheduler(JobHooks):
         worker of the model counts it (``POST /v1/tokens/count``); a worker that
         does not answer in time leaves the check to the worker that runs the job.
         """
-        workers = [w for w in self._candidates(op, set()) if w.report.n_ctx and w.report.url]
+        workers = [w for w in self.candidates(op, set()) if w.report.n_ctx and w.report.url]
         if not workers:
             return None
         best = max(workers, key=lambda w: w.report.n_ctx or 0)
-        if _input_bound(op) + op.max_tokens <= (best.report.n_ctx or 0):
+        if input_bound(op) + op.max_tokens <= (best.report.n_ctx or 0):
             return None
         return self._count_and_check(op, best)
 
@@ -300,7 +300,7 @@ class Scheduler(JobHooks):
 
     def _free_slots(self, op: Infer) -> int:
         return sum(
-            max(0, max(1, w.report.slots) - self.inflight.get(w.worker_id, 0)) for w in self._candidates(op, set())
+            max(0, max(1, w.report.slots) - self.inflight.get(w.worker_id, 0)) for w in self.candidates(op, set())
         )
 
     # -- job hooks -------------------------------------------------------
@@ -325,7 +325,7 @@ class Scheduler(JobHooks):
 
     # -- selection -------------------------------------------------------
 
-    def _candidates(self, op: Infer, excluded: set[str], *, fresh_only: bool = True) -> list[WorkerView]:
+    def candidates(self, op: Infer, excluded: set[str], *, fresh_only: bool = True) -> list[WorkerView]:
         found = []
         for w in self.telemetry.workers(fresh_only=fresh_only):
             r = w.report
@@ -366,7 +366,7 @@ class Scheduler(JobHooks):
         told: tuple[str, tuple[str, ...]] | None = None
         try:
             while True:
-                candidates = self._candidates(op, excluded)
+                candidates = self.candidates(op, excluded)
                 if candidates:
                     free = [w for w in candidates if self._free(w)]
                     first_in_line = (waiter is None and not queue) or (waiter is not None and queue[0] is waiter)

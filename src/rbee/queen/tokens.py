@@ -62,7 +62,7 @@ def _model(body: Any) -> str:
 
 def _ready_workers(state: QueenState, model: str) -> list[WorkerView]:
     """Ready workers of ``model`` with an address, the least busy first."""
-    workers = [w for w in state.scheduler._candidates(Infer.model_construct(model=model), set()) if w.report.url]
+    workers = [w for w in state.scheduler.candidates(Infer.model_construct(model=model), set()) if w.report.url]
     return sorted(workers, key=lambda w: state.scheduler.inflight.get(w.worker_id, 0))
 
 
@@ -81,7 +81,7 @@ def _no_worker(state: QueenState, model: str, what: str) -> errors.RbeeError:
     )
 
 
-async def _forward(state: QueenState, model: str, path: str, payload: dict[str, Any], what: str) -> dict[str, Any]:
+async def forward(state: QueenState, model: str, path: str, payload: dict[str, Any], what: str) -> dict[str, Any]:
     """POST ``payload`` to ``path`` on a ready worker of ``model``; its answer, or its refusal raised."""
     timeout = EMBED_TIMEOUT_S if path == "/v1/embeddings" else TOKENIZE_TIMEOUT_S
     for worker in _ready_workers(state, model):
@@ -122,7 +122,7 @@ async def _tokenize(request: Request) -> Response:
     try:
         body = await _json_body(request)
         model = _model(body)
-        answer = await _forward(state, model, "/tokenize", _validated(TokenizeBody, body), "tokenizing")
+        answer = await forward(state, model, "/tokenize", _validated(TokenizeBody, body), "tokenizing")
     except errors.RbeeError as exc:
         return _rbee_error_response(exc)
     return JSONResponse(answer)
@@ -133,7 +133,7 @@ async def _detokenize(request: Request) -> Response:
     try:
         body = await _json_body(request)
         model = _model(body)
-        answer = await _forward(state, model, "/detokenize", _validated(DetokenizeBody, body), "detokenizing")
+        answer = await forward(state, model, "/detokenize", _validated(DetokenizeBody, body), "detokenizing")
     except errors.RbeeError as exc:
         return _rbee_error_response(exc)
     return JSONResponse(answer)
@@ -181,7 +181,7 @@ async def _embeddings(request: Request) -> Response:
         dimensions = body.get("dimensions")
         if dimensions is not None and (not _is_id(dimensions) or dimensions < 1):
             raise _refuse("dimensions", f"must be a positive integer, not {dimensions!r}")
-        answer = await _forward(
+        answer = await forward(
             state, model, "/v1/embeddings", {"input": inputs, "dimensions": dimensions}, "computing embeddings"
         )
     except errors.RbeeError as exc:

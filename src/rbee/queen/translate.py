@@ -17,7 +17,7 @@ from fastapi import Request
 from rbee import errors
 from rbee.contracts.operations import LIMITS, Infer
 from rbee.jobs.job import Job
-from rbee.queen.scheduler import COUNT_TIMEOUT_S, _input_bound
+from rbee.queen.scheduler import COUNT_TIMEOUT_S, input_bound
 from rbee.queen.state import QueenState
 from rbee.queen.telemetry import WorkerView
 
@@ -196,12 +196,12 @@ async def to_the_context(state: QueenState, op: Infer, field: str) -> Infer:
     bounds it by its own context.
     """
     op = op.model_copy(update={"to_the_context": True})
-    workers = [w for w in state.scheduler._candidates(op, set()) if w.report.n_ctx and w.report.url]
+    workers = [w for w in state.scheduler.candidates(op, set()) if w.report.n_ctx and w.report.url]
     if not workers:
         return op
     n_ctx = min(w.report.n_ctx or 0 for w in workers)
     counted = await count_prompt(state, op, min(workers, key=lambda w: state.scheduler.inflight.get(w.worker_id, 0)))
-    tokens_in = counted if counted is not None else _input_bound(op)
+    tokens_in = counted if counted is not None else input_bound(op)
     room = min(n_ctx - tokens_in, LIMITS.max_tokens)
     if room < 1:
         if counted is None:
