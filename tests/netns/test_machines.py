@@ -210,6 +210,48 @@ def test_a_hive_that_comes_back_with_a_new_address_is_reached_there(cluster: Clu
     assert old not in json.dumps(cluster.hive_states()["gamma"])
 
 
+def test_a_hive_on_another_machine_joins_with_only_an_invite(cluster: Cluster) -> None:
+    """`rbee hive invite` where the admin token is; on a new machine, with no token at all,
+    `rbee hive join INVITE`: the hive gets credentials of its own, starts there and runs jobs."""
+    made = cluster.rbee("--json", "hive", "invite")
+    assert made.returncode == 0, made.stderr
+    invite = json.loads(made.stdout)["invite"]
+    delta = cluster.net.add("delta")
+    home = cluster.home / "delta-keeper"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_")}
+    env.update(RBEE_HOME=str(home), RBEE_CONFIG=str(home / "none"), RBEE_NO_AUTOSTART="1", **FAKE)
+    join = subprocess.run(
+        delta.command(
+            str(BIN / "rbee"),
+            *("hive", "join", invite, "--hive-id", "delta", "--host", delta.address, "--port", str(HIVE_PORT)),
+            "--worker-engine",
+            "fake",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    try:
+        assert join.returncode == 0, join.stderr
+        assert TOKEN not in (home / "hives" / "delta" / "credentials.json").read_text()
+        took = wait_until(lambda: cluster.state("delta") == "online", 30)
+        cluster.figures["joined_to_online_s"] = round(took, 2)
+        run = cluster.rbee("infer", "--hive", "delta", "--max-tokens", "3", "hi", "--json")
+        assert run.returncode == 0 and _end(run)["status"] == "completed", run.stderr
+        again = cluster.rbee("--json", "hive", "invite")
+        used = subprocess.run(
+            delta.command(str(BIN / "rbee"), "hive", "join", invite, "--hive-id", "delta2", "--no-start"),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert again.returncode == 0 and used.returncode != 0 and "used" in used.stderr  # one use only
+    finally:
+        delta.destroy()
+
+
 def test_a_machine_that_vanishes_mid_job_loses_no_greedy_job(cluster: Cluster) -> None:
     """The machine running a greedy job vanishes: its cable goes first (so no reset can reach
     the queen), then its namespace with the hive and the worker. The job goes on on the other
