@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from rbee.wire.protocol import DONE
+
 __all__ = [
     "EventKind",
     "JobStatus",
@@ -25,7 +27,7 @@ __all__ = [
     "parse_event_data",
 ]
 
-DONE = "[DONE]"
+# The stream's last line, defined once for every server and client (rbee.wire.protocol).
 
 
 class EventKind(enum.StrEnum):
