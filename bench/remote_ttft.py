@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     if (why := available()) is not None:
         raise SystemExit(f"bench.remote_ttft: {why}")
-    home = Path(__import__("tempfile").mkdtemp(prefix="rbee-remote-ttft-"))
+    home = Path(tempfile.mkdtemp(prefix="rbee-remote-ttft-"))
     env = {"RBEE_TOKEN": TOKEN, "RBEE_FAKE_TOKENS": "4", "RBEE_FAKE_DELAY_MS": "0"}
     rows: list[dict[str, Any]] = []
     with Network() as net:

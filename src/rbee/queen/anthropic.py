@@ -85,7 +85,7 @@ from rbee.queen.tools import CallStream as _CallStream
 from rbee.queen.tools import Tools as _Tools
 from rbee.queen.tools import parse_tool_call as _parse_tool_call
 from rbee.queen.tools import with_instructions as _with_instructions
-from rbee.queen.translate import JOB_ID_HEADER
+from rbee.queen.translate import JOB_ID_HEADER, opening
 from rbee.queen.translate import Events as _Events
 from rbee.queen.translate import collect as _collect
 from rbee.queen.translate import job_events as _job_events
@@ -728,16 +728,8 @@ async def _messages_endpoint(request: Request) -> Response:
             )
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: _request_id(job)}
     events = _job_events(job)
-    try:
-        if call.stream:
-            present, first = await _unless_disconnected(request, anext(events))
-        else:
-            present, first = await _unless_disconnected(request, _collect(events))
-    except BaseException:
-        await _release(state, job, events)
-        raise
-    if not present or first is None:
-        await _release(state, job, events)
+    first = await opening(request, state, job, events, stream=call.stream)
+    if first is None:
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
         text, end = first

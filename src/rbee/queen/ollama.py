@@ -86,7 +86,7 @@ from rbee.queen.tools import Tools as _Tools
 from rbee.queen.tools import parse_tool_call as _parse_tool_call
 from rbee.queen.tools import parse_tools as _openai_tools
 from rbee.queen.tools import with_instructions as _with_instructions
-from rbee.queen.translate import DEFAULT_CHAT_MAX_TOKENS, JOB_ID_HEADER, to_the_context
+from rbee.queen.translate import DEFAULT_CHAT_MAX_TOKENS, JOB_ID_HEADER, opening, to_the_context
 from rbee.queen.translate import abandon as _abandon
 from rbee.queen.translate import collect as _collect
 from rbee.queen.translate import job_events as _job_events
@@ -768,19 +768,9 @@ async def _generate(request: Request, chat: bool) -> Response:
     headers = {JOB_ID_HEADER: job.id}
     fmt = _Format(call)
     events = _job_events(job)
-    try:
-        if call.stream:
-            # The first token or the end: a failure before any output still gets its status.
-            present, first = await _unless_disconnected(request, anext(events))
-        else:
-            present, first = await _unless_disconnected(request, _collect(events))
-    except BaseException:
-        _abandon(state, job)
-        await events.aclose()
-        raise
-    if not present or first is None:
-        _abandon(state, job)
-        await events.aclose()
+    # The first token or the end: a failure before any output still gets its status.
+    first = await opening(request, state, job, events, stream=call.stream)
+    if first is None:
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
         await events.aclose()
@@ -1158,16 +1148,9 @@ async def _pull(request: Request) -> Response:
         refused = await _run_job(request, state, job, source)
         return refused or JSONResponse({"status": "success"}, headers=headers)
     events = _pull_events(job)
-    try:
-        # The first progress or the end: a failure before any byte still gets its status.
-        present, first = await _unless_disconnected(request, anext(events))
-    except BaseException:
-        _abandon(state, job)
-        await events.aclose()
-        raise
-    if not present or first is None:
-        _abandon(state, job)
-        await events.aclose()
+    # The first progress or the end: a failure before any byte still gets its status.
+    first = await opening(request, state, job, events, stream=True)
+    if first is None:
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if first[0] == "end" and first[1].get("status") != "completed":
         await events.aclose()

@@ -68,12 +68,11 @@ from rbee.queen.translate import (
     JOB_ID_HEADER,
     REQUEST_ID_HEADER,
     Events,
-    collect,
     job_events,
     json_body,
+    opening,
     release,
     to_the_context,
-    unless_disconnected,
 )
 from rbee.server.sse import EventStream
 
@@ -508,17 +507,8 @@ async def _create(request: Request) -> Response:
     headers = {JOB_ID_HEADER: job.id, REQUEST_ID_HEADER: job.id}
     answer = _Answer(job.id, job.created_at, call.model, call.echo)
     events = job_events(job)
-    first: Any
-    try:
-        if call.stream:
-            present, first = await unless_disconnected(request, anext(events))
-        else:
-            present, first = await unless_disconnected(request, collect(events))
-    except BaseException:
-        await release(state, job, events)
-        raise
-    if not present or first is None:
-        await release(state, job, events)
+    first = await opening(request, state, job, events, stream=call.stream)
+    if first is None:
         return Response(status_code=_CLIENT_GONE, headers=headers)
     if not call.stream:
         text, end = first

@@ -34,6 +34,7 @@ __all__ = [
     "dumps",
     "job_events",
     "json_body",
+    "opening",
     "release",
     "release_all",
     "renders_tools",
@@ -119,6 +120,20 @@ def abandon(state: QueenState, job: Job) -> None:
 async def release(state: QueenState, job: Job, events: Events) -> None:
     await events.aclose()
     abandon(state, job)
+
+
+async def opening(request: Request, state: QueenState, job: Job, events: Events, *, stream: bool) -> Any:
+    """The job's first event (``stream``) or its whole answer (:func:`collect`), unless the
+    client leaves first: then the job is let go and None comes back (an error: let go, raised)."""
+    try:
+        present, first = await unless_disconnected(request, anext(events) if stream else collect(events))
+    except BaseException:
+        await release(state, job, events)
+        raise
+    if not present or first is None:
+        await release(state, job, events)
+        return None
+    return first
 
 
 async def release_all(state: QueenState, jobs: list[Job], events: list[Events]) -> None:
