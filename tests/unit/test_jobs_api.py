@@ -592,7 +592,9 @@ async def test_a_short_id_needs_four_hex_characters(client: httpx.AsyncClient) -
 
 async def test_an_ambiguous_short_id_is_400_naming_the_candidates(client: httpx.AsyncClient, env: Env) -> None:
     job_id, _ = await run_job(client, "tok 1")
-    twin = job_id[:13] + "0000-0000-0000-000000000000"  # the same first 8 hex characters
+    # The same first 8 hex characters, and a different 9th (so job_id[:14] is unique).
+    ninth = "1" if job_id[13] == "0" else "0"
+    twin = job_id[:13] + ninth + "000-0000-0000-000000000000"
     env.registry._jobs[twin] = env.registry.get(job_id)
     try:
         for method, path in (
